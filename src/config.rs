@@ -1,0 +1,694 @@
+//! Configuration: the TOML file's raw serde shape and its validation into a typed [`Config`].
+//!
+//! One loader ([`Config::load`] / [`Config::parse`]) serves start-up, `check-config` and (later)
+//! reload, so the three can never disagree about what is valid.
+//!
+//! Invariants:
+//! - Validation collects *every* problem before failing ([`ConfigError::problems`]), so an
+//!   operator fixes a file in one pass. Unknown keys are rejected like `deny_unknown_fields`
+//!   would, but all of them are listed (collected with `serde_ignored`), not just the first.
+//! - A [`Config`] only exists fully validated: addresses parsed, durations non-negative, limits
+//!   in range, TLS files named consistently. Code that holds one never re-checks.
+//! - Defaults live here, once, and are documented key by key in `config/gateway.toml`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::protocol::DEFAULT_MAX_DATA_LEN;
+
+/// One thing wrong with a configuration file, tied to its dotted key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} problem(s) in the configuration:\n{}", .0.len(), list(.0))]
+    Invalid(Vec<Problem>),
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> Vec<Problem> {
+        match self {
+            Self::Read { path, source } => vec![Problem {
+                key: path.display().to_string(),
+                message: source.to_string(),
+            }],
+            Self::Invalid(p) => p.clone(),
+        }
+    }
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw shape, as written in the file. Every field is optional so that a missing key means "use
+// the default" and validation, not serde, decides what is wrong.
+// ---------------------------------------------------------------------------------------------
+
+/// A duration written either as a humantime string (`"10s"`, `"250ms"`) or as seconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum RawDuration {
+    Seconds(f64),
+    Text(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawConfig {
+    #[serde(default)]
+    listen: RawListen,
+    #[serde(default)]
+    device_tls: RawDeviceTls,
+    #[serde(default)]
+    upstream: RawUpstreams,
+    #[serde(default)]
+    protocol: RawProtocol,
+    #[serde(default)]
+    shutdown: RawShutdown,
+    #[serde(default)]
+    logging: RawLogging,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawListen {
+    devices: Option<String>,
+    metrics: Option<String>,
+    max_connections: Option<i64>,
+    handshake_timeout: Option<RawDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawDeviceTls {
+    mode: Option<String>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    ciphers: Option<String>,
+    min_version: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawUpstreams {
+    legacy: Option<RawUpstream>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawUpstream {
+    address: Option<String>,
+    tls: Option<bool>,
+    verify: Option<String>,
+    ca_file: Option<PathBuf>,
+    fingerprint_sha256: Option<String>,
+    connect_timeout: Option<RawDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawProtocol {
+    max_frame_len: Option<i64>,
+    command_deadline: Option<RawDuration>,
+    reply_timeout: Option<RawDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawShutdown {
+    drain_timeout: Option<RawDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawLogging {
+    format: Option<String>,
+    level: Option<String>,
+    file_dir: Option<PathBuf>,
+    file_prefix: Option<String>,
+    file_rotation: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawMetrics {
+    per_device: Option<bool>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated shape.
+// ---------------------------------------------------------------------------------------------
+
+/// The default device-side cipher list. The first four are the only suites every captured
+/// device ClientHello offers (static RSA, AES-CBC); the ECDHE-RSA-GCM ones serve modern test
+/// clients. ECDHE-ECDSA is left out because the generated and expected certificates are RSA.
+pub const DEFAULT_DEVICE_CIPHERS: &str =
+    "AES256-SHA256:AES256-SHA:AES128-SHA256:AES128-SHA:AES128-CCM:AES256-CCM:\
+     ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: Listen,
+    pub device_tls: DeviceTls,
+    pub upstream_legacy: Upstream,
+    pub protocol: Protocol,
+    pub shutdown: Shutdown,
+    pub logging: Logging,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listen {
+    pub devices: SocketAddr,
+    pub metrics: SocketAddr,
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceTlsMode {
+    Plain,
+    Tls,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceTls {
+    pub mode: DeviceTlsMode,
+    /// Both set, or both `None` (then a self-signed RSA certificate is generated at start).
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub ciphers: String,
+    pub min_version: TlsVersion,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    Tls10,
+    Tls11,
+    Tls12,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpstreamVerify {
+    /// The add-on's certificate is self-signed and regenerated per image: skip verification.
+    None,
+    /// Verify the chain against this CA file (no host-name check: the add-on has no stable name).
+    Ca(PathBuf),
+    /// Accept exactly the certificate whose DER SHA-256 is this.
+    Fingerprint([u8; 32]),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    /// `host:port`; resolved at each connect so a re-addressed add-on is followed.
+    pub address: String,
+    pub tls: bool,
+    pub verify: UpstreamVerify,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Protocol {
+    pub max_frame_len: usize,
+    pub command_deadline: Duration,
+    pub reply_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shutdown {
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Auto,
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    Hourly,
+    Daily,
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logging {
+    pub format: LogFormat,
+    pub level: String,
+    pub file_dir: Option<PathBuf>,
+    pub file_prefix: String,
+    pub file_rotation: Rotation,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsConfig {
+    pub per_device: bool,
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Validates TOML text, collecting every problem.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut unknown = Vec::new();
+        let de = toml::Deserializer::new(text);
+        let raw: RawConfig = match serde_ignored::deserialize(de, |path| {
+            // serde_ignored writes `?` for the step through an Option; it means nothing to a user.
+            unknown.push(path.to_string().replace(".?", "").replace("?.", ""));
+        }) {
+            Ok(raw) => raw,
+            Err(e) => {
+                problems.push(Problem {
+                    key: "(file)".into(),
+                    message: e.to_string().trim().replace('\n', " "),
+                });
+                RawConfig::default()
+            }
+        };
+        for key in unknown {
+            problems.push(Problem {
+                key,
+                message: "unknown key".into(),
+            });
+        }
+        let mut v = Validator {
+            problems: &mut problems,
+        };
+        let config = v.config(raw);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+struct Validator<'a> {
+    problems: &'a mut Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, key: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn socket_addr(&mut self, key: &str, raw: Option<String>, default: &str) -> SocketAddr {
+        let text = raw.unwrap_or_else(|| default.to_string());
+        match text.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                self.problem(
+                    key,
+                    format!("{text:?} is not an IP:port address (e.g. \"0.0.0.0:23779\")"),
+                );
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            }
+        }
+    }
+
+    fn host_port(&mut self, key: &str, raw: Option<String>) -> String {
+        let Some(text) = raw else {
+            self.problem(key, "required (host:port of the add-on)");
+            return String::new();
+        };
+        let ok = match text.rsplit_once(':') {
+            Some((host, port)) => {
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                !host.is_empty()
+                    && !host.contains(char::is_whitespace)
+                    && port.parse::<u16>().is_ok_and(|p| p != 0)
+            }
+            None => false,
+        };
+        if !ok {
+            self.problem(
+                key,
+                format!("{text:?} is not a host:port address with a port 1-65535"),
+            );
+        }
+        text
+    }
+
+    fn duration(&mut self, key: &str, raw: Option<RawDuration>, default: Duration) -> Duration {
+        let Some(raw) = raw else { return default };
+        let parsed = match raw {
+            RawDuration::Seconds(s) if s < 0.0 || s.is_nan() => Err("must not be negative".into()),
+            RawDuration::Seconds(s) if s > 1e9 => Err("is too large".into()),
+            RawDuration::Seconds(s) => Ok(Duration::from_secs_f64(s)),
+            RawDuration::Text(t) if t.trim_start().starts_with('-') => {
+                Err("must not be negative".into())
+            }
+            RawDuration::Text(t) => humantime::parse_duration(t.trim())
+                .map_err(|e| format!("{t:?} is not a duration like \"10s\" or \"250ms\": {e}")),
+        };
+        match parsed {
+            Ok(d) => d,
+            Err(msg) => {
+                self.problem(key, msg);
+                default
+            }
+        }
+    }
+
+    fn positive_duration(
+        &mut self,
+        key: &str,
+        raw: Option<RawDuration>,
+        default: Duration,
+    ) -> Duration {
+        let before = self.problems.len();
+        let d = self.duration(key, raw, default);
+        if d.is_zero() && self.problems.len() == before {
+            self.problem(key, "must be greater than zero");
+        }
+        d
+    }
+
+    fn int_in(&mut self, key: &str, raw: Option<i64>, default: usize, lo: i64, hi: i64) -> usize {
+        let Some(v) = raw else { return default };
+        if v < lo || v > hi {
+            self.problem(key, format!("{v} is out of range {lo}..={hi}"));
+            return default;
+        }
+        usize::try_from(v).unwrap_or(default)
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let listen = Listen {
+            devices: self.socket_addr("listen.devices", raw.listen.devices, "0.0.0.0:23779"),
+            metrics: self.socket_addr("listen.metrics", raw.listen.metrics, "127.0.0.1:9400"),
+            max_connections: self.int_in(
+                "listen.max_connections",
+                raw.listen.max_connections,
+                20_000,
+                1,
+                1_000_000,
+            ),
+            handshake_timeout: self.positive_duration(
+                "listen.handshake_timeout",
+                raw.listen.handshake_timeout,
+                Duration::from_secs(10),
+            ),
+        };
+        let device_tls = self.device_tls(raw.device_tls);
+        let upstream_legacy = match raw.upstream.legacy {
+            Some(u) => self.upstream("upstream.legacy", u),
+            None => {
+                self.problem("upstream.legacy", "required: [upstream.legacy] address = \"host:port\"");
+                self.upstream("upstream.legacy", RawUpstream {
+                    address: Some("invalid:1".into()),
+                    ..RawUpstream::default()
+                })
+            }
+        };
+        let protocol = Protocol {
+            max_frame_len: self.int_in(
+                "protocol.max_frame_len",
+                raw.protocol.max_frame_len,
+                DEFAULT_MAX_DATA_LEN,
+                1024,
+                65_535,
+            ),
+            command_deadline: self.positive_duration(
+                "protocol.command_deadline",
+                raw.protocol.command_deadline,
+                Duration::from_secs(5),
+            ),
+            reply_timeout: self.positive_duration(
+                "protocol.reply_timeout",
+                raw.protocol.reply_timeout,
+                Duration::from_secs(10),
+            ),
+        };
+        let shutdown = Shutdown {
+            drain_timeout: self.duration(
+                "shutdown.drain_timeout",
+                raw.shutdown.drain_timeout,
+                Duration::from_secs(30),
+            ),
+        };
+        let logging = self.logging(raw.logging);
+        Config {
+            listen,
+            device_tls,
+            upstream_legacy,
+            protocol,
+            shutdown,
+            logging,
+            metrics: MetricsConfig {
+                per_device: raw.metrics.per_device.unwrap_or(false),
+            },
+        }
+    }
+
+    fn device_tls(&mut self, raw: RawDeviceTls) -> DeviceTls {
+        let mode = match raw.mode.as_deref().unwrap_or("tls") {
+            "tls" => DeviceTlsMode::Tls,
+            "plain" => DeviceTlsMode::Plain,
+            other => {
+                self.problem("device_tls.mode", format!("{other:?} is not \"tls\" or \"plain\""));
+                DeviceTlsMode::Tls
+            }
+        };
+        if raw.cert_file.is_some() != raw.key_file.is_some() {
+            self.problem(
+                "device_tls.cert_file",
+                "cert_file and key_file must be given together (or both left out to generate a self-signed certificate)",
+            );
+        }
+        let ciphers = raw.ciphers.unwrap_or_else(|| DEFAULT_DEVICE_CIPHERS.to_string());
+        if ciphers.trim().is_empty() {
+            self.problem("device_tls.ciphers", "must not be empty");
+        }
+        let min_version = match raw.min_version.as_deref().unwrap_or("tls1.2") {
+            "tls1.0" => TlsVersion::Tls10,
+            "tls1.1" => TlsVersion::Tls11,
+            "tls1.2" => TlsVersion::Tls12,
+            other => {
+                self.problem(
+                    "device_tls.min_version",
+                    format!("{other:?} is not one of \"tls1.0\", \"tls1.1\", \"tls1.2\""),
+                );
+                TlsVersion::Tls12
+            }
+        };
+        DeviceTls {
+            mode,
+            cert_file: raw.cert_file,
+            key_file: raw.key_file,
+            ciphers,
+            min_version,
+        }
+    }
+
+    fn upstream(&mut self, prefix: &str, raw: RawUpstream) -> Upstream {
+        let address = self.host_port(&format!("{prefix}.address"), raw.address);
+        let verify = match raw.verify.as_deref().unwrap_or("none") {
+            "none" => UpstreamVerify::None,
+            "ca" => match raw.ca_file.clone() {
+                Some(p) => UpstreamVerify::Ca(p),
+                None => {
+                    self.problem(&format!("{prefix}.ca_file"), "required when verify = \"ca\"");
+                    UpstreamVerify::None
+                }
+            },
+            "fingerprint" => match raw.fingerprint_sha256.as_deref().map(parse_fingerprint) {
+                Some(Ok(fp)) => UpstreamVerify::Fingerprint(fp),
+                Some(Err(msg)) => {
+                    self.problem(&format!("{prefix}.fingerprint_sha256"), msg);
+                    UpstreamVerify::None
+                }
+                None => {
+                    self.problem(
+                        &format!("{prefix}.fingerprint_sha256"),
+                        "required when verify = \"fingerprint\"",
+                    );
+                    UpstreamVerify::None
+                }
+            },
+            other => {
+                self.problem(
+                    &format!("{prefix}.verify"),
+                    format!("{other:?} is not one of \"none\", \"ca\", \"fingerprint\""),
+                );
+                UpstreamVerify::None
+            }
+        };
+        Upstream {
+            address,
+            tls: raw.tls.unwrap_or(true),
+            verify,
+            connect_timeout: self.positive_duration(
+                &format!("{prefix}.connect_timeout"),
+                raw.connect_timeout,
+                Duration::from_secs(3),
+            ),
+        }
+    }
+
+    fn logging(&mut self, raw: RawLogging) -> Logging {
+        let format = match raw.format.as_deref().unwrap_or("auto") {
+            "auto" => LogFormat::Auto,
+            "json" => LogFormat::Json,
+            "text" => LogFormat::Text,
+            other => {
+                self.problem("logging.format", format!("{other:?} is not \"auto\", \"json\" or \"text\""));
+                LogFormat::Auto
+            }
+        };
+        let level = raw.level.unwrap_or_else(|| "info".into());
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            self.problem("logging.level", format!("{level:?} is not a level or filter directive"));
+        }
+        let file_rotation = match raw.file_rotation.as_deref().unwrap_or("daily") {
+            "hourly" => Rotation::Hourly,
+            "daily" => Rotation::Daily,
+            "never" => Rotation::Never,
+            other => {
+                self.problem(
+                    "logging.file_rotation",
+                    format!("{other:?} is not \"hourly\", \"daily\" or \"never\""),
+                );
+                Rotation::Daily
+            }
+        };
+        Logging {
+            format,
+            level,
+            file_dir: raw.file_dir,
+            file_prefix: raw.file_prefix.unwrap_or_else(|| "cync-gateway.log".into()),
+            file_rotation,
+        }
+    }
+}
+
+fn parse_fingerprint(text: &str) -> Result<[u8; 32], String> {
+    let cleaned: String = text.chars().filter(|c| *c != ':').collect();
+    let bytes = hex::decode(&cleaned)
+        .map_err(|_| format!("{text:?} is not hex (64 digits, colons allowed)"))?;
+    bytes
+        .try_into()
+        .map_err(|_| format!("{text:?} is not 32 bytes (a SHA-256 fingerprint)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[upstream.legacy]\naddress = \"127.0.0.1:23780\"\n";
+
+    #[test]
+    fn minimal_file_gets_documented_defaults() {
+        let c = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(c.listen.devices, "0.0.0.0:23779".parse().expect("addr"));
+        assert_eq!(c.listen.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.device_tls.mode, DeviceTlsMode::Tls);
+        assert!(c.upstream_legacy.tls);
+        assert_eq!(c.upstream_legacy.verify, UpstreamVerify::None);
+        assert_eq!(c.protocol.max_frame_len, 4096);
+        assert_eq!(c.shutdown.drain_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let text = r#"
+[listen]
+devices = "not-an-address"
+handshake_timeout = -5
+bogus = 1
+[upstream.legacy]
+address = "127.0.0.1:23780"
+colour = "red"
+connect_timeout = "-2s"
+"#;
+        let err = Config::parse(text).expect_err("invalid");
+        let keys: Vec<String> = err.problems().into_iter().map(|p| p.key).collect();
+        for k in [
+            "listen.devices",
+            "listen.handshake_timeout",
+            "listen.bogus",
+            "upstream.legacy.colour",
+            "upstream.legacy.connect_timeout",
+        ] {
+            assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn durations_accept_text_and_seconds() {
+        let text = format!("{MINIMAL}[protocol]\ncommand_deadline = \"1500ms\"\nreply_timeout = 2.5\n");
+        let c = Config::parse(&text).expect("valid");
+        assert_eq!(c.protocol.command_deadline, Duration::from_millis(1500));
+        assert_eq!(c.protocol.reply_timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn fingerprint_and_verify_modes() {
+        let fp = "ab".repeat(32);
+        let text = format!(
+            "[upstream.legacy]\naddress = \"addon.local:23779\"\nverify = \"fingerprint\"\nfingerprint_sha256 = \"{fp}\"\n"
+        );
+        let c = Config::parse(&text).expect("valid");
+        assert_eq!(c.upstream_legacy.verify, UpstreamVerify::Fingerprint([0xab; 32]));
+        let bad = "[upstream.legacy]\naddress = \"addon.local:23779\"\nverify = \"ca\"\n";
+        let err = Config::parse(bad).expect_err("ca_file missing");
+        assert_eq!(err.problems()[0].key, "upstream.legacy.ca_file");
+    }
+
+    #[test]
+    fn missing_upstream_and_bad_tls_pair_are_named() {
+        let text = "[device_tls]\ncert_file = \"/x.pem\"\n";
+        let keys: Vec<String> = Config::parse(text)
+            .expect_err("invalid")
+            .problems()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert!(keys.contains(&"upstream.legacy".to_string()), "{keys:?}");
+        assert!(keys.contains(&"device_tls.cert_file".to_string()), "{keys:?}");
+    }
+
+    #[test]
+    fn bad_upstream_addresses_are_rejected() {
+        for addr in ["localhost", "host:0", "host:70000", ":23779", "a b:1"] {
+            let text = format!("[upstream.legacy]\naddress = \"{addr}\"\n");
+            assert!(Config::parse(&text).is_err(), "{addr} accepted");
+        }
+        for addr in ["localhost:1", "[::1]:23779", "10.0.0.2:23779"] {
+            let text = format!("[upstream.legacy]\naddress = \"{addr}\"\n");
+            assert!(Config::parse(&text).is_ok(), "{addr} rejected");
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! The legacy path: a byte-exact passthrough between a device and the legacy upstream, with a
+//! passive observer that decodes a copy of each direction for metrics (design decision 6).
+//!
+//! Invariants:
+//! - Bytes are forwarded unchanged and in order; each read from one side is written to the
+//!   other as one write, before it is decoded, so decoding adds no delay and a decode failure
+//!   can never hold back or alter traffic (it is counted, never fatal).
+//! - Both directions run concurrently, so a peer that is slow to read in one direction never
+//!   stalls the other; each direction's own backpressure is plain TCP, like any L4 proxy.
+//! - A FIN on one side is passed on as a FIN (half-close) and the other direction keeps going;
+//!   a reset on one side is passed on as a reset.
+//! - On shutdown the pair stays open until no command is awaiting its reply, so a drain does not
+//!   cut an in-flight command; the daemon's drain deadline bounds the wait.
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Metrics, Transport};
+use crate::protocol::{DeviceId, Tap};
+use crate::tls::Stream;
+use crate::transactions::{Direction, Event, Tracker};
+
+/// How long a half-closed pair may wait for the other side to finish.
+pub const HALF_CLOSE_GRACE: Duration = Duration::from_secs(30);
+/// Read buffer per direction; larger than any Cync frame and than the add-on's 2,048-byte reads.
+const READ_BUF: usize = 16 * 1024;
+
+/// Why a pair ended; the `reason` label of `tcp_comm_connection_closes_total`. For a clean
+/// close it names the side that closed first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    DeviceClosed,
+    UpstreamClosed,
+    DeviceReset,
+    UpstreamReset,
+    DeviceError,
+    UpstreamError,
+    HalfCloseTimeout,
+    Drained,
+}
+
+impl CloseReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::DeviceClosed => "device_closed",
+            Self::UpstreamClosed => "upstream_closed",
+            Self::DeviceReset => "device_reset",
+            Self::UpstreamReset => "upstream_reset",
+            Self::DeviceError => "device_error",
+            Self::UpstreamError => "upstream_error",
+            Self::HalfCloseTimeout => "half_close_timeout",
+            Self::Drained => "shutdown",
+        }
+    }
+}
+
+struct ObserverState {
+    tracker: Tracker,
+    dev_tap: Tap,
+    srv_tap: Tap,
+    events: Vec<Event>,
+}
+
+/// Decodes copies of both directions of one connection and records what it sees.
+pub struct Observer {
+    transport: Transport,
+    device: Option<DeviceId>,
+    metrics: Arc<Metrics>,
+    state: Mutex<ObserverState>,
+}
+
+impl Observer {
+    pub fn new(
+        transport: Transport,
+        device: Option<DeviceId>,
+        metrics: Arc<Metrics>,
+        tracker: Tracker,
+        max_frame_len: usize,
+    ) -> Observer {
+        Observer {
+            transport,
+            device,
+            metrics,
+            state: Mutex::new(ObserverState {
+                tracker,
+                dev_tap: Tap::new(max_frame_len),
+                srv_tap: Tap::new(max_frame_len),
+                events: Vec::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ObserverState> {
+        // A poisoned lock only means another direction panicked mid-update; the counters are
+        // still usable, and the observer must never take the connection down.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Feeds one read that was just forwarded in `dir`.
+    pub fn observe(&self, dir: Direction, read: &[u8]) {
+        let t = self.transport;
+        self.metrics
+            .bytes
+            .with_label_values(&[t.label(), dir.label()])
+            .inc_by(read.len() as u64);
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let out = match dir {
+            Direction::DevToSrv => st.dev_tap.feed(read),
+            Direction::SrvToDev => st.srv_tap.feed(read),
+        };
+        if let Some(e) = &out.framing_error {
+            self.metrics.decode_error(t, dir, e);
+        }
+        for frame in &out.frames {
+            match &frame.packet {
+                Ok(p) => {
+                    self.metrics.packet(t, dir, p.ptype());
+                    st.tracker.on_packet(dir, p, now, &mut st.events);
+                }
+                Err(e) => self.metrics.decode_error(t, dir, e),
+            }
+        }
+        self.flush(st);
+    }
+
+    fn flush(&self, st: &mut ObserverState) {
+        if !st.events.is_empty() {
+            self.metrics.record(self.transport, self.device, &st.events);
+            st.events.clear();
+        }
+    }
+
+    /// Times out overdue transactions.
+    pub fn tick(&self) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        st.tracker.expire(Instant::now(), &mut st.events);
+        self.flush(st);
+    }
+
+    /// The connection ended.
+    pub fn close(&self) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        st.tracker.close(Instant::now(), &mut st.events);
+        self.flush(st);
+    }
+
+    pub fn pending_commands(&self) -> usize {
+        self.lock().tracker.pending_commands()
+    }
+}
+
+#[derive(Debug)]
+enum PumpEnd {
+    Eof,
+    ReadFailed(io::Error),
+    WriteFailed(io::Error),
+}
+
+async fn pump<R, W>(mut from: R, mut to: W, dir: Direction, obs: &Observer) -> PumpEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; READ_BUF];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) => {
+                // Pass the FIN on; the other direction keeps flowing.
+                let _ = to.shutdown().await;
+                return PumpEnd::Eof;
+            }
+            Ok(n) => n,
+            Err(e) => return PumpEnd::ReadFailed(e),
+        };
+        let chunk = &buf[..n];
+        if let Err(e) = to.write_all(chunk).await {
+            return PumpEnd::WriteFailed(e);
+        }
+        if let Err(e) = to.flush().await {
+            return PumpEnd::WriteFailed(e);
+        }
+        obs.observe(dir, chunk);
+    }
+}
+
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// Forwards between `device` and `upstream` until both sides are done, one resets, or a drain
+/// completes. `first` holds bytes already read from the device (the handshake peek); they are
+/// written upstream as one write before anything else.
+pub async fn run(
+    device: Stream,
+    mut upstream: Stream,
+    first: &[u8],
+    obs: &Observer,
+    shutdown: CancellationToken,
+) -> CloseReason {
+    if !first.is_empty() {
+        if let Err(e) = upstream.write_all(first).await {
+            return if is_reset(&e) {
+                device.set_reset_on_close();
+                CloseReason::UpstreamReset
+            } else {
+                CloseReason::UpstreamError
+            };
+        }
+        let _ = upstream.flush().await;
+        obs.observe(Direction::DevToSrv, first);
+    }
+
+    let (mut dev_r, mut dev_w) = tokio::io::split(device);
+    let (mut up_r, mut up_w) = tokio::io::split(upstream);
+    let reason = {
+        let to_up = pump(&mut dev_r, &mut up_w, Direction::DevToSrv, obs);
+        let to_dev = pump(&mut up_r, &mut dev_w, Direction::SrvToDev, obs);
+        tokio::pin!(to_up, to_dev);
+        let mut up_done = false;
+        let mut dev_done = false;
+        let mut half_closed_at: Option<Instant> = None;
+        let mut draining = false;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
+        // The pump futures are polled by reference and never dropped mid-loop, so a write in
+        // progress is never cancelled while the pair lives; they are only dropped at teardown.
+        loop {
+            tokio::select! {
+                end = &mut to_up, if !up_done => {
+                    up_done = true;
+                    match end {
+                        PumpEnd::Eof => {
+                            if dev_done { break CloseReason::UpstreamClosed; }
+                            half_closed_at = Some(Instant::now());
+                        }
+                        PumpEnd::ReadFailed(e) if is_reset(&e) => break CloseReason::DeviceReset,
+                        PumpEnd::ReadFailed(_) => break CloseReason::DeviceError,
+                        PumpEnd::WriteFailed(e) if is_reset(&e) => break CloseReason::UpstreamReset,
+                        PumpEnd::WriteFailed(_) => break CloseReason::UpstreamError,
+                    }
+                }
+                end = &mut to_dev, if !dev_done => {
+                    dev_done = true;
+                    match end {
+                        PumpEnd::Eof => {
+                            if up_done { break CloseReason::DeviceClosed; }
+                            half_closed_at = Some(Instant::now());
+                        }
+                        PumpEnd::ReadFailed(e) if is_reset(&e) => break CloseReason::UpstreamReset,
+                        PumpEnd::ReadFailed(_) => break CloseReason::UpstreamError,
+                        PumpEnd::WriteFailed(e) if is_reset(&e) => break CloseReason::DeviceReset,
+                        PumpEnd::WriteFailed(_) => break CloseReason::DeviceError,
+                    }
+                }
+                _ = tick.tick() => {
+                    obs.tick();
+                    if half_closed_at.is_some_and(|t| t.elapsed() >= HALF_CLOSE_GRACE) {
+                        break CloseReason::HalfCloseTimeout;
+                    }
+                }
+                _ = drain_tick.tick(), if draining => {
+                    if obs.pending_commands() == 0 { break CloseReason::Drained; }
+                }
+                _ = shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    if obs.pending_commands() == 0 { break CloseReason::Drained; }
+                }
+            }
+        }
+    };
+    let device = dev_r.unsplit(dev_w);
+    let upstream = up_r.unsplit(up_w);
+    match reason {
+        CloseReason::DeviceReset => upstream.set_reset_on_close(),
+        CloseReason::UpstreamReset => device.set_reset_on_close(),
+        _ => {}
+    }
+    obs.close();
+    reason
+}

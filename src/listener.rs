@@ -1,0 +1,280 @@
+//! Device-facing accept loop and the per-connection handler: connection limit, TLS accept,
+//! handshake peek (design decision 1), routing, upstream dial, then the chosen path.
+//!
+//! Invariants:
+//! - The listener is handed in already bound (tests bind port 0).
+//! - A connection is routed only after its first frame has been read, within
+//!   `handshake_timeout`; without a valid 0x23 in time it goes to legacy with
+//!   `reason="no_handshake"`. Whatever was read is replayed upstream verbatim, as one write.
+//! - The connection limit is a semaphore permit held for the connection's whole life; a refused
+//!   connection is closed at once, counted, and logged at most once per [`LIMIT_LOG_EVERY`].
+//! - On shutdown the accept loop stops at once (the listening socket closes) while accepted
+//!   connections drain on their own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use openssl::ssl::SslAcceptor;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, field, info, warn, Instrument};
+
+use crate::config::Config;
+use crate::legacy::{self, Observer};
+use crate::metrics::{Metrics, Transport};
+use crate::protocol::{header_data_len_checked, DeviceId, Packet, PacketType};
+use crate::tls::{self, Stream};
+use crate::transactions::Tracker;
+use crate::upstream::Dialer;
+
+/// Minimum spacing of "connection limit reached" warnings.
+pub const LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Everything a connection handler needs, shared by all connections.
+pub struct ConnContext {
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub acceptor: Option<Arc<SslAcceptor>>,
+    pub legacy: Dialer,
+    pub shutdown: CancellationToken,
+}
+
+pub struct Listener {
+    listener: TcpListener,
+    ctx: Arc<ConnContext>,
+    limit: Arc<Semaphore>,
+    tasks: TaskTracker,
+}
+
+impl Listener {
+    pub fn new(listener: TcpListener, ctx: Arc<ConnContext>, tasks: TaskTracker) -> Listener {
+        let limit = Arc::new(Semaphore::new(ctx.config.listen.max_connections));
+        Listener {
+            listener,
+            ctx,
+            limit,
+            tasks,
+        }
+    }
+
+    /// Accepts until shutdown. Accept errors (e.g. out of file descriptors) are logged and
+    /// retried with a short backoff rather than ending the daemon.
+    pub async fn run(self) {
+        let mut last_limit_log: Option<Instant> = None;
+        let mut refused_since_log = 0u64;
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let accepted = tokio::select! {
+                _ = self.ctx.shutdown.cancelled() => break,
+                r = self.listener.accept() => r,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(x) => {
+                    backoff = Duration::from_millis(10);
+                    x
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept failed; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let permit = match self.limit.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    self.ctx
+                        .metrics
+                        .connections_rejected
+                        .with_label_values(&["limit"])
+                        .inc();
+                    refused_since_log += 1;
+                    if last_limit_log.is_none_or(|t| t.elapsed() >= LIMIT_LOG_EVERY) {
+                        warn!(
+                            %peer,
+                            max_connections = self.ctx.config.listen.max_connections,
+                            refused = refused_since_log,
+                            "connection limit reached; refusing new device connections (raise listen.max_connections or add instances)"
+                        );
+                        last_limit_log = Some(Instant::now());
+                        refused_since_log = 0;
+                    }
+                    drop(tcp);
+                    continue;
+                }
+            };
+            let ctx = self.ctx.clone();
+            let span = tracing::info_span!(
+                "conn",
+                %peer,
+                device = field::Empty,
+                route = field::Empty
+            );
+            self.tasks
+                .spawn(handle(ctx, tcp, permit).instrument(span));
+        }
+        debug!("device listener stopped accepting");
+    }
+}
+
+/// What the handshake peek found.
+#[derive(Debug)]
+pub enum Hello {
+    /// A valid 0x23 with this device id.
+    Device(DeviceId),
+    /// No valid 0x23 first frame in time.
+    NoHandshake(&'static str),
+}
+
+/// Reads until the first frame is complete (or time runs out) and identifies the device.
+/// Returns the bytes read (to be replayed) and what they held; `None` when the device closed or
+/// failed before sending anything usable.
+pub async fn peek_hello(
+    stream: &mut Stream,
+    max_frame_len: usize,
+    deadline: Instant,
+) -> Option<(BytesMut, Hello)> {
+    let mut buf = BytesMut::with_capacity(64);
+    loop {
+        match header_data_len_checked(&buf, max_frame_len) {
+            Some(Err(())) => return Some((buf, Hello::NoHandshake("oversized_first_frame"))),
+            Some(Ok(total)) if buf.len() >= total => {
+                let first = buf.clone().split_to(total).freeze();
+                let hello = match Packet::parse(first, max_frame_len) {
+                    Ok(p) if p.ptype() == PacketType::Hello => match p.id() {
+                        Some(id) => Hello::Device(id),
+                        None => Hello::NoHandshake("malformed_hello"),
+                    },
+                    Ok(_) => Hello::NoHandshake("first_frame_not_hello"),
+                    Err(_) => Hello::NoHandshake("malformed_first_frame"),
+                };
+                return Some((buf, hello));
+            }
+            _ => {}
+        }
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Err(_) => return Some((buf, Hello::NoHandshake("timeout"))),
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return if buf.is_empty() {
+                    None
+                } else {
+                    Some((buf, Hello::NoHandshake("closed_early")))
+                };
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Decrements the active-connections gauge however the handler ends.
+struct ActiveGuard {
+    metrics: Arc<Metrics>,
+    transport: Transport,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.metrics
+            .connections_active
+            .with_label_values(&[self.transport.label()])
+            .dec();
+    }
+}
+
+async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePermit) {
+    let _ = tcp.set_nodelay(true);
+    let cfg = &ctx.config;
+    let metrics = &ctx.metrics;
+    let deadline = Instant::now() + cfg.listen.handshake_timeout;
+    let mut device = match &ctx.acceptor {
+        None => Stream::Plain(tcp),
+        Some(acc) => {
+            let accepted = tokio::select! {
+                _ = ctx.shutdown.cancelled() => return,
+                r = tokio::time::timeout_at(deadline, tls::accept(acc, tcp)) => r,
+            };
+            match accepted {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    metrics.connections_rejected.with_label_values(&["tls_handshake"]).inc();
+                    debug!(error = %e, "device TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    metrics.connections_rejected.with_label_values(&["tls_timeout"]).inc();
+                    debug!("device TLS handshake timed out");
+                    return;
+                }
+            }
+        }
+    };
+    let peeked = tokio::select! {
+        _ = ctx.shutdown.cancelled() => return,
+        r = peek_hello(&mut device, cfg.protocol.max_frame_len, deadline) => r,
+    };
+    let Some((first, hello)) = peeked else {
+        metrics.connections_rejected.with_label_values(&["closed_before_hello"]).inc();
+        debug!("device closed before sending anything");
+        return;
+    };
+    let span = tracing::Span::current();
+    let (device_id, reason) = match hello {
+        Hello::Device(id) => {
+            span.record("device", field::display(id));
+            (Some(id), "percent")
+        }
+        Hello::NoHandshake(why) => {
+            debug!(why, bytes = first.len(), "no valid hello; routing to legacy");
+            (None, "no_handshake")
+        }
+    };
+    // Only the legacy path exists so far; routing by percentage arrives with the router.
+    let transport = Transport::Legacy;
+    span.record("route", transport.label());
+    metrics
+        .routing_decisions
+        .with_label_values(&[transport.label(), reason])
+        .inc();
+    metrics.connections_total.with_label_values(&[transport.label()]).inc();
+    metrics.connections_active.with_label_values(&[transport.label()]).inc();
+    let _active = ActiveGuard {
+        metrics: metrics.clone(),
+        transport,
+    };
+
+    let upstream = match ctx.legacy.dial().await {
+        Ok(u) => u,
+        Err(e) => {
+            warn!(error = %e, "legacy upstream unreachable; closing the device connection");
+            metrics
+                .upstream_connect_errors
+                .with_label_values(&[transport.label(), e.reason()])
+                .inc();
+            metrics
+                .connection_closes
+                .with_label_values(&[transport.label(), "upstream_connect_failed"])
+                .inc();
+            return;
+        }
+    };
+    let started = Instant::now();
+    debug!(tls = device.is_tls(), cipher = device.cipher_name().unwrap_or("-"), "forwarding");
+    let obs = Observer::new(
+        transport,
+        device_id,
+        metrics.clone(),
+        Tracker::new(cfg.protocol.command_deadline, cfg.protocol.reply_timeout),
+        cfg.protocol.max_frame_len,
+    );
+    let reason = legacy::run(device, upstream, &first, &obs, ctx.shutdown.clone()).await;
+    metrics
+        .connection_closes
+        .with_label_values(&[transport.label(), reason.label()])
+        .inc();
+    info!(reason = reason.label(), duration_s = started.elapsed().as_secs_f64(), "connection closed");
+}

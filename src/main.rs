@@ -1,0 +1,121 @@
+//! `cync-gateway`: the daemon and its operator commands. A thin layer: argument parsing and
+//! exit codes here, everything else in the library.
+//!
+//! Exit codes: 0 success; 1 runtime failure; 64 invalid configuration or usage; 130 second
+//! shutdown signal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use cync_gateway::config::Config;
+use cync_gateway::gateway::Gateway;
+use cync_gateway::shutdown::{self, DrainOutcome};
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "cync-gateway", version, about = "Strangler gateway for Cync devices: legacy passthrough and a reliable new path, shifted a percentage at a time")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon.
+    Run {
+        /// Configuration file.
+        #[arg(long, short, default_value = "/etc/cync-gateway/gateway.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file; print every problem; exit 64 if there is any.
+    CheckConfig {
+        /// Configuration file.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::CheckConfig { file } => check_config(&file),
+        Cmd::Run { config } => run(&config),
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(_) => {
+            println!("{}: OK", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let problems = e.problems();
+            eprintln!("{}: {} problem(s)", file.display(), problems.len());
+            for p in problems {
+                eprintln!("  - {p}");
+            }
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cync-gateway: {}: {e}", path.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let _log_guard = match cync_gateway::logging::init(&config.logging) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("cync-gateway: logging: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cync-gateway: starting the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    rt.block_on(async move {
+        let drain_timeout = config.shutdown.drain_timeout;
+        let gw = match Gateway::start(config).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                eprintln!("cync-gateway: {e}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        };
+        let (hup_tx, mut hup_rx) = tokio::sync::mpsc::unbounded_channel();
+        let sd = gw.shutdown_handle();
+        if let Err(e) = shutdown::spawn_signal_handler(sd.clone(), hup_tx) {
+            eprintln!("cync-gateway: installing signal handlers: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+        let token = sd.token();
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => break,
+                Some(()) = hup_rx.recv() => {
+                    tracing::warn!("SIGHUP received: this build does not reload configuration yet; restart to apply changes");
+                }
+            }
+        }
+        match gw.shutdown(drain_timeout).await {
+            DrainOutcome::Clean | DrainOutcome::TimedOut { .. } => ExitCode::SUCCESS,
+        }
+    })
+}

@@ -1,0 +1,276 @@
+//! Prometheus metrics: one [`Metrics`] struct on its own [`Registry`], passed to whoever records.
+//!
+//! Names keep the seed project's `tcp_comm_` prefix so the original SLO queries keep working
+//! (design decision 13); every family that describes traffic carries a `transport` label
+//! (`legacy`, `new`, `shadow`). `docs/metrics.md` lists every family.
+//!
+//! Invariants:
+//! - No globals: tests build as many independent `Metrics` as they like.
+//! - A `device_id` label exists only when `metrics.per_device = true`, and only on the command
+//!   families, because per-device series do not scale to fleets of thousands.
+//! - Recording never fails: label sets are fixed here, so `with_label_values` cannot panic on
+//!   arity; family registration errors surface once, at construction.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+use thiserror::Error;
+
+use crate::protocol::{DecodeError, DeviceId, PacketType};
+use crate::transactions::{CommandOutcome, Direction, Event, ReplyOutcome};
+
+#[derive(Debug, Error)]
+pub enum MetricsError {
+    #[error("registering metric family: {0}")]
+    Register(#[from] prometheus::Error),
+    #[error("encoding metrics: {0}")]
+    Encode(String),
+}
+
+/// The path a connection takes; the `transport` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Legacy,
+    New,
+    Shadow,
+}
+
+impl Transport {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Legacy => "legacy",
+            Self::New => "new",
+            Self::Shadow => "shadow",
+        }
+    }
+}
+
+/// Command latency buckets. 0.8 s and 1.5 s are SLO thresholds and must stay bucket bounds.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    per_device: bool,
+    pub connections_active: IntGaugeVec,
+    pub connections_total: IntCounterVec,
+    pub connections_rejected: IntCounterVec,
+    pub connection_closes: IntCounterVec,
+    pub bytes: IntCounterVec,
+    pub packets: IntCounterVec,
+    pub decode_errors: IntCounterVec,
+    pub routing_decisions: IntCounterVec,
+    pub upstream_connect_errors: IntCounterVec,
+    packet_sent: IntCounterVec,
+    packet_latency: HistogramVec,
+    pub ack_received: IntCounterVec,
+    pub ack_latency: HistogramVec,
+    pub replies: IntCounterVec,
+    pub reply_latency: HistogramVec,
+    pub heartbeats: IntCounterVec,
+    pub ready: IntGauge,
+    pub draining: IntGauge,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, MetricsError> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<HistogramVec, MetricsError> {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+impl Metrics {
+    pub fn new(per_device: bool) -> Result<Metrics, MetricsError> {
+        let r = Registry::new();
+        let cmd_labels: &[&str] = if per_device {
+            &["transport", "outcome", "device_id"]
+        } else {
+            &["transport", "outcome"]
+        };
+        let lat_labels: &[&str] = if per_device {
+            &["transport", "device_id"]
+        } else {
+            &["transport"]
+        };
+        let connections_active = IntGaugeVec::new(
+            Opts::new("tcp_comm_connections_active", "Device connections open now"),
+            &["transport"],
+        )?;
+        r.register(Box::new(connections_active.clone()))?;
+        let ready = IntGauge::new("tcp_comm_ready", "1 while /readyz reports ready")?;
+        r.register(Box::new(ready.clone()))?;
+        let draining = IntGauge::new("tcp_comm_draining", "1 while shutting down")?;
+        r.register(Box::new(draining.clone()))?;
+        let build = IntGaugeVec::new(
+            Opts::new("tcp_comm_build_info", "Build information; always 1"),
+            &["version"],
+        )?;
+        r.register(Box::new(build.clone()))?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+
+        let m = Metrics {
+            per_device,
+            connections_active,
+            connections_total: counter(&r, "tcp_comm_connections_total", "Device connections routed, by path", &["transport"])?,
+            connections_rejected: counter(&r, "tcp_comm_connections_rejected_total", "Device connections refused before routing", &["reason"])?,
+            connection_closes: counter(&r, "tcp_comm_connection_closes_total", "Device connections ended, by why", &["transport", "reason"])?,
+            bytes: counter(&r, "tcp_comm_bytes_total", "Bytes forwarded", &["transport", "direction"])?,
+            packets: counter(&r, "tcp_comm_packets_total", "Packets decoded from forwarded traffic", &["transport", "direction", "packet_type"])?,
+            decode_errors: counter(&r, "tcp_comm_decode_errors_total", "Frames the decoder rejected (still forwarded on the legacy path)", &["transport", "direction", "reason"])?,
+            routing_decisions: counter(&r, "tcp_comm_routing_decisions_total", "Routing decisions, by path and reason", &["transport", "reason"])?,
+            upstream_connect_errors: counter(&r, "tcp_comm_upstream_connect_errors_total", "Failed upstream connects", &["transport", "reason"])?,
+            packet_sent: counter(&r, "tcp_comm_packet_sent_total", "Commands (srv->dev 0x73 f8) by outcome", cmd_labels)?,
+            packet_latency: histogram(&r, "tcp_comm_packet_latency_seconds", "Command latency: first forward to the device's f9 reply", lat_labels)?,
+            ack_received: counter(&r, "tcp_comm_ack_received_total", "0x7b acknowledgements of srv->dev 0x73, by outcome", &["transport", "outcome"])?,
+            ack_latency: histogram(&r, "tcp_comm_ack_latency_seconds", "srv->dev 0x73 to the device's 0x7b", &["transport"])?,
+            replies: counter(&r, "tcp_comm_replies_total", "Request/reply pairs by request type and outcome", &["transport", "request_type", "outcome"])?,
+            reply_latency: histogram(&r, "tcp_comm_reply_latency_seconds", "Request to reply latency by request type", &["transport", "request_type"])?,
+            heartbeats: counter(&r, "tcp_comm_heartbeats_total", "Device heartbeats (0xd3) by outcome", &["transport", "outcome"])?,
+            ready,
+            draining,
+            registry: r,
+        };
+        Ok(m)
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Result<String, MetricsError> {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .map_err(|e| MetricsError::Encode(e.to_string()))?;
+        String::from_utf8(buf).map_err(|e| MetricsError::Encode(e.to_string()))
+    }
+
+    pub fn packet(&self, t: Transport, dir: Direction, ptype: PacketType) {
+        self.packets
+            .with_label_values(&[t.label(), dir.label(), ptype.label()])
+            .inc();
+    }
+
+    pub fn decode_error(&self, t: Transport, dir: Direction, e: &DecodeError) {
+        self.decode_errors
+            .with_label_values(&[t.label(), dir.label(), e.reason()])
+            .inc();
+    }
+
+    pub fn command(
+        &self,
+        t: Transport,
+        outcome: CommandOutcome,
+        latency: Option<std::time::Duration>,
+        device: Option<DeviceId>,
+    ) {
+        let dev = device.map(|d| d.to_hex()).unwrap_or_default();
+        if self.per_device {
+            self.packet_sent
+                .with_label_values(&[t.label(), outcome.label(), &dev])
+                .inc();
+            if let Some(l) = latency {
+                self.packet_latency
+                    .with_label_values(&[t.label(), &dev])
+                    .observe(l.as_secs_f64());
+            }
+        } else {
+            self.packet_sent
+                .with_label_values(&[t.label(), outcome.label()])
+                .inc();
+            if let Some(l) = latency {
+                self.packet_latency
+                    .with_label_values(&[t.label()])
+                    .observe(l.as_secs_f64());
+            }
+        }
+    }
+
+    /// Records what a [`crate::transactions::Tracker`] concluded.
+    pub fn record(&self, t: Transport, device: Option<DeviceId>, events: &[Event]) {
+        for e in events {
+            match e {
+                Event::Command {
+                    outcome, latency, ..
+                } => self.command(t, *outcome, *latency, device),
+                Event::Reply {
+                    request,
+                    outcome,
+                    latency,
+                } => {
+                    if *request == PacketType::Data {
+                        let label = match outcome {
+                            ReplyOutcome::Matched => "received",
+                            ReplyOutcome::Timeout => "timeout",
+                            ReplyOutcome::Unmatched => "unmatched",
+                        };
+                        self.ack_received
+                            .with_label_values(&[t.label(), label])
+                            .inc();
+                        if let Some(l) = latency {
+                            self.ack_latency
+                                .with_label_values(&[t.label()])
+                                .observe(l.as_secs_f64());
+                        }
+                        continue;
+                    }
+                    self.replies
+                        .with_label_values(&[t.label(), request.label(), outcome.label()])
+                        .inc();
+                    if let Some(l) = latency {
+                        self.reply_latency
+                            .with_label_values(&[t.label(), request.label()])
+                            .observe(l.as_secs_f64());
+                    }
+                    if *request == PacketType::Heartbeat {
+                        let label = match outcome {
+                            ReplyOutcome::Matched => "acked",
+                            ReplyOutcome::Timeout => "missed",
+                            ReplyOutcome::Unmatched => "unmatched",
+                        };
+                        self.heartbeats.with_label_values(&[t.label(), label]).inc();
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_render_with_transport_label() {
+        let m = Metrics::new(false).expect("metrics");
+        m.command(Transport::Legacy, CommandOutcome::Success, Some(std::time::Duration::from_millis(30)), None);
+        let text = m.render().expect("render");
+        assert!(text.contains("tcp_comm_packet_sent_total{outcome=\"success\",transport=\"legacy\"} 1"), "{text}");
+        assert!(text.contains("tcp_comm_packet_latency_seconds_bucket{transport=\"legacy\",le=\"0.8\"} 1"));
+        assert!(text.contains("le=\"1.5\""));
+    }
+
+    #[test]
+    fn per_device_adds_device_label() {
+        let m = Metrics::new(true).expect("metrics");
+        m.command(Transport::New, CommandOutcome::Timeout, None, Some(DeviceId([0x38, 0xe8, 0xcf, 0x46])));
+        let text = m.render().expect("render");
+        assert!(text.contains("device_id=\"38e8cf46\""), "{text}");
+    }
+}

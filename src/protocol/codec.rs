@@ -1,0 +1,159 @@
+//! tokio-util codec for the Cync stream framing: 5-byte header, `data_len` big-endian at 3–4.
+//!
+//! Owns stream framing only; what a frame *means* is [`super::packet`]'s job.
+//!
+//! Invariants:
+//! - The header is checked as soon as its 5 bytes are buffered and a `data_len` above
+//!   `max_data_len` is rejected before any of the body is buffered, so a hostile or corrupt
+//!   length can never make the decoder reserve or hold more than `5 + max_data_len` bytes.
+//! - A frame whose contents are invalid (unknown type, bad checksum, …) is still yielded as a
+//!   [`Frame`] with its parse error attached: framing only fails when the stream itself can no
+//!   longer be split, which keeps `Framed` usable (it stops after the first `Err`).
+//! - Encoding writes a frame's bytes verbatim; nothing is ever re-serialised.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use thiserror::Error;
+use tokio_util::codec::{Decoder, Encoder};
+
+use super::packet::{header_data_len, DecodeError, Packet, DEFAULT_MAX_DATA_LEN, HEADER_LEN};
+
+/// A stream-level framing failure: after this the byte stream cannot be split any more.
+#[derive(Debug, Error)]
+pub enum CodecError {
+    #[error("frame data length {data_len} above the limit of {max}")]
+    TooLarge { data_len: usize, max: usize },
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl CodecError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "length_too_large",
+            Self::Io(_) => "io",
+        }
+    }
+}
+
+/// One length-delimited frame off the wire and the result of parsing it.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub raw: Bytes,
+    pub packet: Result<Packet, DecodeError>,
+}
+
+/// Splits a byte stream into Cync frames.
+#[derive(Debug, Clone, Copy)]
+pub struct CyncCodec {
+    max_data_len: usize,
+}
+
+impl Default for CyncCodec {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_DATA_LEN)
+    }
+}
+
+impl CyncCodec {
+    pub fn new(max_data_len: usize) -> Self {
+        Self { max_data_len }
+    }
+
+    pub fn max_data_len(&self) -> usize {
+        self.max_data_len
+    }
+}
+
+impl Decoder for CyncCodec {
+    type Item = Frame;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+        let Some(data_len) = header_data_len(src) else {
+            return Ok(None);
+        };
+        if data_len > self.max_data_len {
+            return Err(CodecError::TooLarge {
+                data_len,
+                max: self.max_data_len,
+            });
+        }
+        let total = HEADER_LEN + data_len;
+        if src.len() < total {
+            src.reserve(total - src.len());
+            return Ok(None);
+        }
+        let raw = src.split_to(total).freeze();
+        let packet = Packet::parse(raw.clone(), self.max_data_len);
+        Ok(Some(Frame { raw, packet }))
+    }
+}
+
+impl Encoder<Bytes> for CyncCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: Bytes, dst: &mut BytesMut) -> Result<(), CodecError> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Encoder<&Packet> for CyncCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: &Packet, dst: &mut BytesMut) -> Result<(), CodecError> {
+        dst.put_slice(item.raw());
+        Ok(())
+    }
+}
+
+/// A decoding tap: fed copies of the bytes of one direction, in order, as they are forwarded.
+///
+/// Unlike `Framed`, a tap survives a framing failure: it drops what it has buffered and
+/// resynchronises at the start of the next read, which is what the add-on itself does (it
+/// discards the rest of a read after junk). Forwarding never depends on it.
+#[derive(Debug)]
+pub struct Tap {
+    codec: CyncCodec,
+    buf: BytesMut,
+}
+
+/// What a tap produced from one read.
+#[derive(Debug, Default)]
+pub struct TapOutput {
+    pub frames: Vec<Frame>,
+    /// Set when the stream could not be framed and the buffer was discarded.
+    pub framing_error: Option<DecodeError>,
+}
+
+impl Tap {
+    pub fn new(max_data_len: usize) -> Self {
+        Self {
+            codec: CyncCodec::new(max_data_len),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Bytes buffered waiting for the rest of a frame.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn feed(&mut self, read: &[u8]) -> TapOutput {
+        let mut out = TapOutput::default();
+        self.buf.extend_from_slice(read);
+        loop {
+            match self.codec.decode(&mut self.buf) {
+                Ok(Some(frame)) => out.frames.push(frame),
+                Ok(None) => break,
+                Err(CodecError::TooLarge { data_len, max }) => {
+                    out.framing_error = Some(DecodeError::LengthTooLarge { data_len, max });
+                    self.buf.advance(self.buf.len());
+                    break;
+                }
+                Err(CodecError::Io(_)) => break,
+            }
+        }
+        out
+    }
+}

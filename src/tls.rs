@@ -1,0 +1,257 @@
+//! TLS on both legs, through OpenSSL, and the plain-or-TLS [`Stream`] every path forwards over.
+//!
+//! Device side (design decision 14): real devices offer only static-RSA and ECDHE-ECDSA suites
+//! with CBC/CCM under TLS 1.2 and send no SNI, which rustls cannot serve; OpenSSL with an
+//! explicit cipher list can. Upstream side: the add-on's certificate is self-signed and
+//! regenerated per image, so verification is off by default, or pinned to a CA or a SHA-256
+//! fingerprint.
+//!
+//! Invariants:
+//! - No private key is shipped: when no certificate is configured, a fresh self-signed RSA
+//!   certificate is generated in memory at start-up.
+//! - Upstream connections never send SNI or check host names: the add-on has no stable name and
+//!   devices never sent one either.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use openssl::asn1::Asn1Time;
+use openssl::bn::{BigNum, MsbOption};
+use openssl::hash::MessageDigest;
+use openssl::pkey::{PKey, Private};
+use openssl::rsa::Rsa;
+use openssl::ssl::{
+    Ssl, SslAcceptor, SslConnector, SslFiletype, SslMethod, SslOptions, SslVerifyMode, SslVersion,
+};
+use openssl::x509::{X509NameBuilder, X509};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_openssl::SslStream;
+
+use crate::config::{DeviceTls, TlsVersion, UpstreamVerify};
+
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("openssl: {0}")]
+    OpenSsl(#[from] openssl::error::ErrorStack),
+    #[error("loading {what} from {path}: {source}")]
+    Load {
+        what: &'static str,
+        path: String,
+        source: openssl::error::ErrorStack,
+    },
+    #[error("device cipher list {list:?} was rejected by OpenSSL: {source}")]
+    Ciphers {
+        list: String,
+        source: openssl::error::ErrorStack,
+    },
+    #[error("TLS handshake: {0}")]
+    Handshake(#[from] openssl::ssl::Error),
+}
+
+/// A freshly generated self-signed RSA certificate and its key.
+pub struct SelfSigned {
+    pub cert: X509,
+    pub key: PKey<Private>,
+}
+
+/// Generates a throw-away self-signed RSA certificate (2048-bit, SHA-256, 10 years), the same
+/// shape as the add-on's own, so devices accept it.
+pub fn self_signed(common_name: &str) -> Result<SelfSigned, TlsError> {
+    let key = PKey::from_rsa(Rsa::generate(2048)?)?;
+    let mut name = X509NameBuilder::new()?;
+    name.append_entry_by_text("CN", common_name)?;
+    let name = name.build();
+    let mut b = X509::builder()?;
+    b.set_version(2)?;
+    let mut serial = BigNum::new()?;
+    serial.rand(64, MsbOption::MAYBE_ZERO, false)?;
+    b.set_serial_number(serial.to_asn1_integer()?.as_ref())?;
+    b.set_subject_name(&name)?;
+    b.set_issuer_name(&name)?;
+    b.set_pubkey(&key)?;
+    b.set_not_before(Asn1Time::days_from_now(0)?.as_ref())?;
+    b.set_not_after(Asn1Time::days_from_now(3650)?.as_ref())?;
+    b.sign(&key, MessageDigest::sha256())?;
+    Ok(SelfSigned {
+        cert: b.build(),
+        key,
+    })
+}
+
+fn version(v: TlsVersion) -> SslVersion {
+    match v {
+        TlsVersion::Tls10 => SslVersion::TLS1,
+        TlsVersion::Tls11 => SslVersion::TLS1_1,
+        TlsVersion::Tls12 => SslVersion::TLS1_2,
+    }
+}
+
+/// Builds the device-facing acceptor from configuration. Returns the acceptor and, when a
+/// certificate was generated, that certificate (for logs and tests).
+pub fn device_acceptor(cfg: &DeviceTls) -> Result<(SslAcceptor, Option<X509>), TlsError> {
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())?;
+    // Devices and the add-on often just drop TCP; that is a close, not an error.
+    b.set_options(SslOptions::IGNORE_UNEXPECTED_EOF);
+    b.set_min_proto_version(Some(version(cfg.min_version)))?;
+    b.set_cipher_list(&cfg.ciphers)
+        .map_err(|source| TlsError::Ciphers {
+            list: cfg.ciphers.clone(),
+            source,
+        })?;
+    let generated = match (&cfg.cert_file, &cfg.key_file) {
+        (Some(cert), Some(key)) => {
+            b.set_certificate_chain_file(cert)
+                .map_err(|source| load_err("certificate", cert, source))?;
+            b.set_private_key_file(key, SslFiletype::PEM)
+                .map_err(|source| load_err("private key", key, source))?;
+            b.check_private_key()?;
+            None
+        }
+        _ => {
+            let s = self_signed("cync-gateway")?;
+            b.set_certificate(&s.cert)?;
+            b.set_private_key(&s.key)?;
+            Some(s.cert)
+        }
+    };
+    Ok((b.build(), generated))
+}
+
+fn load_err(what: &'static str, path: &Path, source: openssl::error::ErrorStack) -> TlsError {
+    TlsError::Load {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Builds the upstream connector for one verification policy.
+pub fn upstream_connector(verify: &UpstreamVerify) -> Result<SslConnector, TlsError> {
+    let mut b = SslConnector::builder(SslMethod::tls_client())?;
+    b.set_options(SslOptions::IGNORE_UNEXPECTED_EOF);
+    match verify {
+        UpstreamVerify::None => b.set_verify(SslVerifyMode::NONE),
+        UpstreamVerify::Ca(path) => {
+            b.set_ca_file(path)
+                .map_err(|source| load_err("CA file", path, source))?;
+            b.set_verify(SslVerifyMode::PEER);
+        }
+        UpstreamVerify::Fingerprint(fp) => {
+            let fp = *fp;
+            b.set_verify_callback(SslVerifyMode::PEER, move |_preverified, ctx| {
+                // Only the leaf is pinned; chain errors (self-signed) are irrelevant when the
+                // exact certificate is known.
+                if ctx.error_depth() != 0 {
+                    return true;
+                }
+                ctx.current_cert()
+                    .and_then(|c| c.digest(MessageDigest::sha256()).ok())
+                    .is_some_and(|d| d.as_ref() == fp)
+            });
+        }
+    }
+    Ok(b.build())
+}
+
+/// Runs the server side of a TLS handshake on an accepted socket.
+pub async fn accept(acceptor: &SslAcceptor, tcp: TcpStream) -> Result<Stream, TlsError> {
+    let ssl = Ssl::new(acceptor.context())?;
+    let mut s = SslStream::new(ssl, tcp)?;
+    Pin::new(&mut s).accept().await?;
+    Ok(Stream::Tls(Box::new(s)))
+}
+
+/// Runs the client side of a TLS handshake toward an upstream, without SNI or host-name check.
+pub async fn connect(connector: &SslConnector, tcp: TcpStream) -> Result<Stream, TlsError> {
+    let ssl = connector
+        .configure()?
+        .use_server_name_indication(false)
+        .verify_hostname(false)
+        .into_ssl("")?;
+    let mut s = SslStream::new(ssl, tcp)?;
+    Pin::new(&mut s).connect().await?;
+    Ok(Stream::Tls(Box::new(s)))
+}
+
+/// A connection to a peer, plain or TLS.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<SslStream<TcpStream>>),
+}
+
+impl Stream {
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(t) => t,
+            Stream::Tls(s) => s.get_ref(),
+        }
+    }
+
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp().peer_addr()
+    }
+
+    /// Makes the next close an RST instead of a FIN, so a reset seen on one leg reaches the
+    /// other as a reset.
+    pub fn set_reset_on_close(&self) {
+        // Failure only means the close will be a FIN; nothing else to do about it.
+        let _ = socket2::SockRef::from(self.tcp()).set_linger(Some(std::time::Duration::ZERO));
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// The negotiated cipher, for logs and tests.
+    pub fn cipher_name(&self) -> Option<&'static str> {
+        match self {
+            Stream::Plain(_) => None,
+            Stream::Tls(s) => s.ssl().current_cipher().map(|c| c.name()),
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(t) => Pin::new(t).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(t) => Pin::new(t).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(t) => Pin::new(t).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(t) => Pin::new(t).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}

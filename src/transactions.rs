@@ -1,0 +1,527 @@
+//! Per-connection transaction tracker: pairs requests with their replies and yields outcomes.
+//!
+//! Shared by every path (the legacy observer now; the reliable session and the shadow later) so
+//! all of them are measured by the same rules, those of `cync-protocol.md` §7:
+//! - a srv→dev command (0x73 class `f8`) succeeds when the device's `f9` reply echoing its inner
+//!   seq (byte 13) arrives within `command_deadline`; otherwise it times out, or is abandoned
+//!   when the connection ends first;
+//! - a 0x73 is "received" when a 0x7b echoing its (channel id, msg_id) comes back; with
+//!   repeated msg_ids (the add-on always sends `00 00 00`) the oldest pending one with that key
+//!   is taken, which is FIFO;
+//! - 0x83 → 0x88 by echoed msg_id, 0xa3 → 0xab by (id, msg_id);
+//! - 0x23/0x43/0xc3/0xd3 → 0x28/0x48/0xc8/0xd8 FIFO per type, heads older than `reply_timeout`
+//!   expire so one lost reply cannot shift every later match.
+//!
+//! Invariants:
+//! - Pure: no clocks, no I/O. Every call takes `now`, so timer behaviour is tested with
+//!   constructed instants or paused tokio time.
+//! - Matching is per connection and per type, never across either.
+//! - Pairing is for measurement only; nothing here may gate forwarding.
+//! - Memory is bounded: each queue holds at most [`MAX_PENDING`] entries; the oldest is
+//!   expired (counted as a timeout) to make room.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::protocol::{DeviceId, FrameClass, MsgId, Packet, PacketType};
+
+/// Upper bound on each pending queue of one connection.
+pub const MAX_PENDING: usize = 1024;
+
+/// Which way a packet travelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    DevToSrv,
+    SrvToDev,
+}
+
+impl Direction {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::DevToSrv => "dev_to_srv",
+            Self::SrvToDev => "srv_to_dev",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandOutcome {
+    Success,
+    Timeout,
+    Abandoned,
+}
+
+impl CommandOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Timeout => "timeout",
+            Self::Abandoned => "abandoned",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReplyOutcome {
+    Matched,
+    Timeout,
+    /// A reply with no pending request of its kind.
+    Unmatched,
+}
+
+impl ReplyOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Matched => "matched",
+            Self::Timeout => "timeout",
+            Self::Unmatched => "unmatched",
+        }
+    }
+}
+
+/// What the tracker concluded from a packet or the passing of time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A command finished; `latency` from first forward to the `f9` reply on success.
+    Command {
+        seq: u8,
+        outcome: CommandOutcome,
+        latency: Option<Duration>,
+    },
+    /// A request of `request` type got its reply, timed out, or a reply came unasked.
+    /// For 0x73 this is the 0x7b "received" acknowledgement.
+    Reply {
+        request: PacketType,
+        outcome: ReplyOutcome,
+        latency: Option<Duration>,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct PendingCommand {
+    seq: u8,
+    sent: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Pending<K> {
+    key: K,
+    sent: Instant,
+}
+
+/// Requests waiting for an echoed reply, oldest first.
+#[derive(Debug)]
+struct Keyed<K> {
+    request: PacketType,
+    queue: VecDeque<Pending<K>>,
+}
+
+impl<K: PartialEq> Keyed<K> {
+    fn new(request: PacketType) -> Self {
+        Self {
+            request,
+            queue: VecDeque::new(),
+        }
+    }
+
+    fn push(&mut self, key: K, now: Instant, out: &mut Vec<Event>) {
+        if self.queue.len() >= MAX_PENDING {
+            self.queue.pop_front();
+            out.push(timeout(self.request));
+        }
+        self.queue.push_back(Pending { key, sent: now });
+    }
+
+    fn answer(&mut self, key: &K, now: Instant, out: &mut Vec<Event>) {
+        match self.queue.iter().position(|p| &p.key == key) {
+            Some(i) => {
+                let sent = self.queue.remove(i).map(|p| p.sent).unwrap_or(now);
+                out.push(Event::Reply {
+                    request: self.request,
+                    outcome: ReplyOutcome::Matched,
+                    latency: Some(now.saturating_duration_since(sent)),
+                });
+            }
+            None => out.push(Event::Reply {
+                request: self.request,
+                outcome: ReplyOutcome::Unmatched,
+                latency: None,
+            }),
+        }
+    }
+
+    fn expire(&mut self, cutoff: Duration, now: Instant, out: &mut Vec<Event>) {
+        while self
+            .queue
+            .front()
+            .is_some_and(|p| now.saturating_duration_since(p.sent) >= cutoff)
+        {
+            self.queue.pop_front();
+            out.push(timeout(self.request));
+        }
+    }
+}
+
+fn timeout(request: PacketType) -> Event {
+    Event::Reply {
+        request,
+        outcome: ReplyOutcome::Timeout,
+        latency: None,
+    }
+}
+
+/// Tracks the transactions of one device connection.
+#[derive(Debug)]
+pub struct Tracker {
+    command_deadline: Duration,
+    reply_timeout: Duration,
+    commands: VecDeque<PendingCommand>,
+    /// srv→dev 0x73 waiting for the device's 0x7b.
+    down_data: Keyed<(DeviceId, MsgId)>,
+    /// dev→srv 0x73 waiting for a server 0x7b (the real cloud acks them; the add-on never does,
+    /// so these expire silently rather than count as timeouts).
+    up_data: Keyed<(DeviceId, MsgId)>,
+    status: Keyed<MsgId>,
+    channel: Keyed<(DeviceId, MsgId)>,
+    hello: Keyed<()>,
+    info: Keyed<()>,
+    time: Keyed<()>,
+    heartbeat: Keyed<()>,
+}
+
+impl Tracker {
+    pub fn new(command_deadline: Duration, reply_timeout: Duration) -> Self {
+        Self {
+            command_deadline,
+            reply_timeout,
+            commands: VecDeque::new(),
+            down_data: Keyed::new(PacketType::Data),
+            up_data: Keyed::new(PacketType::Data),
+            status: Keyed::new(PacketType::Status),
+            channel: Keyed::new(PacketType::ChannelOpen),
+            hello: Keyed::new(PacketType::Hello),
+            info: Keyed::new(PacketType::Info),
+            time: Keyed::new(PacketType::TimeRequest),
+            heartbeat: Keyed::new(PacketType::Heartbeat),
+        }
+    }
+
+    /// Commands forwarded and not yet answered: a connection should not be closed while this is
+    /// non-zero (re-homing and draining wait for it).
+    pub fn pending_commands(&self) -> usize {
+        self.commands.len()
+    }
+
+    /// Records one packet seen travelling in `dir` at `now`; appends conclusions to `out`.
+    pub fn on_packet(&mut self, dir: Direction, pkt: &Packet, now: Instant, out: &mut Vec<Event>) {
+        use Direction::*;
+        match (dir, pkt.ptype()) {
+            (DevToSrv, PacketType::Hello) => self.hello.push((), now, out),
+            (SrvToDev, PacketType::HelloAck) => self.hello.answer(&(), now, out),
+            (DevToSrv, PacketType::Info) => self.info.push((), now, out),
+            (SrvToDev, PacketType::InfoAck) => self.info.answer(&(), now, out),
+            (DevToSrv, PacketType::TimeRequest) => self.time.push((), now, out),
+            (SrvToDev, PacketType::TimeReply) => self.time.answer(&(), now, out),
+            (DevToSrv, PacketType::Heartbeat) => self.heartbeat.push((), now, out),
+            (SrvToDev, PacketType::HeartbeatAck) => self.heartbeat.answer(&(), now, out),
+            (DevToSrv, PacketType::Status) => {
+                if let Some(m) = pkt.msg_id() {
+                    self.status.push(m, now, out);
+                }
+            }
+            (SrvToDev, PacketType::StatusAck) => {
+                if let Some(m) = pkt.acks_msg_id() {
+                    self.status.answer(&m, now, out);
+                }
+            }
+            (SrvToDev, PacketType::ChannelOpen) => {
+                if let (Some(id), Some(m)) = (pkt.id(), pkt.msg_id()) {
+                    self.channel.push((id, m), now, out);
+                }
+            }
+            (DevToSrv, PacketType::ChannelReply) => {
+                if let (Some(id), Some(m)) = (pkt.id(), pkt.acks_msg_id()) {
+                    self.channel.answer(&(id, m), now, out);
+                }
+            }
+            (SrvToDev, PacketType::Data) => self.server_data(pkt, now, out),
+            (DevToSrv, PacketType::Data) => self.device_data(pkt, now, out),
+            (DevToSrv, PacketType::DataAck) => {
+                if let (Some(id), Some(m)) = (pkt.id(), pkt.acks_msg_id()) {
+                    self.down_data.answer(&(id, m), now, out);
+                }
+            }
+            (SrvToDev, PacketType::DataAck) => {
+                if let (Some(id), Some(m)) = (pkt.id(), pkt.acks_msg_id()) {
+                    // The add-on never acks device 0x73s and the real cloud also acks 0x83s
+                    // with 0x7b, so an unmatched server 0x7b is normal and not reported.
+                    if self.up_data.queue.iter().any(|p| p.key == (id, m)) {
+                        self.up_data.answer(&(id, m), now, out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn server_data(&mut self, pkt: &Packet, now: Instant, out: &mut Vec<Event>) {
+        if let (Some(id), Some(m)) = (pkt.id(), pkt.msg_id()) {
+            self.down_data.push((id, m), now, out);
+        }
+        if let Some(f) = pkt.inner().filter(|f| f.class() == FrameClass::Request) {
+            if self.commands.len() >= MAX_PENDING {
+                if let Some(old) = self.commands.pop_front() {
+                    out.push(Event::Command {
+                        seq: old.seq,
+                        outcome: CommandOutcome::Timeout,
+                        latency: None,
+                    });
+                }
+            }
+            self.commands.push_back(PendingCommand {
+                seq: f.seq,
+                sent: now,
+            });
+        }
+    }
+
+    fn device_data(&mut self, pkt: &Packet, now: Instant, out: &mut Vec<Event>) {
+        if let (Some(id), Some(m)) = (pkt.id(), pkt.msg_id()) {
+            if self.up_data.queue.len() >= MAX_PENDING {
+                self.up_data.queue.pop_front();
+            }
+            self.up_data.queue.push_back(Pending {
+                key: (id, m),
+                sent: now,
+            });
+        }
+        let Some(f) = pkt.inner().filter(|f| f.class() == FrameClass::Reply) else {
+            return;
+        };
+        if let Some(i) = self.commands.iter().position(|c| c.seq == f.seq) {
+            if let Some(c) = self.commands.remove(i) {
+                out.push(Event::Command {
+                    seq: c.seq,
+                    outcome: CommandOutcome::Success,
+                    latency: Some(now.saturating_duration_since(c.sent)),
+                });
+            }
+        }
+    }
+
+    /// Times out what has waited too long. Call about once a second and before closing.
+    pub fn expire(&mut self, now: Instant, out: &mut Vec<Event>) {
+        while self
+            .commands
+            .front()
+            .is_some_and(|c| now.saturating_duration_since(c.sent) >= self.command_deadline)
+        {
+            if let Some(c) = self.commands.pop_front() {
+                out.push(Event::Command {
+                    seq: c.seq,
+                    outcome: CommandOutcome::Timeout,
+                    latency: None,
+                });
+            }
+        }
+        let deadline = self.command_deadline;
+        let reply = self.reply_timeout;
+        self.down_data.expire(deadline, now, out);
+        // Expected to go unanswered under the add-on: dropped without an event.
+        while self
+            .up_data
+            .queue
+            .front()
+            .is_some_and(|p| now.saturating_duration_since(p.sent) >= reply)
+        {
+            self.up_data.queue.pop_front();
+        }
+        let queues: [&mut dyn ExpireDyn; 6] = [
+            &mut self.status,
+            &mut self.channel,
+            &mut self.hello,
+            &mut self.info,
+            &mut self.time,
+            &mut self.heartbeat,
+        ];
+        for q in queues {
+            q.expire_dyn(reply, now, out);
+        }
+    }
+
+    /// The connection ended: commands still waiting are abandoned. Other pending requests are
+    /// dropped without an outcome (their replies can no longer come).
+    pub fn close(&mut self, now: Instant, out: &mut Vec<Event>) {
+        self.expire(now, out);
+        for c in self.commands.drain(..) {
+            out.push(Event::Command {
+                seq: c.seq,
+                outcome: CommandOutcome::Abandoned,
+                latency: None,
+            });
+        }
+    }
+}
+
+trait ExpireDyn {
+    fn expire_dyn(&mut self, cutoff: Duration, now: Instant, out: &mut Vec<Event>);
+}
+
+impl<K: PartialEq> ExpireDyn for Keyed<K> {
+    fn expire_dyn(&mut self, cutoff: Duration, now: Instant, out: &mut Vec<Event>) {
+        self.expire(cutoff, now, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn pkt(hex_str: &str) -> Packet {
+        let raw = Bytes::from(hex::decode(hex_str.replace(' ', "")).expect("hex"));
+        Packet::parse(raw, 4096).expect("valid packet")
+    }
+
+    // The add-on's power command (inner seq 0x01) and a device f9 reply with the same seq.
+    const CMD: &str = "730000001f38e8cf460000007e01000000f8d00d0001000000005000d01102010000127e";
+    const ACK: &str = "7b0000000738e8cf46000000";
+
+    fn f9(seq: u8) -> Packet {
+        // 0x73 f9 d0 01 00 00, checksum = d0 + 01 + 00 + 00 = d1.
+        let s = format!("730000001338e8cf460002007e{seq:02x}000000f9d0010000d17e");
+        pkt(&s)
+    }
+
+    fn tracker() -> Tracker {
+        Tracker::new(Duration::from_secs(5), Duration::from_secs(10))
+    }
+
+    #[test]
+    fn command_success_latency_and_ack() {
+        let mut t = tracker();
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        t.on_packet(Direction::SrvToDev, &pkt(CMD), t0, &mut out);
+        assert_eq!(t.pending_commands(), 1);
+        t.on_packet(Direction::DevToSrv, &pkt(ACK), t0 + Duration::from_millis(20), &mut out);
+        t.on_packet(Direction::DevToSrv, &f9(1), t0 + Duration::from_millis(30), &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Event::Reply {
+                    request: PacketType::Data,
+                    outcome: ReplyOutcome::Matched,
+                    latency: Some(Duration::from_millis(20)),
+                },
+                Event::Command {
+                    seq: 1,
+                    outcome: CommandOutcome::Success,
+                    latency: Some(Duration::from_millis(30)),
+                },
+            ]
+        );
+        assert_eq!(t.pending_commands(), 0);
+    }
+
+    #[test]
+    fn reply_with_other_seq_does_not_complete() {
+        let mut t = tracker();
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        t.on_packet(Direction::SrvToDev, &pkt(CMD), t0, &mut out);
+        t.on_packet(Direction::DevToSrv, &f9(2), t0, &mut out);
+        assert_eq!(t.pending_commands(), 1);
+        t.expire(t0 + Duration::from_secs(5), &mut out);
+        assert!(out.contains(&Event::Command {
+            seq: 1,
+            outcome: CommandOutcome::Timeout,
+            latency: None
+        }));
+        assert_eq!(t.pending_commands(), 0);
+    }
+
+    #[test]
+    fn close_abandons_pending_commands() {
+        let mut t = tracker();
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        t.on_packet(Direction::SrvToDev, &pkt(CMD), t0, &mut out);
+        t.close(t0 + Duration::from_secs(1), &mut out);
+        assert_eq!(
+            out,
+            vec![Event::Command {
+                seq: 1,
+                outcome: CommandOutcome::Abandoned,
+                latency: None
+            }]
+        );
+    }
+
+    #[test]
+    fn stale_fifo_head_expires_so_later_pairs_stay_aligned() {
+        let mut t = tracker();
+        let t0 = Instant::now();
+        let hb = pkt("d300000000");
+        let hb_ack = pkt("d800000000");
+        let mut out = Vec::new();
+        // First heartbeat's ack is lost.
+        t.on_packet(Direction::DevToSrv, &hb, t0, &mut out);
+        t.expire(t0 + Duration::from_secs(10), &mut out);
+        let t1 = t0 + Duration::from_secs(21);
+        t.on_packet(Direction::DevToSrv, &hb, t1, &mut out);
+        t.on_packet(Direction::SrvToDev, &hb_ack, t1 + Duration::from_millis(40), &mut out);
+        assert_eq!(
+            out,
+            vec![
+                timeout(PacketType::Heartbeat),
+                Event::Reply {
+                    request: PacketType::Heartbeat,
+                    outcome: ReplyOutcome::Matched,
+                    latency: Some(Duration::from_millis(40)),
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn status_ack_matches_by_msg_id_even_out_of_order() {
+        let mut t = tracker();
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        let s1 = pkt("830000002545880f3a0009007e1f000000fadb130072251150005000db110201010a0affffff0000377e");
+        t.on_packet(Direction::DevToSrv, &s1, t0, &mut out);
+        t.on_packet(Direction::SrvToDev, &pkt("8800000003000a00"), t0, &mut out);
+        t.on_packet(Direction::SrvToDev, &pkt("8800000003000900"), t0, &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(matches!(
+            out[0],
+            Event::Reply {
+                outcome: ReplyOutcome::Unmatched,
+                ..
+            }
+        ));
+        assert!(matches!(
+            out[1],
+            Event::Reply {
+                outcome: ReplyOutcome::Matched,
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn command_deadline_with_paused_time() {
+        let mut t = tracker();
+        let mut out = Vec::new();
+        t.on_packet(Direction::SrvToDev, &pkt(CMD), Instant::now(), &mut out);
+        tokio::time::advance(Duration::from_millis(4999)).await;
+        t.expire(Instant::now(), &mut out);
+        assert!(out.is_empty());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        t.expire(Instant::now(), &mut out);
+        assert_eq!(out.len(), 2, "command timeout and its missing 0x7b: {out:?}");
+    }
+}

@@ -50,11 +50,17 @@ impl Health {
     }
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &'static str) -> Response<Full<Bytes>> {
+fn text(
+    status: StatusCode,
+    body: impl Into<Bytes>,
+    content_type: &'static str,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
     r
 }
 
@@ -67,7 +73,11 @@ fn route(req: &Request<Incoming>, metrics: &Metrics, health: &Health) -> Respons
         "/metrics" => {
             metrics.ready.set(i64::from(health.is_ready()));
             match metrics.render() {
-                Ok(body) => text(StatusCode::OK, body, "text/plain; version=0.0.4; charset=utf-8"),
+                Ok(body) => text(
+                    StatusCode::OK,
+                    body,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                ),
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"), PLAIN),
             }
         }
@@ -79,7 +89,11 @@ fn route(req: &Request<Incoming>, metrics: &Metrics, health: &Health) -> Respons
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n", PLAIN)
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz, /readyz\n", PLAIN),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz, /readyz\n",
+            PLAIN,
+        ),
     }
 }
 

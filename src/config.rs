@@ -426,11 +426,17 @@ impl Validator<'_> {
         let upstream_legacy = match raw.upstream.legacy {
             Some(u) => self.upstream("upstream.legacy", u),
             None => {
-                self.problem("upstream.legacy", "required: [upstream.legacy] address = \"host:port\"");
-                self.upstream("upstream.legacy", RawUpstream {
-                    address: Some("invalid:1".into()),
-                    ..RawUpstream::default()
-                })
+                self.problem(
+                    "upstream.legacy",
+                    "required: [upstream.legacy] address = \"host:port\"",
+                );
+                self.upstream(
+                    "upstream.legacy",
+                    RawUpstream {
+                        address: Some("invalid:1".into()),
+                        ..RawUpstream::default()
+                    },
+                )
             }
         };
         let protocol = Protocol {
@@ -478,7 +484,10 @@ impl Validator<'_> {
             "tls" => DeviceTlsMode::Tls,
             "plain" => DeviceTlsMode::Plain,
             other => {
-                self.problem("device_tls.mode", format!("{other:?} is not \"tls\" or \"plain\""));
+                self.problem(
+                    "device_tls.mode",
+                    format!("{other:?} is not \"tls\" or \"plain\""),
+                );
                 DeviceTlsMode::Tls
             }
         };
@@ -488,7 +497,9 @@ impl Validator<'_> {
                 "cert_file and key_file must be given together (or both left out to generate a self-signed certificate)",
             );
         }
-        let ciphers = raw.ciphers.unwrap_or_else(|| DEFAULT_DEVICE_CIPHERS.to_string());
+        let ciphers = raw
+            .ciphers
+            .unwrap_or_else(|| DEFAULT_DEVICE_CIPHERS.to_string());
         if ciphers.trim().is_empty() {
             self.problem("device_tls.ciphers", "must not be empty");
         }
@@ -520,7 +531,10 @@ impl Validator<'_> {
             "ca" => match raw.ca_file.clone() {
                 Some(p) => UpstreamVerify::Ca(p),
                 None => {
-                    self.problem(&format!("{prefix}.ca_file"), "required when verify = \"ca\"");
+                    self.problem(
+                        &format!("{prefix}.ca_file"),
+                        "required when verify = \"ca\"",
+                    );
                     UpstreamVerify::None
                 }
             },
@@ -564,13 +578,19 @@ impl Validator<'_> {
             "json" => LogFormat::Json,
             "text" => LogFormat::Text,
             other => {
-                self.problem("logging.format", format!("{other:?} is not \"auto\", \"json\" or \"text\""));
+                self.problem(
+                    "logging.format",
+                    format!("{other:?} is not \"auto\", \"json\" or \"text\""),
+                );
                 LogFormat::Auto
             }
         };
         let level = raw.level.unwrap_or_else(|| "info".into());
         if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
-            self.problem("logging.level", format!("{level:?} is not a level or filter directive"));
+            self.problem(
+                "logging.level",
+                format!("{level:?} is not a level or filter directive"),
+            );
         }
         let file_rotation = match raw.file_rotation.as_deref().unwrap_or("daily") {
             "hourly" => Rotation::Hourly,
@@ -648,7 +668,8 @@ connect_timeout = "-2s"
 
     #[test]
     fn durations_accept_text_and_seconds() {
-        let text = format!("{MINIMAL}[protocol]\ncommand_deadline = \"1500ms\"\nreply_timeout = 2.5\n");
+        let text =
+            format!("{MINIMAL}[protocol]\ncommand_deadline = \"1500ms\"\nreply_timeout = 2.5\n");
         let c = Config::parse(&text).expect("valid");
         assert_eq!(c.protocol.command_deadline, Duration::from_millis(1500));
         assert_eq!(c.protocol.reply_timeout, Duration::from_millis(2500));
@@ -661,7 +682,10 @@ connect_timeout = "-2s"
             "[upstream.legacy]\naddress = \"addon.local:23779\"\nverify = \"fingerprint\"\nfingerprint_sha256 = \"{fp}\"\n"
         );
         let c = Config::parse(&text).expect("valid");
-        assert_eq!(c.upstream_legacy.verify, UpstreamVerify::Fingerprint([0xab; 32]));
+        assert_eq!(
+            c.upstream_legacy.verify,
+            UpstreamVerify::Fingerprint([0xab; 32])
+        );
         let bad = "[upstream.legacy]\naddress = \"addon.local:23779\"\nverify = \"ca\"\n";
         let err = Config::parse(bad).expect_err("ca_file missing");
         assert_eq!(err.problems()[0].key, "upstream.legacy.ca_file");
@@ -677,7 +701,10 @@ connect_timeout = "-2s"
             .map(|p| p.key)
             .collect();
         assert!(keys.contains(&"upstream.legacy".to_string()), "{keys:?}");
-        assert!(keys.contains(&"device_tls.cert_file".to_string()), "{keys:?}");
+        assert!(
+            keys.contains(&"device_tls.cert_file".to_string()),
+            "{keys:?}"
+        );
     }
 
     #[test]

@@ -81,7 +81,8 @@ impl Gateway {
         let (acceptor, generated_cert) = match config.device_tls.mode {
             DeviceTlsMode::Plain => (None, None),
             DeviceTlsMode::Tls => {
-                let (a, cert) = tls::device_acceptor(&config.device_tls).map_err(GatewayError::DeviceTls)?;
+                let (a, cert) =
+                    tls::device_acceptor(&config.device_tls).map_err(GatewayError::DeviceTls)?;
                 if cert.is_some() {
                     warn!("device_tls: no certificate configured; generated a self-signed RSA certificate for this run");
                 }
@@ -146,7 +147,10 @@ impl Gateway {
         match outcome {
             DrainOutcome::Clean => info!("drain complete"),
             DrainOutcome::TimedOut { remaining } => {
-                warn!(remaining, "drain deadline passed; closing remaining connections")
+                warn!(
+                    remaining,
+                    "drain deadline passed; closing remaining connections"
+                )
             }
         }
         self.http_stop.cancel();

@@ -115,8 +115,7 @@ impl Listener {
                 device = field::Empty,
                 route = field::Empty
             );
-            self.tasks
-                .spawn(handle(ctx, tcp, permit).instrument(span));
+            self.tasks.spawn(handle(ctx, tcp, permit).instrument(span));
         }
         debug!("device listener stopped accepting");
     }
@@ -201,12 +200,18 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
             match accepted {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    metrics.connections_rejected.with_label_values(&["tls_handshake"]).inc();
+                    metrics
+                        .connections_rejected
+                        .with_label_values(&["tls_handshake"])
+                        .inc();
                     debug!(error = %e, "device TLS handshake failed");
                     return;
                 }
                 Err(_) => {
-                    metrics.connections_rejected.with_label_values(&["tls_timeout"]).inc();
+                    metrics
+                        .connections_rejected
+                        .with_label_values(&["tls_timeout"])
+                        .inc();
                     debug!("device TLS handshake timed out");
                     return;
                 }
@@ -218,7 +223,10 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
         r = peek_hello(&mut device, cfg.protocol.max_frame_len, deadline) => r,
     };
     let Some((first, hello)) = peeked else {
-        metrics.connections_rejected.with_label_values(&["closed_before_hello"]).inc();
+        metrics
+            .connections_rejected
+            .with_label_values(&["closed_before_hello"])
+            .inc();
         debug!("device closed before sending anything");
         return;
     };
@@ -229,7 +237,11 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
             (Some(id), "percent")
         }
         Hello::NoHandshake(why) => {
-            debug!(why, bytes = first.len(), "no valid hello; routing to legacy");
+            debug!(
+                why,
+                bytes = first.len(),
+                "no valid hello; routing to legacy"
+            );
             (None, "no_handshake")
         }
     };
@@ -240,8 +252,14 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
         .routing_decisions
         .with_label_values(&[transport.label(), reason])
         .inc();
-    metrics.connections_total.with_label_values(&[transport.label()]).inc();
-    metrics.connections_active.with_label_values(&[transport.label()]).inc();
+    metrics
+        .connections_total
+        .with_label_values(&[transport.label()])
+        .inc();
+    metrics
+        .connections_active
+        .with_label_values(&[transport.label()])
+        .inc();
     let _active = ActiveGuard {
         metrics: metrics.clone(),
         transport,
@@ -263,7 +281,11 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
         }
     };
     let started = Instant::now();
-    debug!(tls = device.is_tls(), cipher = device.cipher_name().unwrap_or("-"), "forwarding");
+    debug!(
+        tls = device.is_tls(),
+        cipher = device.cipher_name().unwrap_or("-"),
+        "forwarding"
+    );
     let obs = Observer::new(
         transport,
         device_id,
@@ -276,5 +298,9 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
         .connection_closes
         .with_label_values(&[transport.label(), reason.label()])
         .inc();
-    info!(reason = reason.label(), duration_s = started.elapsed().as_secs_f64(), "connection closed");
+    info!(
+        reason = reason.label(),
+        duration_s = started.elapsed().as_secs_f64(),
+        "connection closed"
+    );
 }

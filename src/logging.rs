@@ -63,7 +63,10 @@ pub fn init(cfg: &Logging) -> Result<Option<WorkerGuard>, LogError> {
     };
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let result = match (json, file) {
-        (true, Some(f)) => builder.json().with_writer(std::io::stderr.and(f)).try_init(),
+        (true, Some(f)) => builder
+            .json()
+            .with_writer(std::io::stderr.and(f))
+            .try_init(),
         (true, None) => builder.json().with_writer(std::io::stderr).try_init(),
         (false, Some(f)) => builder.with_writer(std::io::stderr.and(f)).try_init(),
         (false, None) => builder.with_writer(std::io::stderr).try_init(),

@@ -17,7 +17,11 @@ const EXIT_RUNTIME: u8 = 1;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "cync-gateway", version, about = "Strangler gateway for Cync devices: legacy passthrough and a reliable new path, shifted a percentage at a time")]
+#[command(
+    name = "cync-gateway",
+    version,
+    about = "Strangler gateway for Cync devices: legacy passthrough and a reliable new path, shifted a percentage at a time"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -64,7 +68,9 @@ fn check_config(file: &std::path::Path) -> ExitCode {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 fn run(path: &std::path::Path) -> ExitCode {

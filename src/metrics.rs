@@ -74,7 +74,12 @@ pub struct Metrics {
     pub draining: IntGauge,
 }
 
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, MetricsError> {
+fn counter(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, MetricsError> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(c.clone()))?;
     Ok(c)
@@ -126,21 +131,96 @@ impl Metrics {
         let m = Metrics {
             per_device,
             connections_active,
-            connections_total: counter(&r, "tcp_comm_connections_total", "Device connections routed, by path", &["transport"])?,
-            connections_rejected: counter(&r, "tcp_comm_connections_rejected_total", "Device connections refused before routing", &["reason"])?,
-            connection_closes: counter(&r, "tcp_comm_connection_closes_total", "Device connections ended, by why", &["transport", "reason"])?,
-            bytes: counter(&r, "tcp_comm_bytes_total", "Bytes forwarded", &["transport", "direction"])?,
-            packets: counter(&r, "tcp_comm_packets_total", "Packets decoded from forwarded traffic", &["transport", "direction", "packet_type"])?,
-            decode_errors: counter(&r, "tcp_comm_decode_errors_total", "Frames the decoder rejected (still forwarded on the legacy path)", &["transport", "direction", "reason"])?,
-            routing_decisions: counter(&r, "tcp_comm_routing_decisions_total", "Routing decisions, by path and reason", &["transport", "reason"])?,
-            upstream_connect_errors: counter(&r, "tcp_comm_upstream_connect_errors_total", "Failed upstream connects", &["transport", "reason"])?,
-            packet_sent: counter(&r, "tcp_comm_packet_sent_total", "Commands (srv->dev 0x73 f8) by outcome", cmd_labels)?,
-            packet_latency: histogram(&r, "tcp_comm_packet_latency_seconds", "Command latency: first forward to the device's f9 reply", lat_labels)?,
-            ack_received: counter(&r, "tcp_comm_ack_received_total", "0x7b acknowledgements of srv->dev 0x73, by outcome", &["transport", "outcome"])?,
-            ack_latency: histogram(&r, "tcp_comm_ack_latency_seconds", "srv->dev 0x73 to the device's 0x7b", &["transport"])?,
-            replies: counter(&r, "tcp_comm_replies_total", "Request/reply pairs by request type and outcome", &["transport", "request_type", "outcome"])?,
-            reply_latency: histogram(&r, "tcp_comm_reply_latency_seconds", "Request to reply latency by request type", &["transport", "request_type"])?,
-            heartbeats: counter(&r, "tcp_comm_heartbeats_total", "Device heartbeats (0xd3) by outcome", &["transport", "outcome"])?,
+            connections_total: counter(
+                &r,
+                "tcp_comm_connections_total",
+                "Device connections routed, by path",
+                &["transport"],
+            )?,
+            connections_rejected: counter(
+                &r,
+                "tcp_comm_connections_rejected_total",
+                "Device connections refused before routing",
+                &["reason"],
+            )?,
+            connection_closes: counter(
+                &r,
+                "tcp_comm_connection_closes_total",
+                "Device connections ended, by why",
+                &["transport", "reason"],
+            )?,
+            bytes: counter(
+                &r,
+                "tcp_comm_bytes_total",
+                "Bytes forwarded",
+                &["transport", "direction"],
+            )?,
+            packets: counter(
+                &r,
+                "tcp_comm_packets_total",
+                "Packets decoded from forwarded traffic",
+                &["transport", "direction", "packet_type"],
+            )?,
+            decode_errors: counter(
+                &r,
+                "tcp_comm_decode_errors_total",
+                "Frames the decoder rejected (still forwarded on the legacy path)",
+                &["transport", "direction", "reason"],
+            )?,
+            routing_decisions: counter(
+                &r,
+                "tcp_comm_routing_decisions_total",
+                "Routing decisions, by path and reason",
+                &["transport", "reason"],
+            )?,
+            upstream_connect_errors: counter(
+                &r,
+                "tcp_comm_upstream_connect_errors_total",
+                "Failed upstream connects",
+                &["transport", "reason"],
+            )?,
+            packet_sent: counter(
+                &r,
+                "tcp_comm_packet_sent_total",
+                "Commands (srv->dev 0x73 f8) by outcome",
+                cmd_labels,
+            )?,
+            packet_latency: histogram(
+                &r,
+                "tcp_comm_packet_latency_seconds",
+                "Command latency: first forward to the device's f9 reply",
+                lat_labels,
+            )?,
+            ack_received: counter(
+                &r,
+                "tcp_comm_ack_received_total",
+                "0x7b acknowledgements of srv->dev 0x73, by outcome",
+                &["transport", "outcome"],
+            )?,
+            ack_latency: histogram(
+                &r,
+                "tcp_comm_ack_latency_seconds",
+                "srv->dev 0x73 to the device's 0x7b",
+                &["transport"],
+            )?,
+            replies: counter(
+                &r,
+                "tcp_comm_replies_total",
+                "Request/reply pairs by request type and outcome",
+                &["transport", "request_type", "outcome"],
+            )?,
+            reply_latency: histogram(
+                &r,
+                "tcp_comm_reply_latency_seconds",
+                "Request to reply latency by request type",
+                &["transport", "request_type"],
+            )?,
+            heartbeats: counter(
+                &r,
+                "tcp_comm_heartbeats_total",
+                "Device heartbeats (0xd3) by outcome",
+                &["transport", "outcome"],
+            )?,
             ready,
             draining,
             registry: r,
@@ -259,17 +339,31 @@ mod tests {
     #[test]
     fn families_render_with_transport_label() {
         let m = Metrics::new(false).expect("metrics");
-        m.command(Transport::Legacy, CommandOutcome::Success, Some(std::time::Duration::from_millis(30)), None);
+        m.command(
+            Transport::Legacy,
+            CommandOutcome::Success,
+            Some(std::time::Duration::from_millis(30)),
+            None,
+        );
         let text = m.render().expect("render");
-        assert!(text.contains("tcp_comm_packet_sent_total{outcome=\"success\",transport=\"legacy\"} 1"), "{text}");
-        assert!(text.contains("tcp_comm_packet_latency_seconds_bucket{transport=\"legacy\",le=\"0.8\"} 1"));
+        assert!(
+            text.contains("tcp_comm_packet_sent_total{outcome=\"success\",transport=\"legacy\"} 1"),
+            "{text}"
+        );
+        assert!(text
+            .contains("tcp_comm_packet_latency_seconds_bucket{transport=\"legacy\",le=\"0.8\"} 1"));
         assert!(text.contains("le=\"1.5\""));
     }
 
     #[test]
     fn per_device_adds_device_label() {
         let m = Metrics::new(true).expect("metrics");
-        m.command(Transport::New, CommandOutcome::Timeout, None, Some(DeviceId([0x38, 0xe8, 0xcf, 0x46])));
+        m.command(
+            Transport::New,
+            CommandOutcome::Timeout,
+            None,
+            Some(DeviceId([0x38, 0xe8, 0xcf, 0x46])),
+        );
         let text = m.render().expect("render");
         assert!(text.contains("device_id=\"38e8cf46\""), "{text}");
     }

@@ -86,10 +86,16 @@ pub fn spawn_signal_handler(
             };
             seen += 1;
             if seen == 1 {
-                info!(signal = name, "shutting down: no new connections, draining open ones");
+                info!(
+                    signal = name,
+                    "shutting down: no new connections, draining open ones"
+                );
                 shutdown.trigger();
             } else {
-                warn!(signal = name, "second signal: exiting now without waiting for the drain");
+                warn!(
+                    signal = name,
+                    "second signal: exiting now without waiting for the drain"
+                );
                 std::process::exit(130);
             }
         }

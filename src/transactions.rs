@@ -406,8 +406,18 @@ mod tests {
         let mut out = Vec::new();
         t.on_packet(Direction::SrvToDev, &pkt(CMD), t0, &mut out);
         assert_eq!(t.pending_commands(), 1);
-        t.on_packet(Direction::DevToSrv, &pkt(ACK), t0 + Duration::from_millis(20), &mut out);
-        t.on_packet(Direction::DevToSrv, &f9(1), t0 + Duration::from_millis(30), &mut out);
+        t.on_packet(
+            Direction::DevToSrv,
+            &pkt(ACK),
+            t0 + Duration::from_millis(20),
+            &mut out,
+        );
+        t.on_packet(
+            Direction::DevToSrv,
+            &f9(1),
+            t0 + Duration::from_millis(30),
+            &mut out,
+        );
         assert_eq!(
             out,
             vec![
@@ -472,7 +482,12 @@ mod tests {
         t.expire(t0 + Duration::from_secs(10), &mut out);
         let t1 = t0 + Duration::from_secs(21);
         t.on_packet(Direction::DevToSrv, &hb, t1, &mut out);
-        t.on_packet(Direction::SrvToDev, &hb_ack, t1 + Duration::from_millis(40), &mut out);
+        t.on_packet(
+            Direction::SrvToDev,
+            &hb_ack,
+            t1 + Duration::from_millis(40),
+            &mut out,
+        );
         assert_eq!(
             out,
             vec![
@@ -491,7 +506,9 @@ mod tests {
         let mut t = tracker();
         let t0 = Instant::now();
         let mut out = Vec::new();
-        let s1 = pkt("830000002545880f3a0009007e1f000000fadb130072251150005000db110201010a0affffff0000377e");
+        let s1 = pkt(
+            "830000002545880f3a0009007e1f000000fadb130072251150005000db110201010a0affffff0000377e",
+        );
         t.on_packet(Direction::DevToSrv, &s1, t0, &mut out);
         t.on_packet(Direction::SrvToDev, &pkt("8800000003000a00"), t0, &mut out);
         t.on_packet(Direction::SrvToDev, &pkt("8800000003000900"), t0, &mut out);
@@ -522,6 +539,10 @@ mod tests {
         assert!(out.is_empty());
         tokio::time::advance(Duration::from_millis(1)).await;
         t.expire(Instant::now(), &mut out);
-        assert_eq!(out.len(), 2, "command timeout and its missing 0x7b: {out:?}");
+        assert_eq!(
+            out.len(),
+            2,
+            "command timeout and its missing 0x7b: {out:?}"
+        );
     }
 }

@@ -8,6 +8,7 @@ pub mod packet;
 
 pub use codec::{CodecError, CyncCodec, Frame, Tap, TapOutput};
 pub use packet::{
-    header_data_len, header_data_len_checked, split_packets, AuthCode, Command, DecodeError, DeviceId, FrameClass, InfoBody, InnerFrame,
-    MeshStatus, MsgId, Packet, PacketType, TimeReply, DEFAULT_MAX_DATA_LEN, HEADER_LEN,
+    header_data_len, header_data_len_checked, split_packets, AuthCode, Command, DecodeError,
+    DeviceId, FrameClass, InfoBody, InnerFrame, MeshStatus, MsgId, Packet, PacketType, TimeReply,
+    DEFAULT_MAX_DATA_LEN, HEADER_LEN,
 };

@@ -582,7 +582,9 @@ impl Packet {
     /// True for a srv→dev command: a 0x73 of class `f8`.
     pub fn is_command(&self) -> bool {
         self.ptype == PacketType::Data
-            && self.inner().is_some_and(|f| f.class() == FrameClass::Request)
+            && self
+                .inner()
+                .is_some_and(|f| f.class() == FrameClass::Request)
     }
 
     /// True for a device's reply to a command: a 0x73 of class `f9`.
@@ -735,16 +737,25 @@ fn parse_tlv(mut body: &[u8]) -> Option<Vec<Tlv>> {
 }
 
 /// Splits a buffer into whole packets by the header length rule, as the protocol doc's
-/// reference decoder does. Returns each packet's parse result and the bytes left over.
-pub fn split_packets(buf: &[u8], max_data_len: usize) -> (Vec<Result<Packet, DecodeError>>, Bytes) {
+/// reference decoder does. Returns each packet's raw bytes with its parse result, and the bytes
+/// left over. A header above the limit ends the split: its entry's raw bytes are everything from
+/// that header on, which are also returned as left over.
+#[allow(clippy::type_complexity)]
+pub fn split_packets(
+    buf: &[u8],
+    max_data_len: usize,
+) -> (Vec<(Bytes, Result<Packet, DecodeError>)>, Bytes) {
     let mut out = Vec::new();
     let mut rest = Bytes::copy_from_slice(buf);
     while let Some(data_len) = header_data_len(&rest) {
         if data_len > max_data_len {
-            out.push(Err(DecodeError::LengthTooLarge {
-                data_len,
-                max: max_data_len,
-            }));
+            out.push((
+                rest.clone(),
+                Err(DecodeError::LengthTooLarge {
+                    data_len,
+                    max: max_data_len,
+                }),
+            ));
             return (out, rest);
         }
         let total = HEADER_LEN + data_len;
@@ -752,7 +763,7 @@ pub fn split_packets(buf: &[u8], max_data_len: usize) -> (Vec<Result<Packet, Dec
             break;
         }
         let one = rest.split_to(total);
-        out.push(Packet::parse(one, max_data_len));
+        out.push((one.clone(), Packet::parse(one, max_data_len)));
     }
     (out, rest)
 }

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite, as README.md and .ci/run give it. Installs what the tests need when it
+# is missing (OpenSSL headers for the openssl crate, pkg-config), then checks formatting, lints
+# and runs every test. Long soaks and benchmarks are not here: see docs/benchmarks.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+pkg-config --exists openssl 2>/dev/null || need+=(libssl-dev)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "== installing test dependencies: ${need[*]}"
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
+fi
+
+if [ ! -d ../shared/captures ]; then
+  echo "error: ../shared/captures (real device traffic used by the tests) is missing beside this checkout" >&2
+  exit 2
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --all-targets --locked

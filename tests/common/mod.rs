@@ -1,0 +1,119 @@
+//! Helpers shared by the integration tests: captures, an in-process gateway, metric scrapes,
+//! deadline polling. Tests never sleep to wait; they poll with a deadline.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cync_gateway::config::Config;
+use cync_gateway::gateway::Gateway;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+pub fn shared_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/captures")
+}
+
+/// The reads of a capture file, in order, as (dir, bytes).
+pub fn capture_reads(name: &str) -> Vec<(String, Vec<u8>)> {
+    let path = shared_dir().join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("capture line is JSON");
+            let dir = v["dir"].as_str().expect("dir").to_string();
+            let bytes = hex::decode(v["hex"].as_str().expect("hex")).expect("hex decodes");
+            (dir, bytes)
+        })
+        .collect()
+}
+
+/// A named vector's bytes.
+pub fn vector(name: &str) -> Vec<u8> {
+    let path = shared_dir().join("vectors.jsonl");
+    let text = std::fs::read_to_string(&path).expect("vectors.jsonl");
+    for l in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).expect("json");
+        if v["name"] == name {
+            return hex::decode(v["hex"].as_str().expect("hex")).expect("hex decodes");
+        }
+    }
+    panic!("no vector {name}");
+}
+
+/// Config text for an in-process gateway on ephemeral loopback ports.
+pub fn config_text(upstream: SocketAddr, extra: &str) -> String {
+    format!(
+        "[listen]\ndevices = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\n{extra}\n[upstream.legacy]\naddress = \"{upstream}\"\ntls = false\n"
+    )
+}
+
+pub async fn start_gateway(text: &str) -> Gateway {
+    let cfg = Config::parse(text).unwrap_or_else(|e| panic!("test config invalid: {e}"));
+    Gateway::start(cfg).await.expect("gateway starts")
+}
+
+/// GET a path over plain HTTP/1.1; returns (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect http");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write req");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read resp");
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one sample line (exact name and label set as rendered), or 0 when absent.
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map(|v| v.trim().parse().expect("sample value"))
+        .unwrap_or(0.0)
+}
+
+/// Polls `check` until it returns Some or the deadline passes.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > end {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls the gateway's /metrics until `series` reaches `want`.
+pub async fn wait_metric(addr: SocketAddr, series: &str, want: f64) -> String {
+    eventually(&format!("{series} == {want}"), || async {
+        let (_, body) = http_get(addr, "/metrics").await;
+        (sample(&body, series) == want).then_some(body)
+    })
+    .await
+}

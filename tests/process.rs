@@ -1,0 +1,222 @@
+//! The real `cync-gateway` binary: `check-config` exit codes and output, shipped config files,
+//! and a SIGTERM drain with a connection (and a command) in flight.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cync-gateway");
+
+#[test]
+fn check_config_names_every_problem_and_exits_64() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[listen]\ndevices = \"999.1.1.1:23779\"\nhandshake_timeout = \"-3s\"\ncolour = \"blue\"\n[upstream.legacy]\naddress = \"127.0.0.1:23780\"\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "listen.colour",
+        "listen.devices",
+        "listen.handshake_timeout",
+    ] {
+        assert!(err.contains(key), "{key} not named in:\n{err}");
+    }
+    assert!(err.contains("unknown key"), "{err}");
+    assert!(err.contains("negative"), "{err}");
+    assert!(err.contains("3 problem(s)"), "{err}");
+}
+
+#[test]
+fn every_shipped_config_file_is_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("config dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        if let Err(e) = cync_gateway::config::Config::load(&path) {
+            panic!("{}: {e}", path.display());
+        }
+        let out = std::process::Command::new(BIN)
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(0), "{}", path.display());
+        n += 1;
+    }
+    assert!(n >= 1, "no config files found");
+}
+
+#[test]
+fn missing_config_file_is_a_clear_error() {
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", "/nonexistent/gateway.toml"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/gateway.toml"));
+}
+
+struct Daemon {
+    child: Child,
+    devices: SocketAddr,
+    metrics: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts the binary on ephemeral ports and learns them from its JSON start-up log line.
+async fn start_daemon(upstream: SocketAddr, drain: &str) -> Daemon {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.toml");
+    let text = format!(
+        "{}[shutdown]\ndrain_timeout = \"{drain}\"\n[logging]\nformat = \"json\"\n",
+        config_text(upstream, "[device_tls]\nmode = \"plain\"\n")
+    );
+    std::fs::write(&path, text).expect("write config");
+    let mut child = Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn daemon");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let (devices, metrics) = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let line = lines
+                .next_line()
+                .await
+                .expect("read log")
+                .expect("daemon exited before listening");
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let f = &v["fields"];
+            if f["message"] == "cync-gateway listening" {
+                let d = f["devices"]
+                    .as_str()
+                    .expect("devices")
+                    .parse()
+                    .expect("addr");
+                let m = f["metrics"]
+                    .as_str()
+                    .expect("metrics")
+                    .parse()
+                    .expect("addr");
+                return (d, m);
+            }
+        }
+    })
+    .await
+    .expect("daemon logs its addresses");
+    // Keep draining stderr so the daemon never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Daemon {
+        child,
+        devices,
+        metrics,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_an_open_connection_exits_cleanly_within_the_drain_timeout() {
+    let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let mut d = start_daemon(up.local_addr().expect("addr"), "5s").await;
+    let mut dev = TcpStream::connect(d.devices).await.expect("connect");
+    dev.write_all(&vector("handshake_0x23"))
+        .await
+        .expect("hello");
+    let (mut upc, _) = up.accept().await.expect("accept");
+    let mut hello = [0u8; 31];
+    upc.read_exact(&mut hello).await.expect("hello forwarded");
+
+    let started = tokio::time::Instant::now();
+    let pid = Pid::from_raw(i32::try_from(d.child.id().expect("pid")).expect("pid fits"));
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    let status = tokio::time::timeout(
+        Duration::from_secs(5) + Duration::from_secs(3),
+        d.child.wait(),
+    )
+    .await
+    .expect("exits within the drain timeout")
+    .expect("wait");
+    assert_eq!(status.code(), Some(0), "clean exit");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "idle connection drains at once"
+    );
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, dev.read_to_end(&mut rest))
+        .await
+        .expect("device closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_waits_for_a_command_in_flight_and_readiness_drops_first() {
+    let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let mut d = start_daemon(up.local_addr().expect("addr"), "10s").await;
+    let mut dev = TcpStream::connect(d.devices).await.expect("connect");
+    dev.write_all(&vector("handshake_0x23"))
+        .await
+        .expect("hello");
+    let (mut upc, _) = up.accept().await.expect("accept");
+    let mut hello = [0u8; 31];
+    upc.read_exact(&mut hello).await.expect("hello forwarded");
+    let cmd = vector("legacy_power_on_0x73");
+    upc.write_all(&cmd).await.expect("command");
+    let mut got = vec![0u8; cmd.len()];
+    dev.read_exact(&mut got).await.expect("command forwarded");
+    assert_eq!(got, cmd);
+
+    let pid = Pid::from_raw(i32::try_from(d.child.id().expect("pid")).expect("pid fits"));
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    let metrics = d.metrics;
+    eventually("readyz reports 503 while draining", || async move {
+        let (status, _) = http_get(metrics, "/readyz").await;
+        (status == 503).then_some(())
+    })
+    .await;
+    // Still running: the command has not been answered.
+    assert!(d.child.try_wait().expect("try_wait").is_none());
+    // New devices are no longer accepted.
+    let refused = TcpStream::connect(d.devices).await;
+    assert!(refused.is_err(), "listener closed during drain");
+
+    // The device answers; the reply reaches the add-on, then the pair closes.
+    let reply = hex::decode("730000001338e8cf460002007e01000000f9d0010000d17e").expect("hex");
+    dev.write_all(&reply).await.expect("reply");
+    let mut fwd = vec![0u8; reply.len()];
+    upc.read_exact(&mut fwd)
+        .await
+        .expect("reply forwarded during drain");
+    assert_eq!(fwd, reply);
+    let status = tokio::time::timeout(Duration::from_secs(10), d.child.wait())
+        .await
+        .expect("exits once the command completed")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0));
+}

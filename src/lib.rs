@@ -32,6 +32,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod demo;
 pub mod gateway;
 pub mod legacy;
 pub mod listener;
@@ -39,6 +40,7 @@ pub mod logging;
 pub mod metrics;
 pub mod protocol;
 pub mod shutdown;
+pub mod sim;
 pub mod tls;
 pub mod transactions;
 pub mod upstream;

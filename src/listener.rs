@@ -94,7 +94,7 @@ impl Listener {
                         .with_label_values(&["limit"])
                         .inc();
                     refused_since_log += 1;
-                    if last_limit_log.is_none_or(|t| t.elapsed() >= LIMIT_LOG_EVERY) {
+                    if last_limit_log.map_or(true, |t| t.elapsed() >= LIMIT_LOG_EVERY) {
                         warn!(
                             %peer,
                             max_connections = self.ctx.config.listen.max_connections,

@@ -35,6 +35,18 @@ enum Cmd {
         #[arg(long, short, default_value = "/etc/cync-gateway/gateway.toml")]
         config: PathBuf,
     },
+    /// Everything in one process on loopback: fake add-on, gateway, simulated devices, live summary.
+    Demo {
+        /// How long to run.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Simulated devices.
+        #[arg(long, default_value_t = 50)]
+        devices: u32,
+        /// Commands per second sent by the fake add-on.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+    },
     /// Validate a configuration file; print every problem; exit 64 if there is any.
     CheckConfig {
         /// Configuration file.
@@ -47,6 +59,16 @@ fn main() -> ExitCode {
     match cli.command {
         Cmd::CheckConfig { file } => check_config(&file),
         Cmd::Run { config } => run(&config),
+        Cmd::Demo {
+            duration,
+            devices,
+            rate,
+        } => demo(cync_gateway::demo::DemoOptions {
+            devices,
+            rate,
+            duration,
+            ..Default::default()
+        }),
     }
 }
 
@@ -63,6 +85,23 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 eprintln!("  - {p}");
             }
             ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn demo(opts: cync_gateway::demo::DemoOptions) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cync-gateway: starting the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    match rt.block_on(cync_gateway::demo::run(opts)) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cync-gateway demo: {e}");
+            ExitCode::from(EXIT_RUNTIME)
         }
     }
 }

@@ -241,6 +241,36 @@ impl Metrics {
         String::from_utf8(buf).map_err(|e| MetricsError::Encode(e.to_string()))
     }
 
+    /// Sum of a counter or gauge family's samples whose labels include all of `labels`
+    /// (0 when absent). For summaries in the demo and in tests; not for hot paths.
+    pub fn total(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|f| f.get_name() == name)
+            .flat_map(|f| {
+                let counter = f.get_field_type() == prometheus::proto::MetricType::COUNTER;
+                f.get_metric().iter().map(move |m| (counter, m))
+            })
+            .filter(|(_, m)| {
+                labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.get_name() == *k && l.get_value() == *v)
+                })
+            })
+            .map(|(counter, m)| {
+                if counter {
+                    m.get_counter().get_value()
+                } else {
+                    m.get_gauge().get_value()
+                }
+            })
+            // An empty f64 sum is -0.0; normalise so it prints as 0.
+            .sum::<f64>()
+            + 0.0
+    }
+
     pub fn packet(&self, t: Transport, dir: Direction, ptype: PacketType) {
         self.packets
             .with_label_values(&[t.label(), dir.label(), ptype.label()])

@@ -97,6 +97,9 @@ pub fn device_acceptor(cfg: &DeviceTls) -> Result<(SslAcceptor, Option<X509>), T
     let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())?;
     // Devices and the add-on often just drop TCP; that is a close, not an error.
     b.set_options(SslOptions::IGNORE_UNEXPECTED_EOF);
+    // The Mozilla profile disables TLS 1.0/1.1 by option, which would override `min_version`.
+    // (OpenSSL 3 still needs "@SECLEVEL=0" in the cipher list to complete a 1.0/1.1 handshake.)
+    b.clear_options(SslOptions::NO_TLSV1 | SslOptions::NO_TLSV1_1);
     b.set_min_proto_version(Some(version(cfg.min_version)))?;
     b.set_cipher_list(&cfg.ciphers)
         .map_err(|source| TlsError::Ciphers {

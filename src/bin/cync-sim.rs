@@ -1,1 +1,194 @@
-fn main() {}
+//! `cync-sim`: simulated devices, a fake add-on with a command harness, a chaos proxy and a
+//! load generator, for tests, demos and benchmarks. Thin: arguments here, behaviour in
+//! `cync_gateway::sim`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use cync_gateway::sim::addon::{Addon, AddonConfig};
+use cync_gateway::sim::chaos::{Chaos, Plan};
+use cync_gateway::sim::device::DeviceStats;
+use cync_gateway::sim::load::{self, LoadConfig};
+
+#[derive(Parser)]
+#[command(name = "cync-sim", version, about = "Cync device/add-on simulator, chaos proxy and load generator")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Simulated devices dialing TARGET until interrupted (or --duration).
+    Devices {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        tls: bool,
+        /// Heartbeat after this many seconds without sending (real devices: 21).
+        #[arg(long, default_value_t = 21.0)]
+        heartbeat: f64,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+    },
+    /// The fake add-on, optionally sending commands at --rate per second.
+    Addon {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        tls: bool,
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+    },
+    /// A protocol-aware fault proxy from LISTEN to TARGET following a plan file (TOML).
+    Chaos {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        plan: PathBuf,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+    },
+    /// Devices + add-on harness at a target rate; progress every second, report at the end.
+    Load {
+        /// Where devices dial (the gateway). Omit to dial the add-on directly (baseline).
+        #[arg(long)]
+        target: Option<SocketAddr>,
+        /// Where the fake add-on listens (the gateway's upstream).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        addon_listen: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        devices: u32,
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        tls: bool,
+        #[arg(long)]
+        addon_tls: bool,
+        #[arg(long, default_value_t = 200)]
+        ramp_per_sec: u32,
+        /// Print JSON lines (progress and the final report) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cync-sim: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.cmd)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cync-sim: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn until(duration: Option<Duration>) {
+    match duration {
+        Some(d) => {
+            tokio::select! {
+                _ = tokio::time::sleep(d) => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        None => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
+    match cmd {
+        Cmd::Devices { target, count, seed, tls, heartbeat, duration } => {
+            let stop = CancellationToken::new();
+            let cfg = LoadConfig {
+                target,
+                tls,
+                devices: count,
+                seed,
+                rate: 0.0,
+                duration: Duration::ZERO,
+                ramp_per_sec: 200,
+                heartbeat: Duration::from_secs_f64(heartbeat),
+            };
+            let fleet = load::spawn_fleet(&cfg, &stop);
+            eprintln!("cync-sim: {count} devices dialing {target}");
+            until(duration).await;
+            stop.cancel();
+            let sum = |f: fn(&DeviceStats) -> u64| fleet.iter().map(|s| f(s)).sum::<u64>();
+            println!(
+                "connects={} commands_received={} replies_sent={} heartbeats_sent={} heartbeat_acks={}",
+                sum(|s| DeviceStats::get(&s.connects)),
+                sum(|s| DeviceStats::get(&s.commands_received)),
+                sum(|s| DeviceStats::get(&s.replies_sent)),
+                sum(|s| DeviceStats::get(&s.heartbeats_sent)),
+                sum(|s| DeviceStats::get(&s.heartbeat_acks)),
+            );
+        }
+        Cmd::Addon { listen, tls, rate, seed, duration } => {
+            let addon = Addon::start(TcpListener::bind(listen).await?, AddonConfig { tls, seed, ..AddonConfig::default() })?;
+            eprintln!("cync-sim: fake add-on on {} (tls={tls}), {rate} commands/s", addon.addr());
+            let stop = CancellationToken::new();
+            let h = { let (a, s) = (addon.clone(), stop.clone()); tokio::spawn(async move { a.run_harness(rate, seed, s).await }) };
+            until(duration).await;
+            stop.cancel();
+            let _ = h.await;
+            println!("{}", serde_json::to_string(&addon.report())?);
+        }
+        Cmd::Chaos { listen, target, plan, duration } => {
+            let plan = Plan::load(&plan)?;
+            let chaos = Chaos::start(TcpListener::bind(listen).await?, target, plan)?;
+            eprintln!("cync-sim: chaos proxy {} -> {target}", chaos.addr());
+            until(duration).await;
+            println!("{}", serde_json::to_string(&chaos.stats.snapshot())?);
+        }
+        Cmd::Load { target, addon_listen, devices, rate, duration, seed, tls, addon_tls, ramp_per_sec, json } => {
+            let addon: Arc<Addon> = Addon::start(TcpListener::bind(addon_listen).await?, AddonConfig { tls: addon_tls, seed, ..AddonConfig::default() })?;
+            let target = target.unwrap_or(addon.addr());
+            eprintln!("cync-sim: add-on on {}, {devices} devices dialing {target}, {rate} commands/s for {duration:?}", addon.addr());
+            let cfg = LoadConfig { target, tls, devices, seed, rate, duration, ramp_per_sec, heartbeat: Duration::from_secs(21) };
+            let report = load::run(&cfg, &addon, |p| {
+                if json {
+                    if let Ok(s) = serde_json::to_string(p) { println!("{s}"); }
+                } else {
+                    eprintln!(
+                        "[{:>5.1}s] devices {}/{} ready | commands sent {} done {} timeout {} | {:.0}/s | p50 {:.1} ms p99 {:.1} ms",
+                        p.elapsed_s, p.ready, p.connected, p.commands.sent, p.commands.done, p.commands.timed_out,
+                        p.rate_per_s, p.commands.p50_ms, p.commands.p99_ms
+                    );
+                }
+            }).await;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+    }
+    Ok(())
+}

@@ -3,6 +3,7 @@
 //! Everything here is pure (no I/O); it is shared by the listener's handshake peek, the legacy
 //! observer, the reliable session and the simulator.
 
+pub mod build;
 pub mod codec;
 pub mod packet;
 

@@ -1,0 +1,130 @@
+//! Load generation: a fleet of simulated devices plus the fake add-on's command harness at a
+//! target rate, reporting commands/s and latency percentiles as progress and at the end.
+//!
+//! Invariants:
+//! - The fleet and the command stream are seeded: the same arguments give the same devices and
+//!   the same command sequence (timing on a loaded machine still varies).
+//! - The run stops by itself after `duration`, and waits up to the add-on's 5 s command wait so
+//!   the last commands are counted as done or timed out, never silently dropped.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::addon::{Addon, HarnessReport};
+use super::device::{self, DeviceConfig, DeviceStats};
+
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// Where devices dial: the gateway, or the add-on itself for a direct baseline.
+    pub target: SocketAddr,
+    pub tls: bool,
+    pub devices: u32,
+    pub seed: u64,
+    /// Commands per second across the fleet.
+    pub rate: f64,
+    pub duration: Duration,
+    /// Devices are started this many per second, like a fleet coming back after an outage.
+    pub ramp_per_sec: u32,
+    pub heartbeat: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    pub elapsed_s: f64,
+    pub connected: usize,
+    pub ready: usize,
+    pub commands: HarnessReport,
+    pub rate_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    pub devices: u32,
+    pub duration_s: f64,
+    pub commands: HarnessReport,
+    pub success_ratio: f64,
+    pub commands_per_s: f64,
+    pub device_connects: u64,
+    pub device_disconnects: u64,
+}
+
+/// Starts `cfg.devices` simulated devices against `cfg.target`.
+pub fn spawn_fleet(cfg: &LoadConfig, stop: &CancellationToken) -> Vec<Arc<DeviceStats>> {
+    let mut all = Vec::new();
+    for i in 0..cfg.devices {
+        let mut d = DeviceConfig::new(cfg.target, cfg.seed, i);
+        d.tls = cfg.tls;
+        d.heartbeat = cfg.heartbeat;
+        let stats = Arc::new(DeviceStats::default());
+        all.push(stats.clone());
+        let stop = stop.clone();
+        let ramp = cfg.ramp_per_sec.max(1);
+        let start_after = Duration::from_secs_f64(f64::from(i / ramp));
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(start_after) => {}
+            }
+            device::run(d, stats, stop).await;
+        });
+    }
+    all
+}
+
+/// Runs devices + harness against an already running add-on; calls `progress` every second.
+pub async fn run(
+    cfg: &LoadConfig,
+    addon: &Arc<Addon>,
+    mut progress: impl FnMut(&Progress),
+) -> LoadReport {
+    let stop = CancellationToken::new();
+    let fleet = spawn_fleet(cfg, &stop);
+    let started = Instant::now();
+    let harness_stop = CancellationToken::new();
+    let h = {
+        let addon = addon.clone();
+        let (rate, seed, hs) = (cfg.rate, cfg.seed, harness_stop.clone());
+        tokio::spawn(async move { addon.run_harness(rate, seed, hs).await })
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut last_done = 0u64;
+    while started.elapsed() < cfg.duration {
+        tick.tick().await;
+        let (connected, ready) = addon.connections();
+        let commands = addon.report();
+        let rate_per_s = (commands.done - last_done) as f64;
+        last_done = commands.done;
+        progress(&Progress {
+            elapsed_s: started.elapsed().as_secs_f64(),
+            connected,
+            ready,
+            commands,
+            rate_per_s,
+        });
+    }
+    harness_stop.cancel();
+    let _ = h.await;
+    // Let the last commands finish or time out.
+    let settle = Instant::now() + super::addon::COMMAND_WAIT + Duration::from_millis(100);
+    while addon.report().in_flight > 0 && Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.cancel();
+    let commands = addon.report();
+    LoadReport {
+        devices: cfg.devices,
+        duration_s: elapsed,
+        success_ratio: commands.success_ratio(),
+        commands_per_s: commands.done as f64 / cfg.duration.as_secs_f64().max(0.001),
+        commands,
+        device_connects: fleet.iter().map(|s| DeviceStats::get(&s.connects)).sum(),
+        device_disconnects: fleet.iter().map(|s| DeviceStats::get(&s.disconnects)).sum(),
+    }
+}

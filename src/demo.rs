@@ -106,10 +106,19 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary, DemoError> {
         addon.addr()
     ))?;
     let gw = Gateway::start(cfg).await?;
-    println!("cync-gateway demo: everything on loopback, stops after {:?}", opts.duration);
+    println!(
+        "cync-gateway demo: everything on loopback, stops after {:?}",
+        opts.duration
+    );
     println!("  fake add-on (TLS)   {}", addon.addr());
-    println!("  gateway devices     {} (TLS, generated self-signed RSA certificate)", gw.device_addr);
-    println!("  metrics             http://{}/metrics  (/healthz, /readyz)", gw.metrics_addr);
+    println!(
+        "  gateway devices     {} (TLS, generated self-signed RSA certificate)",
+        gw.device_addr
+    );
+    println!(
+        "  metrics             http://{}/metrics  (/healthz, /readyz)",
+        gw.metrics_addr
+    );
     println!(
         "  {} simulated devices, the add-on sends {} commands/s; routing: every device on the legacy path",
         opts.devices, opts.rate
@@ -154,7 +163,10 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary, DemoError> {
     );
     println!(
         "  latency through the gateway: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        report.commands.p50_ms, report.commands.p90_ms, report.commands.p99_ms, report.commands.max_ms
+        report.commands.p50_ms,
+        report.commands.p90_ms,
+        report.commands.p99_ms,
+        report.commands.max_ms
     );
     println!(
         "  gateway measured on the legacy path: {:.0} commands succeeded (the add-on's, plus its mesh query and mesh ack per connection)",

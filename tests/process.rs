@@ -220,3 +220,34 @@ async fn drain_waits_for_a_command_in_flight_and_readiness_drops_first() {
         .expect("wait");
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn demo_shows_a_live_summary_and_exits_0_after_its_duration() {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "demo",
+            "--duration",
+            "4s",
+            "--devices",
+            "10",
+            "--rate",
+            "10",
+        ])
+        .output()
+        .expect("run demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let live = stdout.lines().filter(|l| l.starts_with('[')).count();
+    assert!(live >= 3, "a summary line every second:\n{stdout}");
+    assert!(stdout.contains("summary after"), "{stdout}");
+    assert!(
+        stdout.contains("legacy: 10 conns"),
+        "all devices connected through the gateway:\n{stdout}"
+    );
+    assert!(stdout.contains("success 100.00%"), "{stdout}");
+}

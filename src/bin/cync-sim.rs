@@ -18,7 +18,11 @@ use cync_gateway::sim::device::DeviceStats;
 use cync_gateway::sim::load::{self, LoadConfig};
 
 #[derive(Parser)]
-#[command(name = "cync-sim", version, about = "Cync device/add-on simulator, chaos proxy and load generator")]
+#[command(
+    name = "cync-sim",
+    version,
+    about = "Cync device/add-on simulator, chaos proxy and load generator"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -96,7 +100,10 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cync-sim: {e}");
@@ -128,7 +135,14 @@ async fn until(duration: Option<Duration>) {
 
 async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
     match cmd {
-        Cmd::Devices { target, count, seed, tls, heartbeat, duration } => {
+        Cmd::Devices {
+            target,
+            count,
+            seed,
+            tls,
+            heartbeat,
+            duration,
+        } => {
             let stop = CancellationToken::new();
             let cfg = LoadConfig {
                 target,
@@ -154,28 +168,79 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
                 sum(|s| DeviceStats::get(&s.heartbeat_acks)),
             );
         }
-        Cmd::Addon { listen, tls, rate, seed, duration } => {
-            let addon = Addon::start(TcpListener::bind(listen).await?, AddonConfig { tls, seed, ..AddonConfig::default() })?;
-            eprintln!("cync-sim: fake add-on on {} (tls={tls}), {rate} commands/s", addon.addr());
+        Cmd::Addon {
+            listen,
+            tls,
+            rate,
+            seed,
+            duration,
+        } => {
+            let addon = Addon::start(
+                TcpListener::bind(listen).await?,
+                AddonConfig {
+                    tls,
+                    seed,
+                    ..AddonConfig::default()
+                },
+            )?;
+            eprintln!(
+                "cync-sim: fake add-on on {} (tls={tls}), {rate} commands/s",
+                addon.addr()
+            );
             let stop = CancellationToken::new();
-            let h = { let (a, s) = (addon.clone(), stop.clone()); tokio::spawn(async move { a.run_harness(rate, seed, s).await }) };
+            let h = {
+                let (a, s) = (addon.clone(), stop.clone());
+                tokio::spawn(async move { a.run_harness(rate, seed, s).await })
+            };
             until(duration).await;
             stop.cancel();
             let _ = h.await;
             println!("{}", serde_json::to_string(&addon.report())?);
         }
-        Cmd::Chaos { listen, target, plan, duration } => {
+        Cmd::Chaos {
+            listen,
+            target,
+            plan,
+            duration,
+        } => {
             let plan = Plan::load(&plan)?;
             let chaos = Chaos::start(TcpListener::bind(listen).await?, target, plan)?;
             eprintln!("cync-sim: chaos proxy {} -> {target}", chaos.addr());
             until(duration).await;
             println!("{}", serde_json::to_string(&chaos.stats.snapshot())?);
         }
-        Cmd::Load { target, addon_listen, devices, rate, duration, seed, tls, addon_tls, ramp_per_sec, json } => {
-            let addon: Arc<Addon> = Addon::start(TcpListener::bind(addon_listen).await?, AddonConfig { tls: addon_tls, seed, ..AddonConfig::default() })?;
+        Cmd::Load {
+            target,
+            addon_listen,
+            devices,
+            rate,
+            duration,
+            seed,
+            tls,
+            addon_tls,
+            ramp_per_sec,
+            json,
+        } => {
+            let addon: Arc<Addon> = Addon::start(
+                TcpListener::bind(addon_listen).await?,
+                AddonConfig {
+                    tls: addon_tls,
+                    seed,
+                    ..AddonConfig::default()
+                },
+            )?;
             let target = target.unwrap_or(addon.addr());
             eprintln!("cync-sim: add-on on {}, {devices} devices dialing {target}, {rate} commands/s for {duration:?}", addon.addr());
-            let cfg = LoadConfig { target, tls, devices, seed, rate, duration, ramp_per_sec, heartbeat: Duration::from_secs(21) };
+            let cfg = LoadConfig {
+                target,
+                tls,
+                devices,
+                seed,
+                rate,
+                duration,
+                ramp_per_sec,
+                heartbeat: Duration::from_secs(21),
+            };
             let report = load::run(&cfg, &addon, |p| {
                 if json {
                     if let Ok(s) = serde_json::to_string(p) { println!("{s}"); }

@@ -45,7 +45,9 @@ pub fn time_request() -> Bytes {
 pub fn time_reply_stale() -> Bytes {
     packet(
         0xc8,
-        &[0x0d, 0x07, 0xe8, 0x03, 0x0a, 0x01, 0x0c, 0x04, 0x1f, 0xfe, 0x0c],
+        &[
+            0x0d, 0x07, 0xe8, 0x03, 0x0a, 0x01, 0x0c, 0x04, 0x1f, 0xfe, 0x0c,
+        ],
     )
 }
 
@@ -73,8 +75,25 @@ pub fn info_records(id: DeviceId, records: &[Record]) -> Bytes {
     body.extend_from_slice(&[0x01, 0x01, 0x06]);
     for r in records {
         body.extend_from_slice(&[
-            r.index, 0x00, 0x10, r.mesh_id, r.state, r.brightness, r.temp, r.rgb[0], r.rgb[1],
-            r.rgb[2], 0x01, 0x00, r.mesh_id, 0, 0, 0, 0, 0, 0,
+            r.index,
+            0x00,
+            0x10,
+            r.mesh_id,
+            r.state,
+            r.brightness,
+            r.temp,
+            r.rgb[0],
+            r.rgb[1],
+            r.rgb[2],
+            0x01,
+            0x00,
+            r.mesh_id,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
         ]);
     }
     packet(0x43, &body)
@@ -98,6 +117,8 @@ pub fn info_ack() -> Bytes {
 }
 
 /// A framed 0x73/0x83: header, id, msg_id, frame at 12 with checksum and end byte.
+// One argument per wire field keeps call sites readable against the protocol doc's table.
+#[allow(clippy::too_many_arguments)]
 pub fn framed(
     ty: u8,
     id: DeviceId,
@@ -263,6 +284,7 @@ pub fn data_ack(channel: DeviceId, msg: MsgId) -> Bytes {
 }
 
 /// dev→srv 0x83 `fa db 13` status of one mesh device (§5.5).
+#[allow(clippy::too_many_arguments)]
 pub fn mesh_status(
     id: DeviceId,
     msg: MsgId,
@@ -345,14 +367,39 @@ mod tests {
             time_request(),
             time_reply_stale(),
             info_empty(ID),
-            info_records(ID, &[Record { index: 5, mesh_id: 238, state: 1, brightness: 10, temp: 10, rgb: [255; 3] }]),
-            info_tlv(ID, &[(0xc790, b"20251106:0220:-37,00006,00001,00001,00001,")]),
+            info_records(
+                ID,
+                &[Record {
+                    index: 5,
+                    mesh_id: 238,
+                    state: 1,
+                    brightness: 10,
+                    temp: 10,
+                    rgb: [255; 3],
+                }],
+            ),
+            info_tlv(
+                ID,
+                &[(0xc790, b"20251106:0220:-37,00006,00001,00001,00001,")],
+            ),
             info_ack(),
             power_command(ID, Z, 1, 80, true),
             brightness_command(ID, Z, 3, 80, 40),
             mesh_query(ID, Z, 0x1f),
             command_reply(ID, MsgId([0, 2, 0]), 1, 0xd0),
-            mesh_reply(ID, Z, 0x1f, &[MeshDevice { mesh_id: 5, kind: 1, state: 1, brightness: 100, temp: 0, rgb: [0; 3] }]),
+            mesh_reply(
+                ID,
+                Z,
+                0x1f,
+                &[MeshDevice {
+                    mesh_id: 5,
+                    kind: 1,
+                    state: 1,
+                    brightness: 100,
+                    temp: 0,
+                    rgb: [0; 3],
+                }],
+            ),
             mesh_ack(ID, Z, 0x1e),
             data_ack(ID, Z),
             mesh_status(ID, MsgId([0, 9, 0]), 0x1f, 0x72, 80, 1, 10, 10),
@@ -371,19 +418,44 @@ mod tests {
     #[test]
     fn builders_reproduce_real_packets_byte_for_byte() {
         // The add-on's own power command (vector legacy_power_on_0x73).
-        let real = hex::decode("730000001f38e8cf460000007e01000000f8d00d0001000000005000d01102010000127e").expect("hex");
+        let real =
+            hex::decode("730000001f38e8cf460000007e01000000f8d00d0001000000005000d01102010000127e")
+                .expect("hex");
         assert_eq!(&power_command(ID, Z, 1, 80, true)[..], &real[..]);
         // The add-on's brightness command whose checksum is 0x7b (legacy_brightness_0x73).
-        let real = hex::decode("730000002238e8cf460000007e03000000f8f0100003000000005000f011020128ffffffff7b7e").expect("hex");
+        let real = hex::decode(
+            "730000002238e8cf460000007e03000000f8f0100003000000005000f011020128ffffffff7b7e",
+        )
+        .expect("hex");
         assert_eq!(&brightness_command(ID, Z, 3, 80, 40)[..], &real[..]);
         // A real device f9 reply (device_power_reply_f9d0).
         let real = hex::decode("73000000132de4b5d20002007e21000000f9d0010000d17e").expect("hex");
-        assert_eq!(&command_reply(DeviceId([0x2d, 0xe4, 0xb5, 0xd2]), MsgId([0, 2, 0]), 0x21, 0xd0)[..], &real[..]);
-        assert_eq!(&time_reply_stale()[..], &hex::decode("c80000000b0d07e8030a010c041ffe0c").expect("hex")[..]);
+        assert_eq!(
+            &command_reply(
+                DeviceId([0x2d, 0xe4, 0xb5, 0xd2]),
+                MsgId([0, 2, 0]),
+                0x21,
+                0xd0
+            )[..],
+            &real[..]
+        );
+        assert_eq!(
+            &time_reply_stale()[..],
+            &hex::decode("c80000000b0d07e8030a010c041ffe0c").expect("hex")[..]
+        );
         let p = ok(power_command(ID, Z, 7, 0x0105, false));
-        assert_eq!(p.command(), Some(Command::Power { mesh_id: 0x0105, on: false }));
+        assert_eq!(
+            p.command(),
+            Some(Command::Power {
+                mesh_id: 0x0105,
+                on: false
+            })
+        );
         assert_eq!(ok(channel_reply(ID, Z)).raw().len(), 1024);
-        assert_eq!(ok(channel_reply(ID, Z)).channel_reply_text().as_deref(), Some("xlink_dev"));
+        assert_eq!(
+            ok(channel_reply(ID, Z)).channel_reply_text().as_deref(),
+            Some("xlink_dev")
+        );
         let fw = ok(firmware_report(ID, MsgId([0, 2, 0]), true, "11158"));
         assert_eq!(fw.ptype(), PacketType::Status);
         assert_eq!(fw.firmware(), Some((1, "11158".to_string())));
@@ -391,6 +463,9 @@ mod tests {
         let st = ok(mesh_status(ID, MsgId([0, 9, 0]), 0x1f, 0x72, 80, 1, 10, 10));
         assert_eq!(st.raw().len(), 42);
         let ms = st.mesh_status().expect("status body");
-        assert_eq!((ms.mesh_id, ms.online, ms.state, ms.brightness), (80, 1, 1, 10));
+        assert_eq!(
+            (ms.mesh_id, ms.online, ms.state, ms.brightness),
+            (80, 1, 1, 10)
+        );
     }
 }

@@ -257,7 +257,11 @@ impl Addon {
     /// Returns false when no connection is ready.
     pub fn send_command(&self, cursor: &mut u64, rng: &mut SmallRng) -> bool {
         let mut conns = lock(&self.shared.conns);
-        let mut ids: Vec<u64> = conns.iter().filter(|(_, c)| c.ready).map(|(k, _)| *k).collect();
+        let mut ids: Vec<u64> = conns
+            .iter()
+            .filter(|(_, c)| c.ready)
+            .map(|(k, _)| *k)
+            .collect();
         if ids.is_empty() {
             return false;
         }
@@ -271,7 +275,11 @@ impl Addon {
             return false;
         };
         // Inner seq 1..=255, wrapping, per connection, as the add-on does.
-        conn.next_seq = if conn.next_seq == 255 { 1 } else { conn.next_seq + 1 };
+        conn.next_seq = if conn.next_seq == 255 {
+            1
+        } else {
+            conn.next_seq + 1
+        };
         let seq = conn.next_seq;
         let zero = MsgId([0, 0, 0]);
         let cmd = if rng.gen_bool(0.5) {
@@ -451,8 +459,7 @@ async fn handle_read(
 ) -> Vec<u8> {
     let mode = Mode::from_u8(shared.mode.load(Ordering::SeqCst));
     let mut out = Vec::new();
-    loop {
-        let Some(data_len) = header_data_len(carry) else { break };
+    while let Some(data_len) = header_data_len(carry) {
         if PacketType::from_byte(carry[0]).is_none() || data_len > DEFAULT_MAX_DATA_LEN {
             carry.clear();
             break;
@@ -461,7 +468,9 @@ async fn handle_read(
             break;
         }
         let raw = carry.split_to(5 + data_len).freeze();
-        let Ok(p) = Packet::parse(raw, DEFAULT_MAX_DATA_LEN) else { continue };
+        let Ok(p) = Packet::parse(raw, DEFAULT_MAX_DATA_LEN) else {
+            continue;
+        };
         *lock(&shared.received).entry(p.ptype()).or_insert(0) += 1;
         if mode == Mode::Silent {
             continue;
@@ -500,7 +509,9 @@ async fn handle_read(
                         let us = Instant::now().duration_since(sent).as_micros();
                         let mut h = lock(&shared.harness);
                         h.done += 1;
-                        let _ = h.latency.record(u64::try_from(us).unwrap_or(u64::MAX).max(1));
+                        let _ = h
+                            .latency
+                            .record(u64::try_from(us).unwrap_or(u64::MAX).max(1));
                     }
                 }
             }

@@ -27,7 +27,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -302,24 +302,37 @@ async fn proxy(
         held: None,
         stalled: false,
     };
-    let (cr, cw) = client.into_split();
-    let (sr, sw) = server.into_split();
-    let up = pump(cr, sw, lane(Which::DevToSrv, 1), stats.clone());
-    let down = pump(sr, cw, lane(Which::SrvToDev, 2), stats.clone());
-    tokio::pin!(up, down);
-    let mut up_done = None;
-    let mut down_done = None;
-    while up_done.is_none() || down_done.is_none() {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            r = &mut up, if up_done.is_none() => {
-                if matches!(r, Some(Verdict::Reset)) { return; }
-                up_done = Some(());
+    let (mut client, mut server) = (client, server);
+    let reset = {
+        // Borrowed halves: unlike owned ones they send no FIN when dropped, so a reset stays a
+        // reset.
+        let (cr, cw) = client.split();
+        let (sr, sw) = server.split();
+        let up = pump(cr, sw, lane(Which::DevToSrv, 1), stats.clone());
+        let down = pump(sr, cw, lane(Which::SrvToDev, 2), stats.clone());
+        tokio::pin!(up, down);
+        let mut up_done = false;
+        let mut down_done = false;
+        loop {
+            if up_done && down_done {
+                break false;
             }
-            r = &mut down, if down_done.is_none() => {
-                if matches!(r, Some(Verdict::Reset)) { return; }
-                down_done = Some(());
+            tokio::select! {
+                _ = stop.cancelled() => break false,
+                r = &mut up, if !up_done => {
+                    if matches!(r, Some(Verdict::Reset)) { break true; }
+                    up_done = true;
+                }
+                r = &mut down, if !down_done => {
+                    if matches!(r, Some(Verdict::Reset)) { break true; }
+                    down_done = true;
+                }
             }
+        }
+    };
+    if reset {
+        for tcp in [&client, &server] {
+            let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
         }
     }
 }
@@ -341,8 +354,8 @@ fn matches(rule: &Rule, p: Option<&Packet>, ty: u8) -> bool {
 /// Forwards one direction. Returns `Some(Reset)` when a reset fault fired (both sockets are
 /// then closed with RST by dropping them with linger 0), `None`/`Continue` on a clean end.
 async fn pump(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
+    mut from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
     mut lane: Lane,
     stats: Arc<ChaosStats>,
 ) -> Option<Verdict> {
@@ -371,8 +384,7 @@ async fn pump(
             return Some(Verdict::Continue);
         }
         let mut out: Vec<u8> = Vec::new();
-        loop {
-            let Some(data_len) = header_data_len(&buf) else { break };
+        while let Some(data_len) = header_data_len(&buf) {
             let ty = buf[0];
             if PacketType::from_byte(ty).is_none() || data_len > DEFAULT_MAX_DATA_LEN {
                 // Not framable: pass everything buffered through unchanged.
@@ -410,7 +422,11 @@ async fn pump(
                 match rule.fault {
                     Fault::Drop => frame_out.clear(),
                     Fault::Delay => {
-                        let j = if rule.jitter_ms > 0 { rng.gen_range(0..=rule.jitter_ms) } else { 0 };
+                        let j = if rule.jitter_ms > 0 {
+                            rng.gen_range(0..=rule.jitter_ms)
+                        } else {
+                            0
+                        };
                         delay += Duration::from_millis(rule.delay_ms + j);
                     }
                     Fault::Duplicate => {
@@ -419,15 +435,15 @@ async fn pump(
                     }
                     Fault::Reorder => hold = true,
                     Fault::CorruptChecksum => {
-                        frame_out = frame_out.iter().map(|f| corrupt_at(f, f.len().saturating_sub(2))).collect();
+                        frame_out = frame_out
+                            .iter()
+                            .map(|f| corrupt_at(f, f.len().saturating_sub(2)))
+                            .collect();
                     }
                     Fault::CorruptLength => {
                         frame_out = frame_out.iter().map(|f| corrupt_at(f, 4)).collect();
                     }
                     Fault::Reset => {
-                        if let Ok(tcp) = from.reunite(to) {
-                            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-                        }
                         return Some(Verdict::Reset);
                     }
                     Fault::Stall => {
@@ -477,7 +493,7 @@ fn corrupt_at(f: &Bytes, at: usize) -> Bytes {
 }
 
 async fn write_limited(
-    to: &mut OwnedWriteHalf,
+    to: &mut WriteHalf<'_>,
     bytes: &[u8],
     bytes_per_sec: Option<u64>,
 ) -> std::io::Result<()> {

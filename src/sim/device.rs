@@ -209,15 +209,11 @@ pub async fn run(cfg: DeviceConfig, stats: Arc<DeviceStats>, stop: CancellationT
             break;
         }
         sessions += 1;
-        match dial(&cfg).await {
-            Ok(stream) => {
-                inc(&stats.connects);
-                backoff = cfg.redial.0;
-                let first = st.status_msg == 0;
-                let _ = session(&cfg, &mut st, &mut rng, stream, &stats, &stop, first).await;
-                inc(&stats.disconnects);
-            }
-            Err(_) => {}
+        if let Ok(stream) = dial(&cfg).await {
+            inc(&stats.connects);
+            backoff = cfg.redial.0;
+            let _ = session(&cfg, &mut st, &mut rng, stream, &stats, &stop).await;
+            inc(&stats.disconnects);
         }
         if stop.is_cancelled() {
             break;
@@ -239,7 +235,6 @@ async fn session(
     stream: Stream,
     stats: &DeviceStats,
     stop: &CancellationToken,
-    _first: bool,
 ) -> Result<(), DeviceError> {
     let (r, mut w) = tokio::io::split(stream);
     let mut frames = FramedRead::new(r, CyncCodec::default());
@@ -250,7 +245,8 @@ async fn session(
     }
     if cfg.startup_reports {
         let ts = b"20251106:0220:-37,00006,00001,00001,00001,";
-        w.write_all(&build::info_tlv(st.id, &[(0xc790, ts)])).await?;
+        w.write_all(&build::info_tlv(st.id, &[(0xc790, ts)]))
+            .await?;
         let m1 = st.next_status_msg();
         let fw_net = build::firmware_report(st.id, m1, false, "0");
         let m2 = st.next_status_msg();

@@ -483,3 +483,115 @@ async fn seeded_f9_drops_lower_legacy_success_reproducibly() {
     let ratio = first.0 as f64 / (first.0 + first.1) as f64;
     assert!(ratio < 0.995, "success {ratio} is measurably below 100 %");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addon_modes_and_restart() {
+    let a = addon(fast_addon()).await;
+    let stats = Arc::new(DeviceStats::default());
+    let stop = CancellationToken::new();
+    let mut cfg = DeviceConfig::new(a.addr(), 8, 1);
+    cfg.heartbeat = Duration::from_millis(100);
+    cfg.redial = (Duration::from_millis(20), Duration::from_millis(50));
+    tokio::spawn(device::run(cfg, stats.clone(), stop.clone()));
+    eventually("heartbeats answered", || async {
+        (get(&stats.heartbeat_acks) >= 1).then_some(())
+    })
+    .await;
+
+    // Silent: heartbeats still arrive at the add-on but are not answered.
+    a.set_mode(cync_gateway::sim::addon::Mode::Silent);
+    let acks = get(&stats.heartbeat_acks);
+    let seen = a.received(PacketType::Heartbeat);
+    eventually("three more heartbeats received", || async {
+        (a.received(PacketType::Heartbeat) >= seen + 3).then_some(())
+    })
+    .await;
+    assert!(
+        get(&stats.heartbeat_acks) <= acks + 1,
+        "at most one answer was already in flight"
+    );
+
+    // Slow: answers come, but each takes slow_delay.
+    a.set_mode(cync_gateway::sim::addon::Mode::Normal);
+    eventually("answers resume", || async {
+        (get(&stats.heartbeat_acks) > acks + 1).then_some(())
+    })
+    .await;
+
+    // Restart: every connection dropped, the device redials the same port and is served again.
+    let connects = get(&stats.connects);
+    let accepted = a.accepted();
+    a.restart().await.expect("restart");
+    eventually("device reconnected after the restart", || async {
+        (get(&stats.connects) > connects && a.accepted() > accepted && a.connections().1 == 1)
+            .then_some(())
+    })
+    .await;
+    assert!(get(&stats.disconnects) >= 1);
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addon_slow_and_no_status_ack_modes() {
+    let mut cfg = fast_addon();
+    cfg.slow_delay = Duration::from_millis(300);
+    let a = addon(cfg).await;
+    let mut dev = TcpStream::connect(a.addr()).await.expect("connect");
+    dev.write_all(&vector("handshake_0x23"))
+        .await
+        .expect("hello");
+    assert_eq!(read_n(&mut dev, 7).await, vector("hello_ack_0x28"));
+    // Read past the add-on's start-up (0xa3 at +50 ms, mesh query at +200 ms): its receive loop
+    // is blocked until the mesh query has gone out.
+    loop {
+        let head = read_n(&mut dev, 5).await;
+        let len = usize::from(u16::from_be_bytes([head[3], head[4]]));
+        read_n(&mut dev, len).await;
+        if head[0] == 0x73 {
+            break;
+        }
+    }
+    a.set_mode(cync_gateway::sim::addon::Mode::NoStatusAck);
+    dev.write_all(&[vector("status_0x83_fadb13"), vector("heartbeat_0xd3")].concat())
+        .await
+        .expect("write");
+    assert_eq!(
+        read_n(&mut dev, 5).await,
+        vector("heartbeat_ack_0xd8"),
+        "0x83 unanswered, 0xd3 answered"
+    );
+    a.set_mode(cync_gateway::sim::addon::Mode::Slow);
+    let t0 = Instant::now();
+    dev.write_all(&vector("heartbeat_0xd3"))
+        .await
+        .expect("write");
+    assert_eq!(read_n(&mut dev, 5).await, vector("heartbeat_ack_0xd8"));
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "slow answer: {:?}",
+        t0.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_reports_progress_and_percentiles() {
+    let a = addon(fast_addon()).await;
+    let cfg = cync_gateway::sim::load::LoadConfig {
+        target: a.addr(),
+        tls: false,
+        devices: 10,
+        seed: 4,
+        rate: 40.0,
+        duration: Duration::from_secs(3),
+        ramp_per_sec: 100,
+        heartbeat: Duration::from_secs(21),
+    };
+    let mut ticks = 0;
+    let report = cync_gateway::sim::load::run(&cfg, &a, |_| ticks += 1).await;
+    assert!(ticks >= 2, "progress every second");
+    assert_eq!(report.device_connects, 10);
+    assert!(report.commands.sent >= 60, "{report:?}");
+    assert_eq!(report.commands.done, report.commands.sent, "{report:?}");
+    assert_eq!(report.success_ratio, 1.0);
+    assert!(report.commands.p50_ms > 0.0 && report.commands.p99_ms >= report.commands.p50_ms);
+}

@@ -142,10 +142,8 @@ async fn start_daemon(upstream: SocketAddr, drain: &str) -> Daemon {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_with_an_open_connection_exits_cleanly_within_the_drain_timeout() {
-    let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let mut d = start_daemon(up.local_addr().expect("addr"), "5s").await;
+/// A device connection through the daemon, with its hello already forwarded upstream.
+async fn connect_device(d: &Daemon, up: &TcpListener) -> (TcpStream, TcpStream) {
     let mut dev = TcpStream::connect(d.devices).await.expect("connect");
     dev.write_all(&vector("handshake_0x23"))
         .await
@@ -153,6 +151,14 @@ async fn sigterm_with_an_open_connection_exits_cleanly_within_the_drain_timeout(
     let (mut upc, _) = up.accept().await.expect("accept");
     let mut hello = [0u8; 31];
     upc.read_exact(&mut hello).await.expect("hello forwarded");
+    (dev, upc)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_an_open_connection_exits_cleanly_within_the_drain_timeout() {
+    let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let mut d = start_daemon(up.local_addr().expect("addr"), "5s").await;
+    let (mut dev, _upc) = connect_device(&d, &up).await;
 
     let started = tokio::time::Instant::now();
     let pid = Pid::from_raw(i32::try_from(d.child.id().expect("pid")).expect("pid fits"));
@@ -179,13 +185,7 @@ async fn sigterm_with_an_open_connection_exits_cleanly_within_the_drain_timeout(
 async fn drain_waits_for_a_command_in_flight_and_readiness_drops_first() {
     let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let mut d = start_daemon(up.local_addr().expect("addr"), "10s").await;
-    let mut dev = TcpStream::connect(d.devices).await.expect("connect");
-    dev.write_all(&vector("handshake_0x23"))
-        .await
-        .expect("hello");
-    let (mut upc, _) = up.accept().await.expect("accept");
-    let mut hello = [0u8; 31];
-    upc.read_exact(&mut hello).await.expect("hello forwarded");
+    let (mut dev, mut upc) = connect_device(&d, &up).await;
     let cmd = vector("legacy_power_on_0x73");
     upc.write_all(&cmd).await.expect("command");
     let mut got = vec![0u8; cmd.len()];

@@ -11,7 +11,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::packet::{inner_checksum, DeviceId, MsgId};
+use super::packet::{inner_checksum, DeviceId, InfoRecord, MsgId};
 
 fn packet(ty: u8, body: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(5 + body.len());
@@ -58,19 +58,8 @@ pub fn info_empty(id: DeviceId) -> Bytes {
     packet(0x43, &body)
 }
 
-/// One 0x43 status record (19 bytes).
-#[derive(Debug, Clone, Copy)]
-pub struct Record {
-    pub index: u8,
-    pub mesh_id: u8,
-    pub state: u8,
-    pub brightness: u8,
-    pub temp: u8,
-    pub rgb: [u8; 3],
-}
-
 /// 0x43 with status records.
-pub fn info_records(id: DeviceId, records: &[Record]) -> Bytes {
+pub fn info_records(id: DeviceId, records: &[InfoRecord]) -> Bytes {
     let mut body = id.0.to_vec();
     body.extend_from_slice(&[0x01, 0x01, 0x06]);
     for r in records {
@@ -149,26 +138,25 @@ pub fn framed(
     p.freeze()
 }
 
-/// srv→dev power command `f8 d0 0d` (§5.4), inner seq repeated at 21.
-pub fn power_command(channel: DeviceId, msg: MsgId, seq: u8, mesh_id: u16, on: bool) -> Bytes {
+/// The body shared by the light commands (§5.4): inner seq again at 21, mesh id little-endian
+/// at 26–27, then `<opcode> 11 02` and the opcode's own tail.
+fn light_command(
+    channel: DeviceId,
+    msg: MsgId,
+    seq: u8,
+    mesh_id: u16,
+    opcode: u8,
+    tail: &[u8],
+) -> Bytes {
     let m = mesh_id.to_le_bytes();
-    let body = [
-        0x00,
-        seq,
-        0,
-        0,
-        0,
-        0,
-        m[0],
-        m[1],
-        0xd0,
-        0x11,
-        0x02,
-        u8::from(on),
-        0,
-        0,
-    ];
-    framed(0x73, channel, msg, 0x7e, seq, [0; 3], 0xf8, 0xd0, &body)
+    let mut body = vec![0x00, seq, 0, 0, 0, 0, m[0], m[1], opcode, 0x11, 0x02];
+    body.extend_from_slice(tail);
+    framed(0x73, channel, msg, 0x7e, seq, [0; 3], 0xf8, opcode, &body)
+}
+
+/// srv→dev power command `f8 d0 0d`.
+pub fn power_command(channel: DeviceId, msg: MsgId, seq: u8, mesh_id: u16, on: bool) -> Bytes {
+    light_command(channel, msg, seq, mesh_id, 0xd0, &[u8::from(on), 0, 0])
 }
 
 /// srv→dev brightness command `f8 f0 10`.
@@ -179,27 +167,14 @@ pub fn brightness_command(
     mesh_id: u16,
     percent: u8,
 ) -> Bytes {
-    let m = mesh_id.to_le_bytes();
-    let body = [
-        0x00,
+    light_command(
+        channel,
+        msg,
         seq,
-        0,
-        0,
-        0,
-        0,
-        m[0],
-        m[1],
+        mesh_id,
         0xf0,
-        0x11,
-        0x02,
-        0x01,
-        percent.min(100),
-        0xff,
-        0xff,
-        0xff,
-        0xff,
-    ];
-    framed(0x73, channel, msg, 0x7e, seq, [0; 3], 0xf8, 0xf0, &body)
+        &[0x01, percent.min(100), 0xff, 0xff, 0xff, 0xff],
+    )
 }
 
 /// srv→dev mesh info query `f8 52 06`.
@@ -369,13 +344,14 @@ mod tests {
             info_empty(ID),
             info_records(
                 ID,
-                &[Record {
+                &[InfoRecord {
                     index: 5,
                     mesh_id: 238,
                     state: 1,
                     brightness: 10,
                     temp: 10,
                     rgb: [255; 3],
+                    online: 1,
                 }],
             ),
             info_tlv(
@@ -413,6 +389,26 @@ mod tests {
         for b in all {
             ok(b);
         }
+        let rec = ok(info_records(
+            ID,
+            &[InfoRecord {
+                index: 5,
+                mesh_id: 238,
+                state: 1,
+                brightness: 10,
+                temp: 10,
+                rgb: [255; 3],
+                online: 1,
+            }],
+        ));
+        // The same record as the real one in vector device_info_0x43_one_record.
+        assert_eq!(
+            &rec.raw()[..],
+            &hex::decode(
+                "430000001a38e8cf460101060500 10ee010a0affffff0100ee000000000000".replace(' ', "")
+            )
+            .expect("hex")[..]
+        );
     }
 
     #[test]

@@ -329,6 +329,15 @@ mod tests {
 
     const ID: DeviceId = DeviceId([0x38, 0xe8, 0xcf, 0x46]);
     const Z: MsgId = MsgId([0, 0, 0]);
+    const RECORD: InfoRecord = InfoRecord {
+        index: 5,
+        mesh_id: 238,
+        state: 1,
+        brightness: 10,
+        temp: 10,
+        rgb: [255; 3],
+        online: 1,
+    };
 
     fn ok(b: Bytes) -> Packet {
         Packet::parse(b, 4096).expect("builder output parses")
@@ -342,18 +351,7 @@ mod tests {
             time_request(),
             time_reply_stale(),
             info_empty(ID),
-            info_records(
-                ID,
-                &[InfoRecord {
-                    index: 5,
-                    mesh_id: 238,
-                    state: 1,
-                    brightness: 10,
-                    temp: 10,
-                    rgb: [255; 3],
-                    online: 1,
-                }],
-            ),
+            info_records(ID, &[RECORD]),
             info_tlv(
                 ID,
                 &[(0xc790, b"20251106:0220:-37,00006,00001,00001,00001,")],
@@ -389,18 +387,7 @@ mod tests {
         for b in all {
             ok(b);
         }
-        let rec = ok(info_records(
-            ID,
-            &[InfoRecord {
-                index: 5,
-                mesh_id: 238,
-                state: 1,
-                brightness: 10,
-                temp: 10,
-                rgb: [255; 3],
-                online: 1,
-            }],
-        ));
+        let rec = ok(info_records(ID, &[RECORD]));
         // The same record as the real one in vector device_info_0x43_one_record.
         assert_eq!(
             &rec.raw()[..],

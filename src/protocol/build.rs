@@ -138,6 +138,12 @@ pub fn framed(
     p.freeze()
 }
 
+/// A 0x73 with the usual frame start (0x7e) and zero inner pad: every data packet the add-on
+/// and devices exchange in the captures, apart from the [S25] mode-change traffic.
+fn data(channel: DeviceId, msg: MsgId, seq: u8, class: u8, opcode: u8, body: &[u8]) -> Bytes {
+    framed(0x73, channel, msg, 0x7e, seq, [0; 3], class, opcode, body)
+}
+
 /// The body shared by the light commands (§5.4): inner seq again at 21, mesh id little-endian
 /// at 26–27, then `<opcode> 11 02` and the opcode's own tail.
 fn light_command(
@@ -151,7 +157,7 @@ fn light_command(
     let m = mesh_id.to_le_bytes();
     let mut body = vec![0x00, seq, 0, 0, 0, 0, m[0], m[1], opcode, 0x11, 0x02];
     body.extend_from_slice(tail);
-    framed(0x73, channel, msg, 0x7e, seq, [0; 3], 0xf8, opcode, &body)
+    data(channel, msg, seq, 0xf8, opcode, &body)
 }
 
 /// srv→dev power command `f8 d0 0d`.
@@ -179,13 +185,10 @@ pub fn brightness_command(
 
 /// srv→dev mesh info query `f8 52 06`.
 pub fn mesh_query(channel: DeviceId, msg: MsgId, seq: u8) -> Bytes {
-    framed(
-        0x73,
+    data(
         channel,
         msg,
-        0x7e,
         seq,
-        [0; 3],
         0xf8,
         0x52,
         &[0x00, 0x00, 0x00, 0xff, 0xff, 0x00, 0x00],
@@ -194,17 +197,7 @@ pub fn mesh_query(channel: DeviceId, msg: MsgId, seq: u8) -> Bytes {
 
 /// dev→srv reply `f9 <opcode> 01 00 00` echoing the command's inner seq.
 pub fn command_reply(channel: DeviceId, msg: MsgId, seq: u8, opcode: u8) -> Bytes {
-    framed(
-        0x73,
-        channel,
-        msg,
-        0x7e,
-        seq,
-        [0; 3],
-        0xf9,
-        opcode,
-        &[0x00, 0x00],
-    )
+    data(channel, msg, seq, 0xf9, opcode, &[0x00, 0x00])
 }
 
 /// One mesh device in a mesh info reply (24-byte record, §5.4).
@@ -233,22 +226,12 @@ pub fn mesh_reply(channel: DeviceId, msg: MsgId, seq: u8, devices: &[MeshDevice]
         r[22] = d.rgb[2];
         body.extend_from_slice(&r);
     }
-    framed(0x73, channel, msg, 0x7e, seq, [0; 3], 0xf9, 0x52, &body)
+    data(channel, msg, seq, 0xf9, 0x52, &body)
 }
 
 /// srv→dev ack of a mesh info reply `f8 af 02`.
 pub fn mesh_ack(channel: DeviceId, msg: MsgId, seq: u8) -> Bytes {
-    framed(
-        0x73,
-        channel,
-        msg,
-        0x7e,
-        seq,
-        [0; 3],
-        0xf8,
-        0xaf,
-        &[0x00, 0x00, 0x00],
-    )
+    data(channel, msg, seq, 0xf8, 0xaf, &[0x00, 0x00, 0x00])
 }
 
 /// 0x7b echoing a 0x73's bytes 5–11 (channel id and msg_id).

@@ -94,6 +94,32 @@ struct RawConfig {
     logging: RawLogging,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    routing: RawRouting,
+    #[serde(default)]
+    reliable: RawReliable,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawRouting {
+    canary_percent: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawReliable {
+    ack_timeout: Option<RawDuration>,
+    max_attempts: Option<i64>,
+    backoff_multiplier: Option<f64>,
+    jitter: Option<RawDuration>,
+    retry_until: Option<String>,
+    dedup_capacity: Option<i64>,
+    dedup_ttl: Option<RawDuration>,
+    device_queue_bytes: Option<i64>,
+    upstream_queue_bytes: Option<i64>,
+    backpressure_timeout: Option<RawDuration>,
+    resume_attempts: Option<i64>,
+    resume_window: Option<RawDuration>,
+    idle_timeout: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -174,6 +200,61 @@ pub struct Config {
     pub shutdown: Shutdown,
     pub logging: Logging,
     pub metrics: MetricsConfig,
+    pub routing: Routing,
+    pub reliable: Reliable,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    /// Share of devices on the new path, 0–100 in steps of 0.01 (design decision 2).
+    pub canary_percent: f64,
+}
+
+/// What ends a command's retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryUntil {
+    /// The device's `f9` reply (execution). A lone 0x7b proves receipt only (protocol §8).
+    Reply,
+    /// The 0x7b or the `f9` reply, whichever comes first.
+    Ack,
+}
+
+/// Settings of the new path's reliable session (design decision 7).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reliable {
+    pub ack_timeout: Duration,
+    pub max_attempts: u32,
+    pub backoff_multiplier: f64,
+    pub jitter: Duration,
+    pub retry_until: RetryUntil,
+    pub dedup_capacity: usize,
+    pub dedup_ttl: Duration,
+    /// Bound of the device→upstream queue, bytes.
+    pub device_queue_bytes: usize,
+    /// Bound of the upstream→device queue, bytes.
+    pub upstream_queue_bytes: usize,
+    pub backpressure_timeout: Duration,
+    pub resume_attempts: u32,
+    pub resume_window: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Reliable {
+    /// When the last attempt goes out at the latest (jitter at its maximum every time).
+    pub fn last_attempt_at(&self) -> Duration {
+        let mut at = Duration::ZERO;
+        for k in 1..self.max_attempts {
+            at += self.backoff(k) + self.jitter;
+        }
+        at
+    }
+
+    /// The wait after attempt `k` (1-based) before the next one, without jitter.
+    pub fn backoff(&self, k: u32) -> Duration {
+        let exp = i32::try_from(k.saturating_sub(1)).unwrap_or(i32::MAX);
+        self.ack_timeout
+            .mul_f64(self.backoff_multiplier.powi(exp).min(1e6))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -458,6 +539,8 @@ impl Validator<'_> {
                 Duration::from_secs(10),
             ),
         };
+        let protocol_deadline = protocol.command_deadline;
+        let protocol_frame_len = protocol.max_frame_len;
         let shutdown = Shutdown {
             drain_timeout: self.duration(
                 "shutdown.drain_timeout",
@@ -476,7 +559,135 @@ impl Validator<'_> {
             metrics: MetricsConfig {
                 per_device: raw.metrics.per_device.unwrap_or(false),
             },
+            routing: self.routing(raw.routing),
+            reliable: self.reliable(raw.reliable, &protocol_deadline, protocol_frame_len),
         }
+    }
+
+    fn routing(&mut self, raw: RawRouting) -> Routing {
+        let p = raw.canary_percent.unwrap_or(0.0);
+        let canary_percent = if !(0.0..=100.0).contains(&p) || p.is_nan() {
+            self.problem(
+                "routing.canary_percent",
+                format!("{p} is out of range 0..=100"),
+            );
+            0.0
+        } else if ((p * 100.0).round() - p * 100.0).abs() > 1e-6 {
+            self.problem(
+                "routing.canary_percent",
+                format!("{p} has more than two decimals (steps are 0.01 %)"),
+            );
+            0.0
+        } else {
+            p
+        };
+        Routing { canary_percent }
+    }
+
+    fn reliable(
+        &mut self,
+        raw: RawReliable,
+        command_deadline: &Duration,
+        max_frame_len: usize,
+    ) -> Reliable {
+        let retry_until = match raw.retry_until.as_deref().unwrap_or("reply") {
+            "reply" => RetryUntil::Reply,
+            "ack" => RetryUntil::Ack,
+            other => {
+                self.problem(
+                    "reliable.retry_until",
+                    format!("{other:?} is not \"reply\" or \"ack\""),
+                );
+                RetryUntil::Reply
+            }
+        };
+        let backoff_multiplier = match raw.backoff_multiplier {
+            None => 2.0,
+            Some(m) if (1.0..=10.0).contains(&m) => m,
+            Some(m) => {
+                self.problem(
+                    "reliable.backoff_multiplier",
+                    format!("{m} is out of range 1..=10"),
+                );
+                2.0
+            }
+        };
+        let r = Reliable {
+            ack_timeout: self.positive_duration(
+                "reliable.ack_timeout",
+                raw.ack_timeout,
+                Duration::from_millis(400),
+            ),
+            max_attempts: self.int_in("reliable.max_attempts", raw.max_attempts, 4, 1, 10) as u32,
+            backoff_multiplier,
+            jitter: self.duration("reliable.jitter", raw.jitter, Duration::from_millis(100)),
+            retry_until,
+            dedup_capacity: self.int_in(
+                "reliable.dedup_capacity",
+                raw.dedup_capacity,
+                1000,
+                1,
+                1_000_000,
+            ),
+            dedup_ttl: self.positive_duration(
+                "reliable.dedup_ttl",
+                raw.dedup_ttl,
+                Duration::from_secs(300),
+            ),
+            device_queue_bytes: self.int_in(
+                "reliable.device_queue_bytes",
+                raw.device_queue_bytes,
+                64 * 1024,
+                4096,
+                64 * 1024 * 1024,
+            ),
+            upstream_queue_bytes: self.int_in(
+                "reliable.upstream_queue_bytes",
+                raw.upstream_queue_bytes,
+                64 * 1024,
+                4096,
+                64 * 1024 * 1024,
+            ),
+            backpressure_timeout: self.duration(
+                "reliable.backpressure_timeout",
+                raw.backpressure_timeout,
+                Duration::from_secs(2),
+            ),
+            resume_attempts: self.int_in("reliable.resume_attempts", raw.resume_attempts, 3, 0, 10)
+                as u32,
+            resume_window: self.positive_duration(
+                "reliable.resume_window",
+                raw.resume_window,
+                Duration::from_secs(2),
+            ),
+            idle_timeout: self.positive_duration(
+                "reliable.idle_timeout",
+                raw.idle_timeout,
+                Duration::from_secs(90),
+            ),
+        };
+        let frame_max = max_frame_len + 5;
+        if r.upstream_queue_bytes < 2 * frame_max {
+            self.problem(
+                "reliable.upstream_queue_bytes",
+                format!("{} is below two of the largest frames protocol.max_frame_len allows ({} bytes)", r.upstream_queue_bytes, 2 * frame_max),
+            );
+        }
+        // The whole retry budget must end inside the add-on's own wait, with one ack_timeout
+        // left for the last attempt's reply; otherwise retries would only add load.
+        let last = r.last_attempt_at();
+        if last + r.ack_timeout > *command_deadline {
+            self.problem(
+                "reliable.max_attempts",
+                format!(
+                    "the last attempt can go out {:.2} s after the first; with ack_timeout {:.2} s that ends after protocol.command_deadline ({:.2} s); lower max_attempts, ack_timeout, backoff_multiplier or jitter",
+                    last.as_secs_f64(),
+                    r.ack_timeout.as_secs_f64(),
+                    command_deadline.as_secs_f64()
+                ),
+            );
+        }
+        r
     }
 
     fn device_tls(&mut self, raw: RawDeviceTls) -> DeviceTls {
@@ -669,10 +880,55 @@ connect_timeout = "-2s"
     #[test]
     fn durations_accept_text_and_seconds() {
         let text =
-            format!("{MINIMAL}[protocol]\ncommand_deadline = \"1500ms\"\nreply_timeout = 2.5\n");
+            format!("{MINIMAL}[protocol]\ncommand_deadline = \"1500ms\"\nreply_timeout = 2.5\n[reliable]\nmax_attempts = 2\n");
         let c = Config::parse(&text).expect("valid");
         assert_eq!(c.protocol.command_deadline, Duration::from_millis(1500));
         assert_eq!(c.protocol.reply_timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn reliable_defaults_fit_inside_the_command_deadline() {
+        let c = Config::parse(MINIMAL).expect("valid");
+        let r = &c.reliable;
+        assert_eq!(r.ack_timeout, Duration::from_millis(400));
+        assert_eq!(r.max_attempts, 4);
+        assert_eq!(r.retry_until, RetryUntil::Reply);
+        assert_eq!(r.idle_timeout, Duration::from_secs(90));
+        assert_eq!(
+            (r.dedup_capacity, r.dedup_ttl),
+            (1000, Duration::from_secs(300))
+        );
+        // 0.4 + 0.8 + 1.6 s of backoff plus three 0.1 s jitters.
+        assert_eq!(r.last_attempt_at(), Duration::from_millis(3100));
+        assert!(r.last_attempt_at() + r.ack_timeout <= c.protocol.command_deadline);
+        assert_eq!(c.routing.canary_percent, 0.0);
+    }
+
+    #[test]
+    fn retry_budget_beyond_the_deadline_and_bad_percent_are_rejected() {
+        let text = format!(
+            "{MINIMAL}[reliable]\nmax_attempts = 6\nretry_until = \"never\"\n[routing]\ncanary_percent = 150\n"
+        );
+        let keys: Vec<String> = Config::parse(&text)
+            .expect_err("invalid")
+            .problems()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        for k in [
+            "reliable.max_attempts",
+            "reliable.retry_until",
+            "routing.canary_percent",
+        ] {
+            assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
+        }
+        let fine = format!("{MINIMAL}[routing]\ncanary_percent = 12.34\n");
+        assert_eq!(
+            Config::parse(&fine).expect("valid").routing.canary_percent,
+            12.34
+        );
+        let too_fine = format!("{MINIMAL}[routing]\ncanary_percent = 12.345\n");
+        assert!(Config::parse(&too_fine).is_err());
     }
 
     #[test]

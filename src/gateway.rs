@@ -22,6 +22,7 @@ use crate::admin::{self, Health};
 use crate::config::{Config, DeviceTlsMode};
 use crate::listener::{ConnContext, Listener};
 use crate::metrics::{Metrics, MetricsError};
+use crate::reliable::{DedupStore, SessionCtx};
 use crate::shutdown::{DrainOutcome, Shutdown};
 use crate::tls::{self, TlsError};
 use crate::upstream::Dialer;
@@ -102,11 +103,23 @@ impl Gateway {
             device_tls = acceptor.is_some(),
             "cync-gateway listening"
         );
+        metrics.canary_percent.set(config.routing.canary_percent);
+        let config = Arc::new(config);
+        let reliable = SessionCtx {
+            config: config.clone(),
+            metrics: metrics.clone(),
+            dialer: legacy.clone(),
+            dedup: Arc::new(DedupStore::new(
+                config.reliable.dedup_capacity,
+                config.reliable.dedup_ttl,
+            )),
+        };
         let ctx = Arc::new(ConnContext {
-            config: Arc::new(config),
+            config,
             metrics: metrics.clone(),
             acceptor,
             legacy,
+            reliable,
             shutdown: shutdown.token(),
         });
         let listener = Listener::new(devices, ctx, shutdown.tasks());

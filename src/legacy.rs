@@ -42,6 +42,12 @@ pub enum CloseReason {
     UpstreamError,
     HalfCloseTimeout,
     Drained,
+    /// New path: no device bytes for `reliable.idle_timeout`.
+    IdleTimeout,
+    /// New path: the device→upstream queue was full of frames that cannot be shed.
+    QueueFull,
+    /// New path: the upstream dropped and could not be redialled.
+    ResumeFailed,
 }
 
 impl CloseReason {
@@ -55,6 +61,9 @@ impl CloseReason {
             Self::UpstreamError => "upstream_error",
             Self::HalfCloseTimeout => "half_close_timeout",
             Self::Drained => "shutdown",
+            Self::IdleTimeout => "idle_timeout",
+            Self::QueueFull => "queue_full",
+            Self::ResumeFailed => "resume_failed",
         }
     }
 }

@@ -20,7 +20,9 @@
 //! | [`protocol`] | the wire format: stream codec, typed packets |
 //! | [`config`] | the TOML file and its validation |
 //! | [`listener`] | accept loop, TLS accept, handshake peek, connection limit |
+//! | [`router`] | which path a device takes: its stable bucket and the percentage |
 //! | [`legacy`] | byte-exact passthrough and its passive observer |
+//! | [`reliable`] | the new path: retries, duplicate suppression, bounded queues, resumption |
 //! | [`transactions`] | pairing requests with replies: outcomes and latencies |
 //! | [`upstream`] | dialing the add-on |
 //! | [`tls`] | OpenSSL contexts and the plain-or-TLS stream |
@@ -39,6 +41,8 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;
+pub mod reliable;
+pub mod router;
 pub mod shutdown;
 pub mod sim;
 pub mod tls;

@@ -28,6 +28,8 @@ use crate::config::Config;
 use crate::legacy::{self, Observer};
 use crate::metrics::{Metrics, Transport};
 use crate::protocol::{header_data_len_checked, DeviceId, Packet, PacketType};
+use crate::reliable::{self, SessionCtx};
+use crate::router;
 use crate::tls::{self, Stream};
 use crate::transactions::Tracker;
 use crate::upstream::Dialer;
@@ -41,6 +43,8 @@ pub struct ConnContext {
     pub metrics: Arc<Metrics>,
     pub acceptor: Option<Arc<SslAcceptor>>,
     pub legacy: Dialer,
+    /// The new path's shared state; it dials the same add-on.
+    pub reliable: SessionCtx,
     pub shutdown: CancellationToken,
 }
 
@@ -245,8 +249,10 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
             (None, "no_handshake")
         }
     };
-    // Only the legacy path exists so far; routing by percentage arrives with the router.
-    let transport = Transport::Legacy;
+    let transport = match device_id {
+        Some(id) => router::by_percent(id, cfg.routing.canary_percent),
+        None => Transport::Legacy,
+    };
     span.record("route", transport.label());
     metrics
         .routing_decisions
@@ -286,14 +292,29 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
         cipher = device.cipher_name().unwrap_or("-"),
         "forwarding"
     );
-    let obs = Observer::new(
-        transport,
-        device_id,
-        metrics.clone(),
-        Tracker::new(cfg.protocol.command_deadline, cfg.protocol.reply_timeout),
-        cfg.protocol.max_frame_len,
-    );
-    let reason = legacy::run(device, upstream, &first, &obs, ctx.shutdown.clone()).await;
+    let reason = match (transport, device_id) {
+        (Transport::New, Some(id)) => {
+            reliable::run(
+                &ctx.reliable,
+                id,
+                device,
+                upstream,
+                first.freeze(),
+                ctx.shutdown.clone(),
+            )
+            .await
+        }
+        _ => {
+            let obs = Observer::new(
+                transport,
+                device_id,
+                metrics.clone(),
+                Tracker::new(cfg.protocol.command_deadline, cfg.protocol.reply_timeout),
+                cfg.protocol.max_frame_len,
+            );
+            legacy::run(device, upstream, &first, &obs, ctx.shutdown.clone()).await
+        }
+    };
     metrics
         .connection_closes
         .with_label_values(&[transport.label(), reason.label()])

@@ -70,6 +70,13 @@ pub struct Metrics {
     pub replies: IntCounterVec,
     pub reply_latency: HistogramVec,
     pub heartbeats: IntCounterVec,
+    pub retransmits: IntCounterVec,
+    pub idempotent_drops: IntCounterVec,
+    pub queue_full: IntCounterVec,
+    pub queue_bytes: IntGaugeVec,
+    pub resumptions: IntCounterVec,
+    pub resume_frames: IntCounterVec,
+    pub canary_percent: prometheus::Gauge,
     pub ready: IntGauge,
     pub draining: IntGauge,
 }
@@ -121,6 +128,19 @@ impl Metrics {
         r.register(Box::new(ready.clone()))?;
         let draining = IntGauge::new("tcp_comm_draining", "1 while shutting down")?;
         r.register(Box::new(draining.clone()))?;
+        let queue_bytes = IntGaugeVec::new(
+            Opts::new(
+                "tcp_comm_queue_bytes",
+                "Bytes queued inside the gateway, summed over connections",
+            ),
+            &["transport", "direction"],
+        )?;
+        r.register(Box::new(queue_bytes.clone()))?;
+        let canary_percent = prometheus::Gauge::new(
+            "tcp_comm_canary_percentage",
+            "Configured share of devices routed to the new path (percent)",
+        )?;
+        r.register(Box::new(canary_percent.clone()))?;
         let build = IntGaugeVec::new(
             Opts::new("tcp_comm_build_info", "Build information; always 1"),
             &["version"],
@@ -221,6 +241,38 @@ impl Metrics {
                 "Device heartbeats (0xd3) by outcome",
                 &["transport", "outcome"],
             )?,
+            retransmits: counter(
+                &r,
+                "tcp_comm_packet_retransmit_total",
+                "Commands re-sent to the device because no reply came within ack_timeout",
+                &["transport"],
+            )?,
+            idempotent_drops: counter(
+                &r,
+                "tcp_comm_idempotent_drops_total",
+                "Device frames not forwarded because upstream already had one for that command",
+                &["transport", "packet_type", "reason"],
+            )?,
+            queue_full: counter(
+                &r,
+                "tcp_comm_queue_full_total",
+                "Frames that met a full queue, by what was done about it",
+                &["transport", "direction", "action"],
+            )?,
+            queue_bytes,
+            resumptions: counter(
+                &r,
+                "tcp_comm_resumptions_total",
+                "Upstream connections lost under a live device, by how resuming ended",
+                &["transport", "outcome"],
+            )?,
+            resume_frames: counter(
+                &r,
+                "tcp_comm_resume_frames_total",
+                "Frames the session handled itself around an upstream resumption",
+                &["transport", "action"],
+            )?,
+            canary_percent,
             ready,
             draining,
             registry: r,
@@ -326,7 +378,7 @@ impl Metrics {
                 } => {
                     if *request == PacketType::Data {
                         let label = match outcome {
-                            ReplyOutcome::Matched => "received",
+                            ReplyOutcome::Matched | ReplyOutcome::Local => "received",
                             ReplyOutcome::Timeout => "timeout",
                             ReplyOutcome::Unmatched => "unmatched",
                         };
@@ -351,6 +403,7 @@ impl Metrics {
                     if *request == PacketType::Heartbeat {
                         let label = match outcome {
                             ReplyOutcome::Matched => "acked",
+                            ReplyOutcome::Local => "local",
                             ReplyOutcome::Timeout => "missed",
                             ReplyOutcome::Unmatched => "unmatched",
                         };

@@ -69,6 +69,8 @@ pub enum ReplyOutcome {
     Timeout,
     /// A reply with no pending request of its kind.
     Unmatched,
+    /// Answered by the gateway itself (the new path's local 0xd8 while the upstream resumes).
+    Local,
 }
 
 impl ReplyOutcome {
@@ -77,6 +79,7 @@ impl ReplyOutcome {
             Self::Matched => "matched",
             Self::Timeout => "timeout",
             Self::Unmatched => "unmatched",
+            Self::Local => "local",
         }
     }
 }
@@ -351,10 +354,25 @@ impl Tracker {
         }
     }
 
-    /// The connection ended: commands still waiting are abandoned. Other pending requests are
-    /// dropped without an outcome (their replies can no longer come).
-    pub fn close(&mut self, now: Instant, out: &mut Vec<Event>) {
-        self.expire(now, out);
+    /// Heartbeats forwarded and not yet answered.
+    pub fn pending_heartbeats(&self) -> usize {
+        self.heartbeat.queue.len()
+    }
+
+    /// The gateway answered the oldest pending heartbeat itself (the upstream is gone).
+    pub fn answer_heartbeat_locally(&mut self, now: Instant, out: &mut Vec<Event>) {
+        if let Some(p) = self.heartbeat.queue.pop_front() {
+            out.push(Event::Reply {
+                request: PacketType::Heartbeat,
+                outcome: ReplyOutcome::Local,
+                latency: Some(now.saturating_duration_since(p.sent)),
+            });
+        }
+    }
+
+    /// The upstream that issued the pending commands is gone (the new path resumes with a new
+    /// one): they are abandoned, as they would be if the device had left.
+    pub fn abandon_commands(&mut self, out: &mut Vec<Event>) {
         for c in self.commands.drain(..) {
             out.push(Event::Command {
                 seq: c.seq,
@@ -362,6 +380,13 @@ impl Tracker {
                 latency: None,
             });
         }
+    }
+
+    /// The connection ended: commands still waiting are abandoned. Other pending requests are
+    /// dropped without an outcome (their replies can no longer come).
+    pub fn close(&mut self, now: Instant, out: &mut Vec<Event>) {
+        self.expire(now, out);
+        self.abandon_commands(out);
     }
 }
 

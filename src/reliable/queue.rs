@@ -1,0 +1,215 @@
+//! Bounded byte queues between the two sides of a reliable session, one per direction.
+//!
+//! Owns the bound and what happens at it; the session decides *when* to push and pop.
+//!
+//! Invariants:
+//! - The queued byte count never exceeds `max_bytes`: a push that would cross it either makes
+//!   room by shedding the oldest sheddable items (superseded status reports) or is refused
+//!   whole. Items are never split or merged here, so one device read stays one upstream write.
+//! - The depth gauge always equals the bytes held: it is adjusted on every push, pop and shed,
+//!   and whatever is still queued is subtracted when the queue is dropped.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use prometheus::IntGauge;
+
+/// One queued write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub bytes: Bytes,
+    /// May be dropped to make room: the item holds only status reports (0x83/0x43), which the
+    /// device repeats on the next state change, so a newer one supersedes it.
+    pub sheddable: bool,
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// Queued after dropping this many older sheddable items.
+    Shed(usize),
+    /// Refused: no room, even after shedding whatever could be shed.
+    Full,
+}
+
+#[derive(Debug)]
+pub struct BoundedQueue {
+    items: VecDeque<Item>,
+    bytes: usize,
+    max_bytes: usize,
+    gauge: IntGauge,
+}
+
+fn as_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl BoundedQueue {
+    pub fn new(max_bytes: usize, gauge: IntGauge) -> Self {
+        Self {
+            items: VecDeque::new(),
+            bytes: 0,
+            max_bytes,
+            gauge,
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Bytes that can still be pushed.
+    pub fn room(&self) -> usize {
+        self.max_bytes.saturating_sub(self.bytes)
+    }
+
+    pub fn push(&mut self, item: Item) -> Pushed {
+        let len = item.bytes.len();
+        if len > self.max_bytes {
+            return Pushed::Full;
+        }
+        let mut shed = 0;
+        if self.bytes + len > self.max_bytes {
+            // Only shed if that actually makes enough room; otherwise keep everything and refuse.
+            let sheddable: usize = self
+                .items
+                .iter()
+                .filter(|i| i.sheddable)
+                .map(|i| i.bytes.len())
+                .sum();
+            if self.bytes - sheddable + len > self.max_bytes {
+                return Pushed::Full;
+            }
+            while self.bytes + len > self.max_bytes {
+                let Some(pos) = self.items.iter().position(|i| i.sheddable) else {
+                    return Pushed::Full;
+                };
+                if let Some(old) = self.items.remove(pos) {
+                    self.bytes -= old.bytes.len();
+                    self.gauge.sub(as_i64(old.bytes.len()));
+                    shed += 1;
+                }
+            }
+        }
+        self.bytes += len;
+        self.gauge.add(as_i64(len));
+        self.items.push_back(item);
+        if shed > 0 {
+            Pushed::Shed(shed)
+        } else {
+            Pushed::Queued
+        }
+    }
+
+    pub fn pop(&mut self) -> Option<Item> {
+        let item = self.items.pop_front()?;
+        self.bytes -= item.bytes.len();
+        self.gauge.sub(as_i64(item.bytes.len()));
+        Some(item)
+    }
+
+    /// Pops items while their total stays within `limit` bytes (at least one item if any), for
+    /// writers that may coalesce.
+    pub fn pop_up_to(&mut self, limit: usize) -> Vec<Item> {
+        let mut out = Vec::new();
+        let mut total = 0;
+        while let Some(front) = self.items.front() {
+            let len = front.bytes.len();
+            if !out.is_empty() && total + len > limit {
+                break;
+            }
+            total += len;
+            if let Some(item) = self.pop() {
+                out.push(item);
+            }
+        }
+        out
+    }
+}
+
+impl Drop for BoundedQueue {
+    fn drop(&mut self) {
+        self.gauge.sub(as_i64(self.bytes));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(n: usize, sheddable: bool) -> Item {
+        Item {
+            bytes: Bytes::from(vec![0u8; n]),
+            sheddable,
+        }
+    }
+
+    fn gauge() -> IntGauge {
+        IntGauge::new("q", "q").expect("gauge")
+    }
+
+    #[test]
+    fn refuses_at_the_bound_and_never_exceeds_it() {
+        let g = gauge();
+        let mut q = BoundedQueue::new(100, g.clone());
+        assert_eq!(q.push(item(60, false)), Pushed::Queued);
+        assert_eq!(q.push(item(40, false)), Pushed::Queued);
+        assert_eq!(q.push(item(1, false)), Pushed::Full);
+        assert_eq!(q.bytes(), 100);
+        assert_eq!(g.get(), 100);
+        assert_eq!(q.room(), 0);
+        assert_eq!(q.pop(), Some(item(60, false)));
+        assert_eq!(g.get(), 40);
+    }
+
+    #[test]
+    fn sheds_oldest_status_only_when_that_makes_room() {
+        let g = gauge();
+        let mut q = BoundedQueue::new(100, g.clone());
+        q.push(item(30, true));
+        q.push(item(30, false));
+        q.push(item(30, true));
+        // 90 queued; 20 more needs one shed: the oldest sheddable (first) goes.
+        assert_eq!(q.push(item(20, false)), Pushed::Shed(1));
+        assert_eq!(q.bytes(), 80);
+        assert_eq!(q.len(), 3);
+        assert!(!q.pop().expect("item").sheddable);
+        // 50 queued (30 sheddable + 20); 90 more cannot fit even after shedding: nothing moves.
+        assert_eq!(q.push(item(90, false)), Pushed::Full);
+        assert_eq!(q.bytes(), 50);
+        assert_eq!(g.get(), 50);
+    }
+
+    #[test]
+    fn dropping_the_queue_returns_its_bytes_to_the_gauge() {
+        let g = gauge();
+        {
+            let mut q = BoundedQueue::new(100, g.clone());
+            q.push(item(10, false));
+            q.push(item(15, false));
+            assert_eq!(g.get(), 25);
+        }
+        assert_eq!(g.get(), 0);
+    }
+
+    #[test]
+    fn pop_up_to_coalesces_within_the_limit() {
+        let mut q = BoundedQueue::new(1000, gauge());
+        for _ in 0..5 {
+            q.push(item(100, false));
+        }
+        assert_eq!(q.pop_up_to(250).len(), 2);
+        assert_eq!(q.pop_up_to(50).len(), 1, "at least one item");
+        assert_eq!(q.pop_up_to(1000).len(), 2);
+        assert!(q.is_empty());
+    }
+}

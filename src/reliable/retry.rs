@@ -1,0 +1,403 @@
+//! Commands in flight on one reliable session: when to re-send them, and whether a device
+//! reply or 0x7b for them should reach the upstream.
+//!
+//! A command is a srv→dev 0x73 of class `f8`. It is re-sent byte-identical when its reply has
+//! not come within `ack_timeout`, then after exponentially growing waits plus additive jitter,
+//! up to `max_attempts` sends in all (the first included). Config validation guarantees the
+//! last send leaves one `ack_timeout` before `command_deadline`, the add-on's own 5 s wait.
+//!
+//! Invariants:
+//! - Pure: every call takes `now`; randomness comes from the caller's seeded RNG.
+//! - At most one entry per inner seq (a new command with a seq replaces the old entry), so the
+//!   table holds at most 256 entries whatever the upstream does.
+//! - Upstream sees at most one `f9` reply and one 0x7b per command: the first of each is
+//!   [`Verdict::Forward`], later ones [`Verdict::Duplicate`]. Replies to commands sent by an
+//!   upstream connection that has since been replaced are [`Verdict::Stale`]: the add-on that
+//!   waited for them is gone, and its successor reuses inner seqs from 1.
+//! - Anything this table has never seen is [`Verdict::Unknown`]; the caller forwards it unless
+//!   the per-device dedup store knows it as a late duplicate.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::Rng;
+use tokio::time::Instant;
+
+use crate::config::{Reliable, RetryUntil};
+use crate::protocol::{DeviceId, MsgId};
+
+/// The (channel id, msg_id) a 0x7b echoes.
+pub type AckKey = (DeviceId, MsgId);
+
+/// Retry timing, from `[reliable]` and `protocol.command_deadline`.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub settings: Reliable,
+    pub command_deadline: Duration,
+}
+
+impl Policy {
+    /// Wait after attempt `k` (1-based) before attempt `k + 1`: the backoff plus a uniform
+    /// jitter in `[0, jitter]`, so devices retried together do not retry in step.
+    pub fn delay<R: Rng>(&self, k: u32, rng: &mut R) -> Duration {
+        let base = self.settings.backoff(k);
+        let j = self.settings.jitter;
+        if j.is_zero() {
+            base
+        } else {
+            base + j.mul_f64(rng.gen_range(0.0..=1.0))
+        }
+    }
+}
+
+/// What to do with a device frame answering a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Forward,
+    Duplicate,
+    Stale,
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
+struct Cmd {
+    seq: u8,
+    key: AckKey,
+    raw: Bytes,
+    epoch: u32,
+    first_sent: Instant,
+    attempts: u32,
+    next_at: Option<Instant>,
+    acked: bool,
+    replied: bool,
+}
+
+/// A command to send again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resend {
+    pub raw: Bytes,
+    pub seq: u8,
+    pub key: AckKey,
+    /// Which send this is (2 = first retry).
+    pub attempt: u32,
+}
+
+#[derive(Debug)]
+pub struct Outstanding {
+    policy: Policy,
+    /// How long answered commands are remembered for duplicate suppression on this connection.
+    keep: Duration,
+    cmds: VecDeque<Cmd>,
+}
+
+impl Outstanding {
+    pub fn new(policy: Policy) -> Self {
+        let keep = policy.settings.dedup_ttl;
+        Self {
+            policy,
+            keep,
+            cmds: VecDeque::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.cmds.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cmds.is_empty()
+    }
+
+    /// The upstream sent a command; it has just been queued toward the device.
+    pub fn on_command<R: Rng>(
+        &mut self,
+        raw: Bytes,
+        seq: u8,
+        key: AckKey,
+        epoch: u32,
+        now: Instant,
+        rng: &mut R,
+    ) {
+        self.cmds.retain(|c| c.seq != seq);
+        let next_at =
+            (self.policy.settings.max_attempts > 1).then(|| now + self.policy.delay(1, rng));
+        self.cmds.push_back(Cmd {
+            seq,
+            key,
+            raw,
+            epoch,
+            first_sent: now,
+            attempts: 1,
+            next_at,
+            acked: false,
+            replied: false,
+        });
+    }
+
+    /// The device sent an `f9` reply with inner seq `seq`.
+    pub fn on_reply(&mut self, seq: u8, epoch: u32) -> Verdict {
+        let Some(c) = self.cmds.iter_mut().find(|c| c.seq == seq) else {
+            return Verdict::Unknown;
+        };
+        if c.replied {
+            return Verdict::Duplicate;
+        }
+        c.replied = true;
+        c.next_at = None;
+        if c.epoch != epoch {
+            Verdict::Stale
+        } else {
+            Verdict::Forward
+        }
+    }
+
+    /// The device sent a 0x7b echoing `key`. With the add-on every command has the same key,
+    /// so the oldest unacknowledged command with that key takes it (FIFO).
+    pub fn on_ack(&mut self, key: AckKey, epoch: u32) -> Verdict {
+        let stop = self.policy.settings.retry_until == RetryUntil::Ack;
+        let current = self
+            .cmds
+            .iter_mut()
+            .find(|c| c.key == key && !c.acked && c.epoch == epoch);
+        if let Some(c) = current {
+            c.acked = true;
+            if stop {
+                c.next_at = None;
+            }
+            return Verdict::Forward;
+        }
+        if let Some(c) = self.cmds.iter_mut().find(|c| c.key == key && !c.acked) {
+            c.acked = true;
+            c.next_at = None;
+            return Verdict::Stale;
+        }
+        if self.cmds.iter().any(|c| c.key == key) {
+            Verdict::Duplicate
+        } else {
+            Verdict::Unknown
+        }
+    }
+
+    /// Commands whose retry time has come, each marked sent once more.
+    pub fn due<R: Rng>(&mut self, now: Instant, rng: &mut R) -> Vec<Resend> {
+        let max = self.policy.settings.max_attempts;
+        let deadline = self.policy.command_deadline;
+        let mut out = Vec::new();
+        for c in self.cmds.iter_mut() {
+            let Some(at) = c.next_at else { continue };
+            if at > now {
+                continue;
+            }
+            // A timer that fired very late (a starved runtime) must not send a command the
+            // add-on has already given up on.
+            if now.saturating_duration_since(c.first_sent) >= deadline {
+                c.next_at = None;
+                continue;
+            }
+            c.attempts += 1;
+            c.next_at = (c.attempts < max).then(|| now + self.policy.delay(c.attempts, rng));
+            out.push(Resend {
+                raw: c.raw.clone(),
+                seq: c.seq,
+                key: c.key,
+                attempt: c.attempts,
+            });
+        }
+        out
+    }
+
+    /// When [`Outstanding::due`] next has something to return.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.cmds.iter().filter_map(|c| c.next_at).min()
+    }
+
+    /// Closes the ack window of commands past the deadline (a later 0x7b for them is a
+    /// duplicate) and forgets commands older than the dedup TTL.
+    pub fn expire(&mut self, now: Instant) {
+        let deadline = self.policy.command_deadline;
+        for c in self.cmds.iter_mut() {
+            if now.saturating_duration_since(c.first_sent) >= deadline {
+                c.acked = true;
+                c.next_at = None;
+            }
+        }
+        let keep = self.keep;
+        self.cmds
+            .retain(|c| now.saturating_duration_since(c.first_sent) < keep);
+    }
+
+    /// The upstream connection that sent the current commands is gone: stop retrying them.
+    pub fn end_epoch(&mut self) {
+        for c in self.cmds.iter_mut() {
+            c.next_at = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::SmallRng;
+    use rand::SeedableRng;
+
+    use crate::config::Config;
+
+    fn policy(extra: &str) -> Policy {
+        let text = format!("[upstream.legacy]\naddress = \"127.0.0.1:1\"\n[reliable]\n{extra}\n");
+        let c = Config::parse(&text).expect("valid config");
+        Policy {
+            settings: c.reliable,
+            command_deadline: c.protocol.command_deadline,
+        }
+    }
+
+    const KEY: AckKey = (DeviceId([1, 2, 3, 4]), MsgId([0, 0, 0]));
+
+    fn cmd(seq: u8) -> Bytes {
+        Bytes::from(vec![0x73, seq])
+    }
+
+    /// Advances paused time to the next retry and returns the resends.
+    async fn next_retry(o: &mut Outstanding, rng: &mut SmallRng) -> (Duration, Vec<Resend>) {
+        let start = Instant::now();
+        let Some(at) = o.next_due() else {
+            return (Duration::ZERO, Vec::new());
+        };
+        tokio::time::sleep_until(at).await;
+        (start.elapsed(), o.due(Instant::now(), rng))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_with_bounded_jitter_and_stops_at_max_attempts() {
+        let mut o = Outstanding::new(policy(""));
+        let mut rng = SmallRng::seed_from_u64(7);
+        let t0 = Instant::now();
+        o.on_command(cmd(1), 1, KEY, 0, t0, &mut rng);
+        let mut sends = Vec::new();
+        for _ in 0..10 {
+            let (_, r) = next_retry(&mut o, &mut rng).await;
+            if r.is_empty() {
+                break;
+            }
+            assert_eq!(r.len(), 1);
+            assert_eq!(r[0].raw, cmd(1), "byte-identical resend");
+            sends.push((r[0].attempt, t0.elapsed()));
+        }
+        assert_eq!(
+            sends.iter().map(|s| s.0).collect::<Vec<_>>(),
+            vec![2, 3, 4],
+            "defaults: four attempts in all"
+        );
+        // Attempt k+1 follows attempt k after 400 ms * 2^(k-1) plus 0-100 ms of jitter.
+        let mut prev = Duration::ZERO;
+        for (i, (_, at)) in sends.iter().enumerate() {
+            let gap = *at - prev;
+            let base = Duration::from_millis(400) * 2u32.pow(i as u32);
+            assert!(
+                gap >= base && gap <= base + Duration::from_millis(100),
+                "gap {gap:?} after attempt {} (base {base:?})",
+                i + 1
+            );
+            prev = *at;
+        }
+        assert!(
+            prev <= Duration::from_millis(3000),
+            "last attempt at {prev:?}"
+        );
+        assert!(prev + Duration::from_millis(400) <= Duration::from_secs(5));
+        assert_eq!(o.next_due(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reply_stops_retries_and_duplicates_are_flagged() {
+        let mut o = Outstanding::new(policy(""));
+        let mut rng = SmallRng::seed_from_u64(1);
+        o.on_command(cmd(5), 5, KEY, 0, Instant::now(), &mut rng);
+        let (_, r) = next_retry(&mut o, &mut rng).await;
+        assert_eq!(r.len(), 1);
+        assert_eq!(o.on_ack(KEY, 0), Verdict::Forward);
+        // retry_until = "reply": the 0x7b alone does not stop the retries.
+        assert!(o.next_due().is_some());
+        assert_eq!(o.on_ack(KEY, 0), Verdict::Duplicate);
+        assert_eq!(o.on_reply(5, 0), Verdict::Forward);
+        assert_eq!(o.on_reply(5, 0), Verdict::Duplicate);
+        assert_eq!(o.next_due(), None);
+        assert_eq!(o.on_reply(6, 0), Verdict::Unknown);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_until_ack_stops_on_the_0x7b() {
+        let mut o = Outstanding::new(policy("retry_until = \"ack\""));
+        let mut rng = SmallRng::seed_from_u64(1);
+        o.on_command(cmd(5), 5, KEY, 0, Instant::now(), &mut rng);
+        assert_eq!(o.on_ack(KEY, 0), Verdict::Forward);
+        assert_eq!(o.next_due(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acks_pair_fifo_and_old_epochs_are_stale() {
+        let mut o = Outstanding::new(policy(""));
+        let mut rng = SmallRng::seed_from_u64(1);
+        let now = Instant::now();
+        o.on_command(cmd(1), 1, KEY, 0, now, &mut rng);
+        o.on_command(cmd(2), 2, KEY, 0, now, &mut rng);
+        o.end_epoch();
+        assert_eq!(
+            o.next_due(),
+            None,
+            "no retries for a dead upstream's commands"
+        );
+        o.on_command(cmd(1), 1, KEY, 1, now, &mut rng);
+        // Seq 1 was replaced by the new epoch's command; seq 2 is the old epoch's.
+        assert_eq!(o.on_reply(2, 1), Verdict::Stale);
+        assert_eq!(o.on_reply(1, 1), Verdict::Forward);
+        assert_eq!(o.on_ack(KEY, 1), Verdict::Forward, "current epoch first");
+        assert_eq!(o.on_ack(KEY, 1), Verdict::Stale);
+        assert_eq!(o.on_ack(KEY, 1), Verdict::Duplicate);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_closes_the_ack_window_and_ttl_forgets() {
+        let mut o = Outstanding::new(policy("dedup_ttl = \"60s\""));
+        let mut rng = SmallRng::seed_from_u64(1);
+        o.on_command(cmd(1), 1, KEY, 0, Instant::now(), &mut rng);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        o.expire(Instant::now());
+        assert_eq!(
+            o.on_ack(KEY, 0),
+            Verdict::Duplicate,
+            "0x7b after the deadline"
+        );
+        tokio::time::advance(Duration::from_secs(54)).await;
+        o.expire(Instant::now());
+        assert_eq!(o.len(), 1);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        o.expire(Instant::now());
+        assert!(o.is_empty());
+        assert_eq!(o.on_reply(1, 0), Verdict::Unknown);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_timer_does_not_resend_past_the_deadline() {
+        let mut o = Outstanding::new(policy(""));
+        let mut rng = SmallRng::seed_from_u64(1);
+        o.on_command(cmd(1), 1, KEY, 0, Instant::now(), &mut rng);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(o.due(Instant::now(), &mut rng).is_empty());
+        assert_eq!(o.next_due(), None);
+    }
+
+    #[test]
+    fn a_new_command_with_the_same_seq_replaces_the_old_entry() {
+        let mut o = Outstanding::new(policy(""));
+        let mut rng = SmallRng::seed_from_u64(1);
+        let now = Instant::now();
+        for _ in 0..3 {
+            for seq in 0..=255u8 {
+                o.on_command(cmd(seq), seq, KEY, 0, now, &mut rng);
+            }
+        }
+        assert_eq!(o.len(), 256);
+    }
+}

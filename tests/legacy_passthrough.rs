@@ -93,7 +93,19 @@ fn f9_reply(seq: u8, opcode: u8) -> Vec<u8> {
 
 /// Replays the whole real capture through the gateway on one connection, then two add-on
 /// commands and their device replies, then malformed frames.
-async fn replay_capture(device_tls: bool, upstream_tls: bool) {
+/// `series` (written for the legacy path) on `transport` instead.
+fn on(transport: &str, series: &str) -> String {
+    series.replace(
+        "transport=\"legacy\"",
+        &format!("transport=\"{transport}\""),
+    )
+}
+
+fn tsample(transport: &str, metrics: &str, series: &str) -> f64 {
+    sample(metrics, &on(transport, series))
+}
+
+async fn replay_capture(device_tls: bool, upstream_tls: bool, transport: &str) {
     let reads = capture_reads("capture_20251106_082038.jsonl");
     let dev_reads: Vec<Vec<u8>> = reads
         .iter()
@@ -124,12 +136,17 @@ async fn replay_capture(device_tls: bool, upstream_tls: bool) {
     let up_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let up_addr = up_listener.local_addr().expect("addr");
     let acceptor = upstream_acceptor();
-    let extra = if device_tls {
-        "[device_tls]\nmode = \"tls\"\n"
+    let mut extra = if device_tls {
+        "[device_tls]\nmode = \"tls\"\n".to_string()
     } else {
-        "[device_tls]\nmode = \"plain\"\n"
+        "[device_tls]\nmode = \"plain\"\n".to_string()
     };
-    let mut text = config_text(up_addr, extra);
+    if transport == "new" {
+        // Every device on the new path; no retries, so the device sees exactly what the
+        // upstream sent even when its replies are slow.
+        extra.push_str("[routing]\ncanary_percent = 100\n[reliable]\nmax_attempts = 1\n");
+    }
+    let mut text = config_text(up_addr, &extra);
     if upstream_tls {
         text = text.replace("tls = false", "tls = true");
     }
@@ -178,12 +195,15 @@ async fn replay_capture(device_tls: bool, upstream_tls: bool) {
 
     let m = wait_metric(
         gw.metrics_addr,
-        "tcp_comm_connection_closes_total{reason=\"device_closed\",transport=\"legacy\"}",
+        &on(
+            transport,
+            "tcp_comm_connection_closes_total{reason=\"device_closed\",transport=\"legacy\"}",
+        ),
         1.0,
     )
     .await;
     let pk = |dir: &str, t: &str| {
-        sample(
+        tsample(transport,
             &m,
             &format!("tcp_comm_packets_total{{direction=\"{dir}\",packet_type=\"{t}\",transport=\"legacy\"}}"),
         )
@@ -210,14 +230,16 @@ async fn replay_capture(device_tls: bool, upstream_tls: bool) {
         assert_eq!(pk("srv_to_dev", t), n, "srv_to_dev {t}");
     }
     assert_eq!(
-        sample(
+        tsample(
+            transport,
             &m,
             "tcp_comm_packet_sent_total{outcome=\"success\",transport=\"legacy\"}"
         ),
         2.0
     );
     assert_eq!(
-        sample(
+        tsample(
+            transport,
             &m,
             "tcp_comm_packet_latency_seconds_count{transport=\"legacy\"}"
         ),
@@ -225,26 +247,28 @@ async fn replay_capture(device_tls: bool, upstream_tls: bool) {
     );
     // The add-on reuses msg_id 00 00 00, so the single 0x7b pairs with the oldest command.
     assert_eq!(
-        sample(
+        tsample(
+            transport,
             &m,
             "tcp_comm_ack_received_total{outcome=\"received\",transport=\"legacy\"}"
         ),
         1.0
     );
     assert_eq!(
-        sample(
+        tsample(
+            transport,
             &m,
             "tcp_comm_heartbeats_total{outcome=\"acked\",transport=\"legacy\"}"
         ),
         658.0
     );
     assert_eq!(
-        sample(&m, "tcp_comm_replies_total{outcome=\"matched\",request_type=\"0x83\",transport=\"legacy\"}"),
+        tsample(transport, &m, "tcp_comm_replies_total{outcome=\"matched\",request_type=\"0x83\",transport=\"legacy\"}"),
         101.0
     );
     for reason in ["checksum_mismatch", "unknown_type"] {
         assert_eq!(
-            sample(
+            tsample(transport,
                 &m,
                 &format!("tcp_comm_decode_errors_total{{direction=\"dev_to_srv\",reason=\"{reason}\",transport=\"legacy\"}}")
             ),
@@ -254,14 +278,19 @@ async fn replay_capture(device_tls: bool, upstream_tls: bool) {
     }
     let dev_bytes = expect_up.len() as f64;
     assert_eq!(
-        sample(
+        tsample(
+            transport,
             &m,
             "tcp_comm_bytes_total{direction=\"dev_to_srv\",transport=\"legacy\"}"
         ),
         dev_bytes
     );
     assert_eq!(
-        sample(&m, "tcp_comm_connections_active{transport=\"legacy\"}"),
+        tsample(
+            transport,
+            &m,
+            "tcp_comm_connections_active{transport=\"legacy\"}"
+        ),
         0.0
     );
     gw.shutdown(Duration::from_secs(5)).await;
@@ -269,17 +298,29 @@ async fn replay_capture(device_tls: bool, upstream_tls: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_replay_plain_is_byte_exact_and_measured() {
-    replay_capture(false, false).await;
+    replay_capture(false, false, "legacy").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_replay_tls_device_side_is_byte_exact_and_measured() {
-    replay_capture(true, false).await;
+    replay_capture(true, false, "legacy").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_replay_tls_both_legs() {
-    replay_capture(true, true).await;
+    replay_capture(true, true, "legacy").await;
+}
+
+/// The new path forwards the same capture byte for byte when nothing is duplicated or lost,
+/// and measures it the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_replay_new_path_is_byte_exact_and_measured() {
+    replay_capture(false, false, "new").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_replay_new_path_tls_both_legs() {
+    replay_capture(true, true, "new").await;
 }
 
 const HELLO: &str = "handshake_0x23";

@@ -110,6 +110,8 @@ pub struct HarnessReport {
     pub p90_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// `f9` replies that matched no waiting command: duplicates, or answers after a timeout.
+    pub unmatched_replies: u64,
 }
 
 impl HarnessReport {
@@ -137,6 +139,7 @@ struct Harness {
     done: u64,
     timed_out: u64,
     lost: u64,
+    unmatched: u64,
     latency: Histogram<u64>,
 }
 
@@ -149,6 +152,8 @@ struct Shared {
     /// Per-type counts of what devices sent, and of connections accepted.
     pub accepted: AtomicU64,
     received: Mutex<HashMap<PacketType, u64>>,
+    /// 0x73 packets sent to devices (commands, mesh queries, mesh acks).
+    data_sent: AtomicU64,
     acceptor: Option<SslAcceptor>,
 }
 
@@ -187,11 +192,13 @@ impl Addon {
                 done: 0,
                 timed_out: 0,
                 lost: 0,
+                unmatched: 0,
                 latency: new_histogram()?,
             }),
             next_conn: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             received: Mutex::new(HashMap::new()),
+            data_sent: AtomicU64::new(0),
             acceptor,
         });
         let stop = CancellationToken::new();
@@ -226,6 +233,23 @@ impl Addon {
     /// Packets of `t` received from devices so far.
     pub fn received(&self, t: PacketType) -> u64 {
         lock(&self.shared.received).get(&t).copied().unwrap_or(0)
+    }
+
+    /// 0x73 packets sent to devices so far; each deserves at most one 0x7b.
+    pub fn data_sent(&self) -> u64 {
+        self.shared.data_sent.load(Ordering::SeqCst)
+    }
+
+    /// Starts the harness counts and latency histogram afresh (commands in flight still count
+    /// when they finish).
+    pub fn reset_report(&self) {
+        let mut h = lock(&self.shared.harness);
+        h.sent = 0;
+        h.done = 0;
+        h.timed_out = 0;
+        h.lost = 0;
+        h.unmatched = 0;
+        h.latency.reset();
     }
 
     /// Drops every connection and listens again on the same address, like an add-on restart.
@@ -290,6 +314,7 @@ impl Addon {
         if conn.tx.send(cmd).is_err() {
             return false;
         }
+        self.shared.data_sent.fetch_add(1, Ordering::SeqCst);
         // A command still waiting on this seq after a wrap is superseded: count it lost.
         if conn.waiting.insert(seq, Instant::now()).is_some() {
             lock(&self.shared.harness).lost += 1;
@@ -353,6 +378,7 @@ impl Addon {
             p90_ms: q(0.9),
             p99_ms: q(0.99),
             max_ms: h.latency.max() as f64 / 1000.0,
+            unmatched_replies: h.unmatched,
         }
     }
 }
@@ -434,6 +460,7 @@ async fn serve(
                     if let Some(c) = lock(&shared.conns).get_mut(&id) { c.ready = true; }
                 } else {
                     query_sent = true;
+                    shared.data_sent.fetch_add(1, Ordering::SeqCst);
                     stream.write_all(&build::mesh_query(dev, MsgId([0, 0, 0]), 0)).await?;
                 }
             }
@@ -498,6 +525,7 @@ async fn handle_read(
                 if let Some(f) = p.inner().filter(|f| f.class() == FrameClass::Reply) {
                     if f.opcode == 0x52 {
                         if let Some(dev) = p.id() {
+                            shared.data_sent.fetch_add(1, Ordering::SeqCst);
                             out.extend_from_slice(&build::mesh_ack(dev, MsgId([0, 0, 0]), f.seq));
                         }
                         continue;
@@ -512,6 +540,10 @@ async fn handle_read(
                         let _ = h
                             .latency
                             .record(u64::try_from(us).unwrap_or(u64::MAX).max(1));
+                    } else if matches!(f.opcode, 0xd0 | 0xf0) {
+                        // Only the harness sends power/brightness; the device also answers the
+                        // add-on's mesh ack (`af`), which is not the harness's business.
+                        lock(&shared.harness).unmatched += 1;
                     }
                 }
             }

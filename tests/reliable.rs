@@ -488,3 +488,60 @@ async fn a_device_that_stops_reading_is_bounded_and_does_not_slow_the_others() {
     drop(fleet);
     gw.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_command_is_resent_on_schedule_then_times_out() {
+    let up_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let gw = gateway(up_listener.local_addr().expect("addr"), "new", "").await;
+    let (id, auth) = device::identity(5, 5);
+    let mut dev = TcpStream::connect(gw.device_addr).await.expect("connect");
+    dev.write_all(&build::hello(id, &auth))
+        .await
+        .expect("hello");
+    let (mut up, _) = up_listener.accept().await.expect("gateway dials");
+    let mut hello = vec![0u8; 31];
+    up.read_exact(&mut hello).await.expect("hello forwarded");
+    let cmd = build::power_command(id, MsgId([0, 0, 0]), 42, 10, true);
+    let t0 = Instant::now();
+    up.write_all(&cmd).await.expect("command");
+    // The device never answers; collect what reaches it for 4.5 s.
+    let mut arrivals = Vec::new();
+    let end = t0 + Duration::from_millis(4500);
+    let mut buf = vec![0u8; cmd.len()];
+    while let Ok(r) = tokio::time::timeout_at(end, dev.read_exact(&mut buf)).await {
+        r.expect("read");
+        assert_eq!(buf, cmd.as_ref(), "byte-identical copies");
+        arrivals.push(t0.elapsed());
+    }
+    println!("copies at {arrivals:?}");
+    assert_eq!(
+        arrivals.len(),
+        4,
+        "first send + 3 retries (max_attempts = 4)"
+    );
+    // Retry k follows the previous after 400 ms * 2^(k-1) + 0..100 ms of jitter; allow the
+    // scheduler some lateness but never earliness.
+    let mut prev = arrivals[0];
+    for (k, at) in arrivals.iter().enumerate().skip(1) {
+        let base = Duration::from_millis(400) * 2u32.pow(k as u32 - 1);
+        let gap = *at - prev;
+        assert!(
+            gap >= base - Duration::from_millis(5) && gap <= base + Duration::from_millis(350),
+            "gap {gap:?} before attempt {} (base {base:?})",
+            k + 1
+        );
+        prev = *at;
+    }
+    wait_metric(
+        gw.metrics_addr,
+        "tcp_comm_packet_sent_total{outcome=\"timeout\",transport=\"new\"}",
+        1.0,
+    )
+    .await;
+    let m = metrics(&gw).await;
+    assert_eq!(
+        sample(&m, "tcp_comm_packet_retransmit_total{transport=\"new\"}"),
+        3.0
+    );
+    gw.shutdown(Duration::from_secs(1)).await;
+}

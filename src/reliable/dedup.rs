@@ -31,7 +31,11 @@ pub struct DedupStore {
     capacity: NonZeroUsize,
     ttl: Duration,
     devices: Mutex<HashMap<DeviceId, Entries>>,
+    last_sweep: Mutex<Option<Instant>>,
 }
+
+/// Spacing of whole-store sweeps; devices that never return are dropped at this pace.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 impl DedupStore {
     pub fn new(capacity: usize, ttl: Duration) -> Self {
@@ -39,6 +43,7 @@ impl DedupStore {
             capacity: NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN),
             ttl,
             devices: Mutex::new(HashMap::new()),
+            last_sweep: Mutex::new(None),
         }
     }
 
@@ -111,6 +116,31 @@ impl DedupStore {
         self.lock().len()
     }
 
+    /// A session of `device` ended: drops its expired entries now, and sweeps the whole store
+    /// if the last sweep is older than [`SWEEP_EVERY`] (so the cost is not paid per close).
+    pub fn session_closed(&self, device: DeviceId, now: Instant) {
+        {
+            let mut map = self.lock();
+            if let Some(e) = map.get_mut(&device) {
+                Self::purge(e, self.ttl, now);
+                if e.is_empty() {
+                    map.remove(&device);
+                }
+            }
+        }
+        let due = {
+            let mut last = self.last_sweep.lock().unwrap_or_else(|e| e.into_inner());
+            let due = last.map_or(true, |t| now.saturating_duration_since(t) >= SWEEP_EVERY);
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
+        if due {
+            self.sweep(now);
+        }
+    }
+
     /// Drops expired entries everywhere, and devices left with none.
     pub fn sweep(&self, now: Instant) {
         let ttl = self.ttl;
@@ -142,6 +172,22 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(!s.late_reply(DEV, 7, Instant::now()));
         s.sweep(Instant::now());
+        assert_eq!(s.devices(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_sessions_sweep_other_devices_at_most_once_a_minute() {
+        let s = DedupStore::new(1000, Duration::from_secs(300));
+        let other = DeviceId([9, 9, 9, 9]);
+        s.remember(other, 1, (other, MsgId([0, 0, 0])), Instant::now());
+        tokio::time::advance(Duration::from_secs(250)).await;
+        s.session_closed(DEV, Instant::now());
+        assert_eq!(s.devices(), 1, "swept at 250 s; the entry is still fresh");
+        tokio::time::advance(Duration::from_secs(55)).await;
+        s.session_closed(DEV, Instant::now());
+        assert_eq!(s.devices(), 1, "expired, but the last sweep was 55 s ago");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        s.session_closed(DEV, Instant::now());
         assert_eq!(s.devices(), 0);
     }
 

@@ -323,8 +323,10 @@ impl Core {
         }
     }
 
-    /// One read from the upstream.
-    pub fn upstream_read(&mut self, read: &[u8], now: Instant) {
+    /// One read from the upstream. Returns true when it added a command, i.e. a retry timer
+    /// that may be due before the session's current wake-up.
+    pub fn upstream_read(&mut self, read: &[u8], now: Instant) -> bool {
+        let mut commands = false;
         let dir = Direction::SrvToDev;
         self.metrics
             .bytes
@@ -373,6 +375,7 @@ impl Core {
                             &mut self.rng,
                         );
                         self.dedup.forget_seq(self.device, f.seq);
+                        commands = true;
                     }
                 }
                 _ => {}
@@ -381,6 +384,7 @@ impl Core {
             self.push_to_device(frame.raw.clone(), p.ptype());
         }
         self.flush_events();
+        commands
     }
 
     /// Timers: command retries, transaction expiry, the idle limit.
@@ -474,7 +478,7 @@ impl Core {
     pub fn close(&mut self, now: Instant) {
         self.tracker.close(now, &mut self.events);
         self.flush_events();
-        self.dedup.sweep(now);
+        self.dedup.session_closed(self.device, now);
     }
 }
 
@@ -505,6 +509,8 @@ struct Shared {
     to_dev: Notify,
     /// The device queue has room again.
     room: Notify,
+    /// A timer was added (a command to retry): the session loop recomputes its wake-up.
+    rearm: Notify,
 }
 
 impl Shared {
@@ -612,8 +618,11 @@ async fn read_upstream<R: AsyncRead + Unpin>(mut r: R, sh: &Shared) -> io::Error
             Ok(n) => n,
             Err(e) => return e,
         };
-        sh.core().upstream_read(&buf[..n], Instant::now());
+        let rearm = sh.core().upstream_read(&buf[..n], Instant::now());
         sh.to_dev.notify_one();
+        if rearm {
+            sh.rearm.notify_one();
+        }
     }
 }
 
@@ -652,6 +661,7 @@ pub async fn run(
         to_up: Notify::new(),
         to_dev: Notify::new(),
         room: Notify::new(),
+        rearm: Notify::new(),
     };
     let (dev_r, dev_w) = tokio::io::split(device);
     let dev_read = read_device(dev_r, &sh);
@@ -717,6 +727,7 @@ pub async fn run(
                     }
                 }
             }
+            _ = sh.rearm.notified() => {}
             _ = tokio::time::sleep_until(wake) => {
                 let r = sh.core().tick(Instant::now());
                 sh.to_dev.notify_one();

@@ -45,6 +45,20 @@ fn check_config_names_every_problem_and_exits_64() {
 }
 
 #[test]
+fn the_reference_config_states_the_real_defaults() {
+    // Every key in config/gateway.toml is set to its documented default, so the file parsed
+    // must equal a file that sets nothing but the required upstream address.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.toml");
+    let reference = cync_gateway::config::Config::load(&path).expect("reference parses");
+    let minimal = cync_gateway::config::Config::parse(&format!(
+        "[upstream.legacy]\naddress = \"{}\"\n",
+        reference.upstream_legacy.address
+    ))
+    .expect("minimal parses");
+    assert_eq!(reference, minimal);
+}
+
+#[test]
 fn every_shipped_config_file_is_valid() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
     let mut n = 0;

@@ -35,6 +35,8 @@ pub struct DemoOptions {
     pub rate: f64,
     pub duration: Duration,
     pub seed: u64,
+    /// Share of devices on the new path (`routing.canary_percent`).
+    pub canary_percent: f64,
 }
 
 impl Default for DemoOptions {
@@ -44,6 +46,7 @@ impl Default for DemoOptions {
             rate: 20.0,
             duration: Duration::from_secs(30),
             seed: 7,
+            canary_percent: 50.0,
         }
     }
 }
@@ -55,6 +58,7 @@ pub struct DemoSummary {
     pub legacy_connections: f64,
     pub new_connections: f64,
     pub legacy_success: f64,
+    pub new_success: f64,
 }
 
 fn line(t: f64, m: &Metrics, h: &HarnessReport) -> String {
@@ -102,7 +106,9 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary, DemoError> {
     let cfg = Config::parse(&format!(
         "[listen]\ndevices = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\n\
          [device_tls]\nmode = \"tls\"\n\
+         [routing]\ncanary_percent = {}\n\
          [upstream.legacy]\naddress = \"{}\"\ntls = true\nverify = \"none\"\n",
+        opts.canary_percent,
         addon.addr()
     ))?;
     let gw = Gateway::start(cfg).await?;
@@ -120,8 +126,8 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary, DemoError> {
         gw.metrics_addr
     );
     println!(
-        "  {} simulated devices, the add-on sends {} commands/s; routing: every device on the legacy path",
-        opts.devices, opts.rate
+        "  {} simulated devices, the add-on sends {} commands/s; routing: {}% of devices (by stable hash of their id) on the new path",
+        opts.devices, opts.rate, opts.canary_percent
     );
     let load_cfg = LoadConfig {
         target: gw.device_addr,
@@ -147,6 +153,10 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary, DemoError> {
             "tcp_comm_packet_sent_total",
             &[("transport", "legacy"), ("outcome", "success")],
         ),
+        new_success: m.total(
+            "tcp_comm_packet_sent_total",
+            &[("transport", "new"), ("outcome", "success")],
+        ),
     };
     println!("\nsummary after {:.1}s:", report.duration_s);
     println!(
@@ -169,8 +179,10 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary, DemoError> {
         report.commands.max_ms
     );
     println!(
-        "  gateway measured on the legacy path: {:.0} commands succeeded (the add-on's, plus its mesh query and mesh ack per connection)",
-        summary.legacy_success
+        "  gateway measured: legacy {:.0}, new {:.0} commands succeeded (the add-on's, plus its mesh query and mesh ack per connection); new path re-sent {:.0}",
+        summary.legacy_success,
+        summary.new_success,
+        m.total("tcp_comm_packet_retransmit_total", &[("transport", "new")])
     );
     let stop = CancellationToken::new();
     stop.cancel();

@@ -46,6 +46,9 @@ enum Cmd {
         /// Commands per second sent by the fake add-on.
         #[arg(long, default_value_t = 20.0)]
         rate: f64,
+        /// Share of devices routed to the new path, 0-100.
+        #[arg(long, default_value_t = 50.0)]
+        canary_percent: f64,
     },
     /// Validate a configuration file; print every problem; exit 64 if there is any.
     CheckConfig {
@@ -63,10 +66,12 @@ fn main() -> ExitCode {
             duration,
             devices,
             rate,
+            canary_percent,
         } => demo(cync_gateway::demo::DemoOptions {
             devices,
             rate,
             duration,
+            canary_percent,
             ..Default::default()
         }),
     }

@@ -259,9 +259,24 @@ fn demo_shows_a_live_summary_and_exits_0_after_its_duration() {
     let live = stdout.lines().filter(|l| l.starts_with('[')).count();
     assert!(live >= 3, "a summary line every second:\n{stdout}");
     assert!(stdout.contains("summary after"), "{stdout}");
-    assert!(
-        stdout.contains("legacy: 10 conns"),
+    // Default canary 50 %: the ten devices split between the paths by their stable buckets.
+    let last = stdout
+        .lines()
+        .filter(|l| l.starts_with('['))
+        .last()
+        .unwrap_or_default();
+    let conns = |path: &str| -> u32 {
+        last.split(&format!("{path}: "))
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {path} count in {last:?}"))
+    };
+    assert_eq!(
+        conns("legacy") + conns("new"),
+        10,
         "all devices connected through the gateway:\n{stdout}"
     );
+    assert!(conns("new") > 0 && conns("legacy") > 0, "{last}");
     assert!(stdout.contains("success 100.00%"), "{stdout}");
 }

@@ -262,8 +262,7 @@ fn demo_shows_a_live_summary_and_exits_0_after_its_duration() {
     // Default canary 50 %: the ten devices split between the paths by their stable buckets.
     let last = stdout
         .lines()
-        .filter(|l| l.starts_with('['))
-        .last()
+        .rfind(|l| l.starts_with('['))
         .unwrap_or_default();
     let conns = |path: &str| -> u32 {
         last.split(&format!("{path}: "))

@@ -11,6 +11,7 @@
 //!   in range, TLS files named consistently. Code that holds one never re-checks.
 //! - Defaults live here, once, and are documented key by key in `config/gateway.toml`.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::protocol::DEFAULT_MAX_DATA_LEN;
+use crate::protocol::{DeviceId, DEFAULT_MAX_DATA_LEN};
 
 /// One thing wrong with a configuration file, tied to its dotted key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,11 +99,33 @@ struct RawConfig {
     routing: RawRouting,
     #[serde(default)]
     reliable: RawReliable,
+    #[serde(default)]
+    dark_launch: RawDarkLaunch,
+    #[serde(default)]
+    reload: RawReload,
 }
 
 #[derive(Debug, Default, Deserialize)]
 struct RawRouting {
     canary_percent: Option<f64>,
+    force_new: Option<Vec<String>>,
+    force_legacy: Option<Vec<String>>,
+    rehome: Option<String>,
+    rehome_rate: Option<f64>,
+    drain_grace: Option<RawDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawDarkLaunch {
+    mode: Option<String>,
+    percent: Option<f64>,
+    compare_window: Option<RawDuration>,
+    mirror_queue_bytes: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawReload {
+    poll_interval: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,6 +165,7 @@ struct RawDeviceTls {
 #[derive(Debug, Default, Deserialize)]
 struct RawUpstreams {
     legacy: Option<RawUpstream>,
+    shadow: Option<RawUpstream>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -202,12 +226,58 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub routing: Routing,
     pub reliable: Reliable,
+    pub dark_launch: DarkLaunch,
+    /// Where mirror mode replays device traffic; required for `dark_launch.mode = "mirror"`.
+    pub upstream_shadow: Option<Upstream>,
+    pub reload: Reload,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Routing {
     /// Share of devices on the new path, 0–100 in steps of 0.01 (design decision 2).
     pub canary_percent: f64,
+    /// Always on the new path (unless the rollback latch is set), whatever the percentage.
+    pub force_new: BTreeSet<DeviceId>,
+    /// Always on the legacy path; wins over `force_new`.
+    pub force_legacy: BTreeSet<DeviceId>,
+    pub rehome: Rehome,
+    /// Connections re-homed per second at most.
+    pub rehome_rate: f64,
+    /// How long a re-homed connection may wait for its commands in flight.
+    pub drain_grace: Duration,
+}
+
+/// Whether open connections follow a routing change (design decision 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rehome {
+    Auto,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DarkMode {
+    Off,
+    /// Run the reliable-session logic on a copy of legacy traffic; write nothing.
+    Observe,
+    /// Also replay device frames to `upstream.shadow` and compare its answers.
+    Mirror,
+}
+
+/// Dark launch (design decision 8).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DarkLaunch {
+    pub mode: DarkMode,
+    /// Share of legacy devices shadowed, by a bucket independent of the canary's.
+    pub percent: f64,
+    /// A reply seen on one side and not the other within this is missing / extra.
+    pub compare_window: Duration,
+    pub mirror_queue_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reload {
+    /// How often the file is checked for changes; zero disables polling (SIGHUP only).
+    pub poll_interval: Duration,
 }
 
 /// What ends a command's retries.
@@ -560,28 +630,129 @@ impl Validator<'_> {
                 per_device: raw.metrics.per_device.unwrap_or(false),
             },
             routing: self.routing(raw.routing),
+            dark_launch: self.dark_launch(raw.dark_launch, raw.upstream.shadow.is_some()),
+            upstream_shadow: raw
+                .upstream
+                .shadow
+                .map(|u| self.upstream("upstream.shadow", u)),
+            reload: Reload {
+                poll_interval: self.duration(
+                    "reload.poll_interval",
+                    raw.reload.poll_interval,
+                    Duration::from_secs(1),
+                ),
+            },
             reliable: self.reliable(raw.reliable, &protocol_deadline, protocol_frame_len),
         }
     }
 
-    fn routing(&mut self, raw: RawRouting) -> Routing {
-        let p = raw.canary_percent.unwrap_or(0.0);
-        let canary_percent = if !(0.0..=100.0).contains(&p) || p.is_nan() {
-            self.problem(
-                "routing.canary_percent",
-                format!("{p} is out of range 0..=100"),
-            );
+    fn percent(&mut self, key: &str, raw: Option<f64>) -> f64 {
+        let p = raw.unwrap_or(0.0);
+        if !(0.0..=100.0).contains(&p) || p.is_nan() {
+            self.problem(key, format!("{p} is out of range 0..=100"));
             0.0
         } else if ((p * 100.0).round() - p * 100.0).abs() > 1e-6 {
             self.problem(
-                "routing.canary_percent",
+                key,
                 format!("{p} has more than two decimals (steps are 0.01 %)"),
             );
             0.0
         } else {
             p
+        }
+    }
+
+    fn device_ids(&mut self, key: &str, raw: Option<Vec<String>>) -> BTreeSet<DeviceId> {
+        let mut out = BTreeSet::new();
+        for text in raw.unwrap_or_default() {
+            match DeviceId::from_hex(text.trim()) {
+                Some(id) => {
+                    out.insert(id);
+                }
+                None => self.problem(
+                    key,
+                    format!("{text:?} is not a device id (8 hex digits, as in logs and metrics)"),
+                ),
+            }
+        }
+        out
+    }
+
+    fn routing(&mut self, raw: RawRouting) -> Routing {
+        let canary_percent = self.percent("routing.canary_percent", raw.canary_percent);
+        let force_new = self.device_ids("routing.force_new", raw.force_new);
+        let force_legacy = self.device_ids("routing.force_legacy", raw.force_legacy);
+        let rehome = match raw.rehome.as_deref().unwrap_or("auto") {
+            "auto" => Rehome::Auto,
+            "never" => Rehome::Never,
+            other => {
+                self.problem(
+                    "routing.rehome",
+                    format!("{other:?} is not \"auto\" or \"never\""),
+                );
+                Rehome::Auto
+            }
         };
-        Routing { canary_percent }
+        let rehome_rate = match raw.rehome_rate {
+            None => 5.0,
+            Some(r) if r > 0.0 && r <= 10_000.0 => r,
+            Some(r) => {
+                self.problem(
+                    "routing.rehome_rate",
+                    format!("{r} is out of range (0, 10000] connections per second"),
+                );
+                5.0
+            }
+        };
+        Routing {
+            canary_percent,
+            force_new,
+            force_legacy,
+            rehome,
+            rehome_rate,
+            drain_grace: self.duration(
+                "routing.drain_grace",
+                raw.drain_grace,
+                Duration::from_secs(5),
+            ),
+        }
+    }
+
+    fn dark_launch(&mut self, raw: RawDarkLaunch, shadow: bool) -> DarkLaunch {
+        let mode = match raw.mode.as_deref().unwrap_or("off") {
+            "off" => DarkMode::Off,
+            "observe" => DarkMode::Observe,
+            "mirror" => DarkMode::Mirror,
+            other => {
+                self.problem(
+                    "dark_launch.mode",
+                    format!("{other:?} is not \"off\", \"observe\" or \"mirror\""),
+                );
+                DarkMode::Off
+            }
+        };
+        if mode == DarkMode::Mirror && !shadow {
+            self.problem(
+                "upstream.shadow",
+                "required when dark_launch.mode = \"mirror\": [upstream.shadow] address = \"host:port\"",
+            );
+        }
+        DarkLaunch {
+            mode,
+            percent: self.percent("dark_launch.percent", raw.percent),
+            compare_window: self.positive_duration(
+                "dark_launch.compare_window",
+                raw.compare_window,
+                Duration::from_secs(2),
+            ),
+            mirror_queue_bytes: self.int_in(
+                "dark_launch.mirror_queue_bytes",
+                raw.mirror_queue_bytes,
+                64 * 1024,
+                4096,
+                64 * 1024 * 1024,
+            ),
+        }
     }
 
     fn reliable(

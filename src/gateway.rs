@@ -22,7 +22,9 @@ use crate::admin::{self, Health};
 use crate::config::{Config, DeviceTlsMode};
 use crate::listener::{ConnContext, Listener};
 use crate::metrics::{Metrics, MetricsError};
+use crate::rehome::{self, Registry};
 use crate::reliable::{DedupStore, SessionCtx};
+use crate::reload::{self, Live, Reloader};
 use crate::shutdown::{DrainOutcome, Shutdown};
 use crate::tls::{self, TlsError};
 use crate::upstream::Dialer;
@@ -52,6 +54,10 @@ pub struct Gateway {
     pub health: Arc<Health>,
     /// The generated device certificate, when none was configured.
     pub generated_cert: Option<openssl::x509::X509>,
+    /// The configuration in force (and the rollback latch).
+    pub live: Arc<Live>,
+    /// Open routed connections.
+    pub registry: Arc<Registry>,
     shutdown: Shutdown,
     http_stop: CancellationToken,
     listener_task: JoinHandle<()>,
@@ -103,19 +109,25 @@ impl Gateway {
             device_tls = acceptor.is_some(),
             "cync-gateway listening"
         );
-        metrics.canary_percent.set(config.routing.canary_percent);
-        let config = Arc::new(config);
+        let dedup_capacity = config.reliable.dedup_capacity;
+        let dedup_ttl = config.reliable.dedup_ttl;
+        let live = Live::new(config);
+        reload::publish(&metrics, &live);
+        let registry = Arc::new(Registry::default());
         let reliable = SessionCtx {
-            config: config.clone(),
             metrics: metrics.clone(),
             dialer: legacy.clone(),
-            dedup: Arc::new(DedupStore::new(
-                config.reliable.dedup_capacity,
-                config.reliable.dedup_ttl,
-            )),
+            dedup: Arc::new(DedupStore::new(dedup_capacity, dedup_ttl)),
         };
+        tokio::spawn(rehome::run(
+            live.clone(),
+            registry.clone(),
+            metrics.clone(),
+            shutdown.token(),
+        ));
         let ctx = Arc::new(ConnContext {
-            config,
+            live: live.clone(),
+            registry: registry.clone(),
             metrics: metrics.clone(),
             acceptor,
             legacy,
@@ -138,11 +150,24 @@ impl Gateway {
             metrics,
             health,
             generated_cert,
+            live,
+            registry,
             shutdown,
             http_stop,
             listener_task,
             http_task,
         })
+    }
+
+    /// Reloads the configuration from `path` on every message from `hup` (the daemon sends one
+    /// per SIGHUP) and when the file's content changes (`reload.poll_interval`).
+    pub fn watch_config(
+        &self,
+        path: &std::path::Path,
+        hup: tokio::sync::mpsc::UnboundedReceiver<()>,
+    ) {
+        let reloader = Reloader::new(path, self.live.clone(), self.metrics.clone());
+        tokio::spawn(reload::run(reloader, hup, self.shutdown.token()));
     }
 
     /// A token that is cancelled when shutdown starts (for callers that trigger it elsewhere).

@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, Transport};
 use crate::protocol::{DeviceId, Tap};
+use crate::rehome::ConnStop;
 use crate::tls::Stream;
 use crate::transactions::{Direction, Event, Tracker};
 
@@ -48,6 +48,8 @@ pub enum CloseReason {
     QueueFull,
     /// New path: the upstream dropped and could not be redialled.
     ResumeFailed,
+    /// Closed so the device redials onto its new path.
+    Rehomed,
 }
 
 impl CloseReason {
@@ -64,6 +66,7 @@ impl CloseReason {
             Self::IdleTimeout => "idle_timeout",
             Self::QueueFull => "queue_full",
             Self::ResumeFailed => "resume_failed",
+            Self::Rehomed => "rehomed",
         }
     }
 }
@@ -218,7 +221,7 @@ pub async fn run(
     mut upstream: Stream,
     first: &[u8],
     obs: &Observer,
-    shutdown: CancellationToken,
+    stop: &ConnStop,
 ) -> CloseReason {
     if !first.is_empty() {
         if let Err(e) = upstream.write_all(first).await {
@@ -243,6 +246,14 @@ pub async fn run(
         let mut dev_done = false;
         let mut half_closed_at: Option<Instant> = None;
         let mut draining = false;
+        let mut grace_until: Option<Instant> = None;
+        let stopped = || {
+            if stop.is_rehome() {
+                CloseReason::Rehomed
+            } else {
+                CloseReason::Drained
+            }
+        };
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
@@ -283,11 +294,14 @@ pub async fn run(
                     }
                 }
                 _ = drain_tick.tick(), if draining => {
-                    if obs.pending_commands() == 0 { break CloseReason::Drained; }
+                    if obs.pending_commands() == 0 || grace_until.is_some_and(|t| Instant::now() >= t) {
+                        break stopped();
+                    }
                 }
-                _ = shutdown.cancelled(), if !draining => {
+                _ = stop.token().cancelled(), if !draining => {
                     draining = true;
-                    if obs.pending_commands() == 0 { break CloseReason::Drained; }
+                    if stop.is_rehome() { grace_until = Some(Instant::now() + stop.grace()); }
+                    if obs.pending_commands() == 0 { break stopped(); }
                 }
             }
         }

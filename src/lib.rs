@@ -19,6 +19,8 @@
 //! | --- | --- |
 //! | [`protocol`] | the wire format: stream codec, typed packets |
 //! | [`config`] | the TOML file and its validation |
+//! | [`reload`] | the configuration in force, SIGHUP and file-poll reloads |
+//! | [`rehome`] | open connections, and moving them when their route changes |
 //! | [`listener`] | accept loop, TLS accept, handshake peek, connection limit |
 //! | [`router`] | which path a device takes: its stable bucket and the percentage |
 //! | [`legacy`] | byte-exact passthrough and its passive observer |
@@ -41,7 +43,9 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;
+pub mod rehome;
 pub mod reliable;
+pub mod reload;
 pub mod router;
 pub mod shutdown;
 pub mod sim;

@@ -24,11 +24,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, field, info, warn, Instrument};
 
-use crate::config::Config;
 use crate::legacy::{self, Observer};
 use crate::metrics::{Metrics, Transport};
 use crate::protocol::{header_data_len_checked, DeviceId, Packet, PacketType};
+use crate::rehome::{ConnStop, Registry};
 use crate::reliable::{self, SessionCtx};
+use crate::reload::Live;
 use crate::router;
 use crate::tls::{self, Stream};
 use crate::transactions::Tracker;
@@ -39,7 +40,9 @@ pub const LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Everything a connection handler needs, shared by all connections.
 pub struct ConnContext {
-    pub config: Arc<Config>,
+    /// The configuration in force; each connection takes a snapshot when it is accepted.
+    pub live: Arc<Live>,
+    pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub acceptor: Option<Arc<SslAcceptor>>,
     pub legacy: Dialer,
@@ -57,13 +60,17 @@ pub struct Listener {
 
 impl Listener {
     pub fn new(listener: TcpListener, ctx: Arc<ConnContext>, tasks: TaskTracker) -> Listener {
-        let limit = Arc::new(Semaphore::new(ctx.config.listen.max_connections));
+        let limit = Arc::new(Semaphore::new(ctx.live.config().listen.max_connections));
         Listener {
             listener,
             ctx,
             limit,
             tasks,
         }
+    }
+
+    fn limit_size(&self) -> usize {
+        self.ctx.live.config().listen.max_connections
     }
 
     /// Accepts until shutdown. Accept errors (e.g. out of file descriptors) are logged and
@@ -101,7 +108,7 @@ impl Listener {
                     if last_limit_log.map_or(true, |t| t.elapsed() >= LIMIT_LOG_EVERY) {
                         warn!(
                             %peer,
-                            max_connections = self.ctx.config.listen.max_connections,
+                            max_connections = self.limit_size(),
                             refused = refused_since_log,
                             "connection limit reached; refusing new device connections (raise listen.max_connections or add instances)"
                         );
@@ -191,7 +198,7 @@ impl Drop for ActiveGuard {
 
 async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePermit) {
     let _ = tcp.set_nodelay(true);
-    let cfg = &ctx.config;
+    let cfg = ctx.live.config();
     let metrics = &ctx.metrics;
     let deadline = Instant::now() + cfg.listen.handshake_timeout;
     let mut device = match &ctx.acceptor {
@@ -235,10 +242,10 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
         return;
     };
     let span = tracing::Span::current();
-    let (device_id, reason) = match hello {
+    let device_id = match hello {
         Hello::Device(id) => {
             span.record("device", field::display(id));
-            (Some(id), "percent")
+            Some(id)
         }
         Hello::NoHandshake(why) => {
             debug!(
@@ -246,13 +253,11 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
                 bytes = first.len(),
                 "no valid hello; routing to legacy"
             );
-            (None, "no_handshake")
+            None
         }
     };
-    let transport = match device_id {
-        Some(id) => router::by_percent(id, cfg.routing.canary_percent),
-        None => Transport::Legacy,
-    };
+    let route = router::route(device_id, &cfg.routing, ctx.live.latched());
+    let (transport, reason) = (route.transport, route.reason.label());
     span.record("route", transport.label());
     metrics
         .routing_decisions
@@ -292,15 +297,18 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
         cipher = device.cipher_name().unwrap_or("-"),
         "forwarding"
     );
+    let stop = ConnStop::new(&ctx.shutdown, cfg.routing.drain_grace);
+    let _registration = device_id.map(|id| ctx.registry.register(id, transport, stop.clone()));
     let reason = match (transport, device_id) {
         (Transport::New, Some(id)) => {
             reliable::run(
                 &ctx.reliable,
+                cfg.clone(),
                 id,
                 device,
                 upstream,
                 first.freeze(),
-                ctx.shutdown.clone(),
+                &stop,
             )
             .await
         }
@@ -312,7 +320,7 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
                 Tracker::new(cfg.protocol.command_deadline, cfg.protocol.reply_timeout),
                 cfg.protocol.max_frame_len,
             );
-            legacy::run(device, upstream, &first, &obs, ctx.shutdown.clone()).await
+            legacy::run(device, upstream, &first, &obs, &stop).await
         }
     };
     metrics

@@ -139,6 +139,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
+    let config_path = path.to_path_buf();
     rt.block_on(async move {
         let drain_timeout = config.shutdown.drain_timeout;
         let gw = match Gateway::start(config).await {
@@ -149,21 +150,14 @@ fn run(path: &std::path::Path) -> ExitCode {
                 return ExitCode::from(EXIT_RUNTIME);
             }
         };
-        let (hup_tx, mut hup_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (hup_tx, hup_rx) = tokio::sync::mpsc::unbounded_channel();
         let sd = gw.shutdown_handle();
         if let Err(e) = shutdown::spawn_signal_handler(sd.clone(), hup_tx) {
             eprintln!("cync-gateway: installing signal handlers: {e}");
             return ExitCode::from(EXIT_RUNTIME);
         }
-        let token = sd.token();
-        loop {
-            tokio::select! {
-                _ = token.cancelled() => break,
-                Some(()) = hup_rx.recv() => {
-                    tracing::warn!("SIGHUP received: this build does not reload configuration yet; restart to apply changes");
-                }
-            }
-        }
+        gw.watch_config(&config_path, hup_rx);
+        sd.token().cancelled().await;
         match gw.shutdown(drain_timeout).await {
             DrainOutcome::Clean | DrainOutcome::TimedOut { .. } => ExitCode::SUCCESS,
         }

@@ -77,6 +77,11 @@ pub struct Metrics {
     pub resumptions: IntCounterVec,
     pub resume_frames: IntCounterVec,
     pub canary_percent: prometheus::Gauge,
+    pub canary_effective_percent: prometheus::Gauge,
+    pub config_reloads: IntCounterVec,
+    pub config_restart_required: IntGauge,
+    pub rehomes: IntCounterVec,
+    pub shadow_comparisons: IntCounterVec,
     pub ready: IntGauge,
     pub draining: IntGauge,
 }
@@ -141,6 +146,16 @@ impl Metrics {
             "Configured share of devices routed to the new path (percent)",
         )?;
         r.register(Box::new(canary_percent.clone()))?;
+        let canary_effective_percent = prometheus::Gauge::new(
+            "tcp_comm_canary_effective_percentage",
+            "Share of devices routed to the new path now: the configured one, or 0 while the rollback latch is set",
+        )?;
+        r.register(Box::new(canary_effective_percent.clone()))?;
+        let config_restart_required = IntGauge::new(
+            "tcp_comm_config_restart_required",
+            "1 while the config file changes settings that only a restart applies",
+        )?;
+        r.register(Box::new(config_restart_required.clone()))?;
         let build = IntGaugeVec::new(
             Opts::new("tcp_comm_build_info", "Build information; always 1"),
             &["version"],
@@ -273,6 +288,26 @@ impl Metrics {
                 &["transport", "action"],
             )?,
             canary_percent,
+            canary_effective_percent,
+            config_reloads: counter(
+                &r,
+                "tcp_comm_config_reloads_total",
+                "Configuration reloads by result",
+                &["result"],
+            )?,
+            config_restart_required,
+            rehomes: counter(
+                &r,
+                "tcp_comm_rehomes_total",
+                "Open connections closed so the device redials onto its new path",
+                &["from", "to"],
+            )?,
+            shadow_comparisons: counter(
+                &r,
+                "tcp_comm_shadow_comparisons_total",
+                "Dark launch (mirror): the shadow upstream's replies compared with the legacy upstream's",
+                &["result", "packet_type"],
+            )?,
             ready,
             draining,
             registry: r,

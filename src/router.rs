@@ -1,27 +1,31 @@
-//! Routing: which path a device's connection takes (design decisions 2 and 3).
+//! Routing: which path a device's connection takes (design decisions 1–3), and which legacy
+//! devices the dark launch shadows (decision 8).
 //!
-//! Owns the stable bucket of a device and the percentage rule. It is pure: the same device id
-//! and percentage give the same answer in every process and after every restart, because the
-//! bucket comes from a hash of the id alone and nothing is cached.
+//! Pure: device id + routing config + rollback latch → route and reason. The same inputs give
+//! the same answer in every process and after every restart, because buckets come from a hash
+//! of the id alone and nothing is cached.
 //!
 //! Invariants:
 //! - `bucket(id) = u64_be(SHA-256("cync-gateway/v1:" + hex(id))[0..8]) % 10_000`, and a device
-//!   is on the new path iff `bucket < percent * 100`; raising the percentage only ever adds
-//!   devices.
-//! - Percent 0 routes nothing to the new path and 100 routes everything.
+//!   is on the new path by percentage iff `bucket < percent * 100`; raising the percentage only
+//!   ever adds devices.
+//! - Precedence: no handshake → legacy; rollback latch → legacy; `force_legacy` → legacy;
+//!   `force_new` → new; then the percentage.
+//! - The dark-launch bucket uses another salt, so which legacy devices are shadowed does not
+//!   depend on (or coincide with) the canary cohort.
 
 use sha2::{Digest, Sha256};
 
+use crate::config::{DarkLaunch, DarkMode, Routing};
 use crate::metrics::Transport;
 use crate::protocol::DeviceId;
 
 /// Number of buckets: percent is resolved to 0.01 % steps.
 pub const BUCKETS: u64 = 10_000;
 
-/// The device's stable bucket, 0..10_000.
-pub fn bucket(id: DeviceId) -> u64 {
+fn salted_bucket(salt: &[u8], id: DeviceId) -> u64 {
     let mut h = Sha256::new();
-    h.update(b"cync-gateway/v1:");
+    h.update(salt);
     h.update(id.to_hex().as_bytes());
     let digest = h.finalize();
     let mut first = [0u8; 8];
@@ -29,16 +33,79 @@ pub fn bucket(id: DeviceId) -> u64 {
     u64::from_be_bytes(first) % BUCKETS
 }
 
-/// The path for `id` at `percent` (0–100).
-pub fn by_percent(id: DeviceId, percent: f64) -> Transport {
+/// The device's stable canary bucket, 0..10_000.
+pub fn bucket(id: DeviceId) -> u64 {
+    salted_bucket(b"cync-gateway/v1:", id)
+}
+
+fn below(bucket: u64, percent: f64) -> bool {
     // Percent has at most two decimals (validated), so percent * 100 is an integer up to
     // rounding error; round rather than truncate so 10.01 % is 1001 buckets, not 1000.
-    let threshold = (percent * 100.0).round().clamp(0.0, BUCKETS as f64) as u64;
-    if bucket(id) < threshold {
+    bucket < (percent * 100.0).round().clamp(0.0, BUCKETS as f64) as u64
+}
+
+/// The path for `id` at `percent` (0–100), by bucket alone.
+pub fn by_percent(id: DeviceId, percent: f64) -> Transport {
+    if below(bucket(id), percent) {
         Transport::New
     } else {
         Transport::Legacy
     }
+}
+
+/// Why a connection took its path; the `reason` label of `tcp_comm_routing_decisions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Percent,
+    ForceNew,
+    ForceLegacy,
+    Rollback,
+    NoHandshake,
+}
+
+impl Reason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Percent => "percent",
+            Self::ForceNew => "force_new",
+            Self::ForceLegacy => "force_legacy",
+            Self::Rollback => "rollback",
+            Self::NoHandshake => "no_handshake",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub transport: Transport,
+    pub reason: Reason,
+}
+
+/// The route of a connection from `id` (`None`: no valid hello) under `routing`, with the
+/// rollback latch set or not.
+pub fn route(id: Option<DeviceId>, routing: &Routing, latched: bool) -> Route {
+    let (transport, reason) = match id {
+        None => (Transport::Legacy, Reason::NoHandshake),
+        Some(_) if latched => (Transport::Legacy, Reason::Rollback),
+        Some(id) if routing.force_legacy.contains(&id) => (Transport::Legacy, Reason::ForceLegacy),
+        Some(id) if routing.force_new.contains(&id) => (Transport::New, Reason::ForceNew),
+        Some(id) => (by_percent(id, routing.canary_percent), Reason::Percent),
+    };
+    Route { transport, reason }
+}
+
+/// The percentage actually in force: the configured one, or 0 while the latch is set.
+pub fn effective_percent(routing: &Routing, latched: bool) -> f64 {
+    if latched {
+        0.0
+    } else {
+        routing.canary_percent
+    }
+}
+
+/// Whether a legacy connection from `id` is shadowed by the dark launch.
+pub fn shadowed(id: DeviceId, dark: &DarkLaunch) -> bool {
+    dark.mode != DarkMode::Off && below(salted_bucket(b"cync-gateway/v1/shadow:", id), dark.percent)
 }
 
 #[cfg(test)]
@@ -58,6 +125,78 @@ mod tests {
             digest[0], digest[1], digest[2], digest[3], digest[4], digest[5], digest[6], digest[7],
         ]) % 10_000;
         assert_eq!(bucket(d), want);
+    }
+
+    fn routing(extra: &str) -> Routing {
+        let text = format!("[upstream.legacy]\naddress = \"h:1\"\n[routing]\n{extra}\n");
+        crate::config::Config::parse(&text).expect("config").routing
+    }
+
+    #[test]
+    fn precedence_latch_then_force_legacy_then_force_new_then_percent() {
+        let a = id(1);
+        let b = id(2);
+        let r = routing(&format!(
+            "canary_percent = 100\nforce_new = [\"{a}\", \"{b}\"]\nforce_legacy = [\"{b}\"]"
+        ));
+        let t = |id, latched| route(Some(id), &r, latched);
+        assert_eq!(
+            t(a, false),
+            Route {
+                transport: Transport::New,
+                reason: Reason::ForceNew
+            }
+        );
+        assert_eq!(
+            t(b, false),
+            Route {
+                transport: Transport::Legacy,
+                reason: Reason::ForceLegacy
+            }
+        );
+        assert_eq!(
+            t(id(3), false),
+            Route {
+                transport: Transport::New,
+                reason: Reason::Percent
+            }
+        );
+        for x in [a, b, id(3)] {
+            assert_eq!(
+                t(x, true),
+                Route {
+                    transport: Transport::Legacy,
+                    reason: Reason::Rollback
+                }
+            );
+        }
+        assert_eq!(
+            route(None, &r, false),
+            Route {
+                transport: Transport::Legacy,
+                reason: Reason::NoHandshake
+            }
+        );
+        let zero = routing(&format!("canary_percent = 0\nforce_new = [\"{a}\"]"));
+        assert_eq!(route(Some(a), &zero, false).transport, Transport::New);
+        assert_eq!(route(Some(b), &zero, false).transport, Transport::Legacy);
+        assert_eq!(effective_percent(&r, true), 0.0);
+        assert_eq!(effective_percent(&r, false), 100.0);
+    }
+
+    #[test]
+    fn shadow_bucket_is_independent_of_the_canary_bucket() {
+        let text = "[upstream.legacy]\naddress = \"h:1\"\n[upstream.shadow]\naddress = \"h:2\"\n[dark_launch]\nmode = \"observe\"\npercent = 10\n";
+        let dark = crate::config::Config::parse(text)
+            .expect("config")
+            .dark_launch;
+        let both = (0..10_000)
+            .filter(|n| shadowed(id(*n), &dark) && by_percent(id(*n), 10.0) == Transport::New)
+            .count();
+        let shadow = (0..10_000).filter(|n| shadowed(id(*n), &dark)).count();
+        assert!((800..=1200).contains(&shadow), "{shadow}");
+        // Independent 10 % draws overlap on about 1 %, not 10 %.
+        assert!((50..=150).contains(&both), "{both}");
     }
 
     #[test]

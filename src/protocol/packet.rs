@@ -222,6 +222,12 @@ impl DecodeError {
 pub struct DeviceId(pub [u8; 4]);
 
 impl DeviceId {
+    /// Parses the 8-hex-digit form [`DeviceId::to_hex`] prints (case-insensitive).
+    pub fn from_hex(text: &str) -> Option<DeviceId> {
+        let bytes = hex::decode(text).ok()?;
+        Some(DeviceId(bytes.try_into().ok()?))
+    }
+
     pub fn to_hex(self) -> String {
         hex::encode(self.0)
     }

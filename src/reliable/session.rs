@@ -30,7 +30,6 @@ use rand::SeedableRng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::dedup::DedupStore;
@@ -41,6 +40,7 @@ use crate::config::Config;
 use crate::legacy::CloseReason;
 use crate::metrics::{Metrics, Transport};
 use crate::protocol::{build, header_data_len, DeviceId, FrameClass, Packet, PacketType, Tap};
+use crate::rehome::ConnStop;
 use crate::tls::Stream;
 use crate::transactions::{Direction, Event, Tracker};
 use crate::upstream::Dialer;
@@ -55,7 +55,6 @@ const FLUSH_ON_CLOSE: Duration = Duration::from_secs(1);
 
 /// What every reliable session shares.
 pub struct SessionCtx {
-    pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub dialer: Dialer,
     pub dedup: Arc<DedupStore>,
@@ -97,8 +96,13 @@ pub struct Core {
 
 impl Core {
     /// `hello` is the device's 0x23 frame, replayed when the upstream is resumed.
-    pub fn new(ctx: &SessionCtx, device: DeviceId, hello: Bytes, now: Instant) -> Core {
-        let cfg = ctx.config.clone();
+    pub fn new(
+        ctx: &SessionCtx,
+        cfg: Arc<Config>,
+        device: DeviceId,
+        hello: Bytes,
+        now: Instant,
+    ) -> Core {
         let r = &cfg.reliable;
         let gauge = |dir: Direction| {
             ctx.metrics
@@ -643,15 +647,16 @@ type RedialFuture<'a> =
 /// `first` holds the bytes already read from the device (starting with its 0x23).
 pub async fn run(
     ctx: &SessionCtx,
+    cfg: Arc<Config>,
     device_id: DeviceId,
     device: Stream,
     upstream: Stream,
     first: Bytes,
-    shutdown: CancellationToken,
+    stop: &ConnStop,
 ) -> CloseReason {
     let hello_len = header_data_len(&first).map_or(first.len(), |d| (5 + d).min(first.len()));
     let now = Instant::now();
-    let mut core = Core::new(ctx, device_id, first.slice(..hello_len), now);
+    let mut core = Core::new(ctx, cfg, device_id, first.slice(..hello_len), now);
     if let Err(reason) = core.device_read(&first, now) {
         core.close(now);
         return reason;
@@ -670,6 +675,14 @@ pub async fn run(
     let mut up: Option<UpFuture<'_>> = Some(Box::pin(upstream_io(upstream, None, &sh)));
     let mut redial: Option<RedialFuture<'_>> = None;
     let mut draining = false;
+    let mut grace_until: Option<Instant> = None;
+    let stopped = || {
+        if stop.is_rehome() {
+            CloseReason::Rehomed
+        } else {
+            CloseReason::Drained
+        }
+    };
     let mut device_done: Option<Instant> = None;
     let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
 
@@ -736,11 +749,14 @@ pub async fn run(
                 }
             }
             _ = drain_tick.tick(), if draining => {
-                if sh.core().pending_commands() == 0 { break CloseReason::Drained; }
+                if sh.core().pending_commands() == 0 || grace_until.is_some_and(|t| Instant::now() >= t) {
+                    break stopped();
+                }
             }
-            _ = shutdown.cancelled(), if !draining => {
+            _ = stop.token().cancelled(), if !draining => {
                 draining = true;
-                if sh.core().pending_commands() == 0 { break CloseReason::Drained; }
+                if stop.is_rehome() { grace_until = Some(Instant::now() + stop.grace()); }
+                if sh.core().pending_commands() == 0 { break stopped(); }
             }
         }
     };
@@ -763,22 +779,24 @@ mod tests {
     const DEV: DeviceId = DeviceId([0x38, 0xe8, 0xcf, 0x46]);
     const ZERO: MsgId = MsgId([0, 0, 0]);
 
-    fn ctx(extra: &str) -> SessionCtx {
+    fn ctx(extra: &str) -> (SessionCtx, Arc<Config>) {
         let text = format!(
             "[upstream.legacy]\naddress = \"127.0.0.1:1\"\ntls = false\n[reliable]\n{extra}\n"
         );
         let config = Arc::new(Config::parse(&text).expect("config"));
-        SessionCtx {
-            metrics: Arc::new(Metrics::new(false).expect("metrics")),
-            dialer: Dialer::new(&config.upstream_legacy).expect("dialer"),
-            dedup: Arc::new(DedupStore::new(1000, Duration::from_secs(300))),
+        (
+            SessionCtx {
+                metrics: Arc::new(Metrics::new(false).expect("metrics")),
+                dialer: Dialer::new(&config.upstream_legacy).expect("dialer"),
+                dedup: Arc::new(DedupStore::new(1000, Duration::from_secs(300))),
+            },
             config,
-        }
+        )
     }
 
-    fn core(ctx: &SessionCtx) -> Core {
+    fn core(ctx: &(SessionCtx, Arc<Config>)) -> Core {
         let hello = build::hello(DEV, &[7; 16]);
-        let mut c = Core::new(ctx, DEV, hello.clone(), Instant::now());
+        let mut c = Core::new(&ctx.0, ctx.1.clone(), DEV, hello.clone(), Instant::now());
         c.device_read(&hello, Instant::now()).expect("hello queued");
         assert_eq!(c.pop_for_upstream(), Some(hello));
         c
@@ -788,8 +806,8 @@ mod tests {
         parts.iter().flat_map(|p| p.iter().copied()).collect()
     }
 
-    fn total(ctx: &SessionCtx, name: &str, labels: &[(&str, &str)]) -> f64 {
-        ctx.metrics.total(name, labels)
+    fn total(ctx: &(SessionCtx, Arc<Config>), name: &str, labels: &[(&str, &str)]) -> f64 {
+        ctx.0.metrics.total(name, labels)
     }
 
     #[tokio::test(start_paused = true)]

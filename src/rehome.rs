@@ -1,0 +1,230 @@
+//! Re-homing (design decision 4): open connections follow a routing change.
+//!
+//! Every routed connection with a device id is in the [`Registry`] with its path and a
+//! [`ConnStop`]. When the configuration or the rollback latch changes, [`run`] finds the
+//! connections whose route now differs and asks them, at most `routing.rehome_rate` per second,
+//! to close between frames: at once if no command awaits its reply, else when the last one is
+//! answered or `routing.drain_grace` has passed. The device redials and is routed afresh.
+//!
+//! Invariants:
+//! - A connection whose route did not change is never touched; each candidate is checked
+//!   again against the configuration in force right before it is asked to close, so a change
+//!   that is undone in time re-homes nobody.
+//! - `rehome = "never"` leaves open connections where they are.
+//! - Shutdown and re-homing share one mechanism (a per-connection child of the shutdown
+//!   token), so a connection has exactly one way of being asked to finish.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::Rehome;
+use crate::metrics::{Metrics, Transport};
+use crate::protocol::DeviceId;
+use crate::reload::Live;
+use crate::router;
+
+/// How one connection is asked to finish: shutdown, or re-homing with a grace period.
+#[derive(Debug)]
+pub struct ConnStop {
+    token: CancellationToken,
+    rehome: AtomicBool,
+    grace: Duration,
+}
+
+impl ConnStop {
+    pub fn new(shutdown: &CancellationToken, grace: Duration) -> Arc<ConnStop> {
+        Arc::new(ConnStop {
+            token: shutdown.child_token(),
+            rehome: AtomicBool::new(false),
+            grace,
+        })
+    }
+
+    /// Cancelled when the connection should finish (shutdown or re-homing).
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    pub fn rehome(&self) {
+        self.rehome.store(true, Ordering::SeqCst);
+        self.token.cancel();
+    }
+
+    /// Whether the stop is a re-homing (then it has a deadline of its own).
+    pub fn is_rehome(&self) -> bool {
+        self.rehome.load(Ordering::SeqCst)
+    }
+
+    /// How long a re-homed connection may wait for its commands.
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+}
+
+struct Entry {
+    device: DeviceId,
+    transport: Transport,
+    stop: Arc<ConnStop>,
+}
+
+/// The routed connections that are open now.
+#[derive(Default)]
+pub struct Registry {
+    next: AtomicU64,
+    conns: Mutex<HashMap<u64, Entry>>,
+}
+
+/// Removes its connection from the registry when dropped.
+pub struct Registration {
+    registry: Arc<Registry>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
+    }
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Entry>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn register(
+        self: &Arc<Self>,
+        device: DeviceId,
+        transport: Transport,
+        stop: Arc<ConnStop>,
+    ) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(
+            id,
+            Entry {
+                device,
+                transport,
+                stop,
+            },
+        );
+        Registration {
+            registry: self.clone(),
+            id,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Connections on `transport` now.
+    pub fn count(&self, transport: Transport) -> usize {
+        self.lock()
+            .values()
+            .filter(|e| e.transport == transport)
+            .count()
+    }
+
+    /// Connections whose route under the configuration in force differs from their path,
+    /// oldest first.
+    fn misrouted(&self, live: &Live) -> Vec<u64> {
+        let cfg = live.config();
+        let latched = live.latched();
+        let mut ids: Vec<u64> = self
+            .lock()
+            .iter()
+            .filter(|(_, e)| {
+                !e.stop.is_rehome()
+                    && router::route(Some(e.device), &cfg.routing, latched).transport != e.transport
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Asks connection `id` to re-home if its route still differs; returns its move.
+    fn rehome(&self, id: u64, live: &Live) -> Option<(DeviceId, Transport, Transport)> {
+        let cfg = live.config();
+        let map = self.lock();
+        let e = map.get(&id)?;
+        let to = router::route(Some(e.device), &cfg.routing, live.latched()).transport;
+        if to == e.transport || e.stop.is_rehome() || cfg.routing.rehome == Rehome::Never {
+            return None;
+        }
+        e.stop.rehome();
+        Some((e.device, e.transport, to))
+    }
+}
+
+/// Follows configuration changes and re-homes misrouted connections at the configured pace.
+pub async fn run(
+    live: Arc<Live>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut changes = live.subscribe();
+    let mut queue: VecDeque<u64> = VecDeque::new();
+    let mut queued: HashSet<u64> = HashSet::new();
+    let mut next_slot = Instant::now();
+    loop {
+        let changed = if queue.is_empty() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = changes.changed() => { if r.is_err() { return; } true }
+            }
+        } else {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = changes.changed() => { if r.is_err() { return; } true }
+                _ = tokio::time::sleep_until(next_slot) => false,
+            }
+        };
+        if changed {
+            changes.borrow_and_update();
+            if live.config().routing.rehome == Rehome::Never {
+                queue.clear();
+                queued.clear();
+                continue;
+            }
+            let found = registry.misrouted(&live);
+            let before = queue.len();
+            for id in found {
+                if queued.insert(id) {
+                    queue.push_back(id);
+                }
+            }
+            if queue.len() > before {
+                info!(
+                    connections = queue.len(),
+                    rate_per_s = live.config().routing.rehome_rate,
+                    "routing changed; re-homing connections whose path changed"
+                );
+            }
+            continue;
+        }
+        let Some(id) = queue.pop_front() else {
+            continue;
+        };
+        queued.remove(&id);
+        if let Some((device, from, to)) = registry.rehome(id, &live) {
+            metrics
+                .rehomes
+                .with_label_values(&[from.label(), to.label()])
+                .inc();
+            info!(%device, from = from.label(), to = to.label(), "re-homing connection");
+            let rate = live.config().routing.rehome_rate;
+            next_slot = Instant::now() + Duration::from_secs_f64(1.0 / rate);
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! The running configuration and its hot reload (design decision 5).
+//!
+//! [`Live`] holds the configuration in force (an `ArcSwap`, read once per new connection) and
+//! the rollback latch, and announces every change on a watch channel. [`Reloader`] turns the
+//! file on disk into a new [`Live`] configuration; [`run`] feeds it from SIGHUP and from a poll
+//! of the file, so both go through exactly the same path.
+//!
+//! Invariants:
+//! - A file is validated whole with the same loader as start-up and `check-config`; if it is
+//!   invalid nothing changes (the problems are logged and counted).
+//! - Non-reloadable settings (listen addresses, TLS, upstreams, logging, metrics, shutdown,
+//!   reload) keep their running values; each one the file changes is reported as needing a
+//!   restart, and `tcp_comm_config_restart_required` says so until the file matches again.
+//! - The poll reloads only when the content's SHA-256 changes, read through the path on every
+//!   poll, so editors writing in place, atomic renames and Kubernetes' symlink swaps are all
+//!   seen, and touching the file is a no-op. Identical effective content is a no-op too.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, DarkMode, Problem};
+use crate::metrics::Metrics;
+use crate::router;
+
+/// The configuration in force and the rollback latch.
+pub struct Live {
+    config: ArcSwap<Config>,
+    latched: AtomicBool,
+    generation: watch::Sender<u64>,
+}
+
+impl Live {
+    pub fn new(config: Config) -> Arc<Live> {
+        let (generation, _) = watch::channel(0);
+        Arc::new(Live {
+            config: ArcSwap::from_pointee(config),
+            latched: AtomicBool::new(false),
+            generation,
+        })
+    }
+
+    /// A snapshot: what a new connection uses for its whole life.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    pub fn latched(&self) -> bool {
+        self.latched.load(Ordering::SeqCst)
+    }
+
+    /// Sets or clears the rollback latch (its controller and persistence come with the
+    /// rollback issue); routing follows at once and open connections are re-homed.
+    pub fn set_latch(&self, on: bool) {
+        self.latched.store(on, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Bumps on every change of configuration or latch.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    fn store(&self, config: Config) {
+        self.config.store(Arc::new(config));
+        self.generation.send_modify(|g| *g += 1);
+    }
+}
+
+/// Sets the routing gauges from the configuration in force.
+pub fn publish(metrics: &Metrics, live: &Live) {
+    let cfg = live.config();
+    metrics.canary_percent.set(cfg.routing.canary_percent);
+    metrics
+        .canary_effective_percent
+        .set(router::effective_percent(&cfg.routing, live.latched()));
+}
+
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Signal,
+    Poll,
+}
+
+impl Trigger {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Signal => "sighup",
+            Self::Poll => "file_change",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The file did not change (poll), or its effective content equals what runs.
+    Unchanged,
+    /// The new configuration is in force; these sections changed but need a restart.
+    Applied { restart_needed: Vec<&'static str> },
+    /// Kept the running configuration.
+    Rejected(Vec<Problem>),
+}
+
+/// The running values of settings that cannot change without a restart, with the new file's
+/// reloadable settings; and the names of the sections whose change was not applied.
+pub fn merge(running: &Config, new: Config) -> (Config, Vec<&'static str>) {
+    let mut restart = Vec::new();
+    let mut check = |name: &'static str, same: bool| {
+        if !same {
+            restart.push(name);
+        }
+    };
+    check("listen", running.listen == new.listen);
+    check("device_tls", running.device_tls == new.device_tls);
+    check(
+        "upstream.legacy",
+        running.upstream_legacy == new.upstream_legacy,
+    );
+    check(
+        "upstream.shadow",
+        running.upstream_shadow == new.upstream_shadow,
+    );
+    check("logging", running.logging == new.logging);
+    check("metrics", running.metrics == new.metrics);
+    check("shutdown", running.shutdown == new.shutdown);
+    check("reload", running.reload == new.reload);
+    let effective = Config {
+        listen: running.listen.clone(),
+        device_tls: running.device_tls.clone(),
+        upstream_legacy: running.upstream_legacy.clone(),
+        upstream_shadow: running.upstream_shadow.clone(),
+        logging: running.logging.clone(),
+        metrics: running.metrics.clone(),
+        shutdown: running.shutdown.clone(),
+        reload: running.reload.clone(),
+        ..new
+    };
+    (effective, restart)
+}
+
+fn sha(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+pub struct Reloader {
+    path: PathBuf,
+    live: Arc<Live>,
+    metrics: Arc<Metrics>,
+    /// Hash of the content last considered (applied, or rejected: a broken file is reported
+    /// once, not every second).
+    last: Option<[u8; 32]>,
+}
+
+impl Reloader {
+    /// `path` is the file the running configuration came from.
+    pub fn new(path: &Path, live: Arc<Live>, metrics: Arc<Metrics>) -> Reloader {
+        let last = std::fs::read(path).ok().map(|b| sha(&b));
+        Reloader {
+            path: path.to_path_buf(),
+            live,
+            metrics,
+            last,
+        }
+    }
+
+    fn count(&self, result: &str) {
+        self.metrics
+            .config_reloads
+            .with_label_values(&[result])
+            .inc();
+    }
+
+    /// Re-reads the file. A poll only acts when the content changed; a signal always re-checks.
+    pub fn check(&mut self, trigger: Trigger) -> Outcome {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) => {
+                // Mid-rename the path can be briefly absent; a poll retries next time.
+                if trigger == Trigger::Signal {
+                    error!(path = %self.path.display(), error = %e, "reload: cannot read the configuration; keeping the running one");
+                    self.count("error");
+                }
+                return Outcome::Rejected(vec![Problem {
+                    key: self.path.display().to_string(),
+                    message: e.to_string(),
+                }]);
+            }
+        };
+        let hash = sha(&bytes);
+        if trigger == Trigger::Poll && self.last == Some(hash) {
+            return Outcome::Unchanged;
+        }
+        self.last = Some(hash);
+        let text = String::from_utf8_lossy(&bytes);
+        let new = match Config::parse(&text) {
+            Ok(c) => c,
+            Err(e) => return self.reject(trigger, e.problems()),
+        };
+        let running = self.live.config();
+        let (effective, restart_needed) = merge(&running, new);
+        if effective.dark_launch.mode == DarkMode::Mirror && effective.upstream_shadow.is_none() {
+            return self.reject(
+                trigger,
+                vec![Problem {
+                    key: "upstream.shadow".into(),
+                    message: "mirror mode needs upstream.shadow, and adding it needs a restart"
+                        .into(),
+                }],
+            );
+        }
+        self.metrics
+            .config_restart_required
+            .set(i64::from(!restart_needed.is_empty()));
+        if !restart_needed.is_empty() {
+            warn!(
+                path = %self.path.display(),
+                sections = ?restart_needed,
+                "reload: these sections changed but only take effect after a restart; their running values are kept"
+            );
+        }
+        if effective == *running {
+            self.count("unchanged");
+            info!(trigger = trigger.label(), "reload: no effective change");
+            return Outcome::Unchanged;
+        }
+        let (old, new) = (&running.routing, &effective.routing);
+        info!(
+            trigger = trigger.label(),
+            canary_percent_old = old.canary_percent,
+            canary_percent_new = new.canary_percent,
+            force_new = new.force_new.len(),
+            force_legacy = new.force_legacy.len(),
+            dark_launch = ?effective.dark_launch.mode,
+            "reload: configuration applied"
+        );
+        self.live.store(effective);
+        publish(&self.metrics, &self.live);
+        self.count("applied");
+        Outcome::Applied { restart_needed }
+    }
+
+    fn reject(&mut self, trigger: Trigger, problems: Vec<Problem>) -> Outcome {
+        for p in &problems {
+            error!(trigger = trigger.label(), key = %p.key, problem = %p.message, "reload rejected; keeping the running configuration");
+        }
+        self.count("error");
+        Outcome::Rejected(problems)
+    }
+}
+
+/// Reloads on every message from `hup` (SIGHUP) and, when `reload.poll_interval` is not zero,
+/// whenever the file's content changes. Ends at shutdown.
+pub async fn run(
+    mut reloader: Reloader,
+    mut hup: mpsc::UnboundedReceiver<()>,
+    shutdown: CancellationToken,
+) {
+    let every = reloader.live.config().reload.poll_interval;
+    let mut poll = tokio::time::interval(if every.is_zero() {
+        Duration::from_secs(3600)
+    } else {
+        every
+    });
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    poll.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            msg = hup.recv() => {
+                if msg.is_none() { return; }
+                info!("SIGHUP: reloading the configuration");
+                reloader.check(Trigger::Signal);
+            }
+            _ = poll.tick(), if !every.is_zero() => {
+                reloader.check(Trigger::Poll);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "[upstream.legacy]\naddress = \"127.0.0.1:1\"\n";
+
+    fn reloader(
+        text: &str,
+    ) -> (
+        tempfile::TempDir,
+        PathBuf,
+        Reloader,
+        Arc<Live>,
+        Arc<Metrics>,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, text).expect("write");
+        let live = Live::new(Config::parse(text).expect("valid"));
+        let metrics = Arc::new(Metrics::new(false).expect("metrics"));
+        let r = Reloader::new(&path, live.clone(), metrics.clone());
+        (dir, path, r, live, metrics)
+    }
+
+    #[test]
+    fn poll_applies_changes_once_and_ignores_touches() {
+        let (_d, path, mut r, live, m) = reloader(BASE);
+        let rx = live.subscribe();
+        assert_eq!(r.check(Trigger::Poll), Outcome::Unchanged);
+        std::fs::write(&path, format!("{BASE}[routing]\ncanary_percent = 25\n")).expect("write");
+        assert_eq!(
+            r.check(Trigger::Poll),
+            Outcome::Applied {
+                restart_needed: vec![]
+            }
+        );
+        assert_eq!(live.config().routing.canary_percent, 25.0);
+        assert!(rx.has_changed().expect("open"));
+        assert_eq!(r.check(Trigger::Poll), Outcome::Unchanged);
+        assert_eq!(
+            m.total("tcp_comm_config_reloads_total", &[("result", "applied")]),
+            1.0
+        );
+        assert_eq!(m.total("tcp_comm_canary_percentage", &[]), 25.0);
+        // A signal with nothing changed is a counted no-op.
+        assert_eq!(r.check(Trigger::Signal), Outcome::Unchanged);
+        assert_eq!(
+            m.total("tcp_comm_config_reloads_total", &[("result", "unchanged")]),
+            1.0
+        );
+    }
+
+    #[test]
+    fn invalid_files_keep_the_running_config_and_are_counted_once() {
+        let (_d, path, mut r, live, m) = reloader(BASE);
+        for (bad, key) in [
+            ("[routing\ncanary_percent = 5\n", "(file)"),
+            ("[routing]\ncanary_pecrent = 5\n", "routing.canary_pecrent"),
+            (
+                "[routing]\ncanary_percent = 150\n",
+                "routing.canary_percent",
+            ),
+        ] {
+            std::fs::write(&path, format!("{BASE}{bad}")).expect("write");
+            match r.check(Trigger::Poll) {
+                Outcome::Rejected(p) => assert!(p.iter().any(|p| p.key == key), "{p:?}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+            assert_eq!(r.check(Trigger::Poll), Outcome::Unchanged, "reported once");
+        }
+        assert_eq!(live.config().routing.canary_percent, 0.0);
+        assert_eq!(
+            m.total("tcp_comm_config_reloads_total", &[("result", "error")]),
+            3.0
+        );
+    }
+
+    #[test]
+    fn non_reloadable_changes_are_reported_not_applied() {
+        let (_d, path, mut r, live, m) = reloader(BASE);
+        std::fs::write(
+            &path,
+            "[listen]\ndevices = \"127.0.0.1:9\"\n[upstream.legacy]\naddress = \"127.0.0.1:2\"\n[routing]\ncanary_percent = 5\n",
+        )
+        .expect("write");
+        assert_eq!(
+            r.check(Trigger::Poll),
+            Outcome::Applied {
+                restart_needed: vec!["listen", "upstream.legacy"]
+            }
+        );
+        let c = live.config();
+        assert_eq!(c.routing.canary_percent, 5.0);
+        assert_eq!(
+            c.upstream_legacy.address, "127.0.0.1:1",
+            "running value kept"
+        );
+        assert_eq!(c.listen.devices.port(), 23779);
+        assert_eq!(m.total("tcp_comm_config_restart_required", &[]), 1.0);
+    }
+
+    #[test]
+    fn atomic_rename_and_symlink_swap_are_seen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let v1 = dir.path().join("v1.toml");
+        let v2 = dir.path().join("v2.toml");
+        std::fs::write(&v1, BASE).expect("write");
+        std::fs::write(&v2, format!("{BASE}[routing]\ncanary_percent = 50\n")).expect("write");
+        let link = dir.path().join("gateway.toml");
+        std::os::unix::fs::symlink(&v1, &link).expect("symlink");
+        let live = Live::new(Config::parse(BASE).expect("valid"));
+        let metrics = Arc::new(Metrics::new(false).expect("metrics"));
+        let mut r = Reloader::new(&link, live.clone(), metrics);
+        // Kubernetes-style: a new link renamed over the old one.
+        let tmp = dir.path().join("tmp-link");
+        std::os::unix::fs::symlink(&v2, &tmp).expect("symlink");
+        std::fs::rename(&tmp, &link).expect("swap");
+        assert!(matches!(r.check(Trigger::Poll), Outcome::Applied { .. }));
+        assert_eq!(live.config().routing.canary_percent, 50.0);
+        // Editor-style: write a temp file, rename it over the path.
+        let tmp = dir.path().join("gateway.toml.tmp");
+        std::fs::write(&tmp, format!("{BASE}[routing]\ncanary_percent = 7.5\n")).expect("write");
+        std::fs::rename(&tmp, &link).expect("rename");
+        assert!(matches!(r.check(Trigger::Poll), Outcome::Applied { .. }));
+        assert_eq!(live.config().routing.canary_percent, 7.5);
+    }
+}

@@ -126,6 +126,14 @@ impl Registry {
         self.len() == 0
     }
 
+    /// Every open connection's device and path.
+    pub fn snapshot(&self) -> Vec<(DeviceId, Transport)> {
+        self.lock()
+            .values()
+            .map(|e| (e.device, e.transport))
+            .collect()
+    }
+
     /// Connections on `transport` now.
     pub fn count(&self, transport: Transport) -> usize {
         self.lock()

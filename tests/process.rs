@@ -95,17 +95,42 @@ struct Daemon {
     child: Child,
     devices: SocketAddr,
     metrics: SocketAddr,
+    path: std::path::PathBuf,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn signal(&self, sig: Signal) {
+        let pid = Pid::from_raw(i32::try_from(self.child.id().expect("pid")).expect("pid fits"));
+        kill(pid, sig).expect("signal");
+    }
+
+    fn logged(&self, needle: &str) -> bool {
+        self.log
+            .lock()
+            .expect("log")
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+}
+
+fn daemon_config(upstream: SocketAddr, drain: &str, extra: &str) -> String {
+    format!(
+        "{}[shutdown]\ndrain_timeout = \"{drain}\"\n[logging]\nformat = \"json\"\n{extra}",
+        config_text(upstream, "[device_tls]\nmode = \"plain\"\n")
+    )
 }
 
 /// Starts the binary on ephemeral ports and learns them from its JSON start-up log line.
 async fn start_daemon(upstream: SocketAddr, drain: &str) -> Daemon {
+    start_daemon_with(upstream, drain, "").await
+}
+
+async fn start_daemon_with(upstream: SocketAddr, drain: &str, extra: &str) -> Daemon {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("gw.toml");
-    let text = format!(
-        "{}[shutdown]\ndrain_timeout = \"{drain}\"\n[logging]\nformat = \"json\"\n",
-        config_text(upstream, "[device_tls]\nmode = \"plain\"\n")
-    );
+    let text = daemon_config(upstream, drain, extra);
     std::fs::write(&path, text).expect("write config");
     let mut child = Command::new(BIN)
         .arg("run")
@@ -146,12 +171,20 @@ async fn start_daemon(upstream: SocketAddr, drain: &str) -> Daemon {
     })
     .await
     .expect("daemon logs its addresses");
-    // Keep draining stderr so the daemon never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    // Keep draining stderr so the daemon never blocks on a full pipe; keep it for asserts.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            l.lock().expect("log").push(line);
+        }
+    });
     Daemon {
         child,
         devices,
         metrics,
+        path,
+        log,
         _dir: dir,
     }
 }
@@ -278,4 +311,77 @@ fn demo_shows_a_live_summary_and_exits_0_after_its_duration() {
     );
     assert!(conns("new") > 0 && conns("legacy") > 0, "{last}");
     assert!(stdout.contains("success 100.00%"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_rehomes_the_moved_device_and_rejects_a_broken_file() {
+    let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = up.local_addr().expect("addr");
+    // Polling off: only SIGHUP can reload.
+    let mut d = start_daemon_with(upstream, "5s", "[reload]\npoll_interval = 0\n").await;
+    let hello = vector("handshake_0x23");
+    let id = hex::encode(&hello[6..10]);
+    let (mut dev, _upc) = connect_device(&d, &up).await;
+    let reloads = |result: &str| format!("tcp_comm_config_reloads_total{{result=\"{result}\"}}");
+
+    std::fs::write(
+        &d.path,
+        daemon_config(
+            upstream,
+            "5s",
+            &format!("[reload]\npoll_interval = 0\n[routing]\nforce_new = [\"{id}\"]\n"),
+        ),
+    )
+    .expect("edit");
+    let t0 = tokio::time::Instant::now();
+    d.signal(Signal::SIGHUP);
+    wait_metric(d.metrics, &reloads("applied"), 1.0).await;
+    // The device's route changed, so its legacy connection is closed for it to redial.
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, dev.read_to_end(&mut rest))
+        .await
+        .expect("re-homed")
+        .expect("read");
+    let took = t0.elapsed();
+    println!("SIGHUP to re-homed connection: {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    let (mut dev, mut upc) = connect_device(&d, &up).await;
+    wait_metric(
+        d.metrics,
+        "tcp_comm_routing_decisions_total{reason=\"force_new\",transport=\"new\"}",
+        1.0,
+    )
+    .await;
+
+    // A broken file: rejected, logged with its reason, counted; the connection carries on.
+    std::fs::write(
+        &d.path,
+        daemon_config(
+            upstream,
+            "5s",
+            "[reload]\npoll_interval = 0\n[routing]\ncanary_percent = 150\n",
+        ),
+    )
+    .expect("edit");
+    d.signal(Signal::SIGHUP);
+    wait_metric(d.metrics, &reloads("error"), 1.0).await;
+    eventually("the reason is logged", || async {
+        d.logged("routing.canary_percent").then_some(())
+    })
+    .await;
+    let cmd = vector("legacy_power_on_0x73");
+    upc.write_all(&cmd).await.expect("command");
+    let mut got = vec![0u8; cmd.len()];
+    tokio::time::timeout(DEADLINE, dev.read_exact(&mut got))
+        .await
+        .expect("still forwarding")
+        .expect("read");
+    assert_eq!(got, cmd);
+    let m = http_get(d.metrics, "/metrics").await.1;
+    assert_eq!(
+        sample(&m, "tcp_comm_connections_active{transport=\"new\"}"),
+        1.0
+    );
+    d.signal(Signal::SIGTERM);
+    let _ = tokio::time::timeout(DEADLINE, d.child.wait()).await;
 }

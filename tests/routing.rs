@@ -1,0 +1,553 @@
+//! Canary routing, hot reload and re-homing through the in-process gateway over loopback:
+//! the share and stickiness of the cohort across a restart, reload by editing the file, paced
+//! re-homing that waits for commands in flight, and broken edits that change nothing.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use cync_gateway::config::Config;
+use cync_gateway::gateway::Gateway;
+use cync_gateway::metrics::Transport;
+use cync_gateway::protocol::{build, DeviceId, MsgId};
+use cync_gateway::router;
+use cync_gateway::sim::addon::{Addon, AddonConfig};
+use cync_gateway::sim::device::{self, DeviceConfig, DeviceStats};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+fn fast_addon() -> AddonConfig {
+    AddonConfig {
+        channel_open_after: Duration::from_millis(50),
+        mesh_query_after: Duration::from_millis(200),
+        ..AddonConfig::default()
+    }
+}
+
+fn gateway_text(upstream: SocketAddr, devices: &str, routing: &str) -> String {
+    format!(
+        "[listen]\ndevices = \"{devices}\"\nmetrics = \"127.0.0.1:0\"\n\
+         [device_tls]\nmode = \"plain\"\n\
+         [reload]\npoll_interval = \"200ms\"\n\
+         [upstream.legacy]\naddress = \"{upstream}\"\ntls = false\n\
+         [routing]\n{routing}\n"
+    )
+}
+
+/// Starts a gateway from `path` and has it watch the file; returns the SIGHUP sender.
+async fn start_watching(path: &Path) -> (Gateway, mpsc::UnboundedSender<()>) {
+    let cfg = Config::load(path).expect("valid config");
+    let gw = Gateway::start(cfg).await.expect("gateway");
+    let (tx, rx) = mpsc::unbounded_channel();
+    gw.watch_config(path, rx);
+    (gw, tx)
+}
+
+fn on_path(gw: &Gateway, t: Transport) -> BTreeSet<DeviceId> {
+    gw.registry
+        .snapshot()
+        .into_iter()
+        .filter(|(_, tr)| *tr == t)
+        .map(|(d, _)| d)
+        .collect()
+}
+
+/// Lightweight simulated devices (no time request or start-up reports).
+fn fleet(
+    target: SocketAddr,
+    n: u32,
+    seed: u64,
+    stop: &CancellationToken,
+) -> Vec<(DeviceId, Arc<DeviceStats>)> {
+    (0..n)
+        .map(|i| {
+            let stats = Arc::new(DeviceStats::default());
+            let mut cfg = DeviceConfig::new(target, seed, i);
+            cfg.time_request = false;
+            cfg.startup_reports = false;
+            cfg.redial = (Duration::from_millis(20), Duration::from_millis(300));
+            tokio::spawn(device::run(cfg, stats.clone(), stop.clone()));
+            (device::identity(seed, i).0, stats)
+        })
+        .collect()
+}
+
+async fn wait_connected(gw: &Gateway, n: usize) {
+    eventually(&format!("{n} devices routed"), || async {
+        (gw.registry.len() == n).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_devices_split_at_ten_percent_stick_across_restart_and_grow_to_25() {
+    const N: u32 = 1000;
+    let a = Addon::start(
+        TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        fast_addon(),
+    )
+    .expect("addon");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        gateway_text(
+            a.addr(),
+            "127.0.0.1:0",
+            "canary_percent = 10\nrehome_rate = 1000",
+        ),
+    )
+    .expect("write");
+    let (gw, _hup) = start_watching(&path).await;
+    let device_addr = gw.device_addr;
+    let stop = CancellationToken::new();
+    let devices = fleet(device_addr, N, 99, &stop);
+    wait_connected(&gw, N as usize).await;
+    let cohort = on_path(&gw, Transport::New);
+    let share = cohort.len() as f64 / f64::from(N);
+    println!(
+        "canary 10 %: {} of {N} devices on the new path",
+        cohort.len()
+    );
+    assert!((0.08..=0.12).contains(&share), "share {share}");
+    let expected: BTreeSet<DeviceId> = devices
+        .iter()
+        .map(|(d, _)| *d)
+        .filter(|d| router::by_percent(*d, 10.0) == Transport::New)
+        .collect();
+    assert_eq!(
+        cohort, expected,
+        "exactly the devices whose bucket is below 1000"
+    );
+
+    // Restart the gateway on the same address: every device redials, the same ones go new.
+    gw.shutdown(Duration::from_secs(2)).await;
+    let text = std::fs::read_to_string(&path).expect("read").replace(
+        "127.0.0.1:0\"\nmetrics",
+        &format!("{device_addr}\"\nmetrics"),
+    );
+    std::fs::write(&path, text).expect("write");
+    let (gw, _hup) = start_watching(&path).await;
+    assert_eq!(gw.device_addr, device_addr);
+    wait_connected(&gw, N as usize).await;
+    assert_eq!(
+        on_path(&gw, Transport::New),
+        cohort,
+        "same cohort after a restart"
+    );
+    let connects: HashMap<DeviceId, u64> = devices
+        .iter()
+        .map(|(d, s)| (*d, DeviceStats::get(&s.connects)))
+        .collect();
+
+    // Raise to 25 %: the first cohort keeps its connections, the newcomers are re-homed.
+    let raised = std::fs::read_to_string(&path)
+        .expect("read")
+        .replace("canary_percent = 10", "canary_percent = 25");
+    std::fs::write(&path, raised).expect("write");
+    eventually("a quarter of the fleet on the new path", || async {
+        let new = on_path(&gw, Transport::New);
+        (gw.registry.len() == N as usize
+            && new.len() as f64 / f64::from(N) >= 0.23
+            && new.len()
+                == devices
+                    .iter()
+                    .filter(|(d, _)| router::by_percent(*d, 25.0) == Transport::New)
+                    .count())
+        .then_some(())
+    })
+    .await;
+    let grown = on_path(&gw, Transport::New);
+    println!(
+        "canary 25 %: {} of {N} devices on the new path",
+        grown.len()
+    );
+    assert!(
+        cohort.is_subset(&grown),
+        "every first-cohort device stays new"
+    );
+    for (d, s) in &devices {
+        if cohort.contains(d) {
+            assert_eq!(
+                DeviceStats::get(&s.connects),
+                connects[d],
+                "{d} kept its connection"
+            );
+        }
+    }
+    stop.cancel();
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// A raw device: sends its hello, answers each command with its `f9` reply after
+/// `answer_after` (if set), and reads until EOF, recording when that came.
+struct RawDevice {
+    id: DeviceId,
+    closed_at: Arc<Mutex<Option<Instant>>>,
+}
+
+async fn raw_device(
+    gw: SocketAddr,
+    seed: u64,
+    index: u32,
+    answer_after: Option<Duration>,
+) -> RawDevice {
+    let (id, auth) = device::identity(seed, index);
+    let s = TcpStream::connect(gw).await.expect("connect");
+    let (mut r, mut w) = s.into_split();
+    w.write_all(&build::hello(id, &auth)).await.expect("hello");
+    let closed_at = Arc::new(Mutex::new(None));
+    let c = closed_at.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        let mut carry = Vec::new();
+        loop {
+            let n = match r.read(&mut buf).await {
+                Ok(n) if n > 0 => n,
+                _ => break,
+            };
+            carry.extend_from_slice(&buf[..n]);
+            let (frames, rest) = cync_gateway::protocol::split_packets(&carry, 4096);
+            carry = rest.to_vec();
+            for (_, p) in frames {
+                let Ok(p) = p else { continue };
+                let Some(f) = p
+                    .inner()
+                    .filter(|f| f.class() == cync_gateway::protocol::FrameClass::Request)
+                else {
+                    continue;
+                };
+                if let Some(delay) = answer_after {
+                    tokio::time::sleep(delay).await;
+                    let reply = build::command_reply(id, MsgId([0, 1, 0]), f.seq, 0xd0);
+                    let _ = w.write_all(&reply).await;
+                }
+            }
+        }
+        *c.lock().expect("lock") = Some(Instant::now());
+    });
+    RawDevice { id, closed_at }
+}
+
+/// What the upstream saw per device: when a device 0x73 arrived and when the connection ended.
+#[derive(Default)]
+struct UpstreamLog {
+    writers: HashMap<DeviceId, tokio::net::tcp::OwnedWriteHalf>,
+    replies: HashMap<DeviceId, Instant>,
+    eofs: HashMap<DeviceId, Instant>,
+}
+
+/// An upstream that answers hellos and otherwise listens.
+async fn raw_upstream(listener: TcpListener) -> Arc<Mutex<UpstreamLog>> {
+    let log = Arc::new(Mutex::new(UpstreamLog::default()));
+    let l = log.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            let l = l.clone();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let mut hello = vec![0u8; 31];
+                if r.read_exact(&mut hello).await.is_err() {
+                    return;
+                }
+                let id = DeviceId([hello[6], hello[7], hello[8], hello[9]]);
+                if w.write_all(&build::hello_ack()).await.is_err() {
+                    return;
+                }
+                l.lock().expect("lock").writers.insert(id, w);
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    match r.read(&mut buf).await {
+                        Ok(n) if n > 0 => {
+                            if buf[0] == 0x73 {
+                                l.lock().expect("lock").replies.insert(id, Instant::now());
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+                l.lock().expect("lock").eofs.insert(id, Instant::now());
+            });
+        }
+    });
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowering_the_percentage_rehomes_only_the_leavers_at_the_configured_pace() {
+    const RATE: f64 = 5.0;
+    const SEED: u64 = 7;
+    let up_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up_addr = up_listener.local_addr().expect("addr");
+    let upstream = raw_upstream(up_listener).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        gateway_text(
+            up_addr,
+            "127.0.0.1:0",
+            "canary_percent = 100\nrehome_rate = 5\ndrain_grace = \"10s\"",
+        ),
+    )
+    .expect("write");
+    let (gw, _hup) = start_watching(&path).await;
+    let leaves =
+        |i: u32| router::by_percent(device::identity(SEED, i).0, 50.0) == Transport::Legacy;
+    // The first leaver (re-homed first: the oldest connection) answers commands slowly.
+    let busy_index = (0..30).find(|i| leaves(*i)).expect("a leaver");
+    let mut devices = Vec::new();
+    for i in 0..30 {
+        let slow = (i == busy_index).then_some(Duration::from_millis(1500));
+        devices.push(raw_device(gw.device_addr, SEED, i, slow).await);
+        wait_connected(&gw, i as usize + 1).await;
+    }
+    let busy = devices[busy_index as usize].id;
+    eventually("upstream saw every hello", || async {
+        (upstream.lock().expect("lock").writers.len() == 30).then_some(())
+    })
+    .await;
+    let leaving: BTreeSet<DeviceId> = (0..30)
+        .filter(|i| leaves(*i))
+        .map(|i| device::identity(SEED, i).0)
+        .collect();
+    assert!(
+        leaving.len() >= 8 && leaving.len() <= 22,
+        "{}",
+        leaving.len()
+    );
+
+    let mut w = upstream
+        .lock()
+        .expect("lock")
+        .writers
+        .remove(&busy)
+        .expect("busy upstream");
+    w.write_all(&build::power_command(busy, MsgId([0, 0, 0]), 9, 10, true))
+        .await
+        .expect("command");
+    let t0 = Instant::now();
+    let lowered = std::fs::read_to_string(&path)
+        .expect("read")
+        .replace("canary_percent = 100", "canary_percent = 50");
+    std::fs::write(&path, lowered).expect("write");
+
+    eventually("every leaver closed", || async {
+        let all = devices
+            .iter()
+            .filter(|d| leaving.contains(&d.id))
+            .all(|d| d.closed_at.lock().expect("lock").is_some());
+        all.then_some(())
+    })
+    .await;
+    // The busy device was asked first but closed only after its reply reached the upstream.
+    {
+        let log = upstream.lock().expect("lock");
+        let replied = log
+            .replies
+            .get(&busy)
+            .copied()
+            .expect("the f9 reached the upstream");
+        let busy_closed = devices[busy_index as usize]
+            .closed_at
+            .lock()
+            .expect("lock")
+            .expect("closed");
+        assert!(
+            replied <= busy_closed,
+            "closed before its command completed"
+        );
+        assert!(
+            replied - t0 >= Duration::from_millis(1000),
+            "the reply was slow"
+        );
+    }
+    let mut closes: Vec<Duration> = devices
+        .iter()
+        .filter(|d| d.id != busy)
+        .filter_map(|d| d.closed_at.lock().expect("lock").map(|t| t - t0))
+        .collect();
+    closes.sort();
+    println!(
+        "re-homed {} connections (plus the busy one) at {closes:?}",
+        closes.len()
+    );
+    // Nobody who stays in the cohort was touched.
+    for d in &devices {
+        if !leaving.contains(&d.id) {
+            assert!(
+                d.closed_at.lock().expect("lock").is_none(),
+                "{} stays",
+                d.id
+            );
+        }
+    }
+    assert_eq!(closes.len() + 1, leaving.len());
+    // Never more than RATE closes within any one second (one slot of slack for timing).
+    let per_window = RATE as usize + 1;
+    for w in closes.windows(per_window + 1) {
+        assert!(
+            w[per_window] - w[0] >= Duration::from_millis(950),
+            "more than {per_window} re-homes within a second: {w:?}"
+        );
+    }
+    let span = *closes.last().expect("closes") - closes[0];
+    let min_span = Duration::from_secs_f64((closes.len() - 1) as f64 / RATE * 0.9);
+    assert!(span >= min_span, "{span:?} for {} closes", closes.len());
+    let m = http_get(gw.metrics_addr, "/metrics").await.1;
+    assert_eq!(
+        sample(&m, "tcp_comm_rehomes_total{from=\"new\",to=\"legacy\"}"),
+        leaving.len() as f64
+    );
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Writes `text` to `path` through a temporary file renamed over it, as editors and
+/// configuration managers do.
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_in_place_and_by_rename_move_only_the_named_devices_and_broken_edits_change_nothing()
+{
+    let a = Addon::start(
+        TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        fast_addon(),
+    )
+    .expect("addon");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gateway.toml");
+    let base = gateway_text(
+        a.addr(),
+        "127.0.0.1:0",
+        "canary_percent = 0\nrehome_rate = 100",
+    );
+    std::fs::write(&path, &base).expect("write");
+    let (gw, _hup) = start_watching(&path).await;
+    let stop = CancellationToken::new();
+    let devices = fleet(gw.device_addr, 20, 5, &stop);
+    wait_connected(&gw, 20).await;
+    assert!(on_path(&gw, Transport::New).is_empty());
+    let connects = |i: usize| DeviceStats::get(&devices[i].1.connects);
+    let id = |i: usize| devices[i].0;
+    let moved_within = |ids: Vec<DeviceId>, t: Transport| {
+        let gw = &gw;
+        async move {
+            let t0 = Instant::now();
+            eventually("routing follows the edit", || async {
+                let on = on_path(gw, t);
+                (gw.registry.len() == 20 && ids.iter().all(|d| on.contains(d))).then_some(())
+            })
+            .await;
+            t0.elapsed()
+        }
+    };
+
+    // 1. Edit in place: force one device onto the new path.
+    std::fs::write(
+        &path,
+        base.replace(
+            "canary_percent = 0",
+            &format!("canary_percent = 0\nforce_new = [\"{}\"]", id(3)),
+        ),
+    )
+    .expect("write");
+    let took = moved_within(vec![id(3)], Transport::New).await;
+    println!("in-place edit: device on its new path after {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+
+    // 2. Atomic rename: a second device.
+    write_atomically(
+        &path,
+        &base.replace(
+            "canary_percent = 0",
+            &format!(
+                "canary_percent = 0\nforce_new = [\"{}\", \"{}\"]",
+                id(3),
+                id(4)
+            ),
+        ),
+    );
+    let took = moved_within(vec![id(3), id(4)], Transport::New).await;
+    println!("atomic rename: device on its new path after {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(on_path(&gw, Transport::New).len(), 2);
+    for i in (0..20).filter(|i| ![3, 4].contains(i)) {
+        assert_eq!(connects(i), 1, "device {i} kept its only connection");
+    }
+
+    // 3. Broken edits are rejected and counted; routing and traffic carry on as before.
+    let before = gw.live.config();
+    for (n, bad) in [
+        "[routing\ncanary_percent = 5\n".to_string(),
+        base.replace("rehome_rate = 100", "rehome_rate = 100\nbogus_key = 1"),
+        base.replace("canary_percent = 0", "canary_percent = 150"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        write_atomically(&path, bad);
+        wait_metric(
+            gw.metrics_addr,
+            "tcp_comm_config_reloads_total{result=\"error\"}",
+            (n + 1) as f64,
+        )
+        .await;
+    }
+    assert_eq!(
+        *gw.live.config(),
+        *before,
+        "running configuration untouched"
+    );
+    let report = {
+        let mut rng = rand::SeedableRng::seed_from_u64(3);
+        let mut cursor = 0;
+        for _ in 0..40 {
+            assert!(a.send_command(&mut cursor, &mut rng));
+        }
+        eventually("commands finish", || async {
+            (a.report().in_flight == 0).then_some(())
+        })
+        .await;
+        a.report()
+    };
+    assert_eq!(report.done, report.sent, "{report:?}");
+    assert_eq!(on_path(&gw, Transport::New).len(), 2);
+
+    // 4. force_legacy beats the percentage: everything new except one device.
+    write_atomically(
+        &path,
+        &base.replace(
+            "canary_percent = 0",
+            &format!("canary_percent = 100\nforce_legacy = [\"{}\"]", id(0)),
+        ),
+    );
+    let ids: Vec<DeviceId> = (1..20).map(id).collect();
+    moved_within(ids, Transport::New).await;
+    assert_eq!(on_path(&gw, Transport::Legacy), BTreeSet::from([id(0)]));
+    let m = http_get(gw.metrics_addr, "/metrics").await.1;
+    assert!(
+        sample(
+            &m,
+            "tcp_comm_routing_decisions_total{reason=\"force_new\",transport=\"new\"}"
+        ) >= 2.0
+    );
+    assert_eq!(sample(&m, "tcp_comm_canary_percentage"), 100.0);
+    assert_eq!(sample(&m, "tcp_comm_canary_effective_percentage"), 100.0);
+    stop.cancel();
+    gw.shutdown(Duration::from_secs(1)).await;
+}

@@ -208,6 +208,9 @@ struct RawMetrics {
 // Validated shape.
 // ---------------------------------------------------------------------------------------------
 
+/// Upper bound of every duration setting.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// The default device-side cipher list. The first four are the only suites every captured
 /// device ClientHello offers (static RSA, AES-CBC); the ECDHE-RSA-GCM ones serve modern test
 /// clients. ECDHE-ECDSA is left out because the generated and expected certificates are RSA.
@@ -314,7 +317,9 @@ impl Reliable {
     pub fn last_attempt_at(&self) -> Duration {
         let mut at = Duration::ZERO;
         for k in 1..self.max_attempts {
-            at += self.backoff(k) + self.jitter;
+            at = at
+                .saturating_add(self.backoff(k))
+                .saturating_add(self.jitter);
         }
         at
     }
@@ -322,8 +327,8 @@ impl Reliable {
     /// The wait after attempt `k` (1-based) before the next one, without jitter.
     pub fn backoff(&self, k: u32) -> Duration {
         let exp = i32::try_from(k.saturating_sub(1)).unwrap_or(i32::MAX);
-        self.ack_timeout
-            .mul_f64(self.backoff_multiplier.powi(exp).min(1e6))
+        let factor = self.backoff_multiplier.powi(exp).min(1e6);
+        Duration::try_from_secs_f64(self.ack_timeout.as_secs_f64() * factor).unwrap_or(MAX_DURATION)
     }
 }
 
@@ -525,6 +530,12 @@ impl Validator<'_> {
                 .map_err(|e| format!("{t:?} is not a duration like \"10s\" or \"250ms\": {e}")),
         };
         match parsed {
+            // A year is far beyond any sensible timeout, and keeps every `Instant + d` and
+            // backoff product far from overflow.
+            Ok(d) if d > MAX_DURATION => {
+                self.problem(key, "is too large (at most a year)");
+                default
+            }
             Ok(d) => d,
             Err(msg) => {
                 self.problem(key, msg);
@@ -809,7 +820,8 @@ impl Validator<'_> {
                 "reliable.device_queue_bytes",
                 raw.device_queue_bytes,
                 64 * 1024,
-                4096,
+                // One device read (16 KiB) must always fit.
+                16 * 1024,
                 64 * 1024 * 1024,
             ),
             upstream_queue_bytes: self.int_in(

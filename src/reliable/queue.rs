@@ -110,6 +110,13 @@ impl BoundedQueue {
         }
     }
 
+    /// Whether `bytes` (the very buffer, not an equal one) is still queued.
+    pub fn holds(&self, bytes: &Bytes) -> bool {
+        self.items
+            .iter()
+            .any(|i| i.bytes.as_ptr() == bytes.as_ptr() && i.bytes.len() == bytes.len())
+    }
+
     pub fn pop(&mut self) -> Option<Item> {
         let item = self.items.pop_front()?;
         self.bytes -= item.bytes.len();

@@ -13,8 +13,8 @@
 //!   session swallow a later, real 0xd8.
 //! - Exactly one 0x28 is swallowed per resumption, and only before the resumption completes.
 //! - The attempt budget belongs to one outage: an upstream that drops again before it has
-//!   acknowledged the replayed hello uses up the same budget, so a flapping add-on cannot keep
-//!   a session redialling forever.
+//!   acknowledged the replayed hello, or within `window` after doing so, uses up the same
+//!   budget, so a flapping add-on cannot keep a session redialling in a tight loop.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -42,6 +42,8 @@ pub struct Resume {
     /// Attempts used in the current outage.
     used: u32,
     outage_started: Option<Instant>,
+    /// When the last resumption completed.
+    resumed_at: Option<Instant>,
     owed_drops: VecDeque<Instant>,
     drop_window: Duration,
 }
@@ -54,6 +56,7 @@ impl Resume {
             window,
             used: 0,
             outage_started: None,
+            resumed_at: None,
             owed_drops: VecDeque::new(),
             drop_window,
         }
@@ -71,6 +74,15 @@ impl Resume {
     /// The upstream dropped. Returns the attempts and time left for redialling, or `None` when
     /// the outage's budget is spent (the session then closes the device side).
     pub fn lost(&mut self, now: Instant) -> Option<(u32, Duration)> {
+        if self.phase == Phase::Connected {
+            let flapping = self
+                .resumed_at
+                .is_some_and(|t| now.saturating_duration_since(t) < self.window);
+            if !flapping {
+                self.used = 0;
+            }
+            self.outage_started = Some(now);
+        }
         let started = *self.outage_started.get_or_insert(now);
         self.phase = Phase::Redialing;
         let left = self.attempts.saturating_sub(self.used);
@@ -91,14 +103,15 @@ impl Resume {
     }
 
     /// An upstream 0x28: true if it answers the replayed hello and must be swallowed. Its
-    /// arrival completes the resumption and resets the outage budget.
-    pub fn take_hello_ack(&mut self) -> bool {
+    /// arrival completes the resumption; the budget is renewed once the upstream has then
+    /// stayed up for `window`.
+    pub fn take_hello_ack(&mut self, now: Instant) -> bool {
         if self.phase != Phase::AwaitingHelloAck {
             return false;
         }
         self.phase = Phase::Connected;
-        self.used = 0;
         self.outage_started = None;
+        self.resumed_at = Some(now);
         true
     }
 
@@ -210,7 +223,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn one_hello_ack_is_swallowed_and_the_budget_spans_the_outage() {
         let mut r = Resume::new(3, Duration::from_secs(2), Duration::from_secs(10));
-        assert!(!r.take_hello_ack(), "nothing to swallow while connected");
+        assert!(
+            !r.take_hello_ack(Instant::now()),
+            "nothing to swallow while connected"
+        );
         assert_eq!(r.lost(Instant::now()), Some((3, Duration::from_secs(2))));
         r.spent(1);
         r.redialed();
@@ -222,15 +238,26 @@ mod tests {
         );
         r.spent(2);
         assert_eq!(r.lost(Instant::now()), None);
-        // A completed resumption resets the budget.
+        // A completed resumption renews the budget once the upstream has stayed up a while.
         let mut r = Resume::new(3, Duration::from_secs(2), Duration::from_secs(10));
         r.lost(Instant::now());
         r.spent(3);
         r.redialed();
-        assert!(r.take_hello_ack());
-        assert!(!r.take_hello_ack());
+        assert!(r.take_hello_ack(Instant::now()));
+        assert!(!r.take_hello_ack(Instant::now()));
         assert_eq!(r.phase(), Phase::Connected);
-        assert!(r.lost(Instant::now()).is_some());
+        assert_eq!(
+            r.lost(Instant::now()),
+            None,
+            "dropped again at once: flapping"
+        );
+        let mut r = Resume::new(3, Duration::from_secs(2), Duration::from_secs(10));
+        r.lost(Instant::now());
+        r.spent(3);
+        r.redialed();
+        assert!(r.take_hello_ack(Instant::now()));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(r.lost(Instant::now()), Some((3, Duration::from_secs(2))));
     }
 
     #[tokio::test(start_paused = true)]

@@ -70,8 +70,12 @@ struct Cmd {
     attempts: u32,
     next_at: Option<Instant>,
     acked: bool,
-    replied: bool,
+    /// Replies forwarded for this command (a reply may come in several frames).
+    replies: Vec<Bytes>,
 }
+
+/// Most distinct reply frames remembered per command.
+const MAX_REPLY_FRAMES: usize = 8;
 
 /// A command to send again.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,19 +135,26 @@ impl Outstanding {
             attempts: 1,
             next_at,
             acked: false,
-            replied: false,
+            replies: Vec::new(),
         });
     }
 
-    /// The device sent an `f9` reply with inner seq `seq`.
-    pub fn on_reply(&mut self, seq: u8, epoch: u32) -> Verdict {
+    /// The device sent an `f9` reply frame `raw` with inner seq `seq`.
+    ///
+    /// The first reply is forwarded. Later ones are duplicates when the command was re-sent
+    /// (the device answered each copy) or when they repeat a forwarded frame byte for byte (a
+    /// duplicated packet); a *different* frame for a command sent once is forwarded, since a
+    /// device may answer in several frames (a large mesh reply).
+    pub fn on_reply(&mut self, seq: u8, epoch: u32, raw: &Bytes) -> Verdict {
         let Some(c) = self.cmds.iter_mut().find(|c| c.seq == seq) else {
             return Verdict::Unknown;
         };
-        if c.replied {
+        if !c.replies.is_empty() && (c.attempts > 1 || c.replies.iter().any(|r| r == raw)) {
             return Verdict::Duplicate;
         }
-        c.replied = true;
+        if c.replies.len() < MAX_REPLY_FRAMES {
+            c.replies.push(raw.clone());
+        }
         c.next_at = None;
         if c.epoch != epoch {
             Verdict::Stale
@@ -179,8 +190,15 @@ impl Outstanding {
         }
     }
 
-    /// Commands whose retry time has come, each marked sent once more.
-    pub fn due<R: Rng>(&mut self, now: Instant, rng: &mut R) -> Vec<Resend> {
+    /// Commands whose retry time has come, each marked sent once more. A command whose
+    /// previous copy is still queued toward the device (`still_queued`) is not copied again:
+    /// its clock restarts instead, since the device has not even been offered it yet.
+    pub fn due<R: Rng>(
+        &mut self,
+        now: Instant,
+        rng: &mut R,
+        still_queued: impl Fn(&Bytes) -> bool,
+    ) -> Vec<Resend> {
         let max = self.policy.settings.max_attempts;
         let deadline = self.policy.command_deadline;
         let mut out = Vec::new();
@@ -193,6 +211,10 @@ impl Outstanding {
             // add-on has already given up on.
             if now.saturating_duration_since(c.first_sent) >= deadline {
                 c.next_at = None;
+                continue;
+            }
+            if still_queued(&c.raw) {
+                c.next_at = Some(now + self.policy.settings.ack_timeout);
                 continue;
             }
             c.attempts += 1;
@@ -258,6 +280,10 @@ mod tests {
         Bytes::from(vec![0x73, seq])
     }
 
+    fn reply(n: u8) -> Bytes {
+        Bytes::from(vec![0x73, 0xf9, n])
+    }
+
     /// Advances paused time to the next retry and returns the resends.
     async fn next_retry(o: &mut Outstanding, rng: &mut SmallRng) -> (Duration, Vec<Resend>) {
         let start = Instant::now();
@@ -265,7 +291,7 @@ mod tests {
             return (Duration::ZERO, Vec::new());
         };
         tokio::time::sleep_until(at).await;
-        (start.elapsed(), o.due(Instant::now(), rng))
+        (start.elapsed(), o.due(Instant::now(), rng, |_| false))
     }
 
     #[tokio::test(start_paused = true)]
@@ -320,10 +346,39 @@ mod tests {
         // retry_until = "reply": the 0x7b alone does not stop the retries.
         assert!(o.next_due().is_some());
         assert_eq!(o.on_ack(KEY, 0), Verdict::Duplicate);
-        assert_eq!(o.on_reply(5, 0), Verdict::Forward);
-        assert_eq!(o.on_reply(5, 0), Verdict::Duplicate);
+        assert_eq!(o.on_reply(5, 0, &reply(1)), Verdict::Forward);
+        // Re-sent, so any further reply is the device answering the copy.
+        assert_eq!(o.on_reply(5, 0, &reply(2)), Verdict::Duplicate);
         assert_eq!(o.next_due(), None);
-        assert_eq!(o.on_reply(6, 0), Verdict::Unknown);
+        assert_eq!(o.on_reply(6, 0, &reply(1)), Verdict::Unknown);
+    }
+
+    #[test]
+    fn a_command_sent_once_may_be_answered_in_several_frames() {
+        let mut o = Outstanding::new(policy(""));
+        let mut rng = SmallRng::seed_from_u64(1);
+        o.on_command(cmd(5), 5, KEY, 0, Instant::now(), &mut rng);
+        assert_eq!(o.on_reply(5, 0, &reply(1)), Verdict::Forward);
+        assert_eq!(o.on_reply(5, 0, &reply(2)), Verdict::Forward, "second part");
+        assert_eq!(o.on_reply(5, 0, &reply(1)), Verdict::Duplicate, "a copy");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_copy_while_the_previous_one_is_still_queued() {
+        let mut o = Outstanding::new(policy(""));
+        let mut rng = SmallRng::seed_from_u64(1);
+        o.on_command(cmd(5), 5, KEY, 0, Instant::now(), &mut rng);
+        tokio::time::sleep_until(o.next_due().expect("due")).await;
+        assert!(o.due(Instant::now(), &mut rng, |_| true).is_empty());
+        assert_eq!(
+            o.next_due(),
+            Some(Instant::now() + Duration::from_millis(400)),
+            "clock restarted"
+        );
+        tokio::time::sleep_until(o.next_due().expect("due")).await;
+        let r = o.due(Instant::now(), &mut rng, |_| false);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].attempt, 2, "the skipped round was not an attempt");
     }
 
     #[tokio::test(start_paused = true)]
@@ -350,8 +405,8 @@ mod tests {
         );
         o.on_command(cmd(1), 1, KEY, 1, now, &mut rng);
         // Seq 1 was replaced by the new epoch's command; seq 2 is the old epoch's.
-        assert_eq!(o.on_reply(2, 1), Verdict::Stale);
-        assert_eq!(o.on_reply(1, 1), Verdict::Forward);
+        assert_eq!(o.on_reply(2, 1, &reply(1)), Verdict::Stale);
+        assert_eq!(o.on_reply(1, 1, &reply(1)), Verdict::Forward);
         assert_eq!(o.on_ack(KEY, 1), Verdict::Forward, "current epoch first");
         assert_eq!(o.on_ack(KEY, 1), Verdict::Stale);
         assert_eq!(o.on_ack(KEY, 1), Verdict::Duplicate);
@@ -375,7 +430,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         o.expire(Instant::now());
         assert!(o.is_empty());
-        assert_eq!(o.on_reply(1, 0), Verdict::Unknown);
+        assert_eq!(o.on_reply(1, 0, &reply(1)), Verdict::Unknown);
     }
 
     #[tokio::test(start_paused = true)]
@@ -384,7 +439,7 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(1);
         o.on_command(cmd(1), 1, KEY, 0, Instant::now(), &mut rng);
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(o.due(Instant::now(), &mut rng).is_empty());
+        assert!(o.due(Instant::now(), &mut rng, |_| false).is_empty());
         assert_eq!(o.next_due(), None);
     }
 

@@ -164,7 +164,7 @@ impl Core {
         let keep = match p.ptype() {
             PacketType::Data => match p.inner().filter(|f| f.class() == FrameClass::Reply) {
                 Some(f) => {
-                    let v = self.cmds.on_reply(f.seq, self.epoch);
+                    let v = self.cmds.on_reply(f.seq, self.epoch, p.raw());
                     self.verdict(v, p.ptype(), || {
                         self.dedup.late_reply(self.device, f.seq, now)
                     })
@@ -351,7 +351,7 @@ impl Core {
             };
             self.metrics.packet(T, dir, p.ptype());
             match p.ptype() {
-                PacketType::HelloAck if self.resume.take_hello_ack() => {
+                PacketType::HelloAck if self.resume.take_hello_ack(now) => {
                     self.resume_frame("swallowed_hello_ack");
                     self.metrics
                         .resumptions
@@ -393,7 +393,9 @@ impl Core {
 
     /// Timers: command retries, transaction expiry, the idle limit.
     pub fn tick(&mut self, now: Instant) -> Result<(), CloseReason> {
-        for r in self.cmds.due(now, &mut self.rng) {
+        let to_dev = &self.to_dev;
+        let due = self.cmds.due(now, &mut self.rng, |raw| to_dev.holds(raw));
+        for r in due {
             self.metrics
                 .retransmits
                 .with_label_values(&[T.label()])
@@ -429,6 +431,9 @@ impl Core {
     /// is not possible any more.
     pub fn upstream_lost(&mut self, now: Instant) -> Option<(u32, Duration)> {
         self.epoch = self.epoch.wrapping_add(1);
+        // Half a frame from the dead upstream can never be completed; the new upstream's
+        // stream starts on a frame boundary.
+        self.srv_tap = Tap::new(self.cfg.protocol.max_frame_len);
         self.cmds.end_epoch();
         self.tracker.abandon_commands(&mut self.events);
         // Heartbeats the dead upstream never answered get their answer here.
@@ -692,7 +697,11 @@ pub async fn run(
                 break CloseReason::DeviceClosed;
             }
         }
-        let wake = sh.core().next_wake();
+        let mut wake = sh.core().next_wake();
+        if device_done.is_some() {
+            // Flushing what the device sent last: look again soon.
+            wake = wake.min(Instant::now() + Duration::from_millis(20));
+        }
         tokio::select! {
             end = &mut dev_read, if device_done.is_none() => match end {
                 DevEnd::Eof => device_done = Some(Instant::now()),
@@ -883,6 +892,7 @@ mod tests {
         let mut c = core(&ctx);
         let cmd = build::power_command(DEV, ZERO, 3, 10, false);
         c.upstream_read(&cmd, Instant::now());
+        assert_eq!(c.pop_for_device(), Some(cmd.clone()));
         tokio::time::advance(Duration::from_millis(500)).await;
         c.tick(Instant::now()).expect("alive");
         c.close(Instant::now());
@@ -951,6 +961,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn half_a_frame_from_a_dead_upstream_does_not_corrupt_the_next_one() {
+        let ctx = ctx("");
+        let mut c = core(&ctx);
+        let cmd = build::power_command(DEV, ZERO, 1, 10, true);
+        c.upstream_read(&cmd[..10], Instant::now());
+        assert!(c.upstream_lost(Instant::now()).is_some());
+        c.upstream_redialed(1);
+        c.upstream_read(&build::hello_ack(), Instant::now());
+        assert_eq!(c.pop_for_device(), None, "the new 0x28 is swallowed");
+        c.upstream_read(&cmd, Instant::now());
+        assert_eq!(c.pop_for_device(), Some(cmd), "whole frames again");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn full_device_queue_backpressures_then_rejects() {
         let ctx = ctx("upstream_queue_bytes = 16384\nbackpressure_timeout = \"2s\"");
         let mut c = core(&ctx);
@@ -987,7 +1011,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn full_upstream_queue_sheds_old_status_then_closes() {
-        let ctx = ctx("device_queue_bytes = 4096");
+        let ctx = ctx("device_queue_bytes = 16384");
         let mut c = core(&ctx);
         let mut n = 0u16;
         let mut status = || {
@@ -995,14 +1019,14 @@ mod tests {
             let b = n.to_be_bytes();
             build::mesh_status(DEV, MsgId([b[0], b[1], 0]), 0, 1, 10, 1, 100, 0)
         };
-        for _ in 0..200 {
+        for _ in 0..1000 {
             c.device_read(&status(), Instant::now())
                 .expect("statuses are shed, never fatal");
         }
         assert!(total(&ctx, "tcp_comm_queue_full_total", &[("action", "shed")]) > 0.0);
         // Fill with heartbeats (not sheddable) until the pair must close.
         let mut closed = None;
-        for _ in 0..2000 {
+        for _ in 0..10_000 {
             if let Err(r) = c.device_read(&build::heartbeat(), Instant::now()) {
                 closed = Some(r);
                 break;

@@ -97,6 +97,10 @@ impl Gateway {
             }
         };
         let legacy = Dialer::new(&config.upstream_legacy).map_err(GatewayError::UpstreamTls)?;
+        let shadow_dialer = match &config.upstream_shadow {
+            Some(u) => Some(Dialer::new(u).map_err(GatewayError::UpstreamTls)?),
+            None => None,
+        };
         let device_addr = devices.local_addr().map_err(GatewayError::LocalAddr)?;
         let metrics_addr = http.local_addr().map_err(GatewayError::LocalAddr)?;
         let shutdown = Shutdown::new();
@@ -132,6 +136,7 @@ impl Gateway {
             acceptor,
             legacy,
             reliable,
+            shadow_dialer,
             shutdown: shutdown.token(),
         });
         let listener = Listener::new(devices, ctx, shutdown.tasks());

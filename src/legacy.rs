@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use crate::metrics::{Metrics, Transport};
 use crate::protocol::{DeviceId, Tap};
 use crate::rehome::ConnStop;
+use crate::shadow::Shadow;
 use crate::tls::Stream;
 use crate::transactions::{Direction, Event, Tracker};
 
@@ -84,6 +85,8 @@ pub struct Observer {
     device: Option<DeviceId>,
     metrics: Arc<Metrics>,
     state: Mutex<ObserverState>,
+    /// Dark launch: the new path's logic (and maybe a mirror) on a copy of this traffic.
+    shadow: Option<Shadow>,
 }
 
 impl Observer {
@@ -104,6 +107,25 @@ impl Observer {
                 srv_tap: Tap::new(max_frame_len),
                 events: Vec::new(),
             }),
+            shadow: None,
+        }
+    }
+
+    /// Runs a dark launch beside this connection.
+    pub fn with_shadow(mut self, shadow: Shadow) -> Observer {
+        self.shadow = Some(shadow);
+        self
+    }
+
+    /// When the shadow's timers next need a [`Observer::tick`].
+    fn shadow_wake(&self) -> Option<Instant> {
+        self.shadow.as_ref().map(Shadow::next_wake)
+    }
+
+    async fn shadow_rearmed(&self) {
+        match &self.shadow {
+            Some(s) => s.rearmed().await,
+            None => std::future::pending().await,
         }
     }
 
@@ -140,6 +162,10 @@ impl Observer {
             }
         }
         self.flush(st);
+        drop(guard);
+        if let Some(shadow) = &self.shadow {
+            shadow.observe(dir, read, &out.frames, now);
+        }
     }
 
     fn flush(&self, st: &mut ObserverState) {
@@ -151,18 +177,30 @@ impl Observer {
 
     /// Times out overdue transactions.
     pub fn tick(&self) {
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        st.tracker.expire(Instant::now(), &mut st.events);
-        self.flush(st);
+        let now = Instant::now();
+        {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            st.tracker.expire(now, &mut st.events);
+            self.flush(st);
+        }
+        if let Some(shadow) = &self.shadow {
+            shadow.tick(now);
+        }
     }
 
     /// The connection ended.
     pub fn close(&self) {
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        st.tracker.close(Instant::now(), &mut st.events);
-        self.flush(st);
+        let now = Instant::now();
+        {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            st.tracker.close(now, &mut st.events);
+            self.flush(st);
+        }
+        if let Some(shadow) = &self.shadow {
+            shadow.close(now);
+        }
     }
 
     pub fn pending_commands(&self) -> usize {
@@ -287,6 +325,13 @@ pub async fn run(
                         PumpEnd::WriteFailed(_) => break CloseReason::DeviceError,
                     }
                 }
+                _ = async {
+                    match obs.shadow_wake() {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => obs.tick(),
+                _ = obs.shadow_rearmed() => {}
                 _ = tick.tick() => {
                     obs.tick();
                     if half_closed_at.is_some_and(|t| t.elapsed() >= HALF_CLOSE_GRACE) {

@@ -25,6 +25,7 @@
 //! | [`router`] | which path a device takes: its stable bucket and the percentage |
 //! | [`legacy`] | byte-exact passthrough and its passive observer |
 //! | [`reliable`] | the new path: retries, duplicate suppression, bounded queues, resumption |
+//! | [`shadow`] | dark launch: observe and mirror modes, reply comparison |
 //! | [`transactions`] | pairing requests with replies: outcomes and latencies |
 //! | [`upstream`] | dialing the add-on |
 //! | [`tls`] | OpenSSL contexts and the plain-or-TLS stream |
@@ -47,6 +48,7 @@ pub mod rehome;
 pub mod reliable;
 pub mod reload;
 pub mod router;
+pub mod shadow;
 pub mod shutdown;
 pub mod sim;
 pub mod tls;

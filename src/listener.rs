@@ -31,6 +31,7 @@ use crate::rehome::{ConnStop, Registry};
 use crate::reliable::{self, SessionCtx};
 use crate::reload::Live;
 use crate::router;
+use crate::shadow::Shadow;
 use crate::tls::{self, Stream};
 use crate::transactions::Tracker;
 use crate::upstream::Dialer;
@@ -48,6 +49,8 @@ pub struct ConnContext {
     pub legacy: Dialer,
     /// The new path's shared state; it dials the same add-on.
     pub reliable: SessionCtx,
+    /// Dark launch, mirror mode: where device traffic is replayed.
+    pub shadow_dialer: Option<Dialer>,
     pub shutdown: CancellationToken,
 }
 
@@ -320,6 +323,18 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
                 Tracker::new(cfg.protocol.command_deadline, cfg.protocol.reply_timeout),
                 cfg.protocol.max_frame_len,
             );
+            let obs = match device_id {
+                Some(id) if router::shadowed(id, &cfg.dark_launch) => {
+                    debug!(mode = ?cfg.dark_launch.mode, "dark launch: shadowing this connection");
+                    obs.with_shadow(Shadow::start(
+                        &ctx.reliable,
+                        cfg.clone(),
+                        id,
+                        ctx.shadow_dialer.as_ref(),
+                    ))
+                }
+                _ => obs,
+            };
             legacy::run(device, upstream, &first, &obs, &stop).await
         }
     };

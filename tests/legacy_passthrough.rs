@@ -105,7 +105,12 @@ fn tsample(transport: &str, metrics: &str, series: &str) -> f64 {
     sample(metrics, &on(transport, series))
 }
 
-async fn replay_capture(device_tls: bool, upstream_tls: bool, transport: &str) {
+async fn replay_capture(
+    device_tls: bool,
+    upstream_tls: bool,
+    transport: &str,
+    extra_cfg: &str,
+) -> String {
     let reads = capture_reads("capture_20251106_082038.jsonl");
     let dev_reads: Vec<Vec<u8>> = reads
         .iter()
@@ -146,6 +151,7 @@ async fn replay_capture(device_tls: bool, upstream_tls: bool, transport: &str) {
         // upstream sent even when its replies are slow.
         extra.push_str("[routing]\ncanary_percent = 100\n[reliable]\nmax_attempts = 1\n");
     }
+    extra.push_str(extra_cfg);
     let mut text = config_text(up_addr, &extra);
     if upstream_tls {
         text = text.replace("tls = false", "tls = true");
@@ -294,33 +300,91 @@ async fn replay_capture(device_tls: bool, upstream_tls: bool, transport: &str) {
         0.0
     );
     gw.shutdown(Duration::from_secs(5)).await;
+    m
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_replay_plain_is_byte_exact_and_measured() {
-    replay_capture(false, false, "legacy").await;
+    replay_capture(false, false, "legacy", "").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_replay_tls_device_side_is_byte_exact_and_measured() {
-    replay_capture(true, false, "legacy").await;
+    replay_capture(true, false, "legacy", "").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_replay_tls_both_legs() {
-    replay_capture(true, true, "legacy").await;
+    replay_capture(true, true, "legacy", "").await;
 }
 
 /// The new path forwards the same capture byte for byte when nothing is duplicated or lost,
 /// and measures it the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_replay_new_path_is_byte_exact_and_measured() {
-    replay_capture(false, false, "new").await;
+    replay_capture(false, false, "new", "").await;
+}
+
+/// Dark launch, observe mode: the reliable-session logic runs on a copy of every byte and
+/// reports as `transport="shadow"`, and the device and upstream still see exactly their bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_replay_with_observe_dark_launch_is_byte_exact_and_shadowed() {
+    let m = replay_capture(
+        false,
+        false,
+        "legacy",
+        "[dark_launch]\nmode = \"observe\"\npercent = 100\n",
+    )
+    .await;
+    let shadow = |series: &str| sample(&m, &on("shadow", series));
+    assert_eq!(
+        shadow("tcp_comm_packets_total{direction=\"dev_to_srv\",packet_type=\"0x83\",transport=\"legacy\"}"),
+        101.0
+    );
+    assert_eq!(
+        shadow("tcp_comm_heartbeats_total{outcome=\"acked\",transport=\"legacy\"}"),
+        658.0
+    );
+    assert_eq!(
+        shadow("tcp_comm_packet_sent_total{outcome=\"success\",transport=\"legacy\"}"),
+        2.0
+    );
+    assert_eq!(
+        shadow("tcp_comm_connections_total{transport=\"legacy\"}"),
+        1.0
+    );
+    assert_eq!(
+        shadow("tcp_comm_connections_active{transport=\"legacy\"}"),
+        0.0
+    );
+}
+
+/// Mirror mode toward a shadow upstream that refuses connections: legacy is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_replay_with_mirror_to_a_dead_shadow_is_byte_exact() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let m = replay_capture(
+        false,
+        false,
+        "legacy",
+        &format!("[dark_launch]\nmode = \"mirror\"\npercent = 100\n[upstream.shadow]\naddress = \"{dead}\"\ntls = false\n"),
+    )
+    .await;
+    assert_eq!(
+        sample(
+            &m,
+            "tcp_comm_upstream_connect_errors_total{reason=\"connect\",transport=\"shadow\"}"
+        ),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_replay_new_path_tls_both_legs() {
-    replay_capture(true, true, "new").await;
+    replay_capture(true, true, "new", "").await;
 }
 
 const HELLO: &str = "handshake_0x23";

@@ -45,7 +45,6 @@ use crate::tls::Stream;
 use crate::transactions::{Direction, Event, Tracker};
 use crate::upstream::Dialer;
 
-const T: Transport = Transport::New;
 /// Read size per direction; also the most the device writer coalesces into one write.
 const READ_BUF: usize = 16 * 1024;
 /// How often overdue transactions are expired.
@@ -72,6 +71,8 @@ pub enum ReadPermit {
 
 /// The session state machine.
 pub struct Core {
+    /// `new`, or `shadow` when the core only observes a copy of legacy traffic.
+    transport: Transport,
     cfg: Arc<Config>,
     metrics: Arc<Metrics>,
     dedup: Arc<DedupStore>,
@@ -103,13 +104,32 @@ impl Core {
         hello: Bytes,
         now: Instant,
     ) -> Core {
+        Self::with_transport(Transport::New, ctx, cfg, device, hello, now)
+    }
+
+    /// A core that runs the same logic on a copy of a legacy connection's traffic (dark launch,
+    /// observe mode): its metrics say what the new path *would* have done; the caller discards
+    /// whatever it queues.
+    pub fn shadow(ctx: &SessionCtx, cfg: Arc<Config>, device: DeviceId, now: Instant) -> Core {
+        Self::with_transport(Transport::Shadow, ctx, cfg, device, Bytes::new(), now)
+    }
+
+    fn with_transport(
+        transport: Transport,
+        ctx: &SessionCtx,
+        cfg: Arc<Config>,
+        device: DeviceId,
+        hello: Bytes,
+        now: Instant,
+    ) -> Core {
         let r = &cfg.reliable;
         let gauge = |dir: Direction| {
             ctx.metrics
                 .queue_bytes
-                .with_label_values(&[T.label(), dir.label()])
+                .with_label_values(&[transport.label(), dir.label()])
         };
         Core {
+            transport,
             tracker: Tracker::new(cfg.protocol.command_deadline, cfg.protocol.reply_timeout),
             dev_tap: Tap::new(cfg.protocol.max_frame_len),
             srv_tap: Tap::new(cfg.protocol.max_frame_len),
@@ -140,7 +160,8 @@ impl Core {
 
     fn flush_events(&mut self) {
         if !self.events.is_empty() {
-            self.metrics.record(T, Some(self.device), &self.events);
+            self.metrics
+                .record(self.transport, Some(self.device), &self.events);
             self.events.clear();
         }
     }
@@ -148,14 +169,14 @@ impl Core {
     fn drop_frame(&self, ptype: PacketType, reason: &str) {
         self.metrics
             .idempotent_drops
-            .with_label_values(&[T.label(), ptype.label(), reason])
+            .with_label_values(&[self.transport.label(), ptype.label(), reason])
             .inc();
     }
 
     fn resume_frame(&self, action: &str) {
         self.metrics
             .resume_frames
-            .with_label_values(&[T.label(), action])
+            .with_label_values(&[self.transport.label(), action])
             .inc();
     }
 
@@ -227,7 +248,11 @@ impl Core {
             Pushed::Full => {
                 self.metrics
                     .queue_full
-                    .with_label_values(&[T.label(), Direction::SrvToDev.label(), "reject"])
+                    .with_label_values(&[
+                        self.transport.label(),
+                        Direction::SrvToDev.label(),
+                        "reject",
+                    ])
                     .inc();
                 debug!(
                     packet_type = ptype.label(),
@@ -246,7 +271,7 @@ impl Core {
         let dir = Direction::DevToSrv;
         self.metrics
             .bytes
-            .with_label_values(&[T.label(), dir.label()])
+            .with_label_values(&[self.transport.label(), dir.label()])
             .inc_by(read.len() as u64);
         let carried = self.dev_tap.pending();
         let out = self.dev_tap.feed(read);
@@ -258,12 +283,12 @@ impl Core {
             offset += frame.raw.len() as i64;
             let keep = match &frame.packet {
                 Ok(p) => {
-                    self.metrics.packet(T, dir, p.ptype());
+                    self.metrics.packet(self.transport, dir, p.ptype());
                     sheddable &= matches!(p.ptype(), PacketType::Status | PacketType::Info);
                     self.device_frame(p, now)
                 }
                 Err(e) => {
-                    self.metrics.decode_error(T, dir, e);
+                    self.metrics.decode_error(self.transport, dir, e);
                     sheddable = false;
                     true
                 }
@@ -277,7 +302,7 @@ impl Core {
             }
         }
         if let Some(e) = &out.framing_error {
-            self.metrics.decode_error(T, dir, e);
+            self.metrics.decode_error(self.transport, dir, e);
             sheddable = false;
         }
         if self.dev_tap.pending() > 0 {
@@ -293,14 +318,14 @@ impl Core {
             Pushed::Shed(n) => {
                 self.metrics
                     .queue_full
-                    .with_label_values(&[T.label(), dir.label(), "shed"])
+                    .with_label_values(&[self.transport.label(), dir.label(), "shed"])
                     .inc_by(n as u64);
                 Ok(())
             }
             Pushed::Full => {
                 self.metrics
                     .queue_full
-                    .with_label_values(&[T.label(), dir.label(), "close"])
+                    .with_label_values(&[self.transport.label(), dir.label(), "close"])
                     .inc();
                 Err(CloseReason::QueueFull)
             }
@@ -334,28 +359,28 @@ impl Core {
         let dir = Direction::SrvToDev;
         self.metrics
             .bytes
-            .with_label_values(&[T.label(), dir.label()])
+            .with_label_values(&[self.transport.label(), dir.label()])
             .inc_by(read.len() as u64);
         let out = self.srv_tap.feed(read);
         if let Some(e) = &out.framing_error {
-            self.metrics.decode_error(T, dir, e);
+            self.metrics.decode_error(self.transport, dir, e);
         }
         for frame in out.frames {
             let p = match &frame.packet {
                 Ok(p) => p,
                 Err(e) => {
-                    self.metrics.decode_error(T, dir, e);
+                    self.metrics.decode_error(self.transport, dir, e);
                     self.push_to_device(frame.raw.clone(), PacketType::Data);
                     continue;
                 }
             };
-            self.metrics.packet(T, dir, p.ptype());
+            self.metrics.packet(self.transport, dir, p.ptype());
             match p.ptype() {
                 PacketType::HelloAck if self.resume.take_hello_ack(now) => {
                     self.resume_frame("swallowed_hello_ack");
                     self.metrics
                         .resumptions
-                        .with_label_values(&[T.label(), "success"])
+                        .with_label_values(&[self.transport.label(), "success"])
                         .inc();
                     info!("upstream resumed");
                     continue;
@@ -398,7 +423,7 @@ impl Core {
         for r in due {
             self.metrics
                 .retransmits
-                .with_label_values(&[T.label()])
+                .with_label_values(&[self.transport.label()])
                 .inc();
             self.dedup.remember(self.device, r.seq, r.key, now);
             debug!(seq = r.seq, attempt = r.attempt, "re-sending command");
@@ -742,7 +767,7 @@ pub async fn run(
                         warn!(error = %e, "upstream resumption failed; closing the device connection");
                         ctx.metrics
                             .upstream_connect_errors
-                            .with_label_values(&[T.label(), e.reason()])
+                            .with_label_values(&[Transport::New.label(), e.reason()])
                             .inc();
                         resumption_failed(ctx);
                         break CloseReason::ResumeFailed;
@@ -776,7 +801,7 @@ pub async fn run(
 fn resumption_failed(ctx: &SessionCtx) {
     ctx.metrics
         .resumptions
-        .with_label_values(&[T.label(), "failed"])
+        .with_label_values(&[Transport::New.label(), "failed"])
         .inc();
 }
 

@@ -200,6 +200,8 @@ pub async fn run(
         };
         if changed {
             changes.borrow_and_update();
+            // The latch can change without a reload; keep the effective-percentage gauge true.
+            crate::reload::publish(&metrics, &live);
             if live.config().routing.rehome == Rehome::Never {
                 queue.clear();
                 queued.clear();

@@ -551,3 +551,51 @@ async fn edits_in_place_and_by_rename_move_only_the_named_devices_and_broken_edi
     stop.cancel();
     gw.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rollback_latch_sends_everyone_to_legacy_and_rehomes_the_new_path() {
+    let up_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up_addr = up_listener.local_addr().expect("addr");
+    let _upstream = raw_upstream(up_listener).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        gateway_text(
+            up_addr,
+            "127.0.0.1:0",
+            "canary_percent = 100\nrehome_rate = 100",
+        ),
+    )
+    .expect("write");
+    let (gw, _hup) = start_watching(&path).await;
+    let mut devices = Vec::new();
+    for i in 0..5 {
+        devices.push(raw_device(gw.device_addr, 3, i, None).await);
+    }
+    wait_connected(&gw, 5).await;
+    assert_eq!(on_path(&gw, Transport::New).len(), 5);
+    gw.live.set_latch(true);
+    eventually("every new-path connection re-homed", || async {
+        devices
+            .iter()
+            .all(|d| d.closed_at.lock().expect("lock").is_some())
+            .then_some(())
+    })
+    .await;
+    let again = raw_device(gw.device_addr, 3, 0, None).await;
+    let m = wait_metric(
+        gw.metrics_addr,
+        "tcp_comm_routing_decisions_total{reason=\"rollback\",transport=\"legacy\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(on_path(&gw, Transport::Legacy), BTreeSet::from([again.id]));
+    assert_eq!(
+        sample(&m, "tcp_comm_rehomes_total{from=\"new\",to=\"legacy\"}"),
+        5.0
+    );
+    assert_eq!(sample(&m, "tcp_comm_canary_percentage"), 100.0);
+    assert_eq!(sample(&m, "tcp_comm_canary_effective_percentage"), 0.0);
+    gw.shutdown(Duration::from_secs(1)).await;
+}

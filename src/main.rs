@@ -142,6 +142,13 @@ fn run(path: &std::path::Path) -> ExitCode {
     let config_path = path.to_path_buf();
     rt.block_on(async move {
         let drain_timeout = config.shutdown.drain_timeout;
+        let signals = match shutdown::Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cync-gateway: installing signal handlers: {e}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        };
         let gw = match Gateway::start(config).await {
             Ok(g) => g,
             Err(e) => {
@@ -152,10 +159,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         };
         let (hup_tx, hup_rx) = tokio::sync::mpsc::unbounded_channel();
         let sd = gw.shutdown_handle();
-        if let Err(e) = shutdown::spawn_signal_handler(sd.clone(), hup_tx) {
-            eprintln!("cync-gateway: installing signal handlers: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+        signals.spawn(sd.clone(), hup_tx);
         gw.watch_config(&config_path, hup_rx);
         sd.token().cancelled().await;
         match gw.shutdown(drain_timeout).await {

@@ -63,42 +63,59 @@ impl Shutdown {
     }
 }
 
-/// Listens for SIGTERM/SIGINT (drain, then exit on the second) and SIGHUP (forwarded to
-/// `on_hup`). Returns an error only if the signal handlers cannot be installed.
-pub fn spawn_signal_handler(
-    shutdown: Shutdown,
-    on_hup: tokio::sync::mpsc::UnboundedSender<()>,
-) -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    tokio::spawn(async move {
-        let mut seen = 0u32;
-        loop {
-            let name = tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
-                _ = hup.recv() => {
-                    let _ = on_hup.send(());
-                    continue;
+/// The daemon's signal streams. Creating them replaces the default actions at once, so this is
+/// done before the gateway starts listening: a SIGHUP that arrives early must reload (or be
+/// ignored), never kill the process.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Errors only if the handlers cannot be installed.
+    pub fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// SIGTERM/SIGINT drain (a second one exits with 130); SIGHUP is forwarded to `on_hup`.
+    pub fn spawn(self, shutdown: Shutdown, on_hup: tokio::sync::mpsc::UnboundedSender<()>) {
+        let Signals {
+            mut term,
+            mut int,
+            mut hup,
+        } = self;
+        tokio::spawn(async move {
+            let mut seen = 0u32;
+            loop {
+                let name = tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                    _ = hup.recv() => {
+                        let _ = on_hup.send(());
+                        continue;
+                    }
+                };
+                seen += 1;
+                if seen == 1 {
+                    info!(
+                        signal = name,
+                        "shutting down: no new connections, draining open ones"
+                    );
+                    shutdown.trigger();
+                } else {
+                    warn!(
+                        signal = name,
+                        "second signal: exiting now without waiting for the drain"
+                    );
+                    std::process::exit(130);
                 }
-            };
-            seen += 1;
-            if seen == 1 {
-                info!(
-                    signal = name,
-                    "shutting down: no new connections, draining open ones"
-                );
-                shutdown.trigger();
-            } else {
-                warn!(
-                    signal = name,
-                    "second signal: exiting now without waiting for the drain"
-                );
-                std::process::exit(130);
             }
-        }
-    });
-    Ok(())
+        });
+    }
 }

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::metrics::{Metrics, Transport};
 use crate::protocol::{DeviceId, Tap};
-use crate::rehome::ConnStop;
+use crate::rehome::{ConnStop, Finishing};
 use crate::shadow::Shadow;
 use crate::tls::Stream;
 use crate::transactions::{Direction, Event, Tracker};
@@ -242,7 +242,8 @@ where
     }
 }
 
-fn is_reset(e: &io::Error) -> bool {
+/// Whether an I/O error means the peer reset (or vanished), to be passed on as a reset.
+pub(crate) fn is_reset(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionReset
@@ -283,15 +284,7 @@ pub async fn run(
         let mut up_done = false;
         let mut dev_done = false;
         let mut half_closed_at: Option<Instant> = None;
-        let mut draining = false;
-        let mut grace_until: Option<Instant> = None;
-        let stopped = || {
-            if stop.is_rehome() {
-                CloseReason::Rehomed
-            } else {
-                CloseReason::Drained
-            }
-        };
+        let mut finishing = Finishing::new(stop);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
@@ -338,15 +331,11 @@ pub async fn run(
                         break CloseReason::HalfCloseTimeout;
                     }
                 }
-                _ = drain_tick.tick(), if draining => {
-                    if obs.pending_commands() == 0 || grace_until.is_some_and(|t| Instant::now() >= t) {
-                        break stopped();
-                    }
+                _ = drain_tick.tick(), if finishing.requested() => {
+                    if let Some(r) = finishing.check(obs.pending_commands(), Instant::now()) { break r; }
                 }
-                _ = stop.token().cancelled(), if !draining => {
-                    draining = true;
-                    if stop.is_rehome() { grace_until = Some(Instant::now() + stop.grace()); }
-                    if obs.pending_commands() == 0 { break stopped(); }
+                _ = stop.token().cancelled(), if !finishing.requested() => {
+                    if let Some(r) = finishing.begin(obs.pending_commands(), Instant::now()) { break r; }
                 }
             }
         }

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::Rehome;
+use crate::legacy::CloseReason;
 use crate::metrics::{Metrics, Transport};
 use crate::protocol::DeviceId;
 use crate::reload::Live;
@@ -64,6 +65,54 @@ impl ConnStop {
     /// How long a re-homed connection may wait for its commands.
     pub fn grace(&self) -> Duration {
         self.grace
+    }
+}
+
+/// A connection's way to its end once asked to finish: at once when no command awaits its
+/// reply; for a shutdown otherwise when the last one is answered (the daemon's drain deadline
+/// bounds that); for a re-homing at the latest after the grace period.
+#[derive(Debug)]
+pub struct Finishing<'a> {
+    stop: &'a ConnStop,
+    requested: bool,
+    deadline: Option<Instant>,
+}
+
+impl<'a> Finishing<'a> {
+    pub fn new(stop: &'a ConnStop) -> Self {
+        Self {
+            stop,
+            requested: false,
+            deadline: None,
+        }
+    }
+
+    /// Whether the stop token has fired and [`Finishing::begin`] ran.
+    pub fn requested(&self) -> bool {
+        self.requested
+    }
+
+    fn reason(&self) -> CloseReason {
+        if self.stop.is_rehome() {
+            CloseReason::Rehomed
+        } else {
+            CloseReason::Drained
+        }
+    }
+
+    /// The stop token fired. `Some` when the connection may close now.
+    pub fn begin(&mut self, pending_commands: usize, now: Instant) -> Option<CloseReason> {
+        self.requested = true;
+        if self.stop.is_rehome() {
+            self.deadline = Some(now + self.stop.grace());
+        }
+        self.check(pending_commands, now)
+    }
+
+    /// Re-checked while finishing. `Some` when the connection may close now.
+    pub fn check(&self, pending_commands: usize, now: Instant) -> Option<CloseReason> {
+        let overdue = self.deadline.is_some_and(|t| now >= t);
+        (self.requested && (pending_commands == 0 || overdue)).then(|| self.reason())
     }
 }
 
@@ -236,5 +285,37 @@ pub async fn run(
             let rate = live.config().routing.rehome_rate;
             next_slot = Instant::now() + Duration::from_secs_f64(1.0 / rate);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_waits_for_commands_and_rehoming_also_for_its_grace() {
+        let root = CancellationToken::new();
+        let stop = ConnStop::new(&root, Duration::from_secs(5));
+        let mut f = Finishing::new(&stop);
+        assert_eq!(f.check(0, Instant::now()), None, "nothing asked yet");
+        root.cancel();
+        assert_eq!(f.begin(1, Instant::now()), None, "a command is in flight");
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(
+            f.check(1, Instant::now()),
+            None,
+            "a drain has no grace of its own"
+        );
+        assert_eq!(f.check(0, Instant::now()), Some(CloseReason::Drained));
+
+        let stop = ConnStop::new(&CancellationToken::new(), Duration::from_secs(5));
+        let mut f = Finishing::new(&stop);
+        stop.rehome();
+        assert!(stop.token().is_cancelled());
+        assert_eq!(f.begin(2, Instant::now()), None);
+        tokio::time::advance(Duration::from_millis(4999)).await;
+        assert_eq!(f.check(2, Instant::now()), None);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(f.check(2, Instant::now()), Some(CloseReason::Rehomed));
     }
 }

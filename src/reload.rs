@@ -257,7 +257,8 @@ impl Reloader {
 }
 
 /// Reloads on every message from `hup` (SIGHUP) and, when `reload.poll_interval` is not zero,
-/// whenever the file's content changes. Ends at shutdown.
+/// whenever the file's content changes. Ends at shutdown (or when there is neither a signal
+/// source nor polling left).
 pub async fn run(
     mut reloader: Reloader,
     mut hup: mpsc::UnboundedReceiver<()>,
@@ -271,17 +272,23 @@ pub async fn run(
     });
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.tick().await;
+    // Without a signal source (its sender gone) polling carries on alone.
+    let mut signals = true;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            msg = hup.recv() => {
-                if msg.is_none() { return; }
+            msg = hup.recv(), if signals => {
+                if msg.is_none() {
+                    signals = false;
+                    continue;
+                }
                 info!("SIGHUP: reloading the configuration");
                 reloader.check(Trigger::Signal);
             }
             _ = poll.tick(), if !every.is_zero() => {
                 reloader.check(Trigger::Poll);
             }
+            else => return,
         }
     }
 }

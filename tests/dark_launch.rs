@@ -7,27 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use cync_gateway::sim::addon::{Addon, AddonConfig, HarnessReport, Mode};
+use cync_gateway::sim::addon::{Addon, HarnessReport, Mode};
 use cync_gateway::sim::device::{self, DeviceConfig, DeviceStats};
-use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-fn fast_addon() -> AddonConfig {
-    AddonConfig {
-        channel_open_after: Duration::from_millis(50),
-        mesh_query_after: Duration::from_millis(200),
-        ..AddonConfig::default()
-    }
-}
-
-async fn addon() -> Arc<Addon> {
-    Addon::start(
-        TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-        fast_addon(),
-    )
-    .expect("addon")
-}
 
 async fn commands(a: &Arc<Addon>, n: u64, seed: u64) -> HarnessReport {
     a.reset_report();
@@ -46,8 +29,8 @@ async fn commands(a: &Arc<Addon>, n: u64, seed: u64) -> HarnessReport {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_counts_the_shadows_differences_and_a_dead_shadow_changes_nothing() {
-    let legacy = addon().await;
-    let shadow = addon().await;
+    let legacy = start_addon(fast_addon()).await;
+    let shadow = start_addon(fast_addon()).await;
     // The shadow add-on answers everything but status reports.
     shadow.set_mode(Mode::NoStatusAck);
     let gw = start_gateway(&config_text(

@@ -19,18 +19,6 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-fn fast_addon() -> AddonConfig {
-    AddonConfig {
-        channel_open_after: Duration::from_millis(50),
-        mesh_query_after: Duration::from_millis(200),
-        ..AddonConfig::default()
-    }
-}
-
-async fn addon(cfg: AddonConfig) -> Arc<Addon> {
-    Addon::start(TcpListener::bind("127.0.0.1:0").await.expect("bind"), cfg).expect("addon")
-}
-
 /// A plain-TCP gateway in front of `upstream` with every device on `path`.
 async fn gateway(upstream: SocketAddr, path: &str, extra: &str) -> Gateway {
     let percent = if path == "new" { 100 } else { 0 };
@@ -112,7 +100,7 @@ async fn metrics(gw: &Gateway) -> String {
 
 /// device → chaos (drop 3 % of 0x73 and 0x7b each way) → gateway on `path` → add-on.
 async fn lossy_run(path: &'static str, commands: u64) -> (HarnessReport, String, u64) {
-    let a = addon(fast_addon()).await;
+    let a = start_addon(fast_addon()).await;
     let gw = gateway(a.addr(), path, "").await;
     let plan = Plan::parse(
         "seed = 3\n\
@@ -188,7 +176,7 @@ async fn three_percent_loss_hurts_legacy_and_the_new_path_still_succeeds() {
 
 /// device → chaos (duplicate 10 % of device frames) → gateway on `path` → add-on.
 async fn duplicating_run(path: &'static str) -> (HarnessReport, u64, u64, String) {
-    let a = addon(fast_addon()).await;
+    let a = start_addon(fast_addon()).await;
     let gw = gateway(a.addr(), path, "").await;
     let chaos = Chaos::start(
         TcpListener::bind("127.0.0.1:0").await.expect("bind"),
@@ -246,8 +234,8 @@ async fn duplicated_device_frames_reach_the_addon_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn addon_restart_keeps_new_path_devices_connected_and_reconnects_legacy_ones() {
     // Real add-on timing: 0xa3 at +0.5 s, receive loop blocked until the mesh query at +2 s.
-    let a_new = addon(AddonConfig::default()).await;
-    let a_legacy = addon(AddonConfig::default()).await;
+    let a_new = start_addon(AddonConfig::default()).await;
+    let a_legacy = start_addon(AddonConfig::default()).await;
     let gw_new = gateway(a_new.addr(), "new", "").await;
     let gw_legacy = gateway(a_legacy.addr(), "legacy", "").await;
     let new_fleet = Fleet::start(gw_new.device_addr, 50, 31);
@@ -385,7 +373,7 @@ async fn flooding_upstream(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_stops_reading_is_bounded_and_does_not_slow_the_others() {
     const BOUND: f64 = 65_536.0;
-    let a = addon(fast_addon()).await;
+    let a = start_addon(fast_addon()).await;
     let flood_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let upstream = flood_listener.local_addr().expect("addr");
     let (stuck_id, auth) = device::identity(77, 0);

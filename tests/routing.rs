@@ -16,21 +16,12 @@ use cync_gateway::gateway::Gateway;
 use cync_gateway::metrics::Transport;
 use cync_gateway::protocol::{build, DeviceId, MsgId};
 use cync_gateway::router;
-use cync_gateway::sim::addon::{Addon, AddonConfig};
 use cync_gateway::sim::device::{self, DeviceConfig, DeviceStats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-fn fast_addon() -> AddonConfig {
-    AddonConfig {
-        channel_open_after: Duration::from_millis(50),
-        mesh_query_after: Duration::from_millis(200),
-        ..AddonConfig::default()
-    }
-}
 
 fn gateway_text(upstream: SocketAddr, devices: &str, routing: &str) -> String {
     format!(
@@ -90,11 +81,7 @@ async fn wait_connected(gw: &Gateway, n: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_devices_split_at_ten_percent_stick_across_restart_and_grow_to_25() {
     const N: u32 = 1000;
-    let a = Addon::start(
-        TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-        fast_addon(),
-    )
-    .expect("addon");
+    let a = start_addon(fast_addon()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("gateway.toml");
     std::fs::write(
@@ -284,25 +271,31 @@ async fn raw_upstream(listener: TcpListener) -> Arc<Mutex<UpstreamLog>> {
     log
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lowering_the_percentage_rehomes_only_the_leavers_at_the_configured_pace() {
-    const RATE: f64 = 5.0;
-    const SEED: u64 = 7;
+/// A gateway in front of [`raw_upstream`], configured from a file it watches.
+async fn raw_gateway(
+    routing: &str,
+) -> (
+    Gateway,
+    Arc<Mutex<UpstreamLog>>,
+    std::path::PathBuf,
+    tempfile::TempDir,
+) {
     let up_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let up_addr = up_listener.local_addr().expect("addr");
     let upstream = raw_upstream(up_listener).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("gateway.toml");
-    std::fs::write(
-        &path,
-        gateway_text(
-            up_addr,
-            "127.0.0.1:0",
-            "canary_percent = 100\nrehome_rate = 5\ndrain_grace = \"10s\"",
-        ),
-    )
-    .expect("write");
+    std::fs::write(&path, gateway_text(up_addr, "127.0.0.1:0", routing)).expect("write");
     let (gw, _hup) = start_watching(&path).await;
+    (gw, upstream, path, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowering_the_percentage_rehomes_only_the_leavers_at_the_configured_pace() {
+    const RATE: f64 = 5.0;
+    const SEED: u64 = 7;
+    let (gw, upstream, path, _dir) =
+        raw_gateway("canary_percent = 100\nrehome_rate = 5\ndrain_grace = \"10s\"").await;
     let leaves =
         |i: u32| router::by_percent(device::identity(SEED, i).0, 50.0) == Transport::Legacy;
     // The first leaver (re-homed first: the oldest connection) answers commands slowly.
@@ -424,11 +417,7 @@ fn write_atomically(path: &Path, text: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edits_in_place_and_by_rename_move_only_the_named_devices_and_broken_edits_change_nothing()
 {
-    let a = Addon::start(
-        TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-        fast_addon(),
-    )
-    .expect("addon");
+    let a = start_addon(fast_addon()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("gateway.toml");
     let base = gateway_text(
@@ -554,21 +543,7 @@ async fn edits_in_place_and_by_rename_move_only_the_named_devices_and_broken_edi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rollback_latch_sends_everyone_to_legacy_and_rehomes_the_new_path() {
-    let up_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let up_addr = up_listener.local_addr().expect("addr");
-    let _upstream = raw_upstream(up_listener).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(
-        &path,
-        gateway_text(
-            up_addr,
-            "127.0.0.1:0",
-            "canary_percent = 100\nrehome_rate = 100",
-        ),
-    )
-    .expect("write");
-    let (gw, _hup) = start_watching(&path).await;
+    let (gw, _upstream, _path, _dir) = raw_gateway("canary_percent = 100\nrehome_rate = 100").await;
     let mut devices = Vec::new();
     for i in 0..5 {
         devices.push(raw_device(gw.device_addr, 3, i, None).await);

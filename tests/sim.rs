@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use cync_gateway::protocol::{split_packets, DecodeError, Packet, PacketType};
-use cync_gateway::sim::addon::{Addon, AddonConfig};
+use cync_gateway::sim::addon::Addon;
 use cync_gateway::sim::chaos::{Chaos, Fault, Plan};
 use cync_gateway::sim::device::{self, DeviceConfig, DeviceStats};
 use rand::SeedableRng;
@@ -18,18 +18,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-fn fast_addon() -> AddonConfig {
-    AddonConfig {
-        channel_open_after: Duration::from_millis(50),
-        mesh_query_after: Duration::from_millis(200),
-        ..AddonConfig::default()
-    }
-}
-
-async fn addon(cfg: AddonConfig) -> Arc<Addon> {
-    Addon::start(TcpListener::bind("127.0.0.1:0").await.expect("bind"), cfg).expect("addon")
-}
 
 fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
     DeviceStats::get(c)
@@ -51,7 +39,7 @@ async fn send_sequential(a: &Arc<Addon>, n: u64, seed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_against_addon_completes_session_and_100_commands() {
-    let a = addon(fast_addon()).await;
+    let a = start_addon(fast_addon()).await;
     let stats = Arc::new(DeviceStats::default());
     let stop = CancellationToken::new();
     let mut cfg = DeviceConfig::new(a.addr(), 3, 0);
@@ -421,7 +409,7 @@ async fn chaos_reset_and_stall() {
 
 /// device -> chaos (drops 5 % of f9 replies) -> gateway (legacy) -> fake add-on.
 async fn legacy_run_with_f9_drops(seed: u64) -> (u64, u64, u64) {
-    let a = addon(fast_addon()).await;
+    let a = start_addon(fast_addon()).await;
     let gw = start_gateway(&config_text(a.addr(), "[device_tls]\nmode = \"plain\"\n")).await;
     let chaos = Chaos::start(
         TcpListener::bind("127.0.0.1:0").await.expect("bind"),
@@ -486,7 +474,7 @@ async fn seeded_f9_drops_lower_legacy_success_reproducibly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn addon_modes_and_restart() {
-    let a = addon(fast_addon()).await;
+    let a = start_addon(fast_addon()).await;
     let stats = Arc::new(DeviceStats::default());
     let stop = CancellationToken::new();
     let mut cfg = DeviceConfig::new(a.addr(), 8, 1);
@@ -535,7 +523,7 @@ async fn addon_modes_and_restart() {
 async fn addon_slow_and_no_status_ack_modes() {
     let mut cfg = fast_addon();
     cfg.slow_delay = Duration::from_millis(300);
-    let a = addon(cfg).await;
+    let a = start_addon(cfg).await;
     let mut dev = TcpStream::connect(a.addr()).await.expect("connect");
     dev.write_all(&vector("handshake_0x23"))
         .await
@@ -575,7 +563,7 @@ async fn addon_slow_and_no_status_ack_modes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_reports_progress_and_percentiles() {
-    let a = addon(fast_addon()).await;
+    let a = start_addon(fast_addon()).await;
     let cfg = cync_gateway::sim::load::LoadConfig {
         target: a.addr(),
         tls: false,

@@ -37,10 +37,10 @@ use super::queue::{BoundedQueue, Item, Pushed};
 use super::resume::{self, Resume};
 use super::retry::{Outstanding, Policy, Verdict};
 use crate::config::Config;
-use crate::legacy::CloseReason;
+use crate::legacy::{is_reset, CloseReason};
 use crate::metrics::{Metrics, Transport};
 use crate::protocol::{build, header_data_len, DeviceId, FrameClass, Packet, PacketType, Tap};
-use crate::rehome::ConnStop;
+use crate::rehome::{ConnStop, Finishing};
 use crate::tls::Stream;
 use crate::transactions::{Direction, Event, Tracker};
 use crate::upstream::Dialer;
@@ -561,15 +561,6 @@ enum DevEnd {
     Close(CloseReason),
 }
 
-fn is_reset(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe
-    )
-}
-
 async fn read_device<R: AsyncRead + Unpin>(mut r: R, sh: &Shared) -> DevEnd {
     let mut buf = vec![0u8; READ_BUF];
     loop {
@@ -704,15 +695,7 @@ pub async fn run(
     tokio::pin!(dev_read, dev_write);
     let mut up: Option<UpFuture<'_>> = Some(Box::pin(upstream_io(upstream, None, &sh)));
     let mut redial: Option<RedialFuture<'_>> = None;
-    let mut draining = false;
-    let mut grace_until: Option<Instant> = None;
-    let stopped = || {
-        if stop.is_rehome() {
-            CloseReason::Rehomed
-        } else {
-            CloseReason::Drained
-        }
-    };
+    let mut finishing = Finishing::new(stop);
     let mut device_done: Option<Instant> = None;
     let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
 
@@ -739,7 +722,7 @@ pub async fn run(
             }
             e = async { match up.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if up.is_some() => {
                 up = None;
-                if device_done.is_some() || draining {
+                if device_done.is_some() || finishing.requested() {
                     break CloseReason::UpstreamClosed;
                 }
                 debug!(error = %e, "upstream lost; resuming");
@@ -782,15 +765,13 @@ pub async fn run(
                     break reason;
                 }
             }
-            _ = drain_tick.tick(), if draining => {
-                if sh.core().pending_commands() == 0 || grace_until.is_some_and(|t| Instant::now() >= t) {
-                    break stopped();
-                }
+            _ = drain_tick.tick(), if finishing.requested() => {
+                let pending = sh.core().pending_commands();
+                if let Some(r) = finishing.check(pending, Instant::now()) { break r; }
             }
-            _ = stop.token().cancelled(), if !draining => {
-                draining = true;
-                if stop.is_rehome() { grace_until = Some(Instant::now() + stop.grace()); }
-                if sh.core().pending_commands() == 0 { break stopped(); }
+            _ = stop.token().cancelled(), if !finishing.requested() => {
+                let pending = sh.core().pending_commands();
+                if let Some(r) = finishing.begin(pending, Instant::now()) { break r; }
             }
         }
     };

@@ -14,6 +14,26 @@ use tokio::net::TcpStream;
 
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
+/// The fake add-on with its start-up delays shortened (0xa3 at 50 ms, mesh query at 200 ms),
+/// so tests reach the ready state quickly; the order of events is the real add-on's.
+pub fn fast_addon() -> cync_gateway::sim::addon::AddonConfig {
+    cync_gateway::sim::addon::AddonConfig {
+        channel_open_after: Duration::from_millis(50),
+        mesh_query_after: Duration::from_millis(200),
+        ..cync_gateway::sim::addon::AddonConfig::default()
+    }
+}
+
+/// A fake add-on on an ephemeral loopback port.
+pub async fn start_addon(
+    cfg: cync_gateway::sim::addon::AddonConfig,
+) -> std::sync::Arc<cync_gateway::sim::addon::Addon> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    cync_gateway::sim::addon::Addon::start(l, cfg).expect("addon")
+}
+
 pub fn shared_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/captures")
 }

@@ -264,6 +264,7 @@ pub async fn run(
 ) -> CloseReason {
     if !first.is_empty() {
         if let Err(e) = upstream.write_all(first).await {
+            obs.close();
             return if is_reset(&e) {
                 device.set_reset_on_close();
                 CloseReason::UpstreamReset

@@ -259,8 +259,22 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
             None
         }
     };
+    // Route on the configuration in force now, not the one at accept (the peek can take up
+    // to handshake_timeout, and a reload may have come meanwhile).
+    let cfg = ctx.live.config();
     let route = router::route(device_id, &cfg.routing, ctx.live.latched());
     let (transport, reason) = (route.transport, route.reason.label());
+    // Registered before anything awaits, so a reload from here on finds this connection; one
+    // that landed between the snapshot above and the registration is caught by re-checking.
+    let stop = ConnStop::new(&ctx.shutdown, cfg.routing.drain_grace);
+    let _registration = device_id.map(|id| ctx.registry.register(id, transport, stop.clone()));
+    if let Some(id) = device_id {
+        let now = router::route(Some(id), &ctx.live.config().routing, ctx.live.latched());
+        if now.transport != transport {
+            debug!("routing changed while this connection was being routed; re-homing it");
+            stop.rehome();
+        }
+    }
     span.record("route", transport.label());
     metrics
         .routing_decisions
@@ -300,8 +314,6 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
         cipher = device.cipher_name().unwrap_or("-"),
         "forwarding"
     );
-    let stop = ConnStop::new(&ctx.shutdown, cfg.routing.drain_grace);
-    let _registration = device_id.map(|id| ctx.registry.register(id, transport, stop.clone()));
     let reason = match (transport, device_id) {
         (Transport::New, Some(id)) => {
             reliable::run(

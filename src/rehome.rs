@@ -10,7 +10,8 @@
 //! - A connection whose route did not change is never touched; each candidate is checked
 //!   again against the configuration in force right before it is asked to close, so a change
 //!   that is undone in time re-homes nobody.
-//! - `rehome = "never"` leaves open connections where they are.
+//! - `rehome = "never"` leaves open connections where they are after a configuration change;
+//!   the rollback latch still moves new-path connections to legacy (design decision 10).
 //! - Shutdown and re-homing share one mechanism (a per-connection child of the shutdown
 //!   token), so a connection has exactly one way of being asked to finish.
 
@@ -215,7 +216,9 @@ impl Registry {
         let map = self.lock();
         let e = map.get(&id)?;
         let to = router::route(Some(e.device), &cfg.routing, live.latched()).transport;
-        if to == e.transport || e.stop.is_rehome() || cfg.routing.rehome == Rehome::Never {
+        // `rehome = "never"` is about configuration changes; a rollback moves everyone.
+        let never = cfg.routing.rehome == Rehome::Never && !live.latched();
+        if to == e.transport || e.stop.is_rehome() || never {
             return None;
         }
         e.stop.rehome();
@@ -251,7 +254,7 @@ pub async fn run(
             changes.borrow_and_update();
             // The latch can change without a reload; keep the effective-percentage gauge true.
             crate::reload::publish(&metrics, &live);
-            if live.config().routing.rehome == Rehome::Never {
+            if live.config().routing.rehome == Rehome::Never && !live.latched() {
                 queue.clear();
                 queued.clear();
                 continue;

@@ -14,6 +14,9 @@
 //! - The poll reloads only when the content's SHA-256 changes, read through the path on every
 //!   poll, so editors writing in place, atomic renames and Kubernetes' symlink swaps are all
 //!   seen, and touching the file is a no-op. Identical effective content is a no-op too.
+//! - A polled change is applied only once the same content has been read twice, [`SETTLE`]
+//!   apart, so a file caught half-written (which may well parse: `canary_percent = 5` is a
+//!   prefix of `= 50`) is never applied. SIGHUP applies at once: the operator is done writing.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,6 +106,8 @@ impl Trigger {
 pub enum Outcome {
     /// The file did not change (poll), or its effective content equals what runs.
     Unchanged,
+    /// A poll saw new content; it is applied if it reads the same again after [`SETTLE`].
+    Settling,
     /// The new configuration is in force; these sections changed but need a restart.
     Applied { restart_needed: Vec<&'static str> },
     /// Kept the running configuration.
@@ -150,24 +155,31 @@ fn sha(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+/// How long new content must stay the same before a poll applies it.
+pub const SETTLE: Duration = Duration::from_millis(100);
+
 pub struct Reloader {
     path: PathBuf,
     live: Arc<Live>,
     metrics: Arc<Metrics>,
     /// Hash of the content last considered (applied, or rejected: a broken file is reported
-    /// once, not every second).
+    /// once, not every second). `None` until the first check.
     last: Option<[u8; 32]>,
+    /// New content seen once by a poll, waiting to be seen again.
+    candidate: Option<[u8; 32]>,
 }
 
 impl Reloader {
-    /// `path` is the file the running configuration came from.
+    /// `path` is the file the running configuration came from. Its content is not trusted to
+    /// be what was loaded (it may have been edited since): the first check compares what it
+    /// says with the configuration in force.
     pub fn new(path: &Path, live: Arc<Live>, metrics: Arc<Metrics>) -> Reloader {
-        let last = std::fs::read(path).ok().map(|b| sha(&b));
         Reloader {
             path: path.to_path_buf(),
             live,
             metrics,
-            last,
+            last: None,
+            candidate: None,
         }
     }
 
@@ -195,16 +207,31 @@ impl Reloader {
             }
         };
         let hash = sha(&bytes);
-        if trigger == Trigger::Poll && self.last == Some(hash) {
-            return Outcome::Unchanged;
-        }
-        self.last = Some(hash);
         let text = String::from_utf8_lossy(&bytes);
+        let running = self.live.config();
+        if trigger == Trigger::Poll {
+            if self.last == Some(hash) {
+                return Outcome::Unchanged;
+            }
+            if self.last.is_none() {
+                // First look since start: the file as loaded is no news.
+                let same = Config::parse(&text).is_ok_and(|c| merge(&running, c).0 == *running);
+                if same {
+                    self.last = Some(hash);
+                    return Outcome::Unchanged;
+                }
+            }
+            if self.candidate != Some(hash) {
+                self.candidate = Some(hash);
+                return Outcome::Settling;
+            }
+        }
+        self.candidate = None;
+        self.last = Some(hash);
         let new = match Config::parse(&text) {
             Ok(c) => c,
             Err(e) => return self.reject(trigger, e.problems()),
         };
-        let running = self.live.config();
         let (effective, restart_needed) = merge(&running, new);
         if effective.dark_launch.mode == DarkMode::Mirror && effective.upstream_shadow.is_none() {
             return self.reject(
@@ -274,9 +301,16 @@ pub async fn run(
     poll.tick().await;
     // Without a signal source (its sender gone) polling carries on alone.
     let mut signals = true;
+    let mut settle: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(settle.unwrap_or_else(tokio::time::Instant::now)), if settle.is_some() => {
+                settle = None;
+                if reloader.check(Trigger::Poll) == Outcome::Settling {
+                    settle = Some(tokio::time::Instant::now() + SETTLE);
+                }
+            }
             msg = hup.recv(), if signals => {
                 if msg.is_none() {
                     signals = false;
@@ -285,8 +319,10 @@ pub async fn run(
                 info!("SIGHUP: reloading the configuration");
                 reloader.check(Trigger::Signal);
             }
-            _ = poll.tick(), if !every.is_zero() => {
-                reloader.check(Trigger::Poll);
+            _ = poll.tick(), if !every.is_zero() && settle.is_none() => {
+                if reloader.check(Trigger::Poll) == Outcome::Settling {
+                    settle = Some(tokio::time::Instant::now() + SETTLE);
+                }
             }
             else => return,
         }
@@ -317,6 +353,12 @@ mod tests {
         (dir, path, r, live, metrics)
     }
 
+    /// Two polls: the first sees new content, the second (same content) acts on it.
+    fn settled(r: &mut Reloader) -> Outcome {
+        assert_eq!(r.check(Trigger::Poll), Outcome::Settling);
+        r.check(Trigger::Poll)
+    }
+
     #[test]
     fn poll_applies_changes_once_and_ignores_touches() {
         let (_d, path, mut r, live, m) = reloader(BASE);
@@ -324,7 +366,7 @@ mod tests {
         assert_eq!(r.check(Trigger::Poll), Outcome::Unchanged);
         std::fs::write(&path, format!("{BASE}[routing]\ncanary_percent = 25\n")).expect("write");
         assert_eq!(
-            r.check(Trigger::Poll),
+            settled(&mut r),
             Outcome::Applied {
                 restart_needed: vec![]
             }
@@ -357,7 +399,7 @@ mod tests {
             ),
         ] {
             std::fs::write(&path, format!("{BASE}{bad}")).expect("write");
-            match r.check(Trigger::Poll) {
+            match settled(&mut r) {
                 Outcome::Rejected(p) => assert!(p.iter().any(|p| p.key == key), "{p:?}"),
                 other => panic!("{bad}: {other:?}"),
             }
@@ -379,7 +421,7 @@ mod tests {
         )
         .expect("write");
         assert_eq!(
-            r.check(Trigger::Poll),
+            settled(&mut r),
             Outcome::Applied {
                 restart_needed: vec!["listen", "upstream.legacy"]
             }
@@ -410,13 +452,27 @@ mod tests {
         let tmp = dir.path().join("tmp-link");
         std::os::unix::fs::symlink(&v2, &tmp).expect("symlink");
         std::fs::rename(&tmp, &link).expect("swap");
-        assert!(matches!(r.check(Trigger::Poll), Outcome::Applied { .. }));
+        assert!(matches!(settled(&mut r), Outcome::Applied { .. }));
         assert_eq!(live.config().routing.canary_percent, 50.0);
         // Editor-style: write a temp file, rename it over the path.
         let tmp = dir.path().join("gateway.toml.tmp");
         std::fs::write(&tmp, format!("{BASE}[routing]\ncanary_percent = 7.5\n")).expect("write");
         std::fs::rename(&tmp, &link).expect("rename");
-        assert!(matches!(r.check(Trigger::Poll), Outcome::Applied { .. }));
+        assert!(matches!(settled(&mut r), Outcome::Applied { .. }));
         assert_eq!(live.config().routing.canary_percent, 7.5);
+    }
+
+    #[test]
+    fn a_half_written_file_is_not_applied_and_a_startup_edit_is_not_lost() {
+        let (_d, path, mut r, live, _m) = reloader(BASE);
+        // Edited after the daemon loaded it but before the first poll: picked up.
+        std::fs::write(&path, format!("{BASE}[routing]\ncanary_percent = 5")).expect("write");
+        assert_eq!(r.check(Trigger::Poll), Outcome::Settling);
+        // The writer was not done: "5" was the start of "50". The prefix is never applied.
+        std::fs::write(&path, format!("{BASE}[routing]\ncanary_percent = 50\n")).expect("write");
+        assert_eq!(r.check(Trigger::Poll), Outcome::Settling);
+        assert_eq!(live.config().routing.canary_percent, 0.0);
+        assert!(matches!(r.check(Trigger::Poll), Outcome::Applied { .. }));
+        assert_eq!(live.config().routing.canary_percent, 50.0);
     }
 }

@@ -184,6 +184,7 @@ pub struct Shadow {
     mirror: Option<Arc<Mirror>>,
     metrics: Arc<Metrics>,
     rearm: Notify,
+    closed: AtomicBool,
 }
 
 fn record(metrics: &Metrics, out: &mut Vec<(Comparison, PacketType)>) {
@@ -242,6 +243,7 @@ impl Shadow {
             mirror,
             metrics,
             rearm: Notify::new(),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -273,10 +275,14 @@ impl Shadow {
                     sheddable: false,
                 });
                 if pushed == Pushed::Full {
+                    // A dropped read can cut a frame in half, after which the shadow's stream
+                    // (and every comparison) would be noise: stop mirroring this connection.
                     self.metrics
                         .queue_full
                         .with_label_values(&[SHADOW.label(), "mirror", "drop"])
                         .inc();
+                    m.alive.store(false, Ordering::SeqCst);
+                    m.stop.cancel();
                 } else {
                     m.ready.notify_one();
                 }
@@ -319,15 +325,30 @@ impl Shadow {
         }
     }
 
+    /// The legacy connection ended. Replies still unpaired are counted as missing / extra.
+    /// Idempotent; also run on drop, so no exit path leaks the mirror task.
     pub fn close(&self, now: Instant) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
         lock(&self.core).close(now);
         if let Some(m) = &self.mirror {
             m.stop.cancel();
+            let mut out = Vec::new();
+            let window = lock(&m.cmp).window;
+            lock(&m.cmp).expire(now + window, &mut out);
+            record(&self.metrics, &mut out);
         }
         self.metrics
             .connections_active
             .with_label_values(&[SHADOW.label()])
             .dec();
+    }
+}
+
+impl Drop for Shadow {
+    fn drop(&mut self) {
+        self.close(Instant::now());
     }
 }
 
@@ -460,6 +481,34 @@ mod tests {
             ]
         );
         assert_eq!(c.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn dropping_a_shadow_without_close_releases_it() {
+        let cfg = Arc::new(
+            Config::parse(
+                "[upstream.legacy]\naddress = \"127.0.0.1:1\"\ntls = false\n[upstream.shadow]\naddress = \"127.0.0.1:1\"\ntls = false\n[dark_launch]\nmode = \"mirror\"\npercent = 100\n",
+            )
+            .expect("config"),
+        );
+        let metrics = Arc::new(Metrics::new(false).expect("metrics"));
+        let ctx = SessionCtx {
+            metrics: metrics.clone(),
+            dialer: Dialer::new(&cfg.upstream_legacy).expect("dialer"),
+            dedup: Arc::new(crate::reliable::DedupStore::new(10, Duration::from_secs(1))),
+        };
+        let dialer = Dialer::new(cfg.upstream_shadow.as_ref().expect("shadow")).expect("dialer");
+        let active = || metrics.total("tcp_comm_connections_active", &[("transport", "shadow")]);
+        let shadow = Shadow::start(&ctx, cfg.clone(), DeviceId([1, 2, 3, 4]), Some(&dialer));
+        let mirror = shadow.mirror.clone().expect("mirror");
+        assert_eq!(active(), 1.0);
+        // An early exit of the legacy path that never calls close().
+        drop(shadow);
+        assert_eq!(active(), 0.0);
+        assert!(
+            mirror.stop.is_cancelled(),
+            "the mirror task is told to stop"
+        );
     }
 
     #[test]

@@ -436,7 +436,11 @@ impl Core {
             self.resume.expire(now);
             self.flush_events();
         }
-        if now.saturating_duration_since(self.last_device_bytes) >= self.cfg.reliable.idle_timeout {
+        // A shadow only measures: closing an idle device is the legacy path's business.
+        if self.transport == Transport::New
+            && now.saturating_duration_since(self.last_device_bytes)
+                >= self.cfg.reliable.idle_timeout
+        {
             return Err(CloseReason::IdleTimeout);
         }
         Ok(())
@@ -444,8 +448,10 @@ impl Core {
 
     /// When [`Core::tick`] next has work.
     pub fn next_wake(&self) -> Instant {
-        let idle = self.last_device_bytes + self.cfg.reliable.idle_timeout;
-        let mut at = self.next_expire.min(idle);
+        let mut at = self.next_expire;
+        if self.transport == Transport::New {
+            at = at.min(self.last_device_bytes + self.cfg.reliable.idle_timeout);
+        }
         if let Some(r) = self.cmds.next_due() {
             at = at.min(r);
         }
@@ -963,6 +969,18 @@ mod tests {
         assert_eq!(
             total(&ctx, "tcp_comm_heartbeats_total", &[("outcome", "local")]),
             2.0
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shadow_core_never_times_out_an_idle_device_nor_wakes_in_the_past() {
+        let ctx = ctx("idle_timeout = \"1s\"");
+        let mut c = Core::shadow(&ctx.0, ctx.1.clone(), DEV, Instant::now());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(c.tick(Instant::now()), Ok(()));
+        assert!(
+            c.next_wake() > Instant::now(),
+            "a wake in the past would spin"
         );
     }
 

@@ -574,3 +574,38 @@ async fn the_rollback_latch_sends_everyone_to_legacy_and_rehomes_the_new_path() 
     assert_eq!(sample(&m, "tcp_comm_canary_effective_percentage"), 0.0);
     gw.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rehome_never_leaves_open_connections_where_they_are() {
+    let (gw, _upstream, path, _dir) =
+        raw_gateway("canary_percent = 100\nrehome = \"never\"\nrehome_rate = 100").await;
+    let mut devices = Vec::new();
+    for i in 0..5 {
+        devices.push(raw_device(gw.device_addr, 4, i, None).await);
+    }
+    wait_connected(&gw, 5).await;
+    let lowered = std::fs::read_to_string(&path)
+        .expect("read")
+        .replace("canary_percent = 100", "canary_percent = 0");
+    std::fs::write(&path, lowered).expect("write");
+    wait_metric(
+        gw.metrics_addr,
+        "tcp_comm_config_reloads_total{result=\"applied\"}",
+        1.0,
+    )
+    .await;
+    // New connections follow the new percentage; the open ones stay on their path.
+    let late = raw_device(gw.device_addr, 4, 9, None).await;
+    wait_connected(&gw, 6).await;
+    assert_eq!(on_path(&gw, Transport::Legacy), BTreeSet::from([late.id]));
+    assert_eq!(on_path(&gw, Transport::New).len(), 5);
+    for d in &devices {
+        assert!(d.closed_at.lock().expect("lock").is_none());
+    }
+    let m = http_get(gw.metrics_addr, "/metrics").await.1;
+    assert_eq!(
+        sample(&m, "tcp_comm_rehomes_total{from=\"new\",to=\"legacy\"}"),
+        0.0
+    );
+    gw.shutdown(Duration::from_secs(1)).await;
+}

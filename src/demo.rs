@@ -138,6 +138,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary, DemoError> {
         duration: opts.duration,
         ramp_per_sec: 50,
         heartbeat: Duration::from_secs(21),
+        canary_percent: Some(opts.canary_percent),
     };
     let metrics = gw.metrics.clone();
     let report = load::run(&load_cfg, &addon, |p| {
@@ -171,6 +172,15 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary, DemoError> {
         report.commands.lost,
         100.0 * report.success_ratio
     );
+    for (path, r) in report.by_path.iter().flatten() {
+        println!(
+            "  add-on commands to {path} devices ({}): {} done, {} failed -> success {:.2}%",
+            r.devices,
+            r.done,
+            r.failed,
+            100.0 * r.success_ratio
+        );
+    }
     println!(
         "  latency through the gateway: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         report.commands.p50_ms,

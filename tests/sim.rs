@@ -562,10 +562,15 @@ async fn addon_slow_and_no_status_ack_modes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn load_reports_progress_and_percentiles() {
+async fn load_reports_progress_percentiles_and_each_path() {
     let a = start_addon(fast_addon()).await;
+    let gw = start_gateway(&config_text(
+        a.addr(),
+        "[device_tls]\nmode = \"plain\"\n[routing]\ncanary_percent = 50\n",
+    ))
+    .await;
     let cfg = cync_gateway::sim::load::LoadConfig {
-        target: a.addr(),
+        target: gw.device_addr,
         tls: false,
         devices: 10,
         seed: 4,
@@ -573,6 +578,7 @@ async fn load_reports_progress_and_percentiles() {
         duration: Duration::from_secs(3),
         ramp_per_sec: 100,
         heartbeat: Duration::from_secs(21),
+        canary_percent: Some(50.0),
     };
     let mut ticks = 0;
     let report = cync_gateway::sim::load::run(&cfg, &a, |_| ticks += 1).await;
@@ -582,4 +588,18 @@ async fn load_reports_progress_and_percentiles() {
     assert_eq!(report.commands.done, report.commands.sent, "{report:?}");
     assert_eq!(report.success_ratio, 1.0);
     assert!(report.commands.p50_ms > 0.0 && report.commands.p99_ms >= report.commands.p50_ms);
+    // Per path, by the gateway's own buckets: both paths used, every command accounted for.
+    let paths = report.by_path.expect("per-path report");
+    println!("{paths:?}");
+    assert_eq!(paths.values().map(|p| p.devices).sum::<u32>(), 10);
+    assert_eq!(
+        paths.values().map(|p| p.done).sum::<u64>(),
+        report.commands.done
+    );
+    // The gateway's own count of connections it routed to the new path (one per device).
+    let m = http_get(gw.metrics_addr, "/metrics").await.1;
+    let new_devices = sample(&m, "tcp_comm_connections_total{transport=\"new\"}") as u32;
+    assert_eq!(paths.get("new").map_or(0, |p| p.devices), new_devices);
+    assert!(new_devices > 0 && new_devices < 10, "{new_devices}");
+    gw.shutdown(Duration::from_secs(1)).await;
 }

@@ -92,6 +92,9 @@ enum Cmd {
         addon_tls: bool,
         #[arg(long, default_value_t = 200)]
         ramp_per_sec: u32,
+        /// The gateway's routing.canary_percent: also report legacy and new devices apart.
+        #[arg(long)]
+        canary_percent: Option<f64>,
         /// Print JSON lines (progress and the final report) instead of text.
         #[arg(long)]
         json: bool,
@@ -153,6 +156,7 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
                 duration: Duration::ZERO,
                 ramp_per_sec: 200,
                 heartbeat: Duration::from_secs_f64(heartbeat),
+                canary_percent: None,
             };
             let fleet = load::spawn_fleet(&cfg, &stop);
             eprintln!("cync-sim: {count} devices dialing {target}");
@@ -219,6 +223,7 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
             tls,
             addon_tls,
             ramp_per_sec,
+            canary_percent,
             json,
         } => {
             let addon: Arc<Addon> = Addon::start(
@@ -240,6 +245,7 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
                 duration,
                 ramp_per_sec,
                 heartbeat: Duration::from_secs(21),
+                canary_percent,
             };
             let report = load::run(&cfg, &addon, |p| {
                 if json {

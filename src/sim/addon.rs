@@ -141,6 +141,21 @@ struct Harness {
     lost: u64,
     unmatched: u64,
     latency: Histogram<u64>,
+    /// Finished commands per device: (done, failed).
+    by_device: HashMap<DeviceId, (u64, u64)>,
+}
+
+impl Harness {
+    fn finished(&mut self, device: Option<DeviceId>, ok: bool, n: u64) {
+        if let Some(d) = device {
+            let e = self.by_device.entry(d).or_default();
+            if ok {
+                e.0 += n;
+            } else {
+                e.1 += n;
+            }
+        }
+    }
 }
 
 struct Shared {
@@ -194,6 +209,7 @@ impl Addon {
                 lost: 0,
                 unmatched: 0,
                 latency: new_histogram()?,
+                by_device: HashMap::new(),
             }),
             next_conn: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
@@ -250,6 +266,7 @@ impl Addon {
         h.lost = 0;
         h.unmatched = 0;
         h.latency.reset();
+        h.by_device.clear();
     }
 
     /// Drops every connection and listens again on the same address, like an add-on restart.
@@ -317,7 +334,9 @@ impl Addon {
         self.shared.data_sent.fetch_add(1, Ordering::SeqCst);
         // A command still waiting on this seq after a wrap is superseded: count it lost.
         if conn.waiting.insert(seq, Instant::now()).is_some() {
-            lock(&self.shared.harness).lost += 1;
+            let mut h = lock(&self.shared.harness);
+            h.lost += 1;
+            h.finished(Some(dev), false, 1);
         }
         lock(&self.shared.harness).sent += 1;
         true
@@ -347,17 +366,27 @@ impl Addon {
     /// Times out commands older than [`COMMAND_WAIT`].
     pub fn expire(&self) {
         let now = Instant::now();
-        let mut expired = 0;
+        let mut expired = Vec::new();
         for c in lock(&self.shared.conns).values_mut() {
-            c.waiting.retain(|_, sent| {
-                let keep = now.duration_since(*sent) < COMMAND_WAIT;
-                if !keep {
-                    expired += 1;
-                }
-                keep
-            });
+            let before = c.waiting.len();
+            c.waiting
+                .retain(|_, sent| now.duration_since(*sent) < COMMAND_WAIT);
+            let n = (before - c.waiting.len()) as u64;
+            if n > 0 {
+                expired.push((c.device, n));
+            }
         }
-        lock(&self.shared.harness).timed_out += expired;
+        let mut h = lock(&self.shared.harness);
+        for (d, n) in expired {
+            h.timed_out += n;
+            h.finished(d, false, n);
+        }
+    }
+
+    /// Finished commands per device since the last reset: (done, failed).
+    pub fn outcomes_by_device(&self) -> HashMap<DeviceId, (u64, u64)> {
+        self.expire();
+        lock(&self.shared.harness).by_device.clone()
     }
 
     pub fn report(&self) -> HarnessReport {
@@ -402,7 +431,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, gen: Cancellati
             let id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
             let _ = serve(tcp, id, &shared, gen).await;
             if let Some(c) = lock(&shared.conns).remove(&id) {
-                lock(&shared.harness).lost += c.waiting.len() as u64;
+                let mut h = lock(&shared.harness);
+                h.lost += c.waiting.len() as u64;
+                h.finished(c.device, false, c.waiting.len() as u64);
             }
         });
     }
@@ -532,11 +563,12 @@ async fn handle_read(
                     }
                     let sent = lock(&shared.conns)
                         .get_mut(&id)
-                        .and_then(|c| c.waiting.remove(&f.seq));
-                    if let Some(sent) = sent {
+                        .and_then(|c| c.waiting.remove(&f.seq).map(|t| (t, c.device)));
+                    if let Some((sent, device)) = sent {
                         let us = Instant::now().duration_since(sent).as_micros();
                         let mut h = lock(&shared.harness);
                         h.done += 1;
+                        h.finished(device, true, 1);
                         let _ = h
                             .latency
                             .record(u64::try_from(us).unwrap_or(u64::MAX).max(1));

@@ -4,9 +4,12 @@
 //! Invariants:
 //! - The fleet and the command stream are seeded: the same arguments give the same devices and
 //!   the same command sequence (timing on a loaded machine still varies).
+//! - With the gateway's canary percentage given, outcomes are also reported per path, each
+//!   device placed by the same stable bucket the gateway routes by.
 //! - The run stops by itself after `duration`, and waits up to the add-on's 5 s command wait so
 //!   the last commands are counted as done or timed out, never silently dropped.
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::addon::{Addon, HarnessReport};
 use super::device::{self, DeviceConfig, DeviceStats};
+use crate::protocol::DeviceId;
+use crate::router;
 
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
@@ -31,6 +36,18 @@ pub struct LoadConfig {
     /// Devices are started this many per second, like a fleet coming back after an outage.
     pub ramp_per_sec: u32,
     pub heartbeat: Duration,
+    /// The gateway's `routing.canary_percent`, to report each path apart (devices are put on
+    /// a path by the same stable bucket the gateway uses; force lists are not known here).
+    pub canary_percent: Option<f64>,
+}
+
+/// Commands of the devices on one path.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PathReport {
+    pub devices: u32,
+    pub done: u64,
+    pub failed: u64,
+    pub success_ratio: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -51,6 +68,37 @@ pub struct LoadReport {
     pub commands_per_s: f64,
     pub device_connects: u64,
     pub device_disconnects: u64,
+    /// Per path ("legacy", "new") when the canary percentage was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by_path: Option<BTreeMap<&'static str, PathReport>>,
+}
+
+/// Groups per-device outcomes by the path the router gives each device at `percent`.
+pub fn by_path(
+    devices: &[DeviceId],
+    outcomes: &HashMap<DeviceId, (u64, u64)>,
+    percent: f64,
+) -> BTreeMap<&'static str, PathReport> {
+    let mut out: BTreeMap<&'static str, PathReport> = BTreeMap::new();
+    for d in devices {
+        let r = out
+            .entry(router::by_percent(*d, percent).label())
+            .or_default();
+        r.devices += 1;
+        if let Some((done, failed)) = outcomes.get(d) {
+            r.done += done;
+            r.failed += failed;
+        }
+    }
+    for r in out.values_mut() {
+        let total = r.done + r.failed;
+        r.success_ratio = if total == 0 {
+            1.0
+        } else {
+            r.done as f64 / total as f64
+        };
+    }
+    out
 }
 
 /// Starts `cfg.devices` simulated devices against `cfg.target`.
@@ -126,5 +174,11 @@ pub async fn run(
         commands,
         device_connects: fleet.iter().map(|s| DeviceStats::get(&s.connects)).sum(),
         device_disconnects: fleet.iter().map(|s| DeviceStats::get(&s.disconnects)).sum(),
+        by_path: cfg.canary_percent.map(|p| {
+            let ids: Vec<DeviceId> = (0..cfg.devices)
+                .map(|i| device::identity(cfg.seed, i).0)
+                .collect();
+            by_path(&ids, &addon.outcomes_by_device(), p)
+        }),
     }
 }

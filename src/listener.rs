@@ -192,10 +192,7 @@ struct ActiveGuard {
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.metrics
-            .connections_active
-            .with_label_values(&[self.transport.label()])
-            .dec();
+        self.metrics.connection_ended(self.transport);
     }
 }
 
@@ -280,14 +277,7 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
         .routing_decisions
         .with_label_values(&[transport.label(), reason])
         .inc();
-    metrics
-        .connections_total
-        .with_label_values(&[transport.label()])
-        .inc();
-    metrics
-        .connections_active
-        .with_label_values(&[transport.label()])
-        .inc();
+    metrics.connection_started(transport);
     let _active = ActiveGuard {
         metrics: metrics.clone(),
         transport,

@@ -358,6 +358,20 @@ impl Metrics {
             + 0.0
     }
 
+    /// A connection started on `t`: counted, and active until [`Metrics::connection_ended`].
+    pub fn connection_started(&self, t: Transport) {
+        self.connections_total.with_label_values(&[t.label()]).inc();
+        self.connections_active
+            .with_label_values(&[t.label()])
+            .inc();
+    }
+
+    pub fn connection_ended(&self, t: Transport) {
+        self.connections_active
+            .with_label_values(&[t.label()])
+            .dec();
+    }
+
     pub fn packet(&self, t: Transport, dir: Direction, ptype: PacketType) {
         self.packets
             .with_label_values(&[t.label(), dir.label(), ptype.label()])

@@ -206,14 +206,7 @@ impl Shadow {
         shadow_dialer: Option<&Dialer>,
     ) -> Shadow {
         let metrics = ctx.metrics.clone();
-        metrics
-            .connections_total
-            .with_label_values(&[SHADOW.label()])
-            .inc();
-        metrics
-            .connections_active
-            .with_label_values(&[SHADOW.label()])
-            .inc();
+        metrics.connection_started(SHADOW);
         let mirror = match (cfg.dark_launch.mode, shadow_dialer) {
             (DarkMode::Mirror, Some(d)) => {
                 let m = Arc::new(Mirror {
@@ -339,10 +332,7 @@ impl Shadow {
             lock(&m.cmp).expire(now + window, &mut out);
             record(&self.metrics, &mut out);
         }
-        self.metrics
-            .connections_active
-            .with_label_values(&[SHADOW.label()])
-            .dec();
+        self.metrics.connection_ended(SHADOW);
     }
 }
 

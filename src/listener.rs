@@ -41,7 +41,8 @@ pub const LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Everything a connection handler needs, shared by all connections.
 pub struct ConnContext {
-    /// The configuration in force; each connection takes a snapshot when it is accepted.
+    /// The configuration in force; a connection routes and runs on the snapshot it takes once
+    /// its hello has been read.
     pub live: Arc<Live>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,

@@ -6,7 +6,8 @@
 //! - [`Shutdown::drain`] never waits longer than the deadline it is given; what is still running
 //!   then is reported (and dropped with the runtime), never waited for.
 //! - Signals: the first SIGTERM/SIGINT starts the drain; a second one exits at once (code 130),
-//!   for an operator who does not want to wait.
+//!   for an operator who does not want to wait. SIGHUP is handed to the reloader. The handlers
+//!   are installed before the gateway listens, so no signal ever meets the default action.
 
 use std::time::Duration;
 

@@ -507,14 +507,14 @@ async fn an_unanswered_command_is_resent_on_schedule_then_times_out() {
         4,
         "first send + 3 retries (max_attempts = 4)"
     );
-    // Retry k follows the previous after 400 ms * 2^(k-1) + 0..100 ms of jitter; allow the
-    // scheduler some lateness but never earliness.
+    // Retry k follows the previous after 400 ms * 2^(k-1) + 0..100 ms of jitter; allow a
+    // loaded machine's scheduler some lateness, never earliness.
     let mut prev = arrivals[0];
     for (k, at) in arrivals.iter().enumerate().skip(1) {
         let base = Duration::from_millis(400) * 2u32.pow(k as u32 - 1);
         let gap = *at - prev;
         assert!(
-            gap >= base - Duration::from_millis(5) && gap <= base + Duration::from_millis(350),
+            gap >= base - Duration::from_millis(5) && gap <= base + Duration::from_millis(600),
             "gap {gap:?} before attempt {} (base {base:?})",
             k + 1
         );

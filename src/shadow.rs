@@ -247,7 +247,7 @@ impl Shadow {
             match dir {
                 Direction::DevToSrv => {
                     let _ = core.device_read(read, now);
-                    while core.pop_for_upstream().is_some() {}
+                    while core.pop_for_upstream(now).is_some() {}
                 }
                 Direction::SrvToDev => {
                     if core.upstream_read(read, now) {
@@ -263,10 +263,7 @@ impl Shadow {
         }
         match dir {
             Direction::DevToSrv => {
-                let pushed = lock(&m.queue).push(Item {
-                    bytes: Bytes::copy_from_slice(read),
-                    sheddable: false,
-                });
+                let pushed = lock(&m.queue).push(Item::frames(Bytes::copy_from_slice(read)));
                 if pushed == Pushed::Full {
                     // A dropped read can cut a frame in half, after which the shadow's stream
                     // (and every comparison) would be noise: stop mirroring this connection.

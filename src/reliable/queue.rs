@@ -21,6 +21,22 @@ pub struct Item {
     /// May be dropped to make room: the item holds only status reports (0x83/0x43), which the
     /// device repeats on the next state change, so a newer one supersedes it.
     pub sheddable: bool,
+    /// Device heartbeats (0xd3) in the item, and how many of them the gateway has already
+    /// answered itself (upstream resumption): the upstream's answers to those are duplicates.
+    pub heartbeats: u32,
+    pub answered: u32,
+}
+
+impl Item {
+    /// An item of plain frames: not sheddable, no heartbeats.
+    pub fn frames(bytes: Bytes) -> Item {
+        Item {
+            bytes,
+            sheddable: false,
+            heartbeats: 0,
+            answered: 0,
+        }
+    }
 }
 
 /// What a push did.
@@ -117,6 +133,11 @@ impl BoundedQueue {
             .any(|i| i.bytes.as_ptr() == bytes.as_ptr() && i.bytes.len() == bytes.len())
     }
 
+    /// The queued items, oldest first, for bookkeeping that does not change their size.
+    pub fn items_mut(&mut self) -> impl Iterator<Item = &mut Item> {
+        self.items.iter_mut()
+    }
+
     pub fn pop(&mut self) -> Option<Item> {
         let item = self.items.pop_front()?;
         self.bytes -= item.bytes.len();
@@ -155,8 +176,8 @@ mod tests {
 
     fn item(n: usize, sheddable: bool) -> Item {
         Item {
-            bytes: Bytes::from(vec![0u8; n]),
             sheddable,
+            ..Item::frames(Bytes::from(vec![0u8; n]))
         }
     }
 

@@ -115,7 +115,12 @@ impl Resume {
         true
     }
 
-    /// A device 0xd3 was answered locally and will still be forwarded.
+    /// The upstream is gone: answers it owed will never come, so nothing is owed any more.
+    pub fn clear_owed(&mut self) {
+        self.owed_drops.clear();
+    }
+
+    /// A device 0xd3 that was answered locally has just been written upstream.
     pub fn owe_drop(&mut self, now: Instant) {
         self.owed_drops.push_back(now);
     }

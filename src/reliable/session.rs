@@ -93,6 +93,9 @@ pub struct Core {
     full_since: Option<Instant>,
     rng: SmallRng,
     events: Vec<Event>,
+    /// Heartbeats in the device read being decoded, and how many were answered locally.
+    read_heartbeats: u32,
+    read_answered: u32,
 }
 
 impl Core {
@@ -150,6 +153,8 @@ impl Core {
             full_since: None,
             rng: SmallRng::seed_from_u64(u64::from(u32::from_be_bytes(device.0))),
             events: Vec::new(),
+            read_heartbeats: 0,
+            read_answered: 0,
             metrics: ctx.metrics.clone(),
             dedup: ctx.dedup.clone(),
             device,
@@ -206,9 +211,11 @@ impl Core {
         if keep {
             self.tracker
                 .on_packet(Direction::DevToSrv, p, now, &mut self.events);
-            if p.ptype() == PacketType::Heartbeat && self.resume.answers_locally() {
-                self.answer_heartbeat(now);
-                self.resume.owe_drop(now);
+            if p.ptype() == PacketType::Heartbeat {
+                self.read_heartbeats += 1;
+                if self.resume.answers_locally() && self.answer_heartbeat(now) {
+                    self.read_answered += 1;
+                }
             }
         }
         keep
@@ -233,17 +240,15 @@ impl Core {
         }
     }
 
-    fn answer_heartbeat(&mut self, now: Instant) {
+    /// Answers the oldest pending heartbeat with a local 0xd8; false if it could not be queued.
+    fn answer_heartbeat(&mut self, now: Instant) -> bool {
         self.tracker.answer_heartbeat_locally(now, &mut self.events);
         self.resume_frame("local_heartbeat_ack");
-        self.push_to_device(build::heartbeat_ack(), PacketType::HeartbeatAck);
+        self.push_to_device(build::heartbeat_ack(), PacketType::HeartbeatAck)
     }
 
     fn push_to_device(&mut self, bytes: Bytes, ptype: PacketType) -> bool {
-        let ok = match self.to_dev.push(Item {
-            bytes,
-            sheddable: false,
-        }) {
+        let ok = match self.to_dev.push(Item::frames(bytes)) {
             Pushed::Queued | Pushed::Shed(_) => true,
             Pushed::Full => {
                 self.metrics
@@ -275,6 +280,8 @@ impl Core {
             .inc_by(read.len() as u64);
         let carried = self.dev_tap.pending();
         let out = self.dev_tap.feed(read);
+        self.read_heartbeats = 0;
+        self.read_answered = 0;
         let mut cuts: Vec<Range<usize>> = Vec::new();
         let mut sheddable = carried == 0 && !out.frames.is_empty();
         let mut offset = -(carried as i64);
@@ -313,7 +320,13 @@ impl Core {
         if bytes.is_empty() {
             return Ok(());
         }
-        match self.to_up.push(Item { bytes, sheddable }) {
+        let item = Item {
+            bytes,
+            sheddable,
+            heartbeats: self.read_heartbeats,
+            answered: self.read_answered,
+        };
+        match self.to_up.push(item) {
             Pushed::Queued => Ok(()),
             Pushed::Shed(n) => {
                 self.metrics
@@ -467,9 +480,15 @@ impl Core {
         self.srv_tap = Tap::new(self.cfg.protocol.max_frame_len);
         self.cmds.end_epoch();
         self.tracker.abandon_commands(&mut self.events);
-        // Heartbeats the dead upstream never answered get their answer here.
+        // Every heartbeat still waiting is answered here: those written to the dead upstream
+        // will never be, and those still queued will reach the next upstream, whose answers
+        // to them are then dropped (owed when they are written, see `pop_for_upstream`).
+        self.resume.clear_owed();
         for _ in 0..self.tracker.pending_heartbeats() {
             self.answer_heartbeat(now);
+        }
+        for item in self.to_up.items_mut() {
+            item.answered = item.heartbeats;
         }
         let budget = self.resume.lost(now);
         self.flush_events();
@@ -487,8 +506,13 @@ impl Core {
         self.resume.spent(attempts);
     }
 
-    pub fn pop_for_upstream(&mut self) -> Option<Bytes> {
-        self.to_up.pop().map(|i| i.bytes)
+    /// The next device read to write upstream (about to be written).
+    pub fn pop_for_upstream(&mut self, now: Instant) -> Option<Bytes> {
+        let item = self.to_up.pop()?;
+        for _ in 0..item.answered {
+            self.resume.owe_drop(now);
+        }
+        Some(item.bytes)
     }
 
     pub fn pop_for_device(&mut self) -> Option<Bytes> {
@@ -617,7 +641,7 @@ async fn write_upstream<W: AsyncWrite + Unpin>(
             return e;
         }
         let batch = loop {
-            if let Some(b) = sh.core().pop_for_upstream() {
+            if let Some(b) = sh.core().pop_for_upstream(Instant::now()) {
                 break b;
             }
             sh.to_up.notified().await;
@@ -819,7 +843,7 @@ mod tests {
         let hello = build::hello(DEV, &[7; 16]);
         let mut c = Core::new(&ctx.0, ctx.1.clone(), DEV, hello.clone(), Instant::now());
         c.device_read(&hello, Instant::now()).expect("hello queued");
-        assert_eq!(c.pop_for_upstream(), Some(hello));
+        assert_eq!(c.pop_for_upstream(Instant::now()), Some(hello));
         c
     }
 
@@ -849,9 +873,9 @@ mod tests {
             status.clone(),
         ]);
         c.device_read(&read, Instant::now()).expect("queued");
-        let fwd = c.pop_for_upstream().expect("one write");
+        let fwd = c.pop_for_upstream(Instant::now()).expect("one write");
         assert_eq!(fwd.as_ref(), cat(&[reply, ack, status]).as_slice());
-        assert_eq!(c.pop_for_upstream(), None);
+        assert_eq!(c.pop_for_upstream(Instant::now()), None);
         assert_eq!(
             total(
                 &ctx,
@@ -890,8 +914,8 @@ mod tests {
         let reply = build::command_reply(DEV, MsgId([0, 2, 0]), 9, 0xd0);
         c.device_read(&reply, Instant::now()).expect("queued");
         c.device_read(&reply, Instant::now()).expect("queued");
-        assert_eq!(c.pop_for_upstream(), Some(reply));
-        assert_eq!(c.pop_for_upstream(), None);
+        assert_eq!(c.pop_for_upstream(Instant::now()), Some(reply));
+        assert_eq!(c.pop_for_upstream(Instant::now()), None);
         // Nothing more is re-sent once answered.
         tokio::time::advance(Duration::from_secs(4)).await;
         c.tick(Instant::now()).expect("alive");
@@ -912,11 +936,11 @@ mod tests {
         let mut c2 = core(&ctx);
         let reply = build::command_reply(DEV, MsgId([0, 2, 0]), 3, 0xd0);
         c2.device_read(&reply, Instant::now()).expect("queued");
-        assert_eq!(c2.pop_for_upstream(), None);
+        assert_eq!(c2.pop_for_upstream(Instant::now()), None);
         // Once the upstream reuses seq 3 the reply is legitimate again.
         c2.upstream_read(&cmd, Instant::now());
         c2.device_read(&reply, Instant::now()).expect("queued");
-        assert_eq!(c2.pop_for_upstream(), Some(reply));
+        assert_eq!(c2.pop_for_upstream(Instant::now()), Some(reply));
     }
 
     #[tokio::test(start_paused = true)]
@@ -941,7 +965,7 @@ mod tests {
         let hb_ack = build::heartbeat_ack();
         // A heartbeat forwarded just before the upstream died is answered by the gateway.
         c.device_read(&hb, Instant::now()).expect("queued");
-        assert_eq!(c.pop_for_upstream(), Some(hb.clone()));
+        assert_eq!(c.pop_for_upstream(Instant::now()), Some(hb.clone()));
         assert!(c.upstream_lost(Instant::now()).is_some());
         assert_eq!(c.pop_for_device(), Some(hb_ack.clone()));
         // While redialling: answered locally and still queued for the upstream.
@@ -949,7 +973,7 @@ mod tests {
         assert_eq!(c.pop_for_device(), Some(hb_ack.clone()));
         let hello = c.upstream_redialed(1);
         assert_eq!(hello, build::hello(DEV, &[7; 16]));
-        assert_eq!(c.pop_for_upstream(), Some(hb.clone()));
+        assert_eq!(c.pop_for_upstream(Instant::now()), Some(hb.clone()));
         // The new upstream answers the hello and the replayed heartbeat: both are swallowed.
         c.upstream_read(&cat(&[build::hello_ack(), hb_ack.clone()]), Instant::now());
         assert_eq!(c.pop_for_device(), None);
@@ -996,6 +1020,35 @@ mod tests {
         assert_eq!(c.pop_for_device(), None, "the new 0x28 is swallowed");
         c.upstream_read(&cmd, Instant::now());
         assert_eq!(c.pop_for_device(), Some(cmd), "whole frames again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_heartbeat_gets_exactly_one_answer_across_two_upstream_losses() {
+        let ctx = ctx("");
+        let mut c = core(&ctx);
+        let hb = build::heartbeat();
+        let hb_ack = build::heartbeat_ack();
+        let now = Instant::now;
+        // A heartbeat still queued (never written) when the upstream dies: answered now.
+        c.device_read(&hb, now()).expect("queued");
+        assert!(c.upstream_lost(now()).is_some());
+        assert_eq!(c.pop_for_device(), Some(hb_ack.clone()));
+        // Written to the next upstream, which dies before answering: nothing more is owed.
+        c.upstream_redialed(1);
+        assert_eq!(c.pop_for_upstream(now()), Some(hb.clone()));
+        assert!(c.upstream_lost(now()).is_some());
+        assert_eq!(c.pop_for_device(), None, "already answered once");
+        // A heartbeat during the second resumption: answered locally, the upstream's dropped.
+        c.upstream_redialed(1);
+        c.device_read(&hb, now()).expect("queued");
+        assert_eq!(c.pop_for_device(), Some(hb_ack.clone()));
+        assert_eq!(c.pop_for_upstream(now()), Some(hb.clone()));
+        c.upstream_read(&cat(&[build::hello_ack(), hb_ack.clone()]), now());
+        assert_eq!(c.pop_for_device(), None);
+        // Back to normal: the upstream answers.
+        c.device_read(&hb, now()).expect("queued");
+        c.upstream_read(&hb_ack, now());
+        assert_eq!(c.pop_for_device(), Some(hb_ack));
     }
 
     #[tokio::test(start_paused = true)]

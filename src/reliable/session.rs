@@ -755,7 +755,7 @@ pub async fn run(
                 if device_done.is_some() || finishing.requested() {
                     break CloseReason::UpstreamClosed;
                 }
-                debug!(error = %e, "upstream lost; resuming");
+                info!(error = %e, "upstream lost under a live device; resuming");
                 let budget = sh.core().upstream_lost(Instant::now());
                 sh.to_dev.notify_one();
                 match budget {

@@ -138,6 +138,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary, DemoError> {
         duration: opts.duration,
         ramp_per_sec: 50,
         heartbeat: Duration::from_secs(21),
+        warmup: Duration::ZERO,
         canary_percent: Some(opts.canary_percent),
     };
     let metrics = gw.metrics.clone();

@@ -578,6 +578,7 @@ async fn load_reports_progress_percentiles_and_each_path() {
         duration: Duration::from_secs(3),
         ramp_per_sec: 100,
         heartbeat: Duration::from_secs(21),
+        warmup: Duration::from_millis(300),
         canary_percent: Some(50.0),
     };
     let mut ticks = 0;

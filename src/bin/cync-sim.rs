@@ -92,6 +92,10 @@ enum Cmd {
         addon_tls: bool,
         #[arg(long, default_value_t = 200)]
         ramp_per_sec: u32,
+        /// Start commands only after this long and once every device is ready (leaves the
+        /// add-on's start-up out of the latencies).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        warmup: Duration,
         /// The gateway's routing.canary_percent: also report legacy and new devices apart.
         #[arg(long)]
         canary_percent: Option<f64>,
@@ -156,6 +160,7 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
                 duration: Duration::ZERO,
                 ramp_per_sec: 200,
                 heartbeat: Duration::from_secs_f64(heartbeat),
+                warmup: Duration::ZERO,
                 canary_percent: None,
             };
             let fleet = load::spawn_fleet(&cfg, &stop);
@@ -223,6 +228,7 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
             tls,
             addon_tls,
             ramp_per_sec,
+            warmup,
             canary_percent,
             json,
         } => {
@@ -245,6 +251,7 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
                 duration,
                 ramp_per_sec,
                 heartbeat: Duration::from_secs(21),
+                warmup,
                 canary_percent,
             };
             let report = load::run(&cfg, &addon, |p| {

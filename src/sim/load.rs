@@ -36,6 +36,10 @@ pub struct LoadConfig {
     /// Devices are started this many per second, like a fleet coming back after an outage.
     pub ramp_per_sec: u32,
     pub heartbeat: Duration,
+    /// Commands start only after this, and once every device is ready at the add-on, so the
+    /// add-on's own start-up (its receive loop is blocked for 2 s per connection) is left out
+    /// of the latencies. Zero: commands start at once.
+    pub warmup: Duration,
     /// The gateway's `routing.canary_percent`, to report each path apart (devices are put on
     /// a path by the same stable bucket the gateway uses; force lists are not known here).
     pub canary_percent: Option<f64>,
@@ -132,6 +136,15 @@ pub async fn run(
 ) -> LoadReport {
     let stop = CancellationToken::new();
     let fleet = spawn_fleet(cfg, &stop);
+    if !cfg.warmup.is_zero() {
+        let until = Instant::now() + cfg.warmup;
+        let give_up = until + Duration::from_secs(60);
+        while Instant::now() < give_up
+            && (Instant::now() < until || addon.connections().1 < cfg.devices as usize)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let started = Instant::now();
     let harness_stop = CancellationToken::new();
     let h = {

@@ -8,6 +8,10 @@
 //!   whole. Items are never split or merged here, so one device read stays one upstream write.
 //! - The depth gauge always equals the bytes held: it is adjusted on every push, pop and shed,
 //!   and whatever is still queued is subtracted when the queue is dropped.
+//! - An item taken for writing ([`BoundedQueue::take_front`]) still counts against the bound
+//!   until its write is confirmed ([`BoundedQueue::release_in_flight`]); if the write fails it
+//!   goes back to the front ([`BoundedQueue::return_in_flight`]), so nothing is lost and the
+//!   bound still holds. Shedding never touches it.
 
 use std::collections::VecDeque;
 
@@ -52,6 +56,9 @@ pub enum Pushed {
 #[derive(Debug)]
 pub struct BoundedQueue {
     items: VecDeque<Item>,
+    /// Taken for writing, not yet confirmed written.
+    in_flight: Option<Item>,
+    /// Bytes of `items` and `in_flight`.
     bytes: usize,
     max_bytes: usize,
     gauge: IntGauge,
@@ -65,6 +72,7 @@ impl BoundedQueue {
     pub fn new(max_bytes: usize, gauge: IntGauge) -> Self {
         Self {
             items: VecDeque::new(),
+            in_flight: None,
             bytes: 0,
             max_bytes,
             gauge,
@@ -123,6 +131,36 @@ impl BoundedQueue {
             Pushed::Shed(shed)
         } else {
             Pushed::Queued
+        }
+    }
+
+    /// Nothing queued and nothing being written.
+    pub fn is_idle(&self) -> bool {
+        self.items.is_empty() && self.in_flight.is_none()
+    }
+
+    /// Moves the oldest item to the in-flight slot and returns it; `None` when the queue is
+    /// empty or an item is already in flight.
+    pub fn take_front(&mut self) -> Option<&Item> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        self.in_flight = self.items.pop_front();
+        self.in_flight.as_ref()
+    }
+
+    /// The in-flight item was written.
+    pub fn release_in_flight(&mut self) {
+        if let Some(item) = self.in_flight.take() {
+            self.bytes -= item.bytes.len();
+            self.gauge.sub(as_i64(item.bytes.len()));
+        }
+    }
+
+    /// The in-flight item's write failed: it is queued again, first.
+    pub fn return_in_flight(&mut self) {
+        if let Some(item) = self.in_flight.take() {
+            self.items.push_front(item);
         }
     }
 
@@ -227,6 +265,30 @@ mod tests {
             assert_eq!(g.get(), 25);
         }
         assert_eq!(g.get(), 0);
+    }
+
+    #[test]
+    fn an_item_in_flight_counts_until_written_and_returns_first_on_failure() {
+        let g = gauge();
+        let mut q = BoundedQueue::new(100, g.clone());
+        q.push(item(60, true));
+        q.push(item(30, false));
+        assert_eq!(q.take_front().map(|i| i.bytes.len()), Some(60));
+        assert!(q.take_front().is_none(), "one write at a time");
+        // Still counted: 20 more do not fit, and the in-flight status cannot be shed.
+        assert_eq!(q.push(item(20, true)), Pushed::Full);
+        q.return_in_flight();
+        assert_eq!(
+            q.take_front().map(|i| i.bytes.len()),
+            Some(60),
+            "first again"
+        );
+        q.release_in_flight();
+        assert_eq!((q.bytes(), g.get()), (30, 30));
+        assert!(!q.is_idle());
+        assert_eq!(q.take_front().map(|i| i.bytes.len()), Some(30));
+        q.release_in_flight();
+        assert!(q.is_idle());
     }
 
     #[test]

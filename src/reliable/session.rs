@@ -484,6 +484,8 @@ impl Core {
         // will never be, and those still queued will reach the next upstream, whose answers
         // to them are then dropped (owed when they are written, see `pop_for_upstream`).
         self.resume.clear_owed();
+        // A read whose write the dead upstream may not have received goes to the next one.
+        self.to_up.return_in_flight();
         for _ in 0..self.tracker.pending_heartbeats() {
             self.answer_heartbeat(now);
         }
@@ -506,13 +508,31 @@ impl Core {
         self.resume.spent(attempts);
     }
 
-    /// The next device read to write upstream (about to be written).
-    pub fn pop_for_upstream(&mut self, now: Instant) -> Option<Bytes> {
-        let item = self.to_up.pop()?;
-        for _ in 0..item.answered {
+    /// The next device read to write upstream; it stays accounted for until
+    /// [`Core::upstream_written`], and goes back to the front if the upstream is lost first.
+    pub fn take_for_upstream(&mut self, now: Instant) -> Option<Bytes> {
+        let (bytes, answered) = {
+            let item = self.to_up.take_front()?;
+            (item.bytes.clone(), item.answered)
+        };
+        // Heartbeats already answered here are about to reach the upstream, whose answers to
+        // them must then be dropped.
+        for _ in 0..answered {
             self.resume.owe_drop(now);
         }
-        Some(item.bytes)
+        Some(bytes)
+    }
+
+    /// The bytes from [`Core::take_for_upstream`] were written.
+    pub fn upstream_written(&mut self) {
+        self.to_up.release_in_flight();
+    }
+
+    /// Take and confirm at once (for callers that do not write: the shadow, tests).
+    pub fn pop_for_upstream(&mut self, now: Instant) -> Option<Bytes> {
+        let b = self.take_for_upstream(now)?;
+        self.upstream_written();
+        Some(b)
     }
 
     pub fn pop_for_device(&mut self) -> Option<Bytes> {
@@ -530,8 +550,9 @@ impl Core {
         }
     }
 
+    /// Everything the device sent has been written upstream.
     pub fn upstream_queue_empty(&self) -> bool {
-        self.to_up.is_empty()
+        self.to_up.is_idle()
     }
 
     pub fn pending_commands(&self) -> usize {
@@ -641,7 +662,7 @@ async fn write_upstream<W: AsyncWrite + Unpin>(
             return e;
         }
         let batch = loop {
-            if let Some(b) = sh.core().pop_for_upstream(Instant::now()) {
+            if let Some(b) = sh.core().take_for_upstream(Instant::now()) {
                 break b;
             }
             sh.to_up.notified().await;
@@ -650,6 +671,7 @@ async fn write_upstream<W: AsyncWrite + Unpin>(
         if let Err(e) = w.write_all(&batch).await {
             return e;
         }
+        sh.core().upstream_written();
     }
 }
 
@@ -1049,6 +1071,22 @@ mod tests {
         c.device_read(&hb, now()).expect("queued");
         c.upstream_read(&hb_ack, now());
         assert_eq!(c.pop_for_device(), Some(hb_ack));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_being_written_when_the_upstream_dies_goes_to_the_next_one() {
+        let ctx = ctx("");
+        let mut c = core(&ctx);
+        let status = build::mesh_status(DEV, MsgId([0, 5, 0]), 0, 1, 10, 1, 100, 0);
+        c.device_read(&status, Instant::now()).expect("queued");
+        assert_eq!(c.take_for_upstream(Instant::now()), Some(status.clone()));
+        assert!(!c.upstream_queue_empty(), "not written yet");
+        // The write never completed: the upstream is gone.
+        assert!(c.upstream_lost(Instant::now()).is_some());
+        c.upstream_redialed(1);
+        assert_eq!(c.take_for_upstream(Instant::now()), Some(status));
+        c.upstream_written();
+        assert!(c.upstream_queue_empty());
     }
 
     #[tokio::test(start_paused = true)]

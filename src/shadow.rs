@@ -232,7 +232,14 @@ impl Shadow {
             _ => None,
         };
         Shadow {
-            core: Mutex::new(Core::shadow(ctx, cfg, device, Instant::now())),
+            core: Mutex::new(Core::new(
+                SHADOW,
+                ctx,
+                cfg,
+                device,
+                Bytes::new(),
+                Instant::now(),
+            )),
             mirror,
             metrics,
             rearm: Notify::new(),

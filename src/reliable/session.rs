@@ -99,25 +99,12 @@ pub struct Core {
 }
 
 impl Core {
-    /// `hello` is the device's 0x23 frame, replayed when the upstream is resumed.
+    /// A session core on `transport`: `new` for a device on the new path, with `hello` its
+    /// 0x23 frame (replayed when the upstream is resumed); or `shadow` for the dark launch,
+    /// which runs the same logic on a copy of a legacy connection's traffic so its metrics say
+    /// what the new path *would* have done (the caller discards whatever it queues; `hello`
+    /// may be empty).
     pub fn new(
-        ctx: &SessionCtx,
-        cfg: Arc<Config>,
-        device: DeviceId,
-        hello: Bytes,
-        now: Instant,
-    ) -> Core {
-        Self::with_transport(Transport::New, ctx, cfg, device, hello, now)
-    }
-
-    /// A core that runs the same logic on a copy of a legacy connection's traffic (dark launch,
-    /// observe mode): its metrics say what the new path *would* have done; the caller discards
-    /// whatever it queues.
-    pub fn shadow(ctx: &SessionCtx, cfg: Arc<Config>, device: DeviceId, now: Instant) -> Core {
-        Self::with_transport(Transport::Shadow, ctx, cfg, device, Bytes::new(), now)
-    }
-
-    fn with_transport(
         transport: Transport,
         ctx: &SessionCtx,
         cfg: Arc<Config>,
@@ -729,7 +716,14 @@ pub async fn run(
 ) -> CloseReason {
     let hello_len = header_data_len(&first).map_or(first.len(), |d| (5 + d).min(first.len()));
     let now = Instant::now();
-    let mut core = Core::new(ctx, cfg, device_id, first.slice(..hello_len), now);
+    let mut core = Core::new(
+        Transport::New,
+        ctx,
+        cfg,
+        device_id,
+        first.slice(..hello_len),
+        now,
+    );
     if let Err(reason) = core.device_read(&first, now) {
         core.close(now);
         return reason;
@@ -863,7 +857,14 @@ mod tests {
 
     fn core(ctx: &(SessionCtx, Arc<Config>)) -> Core {
         let hello = build::hello(DEV, &[7; 16]);
-        let mut c = Core::new(&ctx.0, ctx.1.clone(), DEV, hello.clone(), Instant::now());
+        let mut c = Core::new(
+            Transport::New,
+            &ctx.0,
+            ctx.1.clone(),
+            DEV,
+            hello.clone(),
+            Instant::now(),
+        );
         c.device_read(&hello, Instant::now()).expect("hello queued");
         assert_eq!(c.pop_for_upstream(Instant::now()), Some(hello));
         c
@@ -1021,7 +1022,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_shadow_core_never_times_out_an_idle_device_nor_wakes_in_the_past() {
         let ctx = ctx("idle_timeout = \"1s\"");
-        let mut c = Core::shadow(&ctx.0, ctx.1.clone(), DEV, Instant::now());
+        let mut c = Core::new(
+            Transport::Shadow,
+            &ctx.0,
+            ctx.1.clone(),
+            DEV,
+            Bytes::new(),
+            Instant::now(),
+        );
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(c.tick(Instant::now()), Ok(()));
         assert!(

@@ -279,7 +279,7 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
         .with_label_values(&[transport.label(), reason])
         .inc();
     metrics.connection_started(transport);
-    let _active = ActiveGuard {
+    let active = ActiveGuard {
         metrics: metrics.clone(),
         transport,
     };
@@ -292,6 +292,7 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
                 .upstream_connect_errors
                 .with_label_values(&[transport.label(), e.reason()])
                 .inc();
+            drop(active);
             metrics
                 .connection_closes
                 .with_label_values(&[transport.label(), "upstream_connect_failed"])
@@ -341,6 +342,8 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
             legacy::run(device, upstream, &first, &obs, &stop).await
         }
     };
+    // No longer active by the time the close is counted, so a scrape never sees both.
+    drop(active);
     metrics
         .connection_closes
         .with_label_values(&[transport.label(), reason.label()])

@@ -447,12 +447,21 @@ async fn legacy_run_with_f9_drops(seed: u64) -> (u64, u64, u64) {
     .await;
     let r = a.report();
     stop.cancel();
-    let m = http_get(gw.metrics_addr, "/metrics").await.1;
-    let gw_timeouts = sample(
-        &m,
-        "tcp_comm_packet_sent_total{outcome=\"timeout\",transport=\"legacy\"}",
+    // The gateway sees the same dropped replies; its tracker expires them on its own tick, up to
+    // a second after the harness gave up, so poll for them. The mesh query is a command to the
+    // gateway (not to the harness), hence at most one more.
+    let series = "tcp_comm_packet_sent_total{outcome=\"timeout\",transport=\"legacy\"}";
+    let want = r.timed_out as f64;
+    let gw_timeouts = eventually("the gateway counts the harness's timeouts", || async {
+        let m = http_get(gw.metrics_addr, "/metrics").await.1;
+        let v = sample(&m, series);
+        (v >= want).then_some(v)
+    })
+    .await;
+    assert!(
+        gw_timeouts <= want + 1.0,
+        "gateway {gw_timeouts} timeouts vs harness {want}"
     );
-    assert!(gw_timeouts >= 1.0, "the gateway measures the same timeouts");
     (r.done, r.timed_out + r.lost, chaos.stats.fired(Fault::Drop))
 }
 

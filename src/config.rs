@@ -142,6 +142,11 @@ struct RawReliable {
     backpressure_timeout: Option<RawDuration>,
     resume_attempts: Option<i64>,
     resume_window: Option<RawDuration>,
+    resume_hello_timeout: Option<RawDuration>,
+    resume_stable_after: Option<RawDuration>,
+    retry_budget_ratio: Option<f64>,
+    retry_budget_min: Option<i64>,
+    retry_budget_window: Option<RawDuration>,
     idle_timeout: Option<RawDuration>,
 }
 
@@ -309,6 +314,15 @@ pub struct Reliable {
     pub backpressure_timeout: Duration,
     pub resume_attempts: u32,
     pub resume_window: Duration,
+    /// How long a redialled upstream may take to answer the replayed hello.
+    pub resume_hello_timeout: Duration,
+    /// An upstream that closes again sooner than this after a resumption closed on purpose.
+    pub resume_stable_after: Duration,
+    /// Retries per command allowed over `retry_budget_window` (the path's share).
+    pub retry_budget_ratio: f64,
+    /// Retries allowed per window whatever the share says (low traffic).
+    pub retry_budget_min: u32,
+    pub retry_budget_window: Duration,
     pub idle_timeout: Duration,
 }
 
@@ -836,12 +850,50 @@ impl Validator<'_> {
                 raw.backpressure_timeout,
                 Duration::from_secs(2),
             ),
-            resume_attempts: self.int_in("reliable.resume_attempts", raw.resume_attempts, 3, 0, 10)
-                as u32,
+            resume_attempts: self.int_in(
+                "reliable.resume_attempts",
+                raw.resume_attempts,
+                10,
+                0,
+                100,
+            ) as u32,
             resume_window: self.positive_duration(
                 "reliable.resume_window",
                 raw.resume_window,
-                Duration::from_secs(2),
+                Duration::from_secs(30),
+            ),
+            resume_hello_timeout: self.positive_duration(
+                "reliable.resume_hello_timeout",
+                raw.resume_hello_timeout,
+                Duration::from_secs(5),
+            ),
+            resume_stable_after: self.duration(
+                "reliable.resume_stable_after",
+                raw.resume_stable_after,
+                Duration::from_secs(10),
+            ),
+            retry_budget_ratio: match raw.retry_budget_ratio {
+                None => 0.1,
+                Some(r) if (0.0..=1.0).contains(&r) => r,
+                Some(r) => {
+                    self.problem(
+                        "reliable.retry_budget_ratio",
+                        format!("{r} is out of range 0..=1 (retries per command)"),
+                    );
+                    0.1
+                }
+            },
+            retry_budget_min: self.int_in(
+                "reliable.retry_budget_min",
+                raw.retry_budget_min,
+                10,
+                0,
+                1_000_000,
+            ) as u32,
+            retry_budget_window: self.positive_duration(
+                "reliable.retry_budget_window",
+                raw.retry_budget_window,
+                Duration::from_secs(10),
             ),
             idle_timeout: self.positive_duration(
                 "reliable.idle_timeout",

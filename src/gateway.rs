@@ -21,10 +21,12 @@ use tracing::{info, warn};
 use crate::admin::{self, Health};
 use crate::config::{Config, DeviceTlsMode};
 use crate::listener::{ConnContext, Listener};
+use crate::logging::LogLimit;
 use crate::metrics::{Metrics, MetricsError};
 use crate::rehome::{self, Registry};
-use crate::reliable::{DedupStore, SessionCtx};
+use crate::reliable::SessionCtx;
 use crate::reload::{self, Live, Reloader};
+use crate::shadow::ShadowCtx;
 use crate::shutdown::{DrainOutcome, Shutdown};
 use crate::tls::{self, TlsError};
 use crate::upstream::Dialer;
@@ -113,16 +115,10 @@ impl Gateway {
             device_tls = acceptor.is_some(),
             "cync-gateway listening"
         );
-        let dedup_capacity = config.reliable.dedup_capacity;
-        let dedup_ttl = config.reliable.dedup_ttl;
+        let reliable = SessionCtx::new(metrics.clone(), legacy.clone(), &config);
+        let registry = Arc::new(Registry::new(config.routing.rehome_rate));
         let live = Live::new(config);
         reload::publish(&metrics, &live);
-        let registry = Arc::new(Registry::default());
-        let reliable = SessionCtx {
-            metrics: metrics.clone(),
-            dialer: legacy.clone(),
-            dedup: Arc::new(DedupStore::new(dedup_capacity, dedup_ttl)),
-        };
         tokio::spawn(rehome::run(
             live.clone(),
             registry.clone(),
@@ -136,7 +132,11 @@ impl Gateway {
             acceptor,
             legacy,
             reliable,
-            shadow_dialer,
+            shadow: ShadowCtx {
+                dialer: shadow_dialer,
+                tasks: shutdown.tasks(),
+                log: Arc::new(LogLimit::default()),
+            },
             shutdown: shutdown.token(),
         });
         let listener = Listener::new(devices, ctx, shutdown.tasks());

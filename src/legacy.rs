@@ -3,14 +3,17 @@
 //!
 //! Invariants:
 //! - Bytes are forwarded unchanged and in order; each read from one side is written to the
-//!   other as one write, before it is decoded, so decoding adds no delay and a decode failure
-//!   can never hold back or alter traffic (it is counted, never fatal).
+//!   other as one write. Decoding works on a copy (a resynchronising [`Tap`]) and a decode
+//!   failure can never hold back or alter traffic (it is counted, never fatal).
 //! - Both directions run concurrently, so a peer that is slow to read in one direction never
 //!   stalls the other; each direction's own backpressure is plain TCP, like any L4 proxy.
 //! - A FIN on one side is passed on as a FIN (half-close) and the other direction keeps going;
 //!   a reset on one side is passed on as a reset.
-//! - On shutdown the pair stays open until no command is awaiting its reply, so a drain does not
-//!   cut an in-flight command; the daemon's drain deadline bounds the wait.
+//! - Each read is observed before it is written, so whoever asks whether a command is in flight
+//!   (drain, re-home) sees one that is still being written.
+//! - On shutdown or re-homing the pair stays open until no command is awaiting its reply, then
+//!   closes upstream first ([`run`]); the daemon's drain deadline bounds the wait. Nothing read
+//!   is lost unseen: what arrives while closing is forwarded and measured, or counted dropped.
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,9 +21,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, Transport};
-use crate::protocol::{DeviceId, Tap};
+use crate::protocol::{DeviceId, Segment, Tap};
 use crate::rehome::{ConnStop, Finishing};
 use crate::shadow::Shadow;
 use crate::tls::Stream;
@@ -28,6 +32,9 @@ use crate::transactions::{Direction, Event, Tracker};
 
 /// How long a half-closed pair may wait for the other side to finish.
 pub const HALF_CLOSE_GRACE: Duration = Duration::from_secs(30);
+/// How long a pair closing for a drain or re-home waits for the upstream to answer its FIN
+/// (the add-on closes as soon as it reads the EOF; on a LAN that takes milliseconds).
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Read buffer per direction; larger than any Cync frame and than the add-on's 2,048-byte reads.
 const READ_BUF: usize = 16 * 1024;
 
@@ -135,7 +142,8 @@ impl Observer {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Feeds one read that was just forwarded in `dir`.
+    /// Feeds one read about to be forwarded in `dir`: before the write, so a drain or re-home
+    /// that looks at [`Observer::pending_commands`] meanwhile already sees a command in it.
     pub fn observe(&self, dir: Direction, read: &[u8]) {
         let t = self.transport;
         self.metrics
@@ -149,22 +157,24 @@ impl Observer {
             Direction::DevToSrv => st.dev_tap.feed(read),
             Direction::SrvToDev => st.srv_tap.feed(read),
         };
-        if let Some(e) = &out.framing_error {
-            self.metrics.decode_error(t, dir, e);
-        }
-        for frame in &out.frames {
-            match &frame.packet {
-                Ok(p) => {
-                    self.metrics.packet(t, dir, p.ptype());
-                    st.tracker.on_packet(dir, p, now, &mut st.events);
+        for seg in &out.segments {
+            match seg {
+                Segment::Frame(frame) => match &frame.packet {
+                    Ok(p) => {
+                        self.metrics.packet(t, dir, p.ptype());
+                        st.tracker.on_packet(dir, p, now, &mut st.events);
+                    }
+                    Err(e) => self.metrics.decode_error(t, dir, e),
+                },
+                Segment::Unframed { bytes, reason } => {
+                    self.metrics.unframed(t, dir, bytes.len(), reason)
                 }
-                Err(e) => self.metrics.decode_error(t, dir, e),
             }
         }
         self.flush(st);
         drop(guard);
         if let Some(shadow) = &self.shadow {
-            shadow.observe(dir, read, &out.frames, now);
+            shadow.observe(dir, read, &out, now);
         }
     }
 
@@ -206,6 +216,11 @@ impl Observer {
     pub fn pending_commands(&self) -> usize {
         self.lock().tracker.pending_commands()
     }
+
+    /// Bytes read in `dir` while the pair was closing, not forwarded.
+    fn dropped_at_close(&self, dir: Direction, n: usize) {
+        self.metrics.close_dropped(self.transport, dir, n);
+    }
 }
 
 #[derive(Debug)]
@@ -215,30 +230,55 @@ enum PumpEnd {
     WriteFailed(io::Error),
 }
 
-async fn pump<R, W>(mut from: R, mut to: W, dir: Direction, obs: &Observer) -> PumpEnd
+/// Forwards one direction, each read observed and then written as one write. Once `closing`
+/// fires (between reads, never mid-write) the FIN is passed on and whatever still arrives is
+/// read and counted as dropped, so the peer sees a clean close rather than a reset.
+async fn pump<R, W>(
+    mut from: R,
+    mut to: W,
+    dir: Direction,
+    obs: &Observer,
+    closing: &CancellationToken,
+) -> PumpEnd
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; READ_BUF];
+    let mut closed = false;
     loop {
-        let n = match from.read(&mut buf).await {
+        let read = tokio::select! {
+            biased;
+            _ = closing.cancelled(), if !closed => {
+                closed = true;
+                let _ = to.shutdown().await;
+                continue;
+            }
+            r = from.read(&mut buf) => r,
+        };
+        let n = match read {
             Ok(0) => {
                 // Pass the FIN on; the other direction keeps flowing.
-                let _ = to.shutdown().await;
+                if !closed {
+                    let _ = to.shutdown().await;
+                }
                 return PumpEnd::Eof;
             }
             Ok(n) => n,
             Err(e) => return PumpEnd::ReadFailed(e),
         };
+        if closed {
+            obs.dropped_at_close(dir, n);
+            continue;
+        }
         let chunk = &buf[..n];
+        obs.observe(dir, chunk);
         if let Err(e) = to.write_all(chunk).await {
             return PumpEnd::WriteFailed(e);
         }
         if let Err(e) = to.flush().await {
             return PumpEnd::WriteFailed(e);
         }
-        obs.observe(dir, chunk);
     }
 }
 
@@ -253,8 +293,13 @@ pub(crate) fn is_reset(e: &io::Error) -> bool {
 }
 
 /// Forwards between `device` and `upstream` until both sides are done, one resets, or a drain
-/// completes. `first` holds bytes already read from the device (the handshake peek); they are
-/// written upstream as one write before anything else.
+/// or re-home completes. `first` holds bytes already read from the device (the handshake peek);
+/// they are written upstream as one write before anything else.
+///
+/// A drain or re-home closes between frames, upstream first: once no command awaits its reply
+/// the upstream gets a FIN, and what the add-on still sends until it closes its side (at most
+/// [`CLOSE_GRACE`]) is forwarded and measured, so a command written just then is delivered and,
+/// its reply having nowhere to go, counted as abandoned rather than lost unseen.
 pub async fn run(
     device: Stream,
     mut upstream: Stream,
@@ -263,6 +308,7 @@ pub async fn run(
     stop: &ConnStop,
 ) -> CloseReason {
     if !first.is_empty() {
+        obs.observe(Direction::DevToSrv, first);
         if let Err(e) = upstream.write_all(first).await {
             obs.close();
             return if is_reset(&e) {
@@ -273,32 +319,41 @@ pub async fn run(
             };
         }
         let _ = upstream.flush().await;
-        obs.observe(Direction::DevToSrv, first);
     }
 
     let (mut dev_r, mut dev_w) = tokio::io::split(device);
     let (mut up_r, mut up_w) = tokio::io::split(upstream);
+    let closing = CancellationToken::new();
+    let never = CancellationToken::new();
     let reason = {
-        let to_up = pump(&mut dev_r, &mut up_w, Direction::DevToSrv, obs);
-        let to_dev = pump(&mut up_r, &mut dev_w, Direction::SrvToDev, obs);
+        let to_up = pump(&mut dev_r, &mut up_w, Direction::DevToSrv, obs, &closing);
+        let to_dev = pump(&mut up_r, &mut dev_w, Direction::SrvToDev, obs, &never);
         tokio::pin!(to_up, to_dev);
         let mut up_done = false;
         let mut dev_done = false;
         let mut half_closed_at: Option<Instant> = None;
         let mut finishing = Finishing::new(stop);
+        // Set once the close has begun: why, and until when the add-on may take to close.
+        let mut closing_as: Option<(CloseReason, Instant)> = None;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
         // The pump futures are polled by reference and never dropped mid-loop, so a write in
         // progress is never cancelled while the pair lives; they are only dropped at teardown.
         loop {
+            let close_by = closing_as.map(|(_, t)| t);
             tokio::select! {
                 end = &mut to_up, if !up_done => {
                     up_done = true;
                     match end {
                         PumpEnd::Eof => {
-                            if dev_done { break CloseReason::UpstreamClosed; }
-                            half_closed_at = Some(Instant::now());
+                            if let Some((r, _)) = closing_as {
+                                if dev_done { break r; }
+                            } else if dev_done {
+                                break CloseReason::UpstreamClosed;
+                            } else {
+                                half_closed_at = Some(Instant::now());
+                            }
                         }
                         PumpEnd::ReadFailed(e) if is_reset(&e) => break CloseReason::DeviceReset,
                         PumpEnd::ReadFailed(_) => break CloseReason::DeviceError,
@@ -310,6 +365,7 @@ pub async fn run(
                     dev_done = true;
                     match end {
                         PumpEnd::Eof => {
+                            if let Some((r, _)) = closing_as { break r; }
                             if up_done { break CloseReason::DeviceClosed; }
                             half_closed_at = Some(Instant::now());
                         }
@@ -332,11 +388,25 @@ pub async fn run(
                         break CloseReason::HalfCloseTimeout;
                     }
                 }
-                _ = drain_tick.tick(), if finishing.requested() => {
-                    if let Some(r) = finishing.check(obs.pending_commands(), Instant::now()) { break r; }
+                _ = async {
+                    match close_by {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some((r, _)) = closing_as { break r; }
+                }
+                _ = drain_tick.tick(), if finishing.requested() && closing_as.is_none() => {
+                    if let Some(r) = finishing.check(obs.pending_commands(), Instant::now()) {
+                        closing.cancel();
+                        closing_as = Some((r, Instant::now() + CLOSE_GRACE));
+                    }
                 }
                 _ = stop.token().cancelled(), if !finishing.requested() => {
-                    if let Some(r) = finishing.begin(obs.pending_commands(), Instant::now()) { break r; }
+                    if let Some(r) = finishing.begin(obs.pending_commands(), Instant::now()) {
+                        closing.cancel();
+                        closing_as = Some((r, Instant::now() + CLOSE_GRACE));
+                    }
                 }
             }
         }

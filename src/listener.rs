@@ -31,7 +31,7 @@ use crate::rehome::{ConnStop, Registry};
 use crate::reliable::{self, SessionCtx};
 use crate::reload::Live;
 use crate::router;
-use crate::shadow::Shadow;
+use crate::shadow::{Shadow, ShadowCtx};
 use crate::tls::{self, Stream};
 use crate::transactions::Tracker;
 use crate::upstream::Dialer;
@@ -50,8 +50,8 @@ pub struct ConnContext {
     pub legacy: Dialer,
     /// The new path's shared state; it dials the same add-on.
     pub reliable: SessionCtx,
-    /// Dark launch, mirror mode: where device traffic is replayed.
-    pub shadow_dialer: Option<Dialer>,
+    /// Dark launch: where mirror mode replays device traffic, and what shadows share.
+    pub shadow: ShadowCtx,
     pub shutdown: CancellationToken,
 }
 
@@ -264,7 +264,7 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
     let (transport, reason) = (route.transport, route.reason.label());
     // Registered before anything awaits, so a reload from here on finds this connection; one
     // that landed between the snapshot above and the registration is caught by re-checking.
-    let stop = ConnStop::new(&ctx.shutdown, cfg.routing.drain_grace);
+    let stop = ConnStop::new(&ctx.shutdown, cfg.routing.drain_grace, ctx.registry.pacer());
     let _registration = device_id.map(|id| ctx.registry.register(id, transport, stop.clone()));
     if let Some(id) = device_id {
         let now = router::route(Some(id), &ctx.live.config().routing, ctx.live.latched());
@@ -330,12 +330,7 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
             let obs = match device_id {
                 Some(id) if router::shadowed(id, &cfg.dark_launch) => {
                     debug!(mode = ?cfg.dark_launch.mode, "dark launch: shadowing this connection");
-                    obs.with_shadow(Shadow::start(
-                        &ctx.reliable,
-                        cfg.clone(),
-                        id,
-                        ctx.shadow_dialer.as_ref(),
-                    ))
+                    obs.with_shadow(Shadow::start(&ctx.reliable, &ctx.shadow, cfg.clone(), id))
                 }
                 _ => obs,
             };

@@ -74,3 +74,22 @@ pub fn init(cfg: &Logging) -> Result<Option<WorkerGuard>, LogError> {
     result.map_err(|_| LogError::AlreadySet)?;
     Ok(guard)
 }
+
+/// Spaces log lines that many connections could write at once (a shared upstream dying), so
+/// one event is one line, not thousands.
+#[derive(Debug, Default)]
+pub struct LogLimit {
+    last: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl LogLimit {
+    /// True when a line may be logged now (none in the last `every`).
+    pub fn allow(&self, now: tokio::time::Instant, every: std::time::Duration) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| now.saturating_duration_since(t) < every) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}

@@ -61,6 +61,9 @@ pub struct Metrics {
     pub bytes: IntCounterVec,
     pub packets: IntCounterVec,
     pub decode_errors: IntCounterVec,
+    pub unframed_bytes: IntCounterVec,
+    pub close_dropped_bytes: IntCounterVec,
+    pub retries_skipped: IntCounterVec,
     pub routing_decisions: IntCounterVec,
     pub upstream_connect_errors: IntCounterVec,
     packet_sent: IntCounterVec,
@@ -82,6 +85,8 @@ pub struct Metrics {
     pub config_restart_required: IntGauge,
     pub rehomes: IntCounterVec,
     pub shadow_comparisons: IntCounterVec,
+    pub shadow_lost: IntCounterVec,
+    pub mirror_dropped_bytes: prometheus::IntCounter,
     pub ready: IntGauge,
     pub draining: IntGauge,
 }
@@ -156,6 +161,11 @@ impl Metrics {
             "1 while the config file changes settings that only a restart applies",
         )?;
         r.register(Box::new(config_restart_required.clone()))?;
+        let mirror_dropped_bytes = prometheus::IntCounter::new(
+            "tcp_comm_mirror_dropped_bytes_total",
+            "Dark launch (mirror): bytes of device reads not replayed to the shadow upstream (queue full, or waiting for a frame boundary after that)",
+        )?;
+        r.register(Box::new(mirror_dropped_bytes.clone()))?;
         let build = IntGaugeVec::new(
             Opts::new("tcp_comm_build_info", "Build information; always 1"),
             &["version"],
@@ -201,6 +211,24 @@ impl Metrics {
                 "tcp_comm_decode_errors_total",
                 "Frames the decoder rejected (still forwarded on the legacy path)",
                 &["transport", "direction", "reason"],
+            )?,
+            unframed_bytes: counter(
+                &r,
+                "tcp_comm_unframed_bytes_total",
+                "Bytes that could not be framed (stray bytes, junk headers, frames cut short), forwarded verbatim",
+                &["transport", "direction"],
+            )?,
+            close_dropped_bytes: counter(
+                &r,
+                "tcp_comm_close_dropped_bytes_total",
+                "Bytes read from one side but not delivered to the other because the pair closed",
+                &["transport", "direction"],
+            )?,
+            retries_skipped: counter(
+                &r,
+                "tcp_comm_retries_skipped_total",
+                "Command retries that were due but not sent, by why",
+                &["transport", "reason"],
             )?,
             routing_decisions: counter(
                 &r,
@@ -308,6 +336,13 @@ impl Metrics {
                 "Dark launch (mirror): the shadow upstream's replies compared with the legacy upstream's",
                 &["result", "packet_type"],
             )?,
+            shadow_lost: counter(
+                &r,
+                "tcp_comm_shadow_upstream_lost_total",
+                "Dark launch (mirror): shadow upstream connections lost, by why",
+                &["reason"],
+            )?,
+            mirror_dropped_bytes,
             ready,
             draining,
             registry: r,
@@ -382,6 +417,23 @@ impl Metrics {
         self.decode_errors
             .with_label_values(&[t.label(), dir.label(), e.reason()])
             .inc();
+    }
+
+    /// Bytes that could not be framed: one decode error for the run, and its size.
+    pub fn unframed(&self, t: Transport, dir: Direction, bytes: usize, reason: &DecodeError) {
+        self.decode_error(t, dir, reason);
+        self.unframed_bytes
+            .with_label_values(&[t.label(), dir.label()])
+            .inc_by(bytes as u64);
+    }
+
+    /// Bytes lost because the pair closed before they could be delivered.
+    pub fn close_dropped(&self, t: Transport, dir: Direction, bytes: usize) {
+        if bytes > 0 {
+            self.close_dropped_bytes
+                .with_label_values(&[t.label(), dir.label()])
+                .inc_by(bytes as u64);
+        }
     }
 
     pub fn command(

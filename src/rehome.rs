@@ -2,9 +2,11 @@
 //!
 //! Every routed connection with a device id is in the [`Registry`] with its path and a
 //! [`ConnStop`]. When the configuration or the rollback latch changes, [`run`] finds the
-//! connections whose route now differs and asks them, at most `routing.rehome_rate` per second,
-//! to close between frames: at once if no command awaits its reply, else when the last one is
-//! answered or `routing.drain_grace` has passed. The device redials and is routed afresh.
+//! connections whose route now differs and asks them, one after another, to close between
+//! frames: at once if no command awaits its reply, else when the last one is answered or
+//! `routing.drain_grace` has passed — and in either case only when the [`ClosePacer`] grants a
+//! slot, so at most `routing.rehome_rate` re-homed connections close per second. The device
+//! redials and is routed afresh.
 //!
 //! Invariants:
 //! - A connection whose route did not change is never touched; each candidate is checked
@@ -15,7 +17,7 @@
 //! - Shutdown and re-homing share one mechanism (a per-connection child of the shutdown
 //!   token), so a connection has exactly one way of being asked to finish.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -31,20 +33,59 @@ use crate::protocol::DeviceId;
 use crate::reload::Live;
 use crate::router;
 
+/// Paces the closes of re-homed connections to `routing.rehome_rate` per second: it is the
+/// close (and the redial it causes) that loads the add-on, so closes are what is paced, not
+/// the requests — a connection waiting for its last reply would otherwise close in a bunch
+/// with others asked later.
+#[derive(Debug)]
+pub struct ClosePacer {
+    /// (earliest next close, closes per second)
+    state: Mutex<(Option<Instant>, f64)>,
+}
+
+impl ClosePacer {
+    pub fn new(rate: f64) -> Self {
+        Self {
+            state: Mutex::new((None, rate)),
+        }
+    }
+
+    pub fn set_rate(&self, rate: f64) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = rate;
+    }
+
+    /// One close slot, if one is free now; the next is `1 / rate` later.
+    pub fn try_take(&self, now: Instant) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.0.is_some_and(|t| now < t) {
+            return false;
+        }
+        let gap = Duration::try_from_secs_f64(1.0 / st.1).unwrap_or(Duration::ZERO);
+        st.0 = Some(now + gap);
+        true
+    }
+}
+
 /// How one connection is asked to finish: shutdown, or re-homing with a grace period.
 #[derive(Debug)]
 pub struct ConnStop {
     token: CancellationToken,
     rehome: AtomicBool,
     grace: Duration,
+    pacer: Arc<ClosePacer>,
 }
 
 impl ConnStop {
-    pub fn new(shutdown: &CancellationToken, grace: Duration) -> Arc<ConnStop> {
+    pub fn new(
+        shutdown: &CancellationToken,
+        grace: Duration,
+        pacer: Arc<ClosePacer>,
+    ) -> Arc<ConnStop> {
         Arc::new(ConnStop {
             token: shutdown.child_token(),
             rehome: AtomicBool::new(false),
             grace,
+            pacer,
         })
     }
 
@@ -71,7 +112,8 @@ impl ConnStop {
 
 /// A connection's way to its end once asked to finish: at once when no command awaits its
 /// reply; for a shutdown otherwise when the last one is answered (the daemon's drain deadline
-/// bounds that); for a re-homing at the latest after the grace period.
+/// bounds that); for a re-homing at the latest after the grace period, and in either case only
+/// when the close pacer has a slot (a shutdown is not paced: the drain deadline rules).
 #[derive(Debug)]
 pub struct Finishing<'a> {
     stop: &'a ConnStop,
@@ -110,10 +152,18 @@ impl<'a> Finishing<'a> {
         self.check(pending_commands, now)
     }
 
-    /// Re-checked while finishing. `Some` when the connection may close now.
+    /// Re-checked while finishing. `Some` when the connection may close now (a re-homed one
+    /// has then taken its close slot).
     pub fn check(&self, pending_commands: usize, now: Instant) -> Option<CloseReason> {
         let overdue = self.deadline.is_some_and(|t| now >= t);
-        (self.requested && (pending_commands == 0 || overdue)).then(|| self.reason())
+        if !(self.requested && (pending_commands == 0 || overdue)) {
+            return None;
+        }
+        let reason = self.reason();
+        if reason == CloseReason::Rehomed && !self.stop.pacer.try_take(now) {
+            return None;
+        }
+        Some(reason)
     }
 }
 
@@ -124,10 +174,10 @@ struct Entry {
 }
 
 /// The routed connections that are open now.
-#[derive(Default)]
 pub struct Registry {
     next: AtomicU64,
     conns: Mutex<HashMap<u64, Entry>>,
+    pacer: Arc<ClosePacer>,
 }
 
 /// Removes its connection from the registry when dropped.
@@ -143,6 +193,19 @@ impl Drop for Registration {
 }
 
 impl Registry {
+    pub fn new(rehome_rate: f64) -> Registry {
+        Registry {
+            next: AtomicU64::new(0),
+            conns: Mutex::new(HashMap::new()),
+            pacer: Arc::new(ClosePacer::new(rehome_rate)),
+        }
+    }
+
+    /// The pacer every re-homed connection of this registry takes its close slot from.
+    pub fn pacer(&self) -> Arc<ClosePacer> {
+        self.pacer.clone()
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<u64, Entry>> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -235,7 +298,6 @@ pub async fn run(
 ) {
     let mut changes = live.subscribe();
     let mut queue: VecDeque<u64> = VecDeque::new();
-    let mut queued: HashSet<u64> = HashSet::new();
     let mut next_slot = Instant::now();
     loop {
         let changed = if queue.is_empty() {
@@ -254,22 +316,20 @@ pub async fn run(
             changes.borrow_and_update();
             // The latch can change without a reload; keep the effective-percentage gauge true.
             crate::reload::publish(&metrics, &live);
+            let rate = live.config().routing.rehome_rate;
+            registry.pacer.set_rate(rate);
             if live.config().routing.rehome == Rehome::Never && !live.latched() {
                 queue.clear();
-                queued.clear();
                 continue;
             }
-            let found = registry.misrouted(&live);
+            // Whom this configuration moves, afresh: a change that was undone meanwhile
+            // leaves nobody behind in the queue.
             let before = queue.len();
-            for id in found {
-                if queued.insert(id) {
-                    queue.push_back(id);
-                }
-            }
-            if queue.len() > before {
+            queue = registry.misrouted(&live).into();
+            if !queue.is_empty() && queue.len() != before {
                 info!(
                     connections = queue.len(),
-                    rate_per_s = live.config().routing.rehome_rate,
+                    rate_per_s = rate,
                     "routing changed; re-homing connections whose path changed"
                 );
             }
@@ -278,7 +338,6 @@ pub async fn run(
         let Some(id) = queue.pop_front() else {
             continue;
         };
-        queued.remove(&id);
         if let Some((device, from, to)) = registry.rehome(id, &live) {
             metrics
                 .rehomes
@@ -296,9 +355,52 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
+    async fn the_pacer_spaces_closes_by_the_rate() {
+        let p = ClosePacer::new(5.0);
+        assert!(p.try_take(Instant::now()));
+        assert!(!p.try_take(Instant::now()));
+        tokio::time::advance(Duration::from_millis(199)).await;
+        assert!(!p.try_take(Instant::now()));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(p.try_take(Instant::now()));
+        p.set_rate(1.0);
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert!(p.try_take(Instant::now()), "the slot set at rate 5 is due");
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(!p.try_take(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rehome_ready_to_close_still_waits_for_a_close_slot() {
+        let pacer = Arc::new(ClosePacer::new(2.0));
+        let root = CancellationToken::new();
+        let a = ConnStop::new(&root, Duration::from_secs(5), pacer.clone());
+        let b = ConnStop::new(&root, Duration::from_secs(5), pacer.clone());
+        a.rehome();
+        b.rehome();
+        let (mut fa, mut fb) = (Finishing::new(&a), Finishing::new(&b));
+        assert_eq!(fa.begin(0, Instant::now()), Some(CloseReason::Rehomed));
+        assert_eq!(
+            fb.begin(0, Instant::now()),
+            None,
+            "a close was just granted"
+        );
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(fb.check(0, Instant::now()), Some(CloseReason::Rehomed));
+        // A drain is never paced.
+        let c = ConnStop::new(&root, Duration::from_secs(5), pacer);
+        root.cancel();
+        assert_eq!(
+            Finishing::new(&c).begin(0, Instant::now()),
+            Some(CloseReason::Drained)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn shutdown_waits_for_commands_and_rehoming_also_for_its_grace() {
         let root = CancellationToken::new();
-        let stop = ConnStop::new(&root, Duration::from_secs(5));
+        let pacer = Arc::new(ClosePacer::new(1000.0));
+        let stop = ConnStop::new(&root, Duration::from_secs(5), pacer.clone());
         let mut f = Finishing::new(&stop);
         assert_eq!(f.check(0, Instant::now()), None, "nothing asked yet");
         root.cancel();
@@ -311,7 +413,7 @@ mod tests {
         );
         assert_eq!(f.check(0, Instant::now()), Some(CloseReason::Drained));
 
-        let stop = ConnStop::new(&CancellationToken::new(), Duration::from_secs(5));
+        let stop = ConnStop::new(&CancellationToken::new(), Duration::from_secs(5), pacer);
         let mut f = Finishing::new(&stop);
         stop.rehome();
         assert!(stop.token().is_cancelled());

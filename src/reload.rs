@@ -9,7 +9,8 @@
 //! - A file is validated whole with the same loader as start-up and `check-config`; if it is
 //!   invalid nothing changes (the problems are logged and counted).
 //! - Non-reloadable settings (listen addresses, TLS, upstreams, logging, metrics, shutdown,
-//!   reload) keep their running values; each one the file changes is reported as needing a
+//!   reload, and the gateway-wide `reliable.dedup_capacity`, `dedup_ttl` and
+//!   `retry_budget_window`) keep their running values; each one the file changes is reported as needing a
 //!   restart, and `tcp_comm_config_restart_required` says so until the file matches again.
 //! - The poll reloads only when the content's SHA-256 changes, read through the path on every
 //!   poll, so editors writing in place, atomic renames and Kubernetes' symlink swaps are all
@@ -137,7 +138,26 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<&'static str>) {
     check("metrics", running.metrics == new.metrics);
     check("shutdown", running.shutdown == new.shutdown);
     check("reload", running.reload == new.reload);
+    // Gateway-wide state built once at start: the shared dedup store and the retry budget's
+    // ring. The rest of [reliable] reaches new connections.
+    let (r, n) = (&running.reliable, &new.reliable);
+    check(
+        "reliable.dedup_capacity",
+        r.dedup_capacity == n.dedup_capacity,
+    );
+    check("reliable.dedup_ttl", r.dedup_ttl == n.dedup_ttl);
+    check(
+        "reliable.retry_budget_window",
+        r.retry_budget_window == n.retry_budget_window,
+    );
+    let reliable = crate::config::Reliable {
+        dedup_capacity: r.dedup_capacity,
+        dedup_ttl: r.dedup_ttl,
+        retry_budget_window: r.retry_budget_window,
+        ..new.reliable.clone()
+    };
     let effective = Config {
+        reliable,
         listen: running.listen.clone(),
         device_tls: running.device_tls.clone(),
         upstream_legacy: running.upstream_legacy.clone(),

@@ -2,17 +2,25 @@
 //! legacy connection without ever writing to its device.
 //!
 //! - **observe**: a [`Core`] with `transport="shadow"` is fed copies of both directions of the
-//!   legacy connection; its metrics say what the reliable session would have done (retries,
-//!   duplicate drops, outcomes). Whatever it queues is discarded.
-//! - **mirror**: additionally every device read is replayed to `upstream.shadow`; the shadow's
-//!   answers are paired with the legacy upstream's, frame by frame and type by type
-//!   ([`Comparator`]), counted in `tcp_comm_shadow_comparisons_total`, and discarded.
+//!   legacy connection; its metrics say what the reliable session would have done against the
+//!   legacy upstream (retries, duplicate drops, outcomes). Whatever it queues is discarded.
+//! - **mirror**: every device read is replayed to `upstream.shadow`, and the core is fed the
+//!   *shadow's* answers instead of the legacy upstream's, so `transport="shadow"` figures
+//!   describe the shadow upstream. The shadow's replies are also paired with the legacy
+//!   upstream's, frame by frame and type by type ([`Comparator`]), counted in
+//!   `tcp_comm_shadow_comparisons_total`, and discarded.
 //!
 //! Invariants:
 //! - Nothing here holds a reference to the device socket: not one byte can reach a device.
 //! - The legacy path never waits on the shadow: a device read is offered to a bounded queue
-//!   that drops on full (counted), and a slow, failed or dead shadow upstream only stops the
-//!   mirror of that connection.
+//!   that drops on full, and a slow, failed or dead shadow upstream only stops the mirror of
+//!   that connection.
+//! - Nothing vanishes unseen: every read not mirrored is counted (reads and bytes); mirroring
+//!   resumes at the next read that starts on a frame boundary once the queue has room, so the
+//!   shadow is only ever sent whole frames. A shadow upstream that dies is counted and logged
+//!   (at most every [`LOSS_LOG_EVERY`]), and every legacy reply that could then not be compared
+//!   is counted `uncompared`. `connections_active{transport="shadow"}` counts shadows alive:
+//!   observe cores, and mirrors whose shadow upstream is connected.
 //! - The comparator is pure and takes `now`; its memory is bounded by `compare_window`.
 
 use std::collections::{HashMap, VecDeque};
@@ -25,11 +33,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::config::{Config, DarkMode};
+use crate::logging::LogLimit;
 use crate::metrics::{Metrics, Transport};
-use crate::protocol::{DeviceId, Frame, Packet, PacketType, Tap};
+use crate::protocol::{DeviceId, Packet, PacketType, Tap, TapOutput};
 use crate::reliable::queue::{BoundedQueue, Item, Pushed};
 use crate::reliable::session::Core;
 use crate::reliable::SessionCtx;
@@ -37,6 +46,9 @@ use crate::transactions::Direction;
 use crate::upstream::Dialer;
 
 const SHADOW: Transport = Transport::Shadow;
+
+/// Minimum spacing of "shadow upstream lost" log lines across all connections.
+pub const LOSS_LOG_EVERY: Duration = Duration::from_secs(10);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -60,6 +72,8 @@ pub enum Comparison {
     Missing,
     /// The shadow sent it; the legacy upstream did not within the window.
     Extra,
+    /// The legacy upstream sent it while no shadow upstream was there to answer.
+    Uncompared,
 }
 
 impl Comparison {
@@ -69,16 +83,18 @@ impl Comparison {
             Self::Mismatch => "mismatch",
             Self::Missing => "missing",
             Self::Extra => "extra",
+            Self::Uncompared => "uncompared",
         }
     }
 }
 
 /// Pairs the two upstreams' replies to the same device traffic.
 ///
-/// Only replies are compared (0x28, 0x48, 0x88, 0xc8, 0xd8 and server 0x7b): what an upstream
-/// originates (commands, 0xa3, queries) depends on its own timers and harness. Replies that
-/// echo a request (0x88, 0x7b) pair by their bytes; the others pair in order per type and must
-/// be byte-equal, except the 0xc8 time reply, which legitimately differs.
+/// Only replies are compared (0x28, 0x48, 0x88, 0xc8, 0xd8, server 0x7b and the 0x78 notice
+/// that follows a device 0x7b): what an upstream originates (commands, 0xa3, queries) depends on
+/// its own timers and harness. Replies that echo a request (0x88, 0x7b, 0x78) pair by their
+/// bytes; the others pair in order per type and must be byte-equal, except the 0xc8 time
+/// reply, which legitimately differs.
 #[derive(Debug)]
 pub struct Comparator {
     window: Duration,
@@ -98,7 +114,7 @@ impl Comparator {
         }
     }
 
-    fn compared(t: PacketType) -> bool {
+    pub fn compared(t: PacketType) -> bool {
         matches!(
             t,
             PacketType::HelloAck
@@ -107,6 +123,7 @@ impl Comparator {
                 | PacketType::TimeReply
                 | PacketType::HeartbeatAck
                 | PacketType::DataAck
+                | PacketType::Notice
         )
     }
 
@@ -122,7 +139,10 @@ impl Comparator {
         if !Self::compared(t) {
             return;
         }
-        let echo = matches!(t, PacketType::StatusAck | PacketType::DataAck);
+        let echo = matches!(
+            t,
+            PacketType::StatusAck | PacketType::DataAck | PacketType::Notice
+        );
         let key = (t, echo.then(|| p.raw().clone()));
         let q = self.pending.entry(key).or_default();
         match q.front() {
@@ -164,26 +184,56 @@ impl Comparator {
         });
     }
 
+    /// The shadow upstream is gone: legacy replies still waiting can never be compared; the
+    /// shadow's own are extra.
+    pub fn shadow_gone(&mut self, out: &mut Vec<(Comparison, PacketType)>) {
+        for ((t, _), q) in self.pending.drain() {
+            for (side, _, _) in q {
+                out.push((
+                    match side {
+                        Side::Legacy => Comparison::Uncompared,
+                        Side::Shadow => Comparison::Extra,
+                    },
+                    t,
+                ));
+            }
+        }
+    }
+
     pub fn pending(&self) -> usize {
         self.pending.values().map(VecDeque::len).sum()
     }
+}
+
+/// What every shadow shares: where mirror mode replays traffic, the task tracker its mirror
+/// tasks run on (so shutdown waits for them), and the spacing of its loss log lines.
+#[derive(Clone)]
+pub struct ShadowCtx {
+    pub dialer: Option<Dialer>,
+    pub tasks: tokio_util::task::TaskTracker,
+    pub log: Arc<LogLimit>,
 }
 
 /// The mirror of one legacy connection to the shadow upstream.
 struct Mirror {
     queue: Mutex<BoundedQueue>,
     ready: Notify,
+    /// The shadow upstream is connected and being written.
     alive: AtomicBool,
+    /// Ended for good (dial failed or the shadow upstream went away).
+    dead: AtomicBool,
+    /// Reads are being dropped until one starts on a frame boundary with room to spare.
+    skipping: AtomicBool,
     cmp: Mutex<Comparator>,
     stop: CancellationToken,
 }
 
 /// Everything dark-launched for one legacy connection.
 pub struct Shadow {
-    core: Mutex<Core>,
+    core: Arc<Mutex<Core>>,
     mirror: Option<Arc<Mirror>>,
     metrics: Arc<Metrics>,
-    rearm: Notify,
+    rearm: Arc<Notify>,
     closed: AtomicBool,
 }
 
@@ -198,16 +248,19 @@ fn record(metrics: &Metrics, out: &mut Vec<(Comparison, PacketType)>) {
 
 impl Shadow {
     /// Starts shadowing a legacy connection of `device`; with mirror mode (and a shadow
-    /// dialer) the mirror dials in the background.
-    pub fn start(
-        ctx: &SessionCtx,
-        cfg: Arc<Config>,
-        device: DeviceId,
-        shadow_dialer: Option<&Dialer>,
-    ) -> Shadow {
+    /// dialer) the mirror dials in the background, on `tasks`.
+    pub fn start(ctx: &SessionCtx, sctx: &ShadowCtx, cfg: Arc<Config>, device: DeviceId) -> Shadow {
         let metrics = ctx.metrics.clone();
-        metrics.connection_started(SHADOW);
-        let mirror = match (cfg.dark_launch.mode, shadow_dialer) {
+        let core = Arc::new(Mutex::new(Core::new(
+            SHADOW,
+            ctx,
+            cfg.clone(),
+            device,
+            Bytes::new(),
+            Instant::now(),
+        )));
+        let rearm = Arc::new(Notify::new());
+        let mirror = match (cfg.dark_launch.mode, sctx.dialer.as_ref()) {
             (DarkMode::Mirror, Some(d)) => {
                 let m = Arc::new(Mirror {
                     queue: Mutex::new(BoundedQueue::new(
@@ -217,38 +270,41 @@ impl Shadow {
                             .with_label_values(&[SHADOW.label(), "mirror"]),
                     )),
                     ready: Notify::new(),
-                    alive: AtomicBool::new(true),
+                    alive: AtomicBool::new(false),
+                    dead: AtomicBool::new(false),
+                    skipping: AtomicBool::new(false),
                     cmp: Mutex::new(Comparator::new(cfg.dark_launch.compare_window)),
                     stop: CancellationToken::new(),
                 });
-                tokio::spawn(run_mirror(
-                    m.clone(),
-                    d.clone(),
-                    metrics.clone(),
-                    cfg.protocol.max_frame_len,
-                ));
+                sctx.tasks.spawn(run_mirror(MirrorTask {
+                    m: m.clone(),
+                    dialer: d.clone(),
+                    metrics: metrics.clone(),
+                    core: core.clone(),
+                    rearm: rearm.clone(),
+                    log: sctx.log.clone(),
+                    max_frame_len: cfg.protocol.max_frame_len,
+                }));
                 Some(m)
             }
-            _ => None,
+            _ => {
+                metrics.connection_started(SHADOW);
+                None
+            }
         };
         Shadow {
-            core: Mutex::new(Core::new(
-                SHADOW,
-                ctx,
-                cfg,
-                device,
-                Bytes::new(),
-                Instant::now(),
-            )),
+            core,
             mirror,
             metrics,
-            rearm: Notify::new(),
+            rearm,
             closed: AtomicBool::new(false),
         }
     }
 
-    /// One read just forwarded by the legacy path in `dir`, and the frames it completed.
-    pub fn observe(&self, dir: Direction, read: &[u8], frames: &[Frame], now: Instant) {
+    /// One read about to be forwarded by the legacy path in `dir`, and what the legacy tap made
+    /// of it.
+    pub fn observe(&self, dir: Direction, read: &[u8], tapped: &TapOutput, now: Instant) {
+        let mirrored = self.mirror.is_some();
         {
             let mut core = lock(&self.core);
             match dir {
@@ -256,45 +312,61 @@ impl Shadow {
                     let _ = core.device_read(read, now);
                     while core.pop_for_upstream(now).is_some() {}
                 }
-                Direction::SrvToDev => {
+                // In mirror mode the core hears the shadow upstream instead (see run_mirror).
+                Direction::SrvToDev if !mirrored => {
                     if core.upstream_read(read, now) {
                         self.rearm.notify_one();
                     }
                 }
+                Direction::SrvToDev => {}
             }
             while core.pop_for_device().is_some() {}
         }
         let Some(m) = &self.mirror else { return };
-        if !m.alive.load(Ordering::SeqCst) {
-            return;
-        }
         match dir {
-            Direction::DevToSrv => {
-                let pushed = lock(&m.queue).push(Item::frames(Bytes::copy_from_slice(read)));
-                if pushed == Pushed::Full {
-                    // A dropped read can cut a frame in half, after which the shadow's stream
-                    // (and every comparison) would be noise: stop mirroring this connection.
-                    self.metrics
-                        .queue_full
-                        .with_label_values(&[SHADOW.label(), "mirror", "drop"])
-                        .inc();
-                    m.alive.store(false, Ordering::SeqCst);
-                    m.stop.cancel();
-                } else {
-                    m.ready.notify_one();
-                }
-            }
+            Direction::DevToSrv => self.mirror_read(m, read, tapped),
             Direction::SrvToDev => {
                 let mut out = Vec::new();
+                let compared = !m.dead.load(Ordering::SeqCst);
                 let mut cmp = lock(&m.cmp);
-                for f in frames {
-                    if let Ok(p) = &f.packet {
+                for p in tapped.frames().filter_map(|f| f.packet.as_ref().ok()) {
+                    if compared {
                         cmp.on_frame(Side::Legacy, p, now, &mut out);
+                    } else if Comparator::compared(p.ptype()) {
+                        out.push((Comparison::Uncompared, p.ptype()));
                     }
                 }
                 drop(cmp);
                 record(&self.metrics, &mut out);
             }
+        }
+    }
+
+    /// Offers one device read to the mirror queue.
+    fn mirror_read(&self, m: &Mirror, read: &[u8], tapped: &TapOutput) {
+        if m.dead.load(Ordering::SeqCst) {
+            return;
+        }
+        let drop_it = |why: &str| {
+            self.metrics
+                .queue_full
+                .with_label_values(&[SHADOW.label(), "mirror", "drop"])
+                .inc();
+            self.metrics.mirror_dropped_bytes.inc_by(read.len() as u64);
+            debug!(why, bytes = read.len(), "device read not mirrored");
+        };
+        // After a drop, the shadow's stream may only go on from a frame boundary.
+        if m.skipping.load(Ordering::SeqCst) && tapped.held_before > 0 {
+            drop_it("after a dropped read, mid-frame");
+            return;
+        }
+        let pushed = lock(&m.queue).push(Item::frames(Bytes::copy_from_slice(read)));
+        if pushed == Pushed::Full {
+            m.skipping.store(true, Ordering::SeqCst);
+            drop_it("mirror queue full");
+        } else {
+            m.skipping.store(false, Ordering::SeqCst);
+            m.ready.notify_one();
         }
     }
 
@@ -329,14 +401,16 @@ impl Shadow {
             return;
         }
         lock(&self.core).close(now);
-        if let Some(m) = &self.mirror {
-            m.stop.cancel();
-            let mut out = Vec::new();
-            let window = lock(&m.cmp).window;
-            lock(&m.cmp).expire(now + window, &mut out);
-            record(&self.metrics, &mut out);
+        match &self.mirror {
+            Some(m) => {
+                m.stop.cancel();
+                let mut out = Vec::new();
+                let window = lock(&m.cmp).window;
+                lock(&m.cmp).expire(now + window, &mut out);
+                record(&self.metrics, &mut out);
+            }
+            None => self.metrics.connection_ended(SHADOW),
         }
-        self.metrics.connection_ended(SHADOW);
     }
 }
 
@@ -346,66 +420,105 @@ impl Drop for Shadow {
     }
 }
 
-async fn run_mirror(m: Arc<Mirror>, dialer: Dialer, metrics: Arc<Metrics>, max_frame_len: usize) {
+/// What one mirror task needs.
+struct MirrorTask {
+    m: Arc<Mirror>,
+    dialer: Dialer,
+    metrics: Arc<Metrics>,
+    core: Arc<Mutex<Core>>,
+    rearm: Arc<Notify>,
+    log: Arc<LogLimit>,
+    max_frame_len: usize,
+}
+
+/// Why a mirror's shadow upstream went away; the `reason` label.
+fn lost(t: &MirrorTask, reason: &str) {
+    t.m.dead.store(true, Ordering::SeqCst);
+    t.metrics.shadow_lost.with_label_values(&[reason]).inc();
+    let mut out = Vec::new();
+    lock(&t.m.cmp).shadow_gone(&mut out);
+    record(&t.metrics, &mut out);
+    if t.log.allow(Instant::now(), LOSS_LOG_EVERY) {
+        warn!(
+            reason,
+            "shadow upstream lost; mirroring stopped for this connection (replies it cannot compare are counted uncompared)"
+        );
+    }
+}
+
+async fn run_mirror(t: MirrorTask) {
     let stream = tokio::select! {
-        _ = m.stop.cancelled() => return,
-        r = dialer.dial() => r,
+        _ = t.m.stop.cancelled() => return,
+        r = t.dialer.dial() => r,
     };
     let stream = match stream {
         Ok(s) => s,
         Err(e) => {
-            debug!(error = %e, "shadow upstream unreachable; mirror off for this connection");
-            metrics
+            t.metrics
                 .upstream_connect_errors
                 .with_label_values(&[SHADOW.label(), e.reason()])
                 .inc();
-            m.alive.store(false, Ordering::SeqCst);
+            lost(&t, "connect_failed");
+            while lock(&t.m.queue).pop().is_some() {}
             return;
         }
     };
+    t.m.alive.store(true, Ordering::SeqCst);
+    t.metrics.connection_started(SHADOW);
     let (mut r, mut w) = tokio::io::split(stream);
     let writer = async {
         loop {
-            let next = lock(&m.queue).pop();
+            let next = lock(&t.m.queue).pop();
             match next {
                 Some(item) => {
                     if w.write_all(&item.bytes).await.is_err() {
-                        return;
+                        return "write_failed";
                     }
                 }
-                None => m.ready.notified().await,
+                None => t.m.ready.notified().await,
             }
         }
     };
     let reader = async {
-        let mut tap = Tap::new(max_frame_len);
+        let mut tap = Tap::new(t.max_frame_len);
         let mut buf = vec![0u8; 16 * 1024];
         let mut out = Vec::new();
         loop {
             let n = match r.read(&mut buf).await {
                 Ok(n) if n > 0 => n,
-                _ => return,
+                Ok(_) => return "closed",
+                Err(_) => return "read_failed",
             };
             let now = Instant::now();
-            let frames = tap.feed(&buf[..n]).frames;
-            let mut cmp = lock(&m.cmp);
-            for f in &frames {
-                if let Ok(p) = &f.packet {
-                    cmp.on_frame(Side::Shadow, p, now, &mut out);
+            // The new path's logic hears the shadow upstream, as it would on the new path.
+            {
+                let mut core = lock(&t.core);
+                if core.upstream_read(&buf[..n], now) {
+                    t.rearm.notify_one();
                 }
+                while core.pop_for_device().is_some() {}
+            }
+            let tapped = tap.feed(&buf[..n]);
+            let mut cmp = lock(&t.m.cmp);
+            for p in tapped.frames().filter_map(|f| f.packet.as_ref().ok()) {
+                cmp.on_frame(Side::Shadow, p, now, &mut out);
             }
             drop(cmp);
-            record(&metrics, &mut out);
+            record(&t.metrics, &mut out);
         }
     };
-    tokio::select! {
-        _ = m.stop.cancelled() => {}
-        _ = writer => {}
-        _ = reader => {}
+    let why = tokio::select! {
+        _ = t.m.stop.cancelled() => None,
+        why = writer => Some(why),
+        why = reader => Some(why),
+    };
+    t.m.alive.store(false, Ordering::SeqCst);
+    t.metrics.connection_ended(SHADOW);
+    if let Some(why) = why {
+        lost(&t, why);
     }
-    m.alive.store(false, Ordering::SeqCst);
     // Anything still queued for a dead mirror is released (and leaves the depth gauge).
-    while lock(&m.queue).pop().is_some() {}
+    while lock(&t.m.queue).pop().is_some() {}
 }
 
 #[cfg(test)]
@@ -477,31 +590,57 @@ mod tests {
         assert_eq!(c.pending(), 0);
     }
 
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     #[tokio::test]
-    async fn dropping_a_shadow_without_close_releases_it() {
+    async fn a_mirror_counts_as_a_shadow_connection_while_connected_and_dropping_releases_it() {
+        let shadow_up = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = shadow_up.local_addr().expect("addr");
         let cfg = Arc::new(
-            Config::parse(
-                "[upstream.legacy]\naddress = \"127.0.0.1:1\"\ntls = false\n[upstream.shadow]\naddress = \"127.0.0.1:1\"\ntls = false\n[dark_launch]\nmode = \"mirror\"\npercent = 100\n",
-            )
+            Config::parse(&format!(
+                "[upstream.legacy]\naddress = \"127.0.0.1:1\"\ntls = false\n[upstream.shadow]\naddress = \"{addr}\"\ntls = false\n[dark_launch]\nmode = \"mirror\"\npercent = 100\n"
+            ))
             .expect("config"),
         );
         let metrics = Arc::new(Metrics::new(false).expect("metrics"));
-        let ctx = SessionCtx {
-            metrics: metrics.clone(),
-            dialer: Dialer::new(&cfg.upstream_legacy).expect("dialer"),
-            dedup: Arc::new(crate::reliable::DedupStore::new(10, Duration::from_secs(1))),
+        let ctx = SessionCtx::new(
+            metrics.clone(),
+            Dialer::new(&cfg.upstream_legacy).expect("dialer"),
+            &cfg,
+        );
+        let sctx = ShadowCtx {
+            dialer: Some(
+                Dialer::new(cfg.upstream_shadow.as_ref().expect("shadow")).expect("dialer"),
+            ),
+            tasks: tokio_util::task::TaskTracker::new(),
+            log: Arc::new(LogLimit::default()),
         };
-        let dialer = Dialer::new(cfg.upstream_shadow.as_ref().expect("shadow")).expect("dialer");
         let active = || metrics.total("tcp_comm_connections_active", &[("transport", "shadow")]);
-        let shadow = Shadow::start(&ctx, cfg.clone(), DeviceId([1, 2, 3, 4]), Some(&dialer));
+        let shadow = Shadow::start(&ctx, &sctx, cfg.clone(), DeviceId([1, 2, 3, 4]));
+        let (_peer, _) = shadow_up.accept().await.expect("the mirror dials");
+        until("the mirror is connected", || active() == 1.0).await;
         let mirror = shadow.mirror.clone().expect("mirror");
-        assert_eq!(active(), 1.0);
         // An early exit of the legacy path that never calls close().
         drop(shadow);
-        assert_eq!(active(), 0.0);
         assert!(
             mirror.stop.is_cancelled(),
             "the mirror task is told to stop"
+        );
+        until("the mirror released", || active() == 0.0).await;
+        sctx.tasks.close();
+        sctx.tasks.wait().await;
+        assert_eq!(
+            metrics.total("tcp_comm_shadow_upstream_lost_total", &[]),
+            0.0,
+            "stopped, not lost"
         );
     }
 

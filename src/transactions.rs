@@ -3,8 +3,9 @@
 //! Shared by every path (the legacy observer now; the reliable session and the shadow later) so
 //! all of them are measured by the same rules, those of `cync-protocol.md` §7:
 //! - a srv→dev command (0x73 class `f8`) succeeds when the device's `f9` reply echoing its inner
-//!   seq (byte 13) arrives within `command_deadline`; otherwise it times out, or is abandoned
-//!   when the connection ends first;
+//!   seq (byte 13) arrives within `command_deadline`; otherwise it times out (a reply after the
+//!   deadline included, whenever expiry last ran), or is abandoned when the connection ends
+//!   first;
 //! - a 0x73 is "received" when a 0x7b echoing its (channel id, msg_id) comes back; with
 //!   repeated msg_ids (the add-on always sends `00 00 00`) the oldest pending one with that key
 //!   is taken, which is FIFO;
@@ -305,10 +306,21 @@ impl Tracker {
         };
         if let Some(i) = self.commands.iter().position(|c| c.seq == f.seq) {
             if let Some(c) = self.commands.remove(i) {
-                out.push(Event::Command {
-                    seq: c.seq,
-                    outcome: CommandOutcome::Success,
-                    latency: Some(now.saturating_duration_since(c.sent)),
+                // Expiry runs on a tick; a reply that beats the tick but not the deadline
+                // came after the add-on gave up, which makes it a timeout, not a success.
+                let latency = now.saturating_duration_since(c.sent);
+                out.push(if latency >= self.command_deadline {
+                    Event::Command {
+                        seq: c.seq,
+                        outcome: CommandOutcome::Timeout,
+                        latency: None,
+                    }
+                } else {
+                    Event::Command {
+                        seq: c.seq,
+                        outcome: CommandOutcome::Success,
+                        latency: Some(latency),
+                    }
                 });
             }
         }
@@ -551,6 +563,45 @@ mod tests {
                 outcome: ReplyOutcome::Matched,
                 ..
             }
+        ));
+    }
+
+    #[test]
+    fn a_reply_after_the_deadline_is_a_timeout_even_before_expiry_runs() {
+        let mut t = tracker();
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        t.on_packet(Direction::SrvToDev, &pkt(CMD), t0, &mut out);
+        t.on_packet(
+            Direction::DevToSrv,
+            &f9(1),
+            t0 + Duration::from_millis(5000),
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            vec![Event::Command {
+                seq: 1,
+                outcome: CommandOutcome::Timeout,
+                latency: None
+            }]
+        );
+        assert_eq!(t.pending_commands(), 0);
+        // Just inside the deadline it is a success.
+        let mut out = Vec::new();
+        t.on_packet(Direction::SrvToDev, &pkt(CMD), t0, &mut out);
+        t.on_packet(
+            Direction::DevToSrv,
+            &f9(1),
+            t0 + Duration::from_millis(4999),
+            &mut out,
+        );
+        assert!(matches!(
+            out[..],
+            [Event::Command {
+                outcome: CommandOutcome::Success,
+                ..
+            }]
         ));
     }
 

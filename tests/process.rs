@@ -190,6 +190,14 @@ async fn start_daemon_with(upstream: SocketAddr, drain: &str, extra: &str) -> Da
 }
 
 /// A device connection through the daemon, with its hello already forwarded upstream.
+/// What the add-on does with a connection the gateway closes: reads to its EOF, then closes.
+fn close_on_eof(mut upc: TcpStream) {
+    tokio::spawn(async move {
+        let mut sink = Vec::new();
+        let _ = upc.read_to_end(&mut sink).await;
+    });
+}
+
 async fn connect_device(d: &Daemon, up: &TcpListener) -> (TcpStream, TcpStream) {
     let mut dev = TcpStream::connect(d.devices).await.expect("connect");
     dev.write_all(&vector("handshake_0x23"))
@@ -321,7 +329,8 @@ async fn sighup_reloads_rehomes_the_moved_device_and_rejects_a_broken_file() {
     let mut d = start_daemon_with(upstream, "5s", "[reload]\npoll_interval = 0\n").await;
     let hello = vector("handshake_0x23");
     let id = hex::encode(&hello[6..10]);
-    let (mut dev, _upc) = connect_device(&d, &up).await;
+    let (mut dev, upc) = connect_device(&d, &up).await;
+    close_on_eof(upc);
     let reloads = |result: &str| format!("tcp_comm_config_reloads_total{{result=\"{result}\"}}");
 
     std::fs::write(

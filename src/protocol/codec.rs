@@ -11,7 +11,7 @@
 //!   longer be split, which keeps `Framed` usable (it stops after the first `Err`).
 //! - Encoding writes a frame's bytes verbatim; nothing is ever re-serialised.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use thiserror::Error;
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -104,56 +104,5 @@ impl Encoder<&Packet> for CyncCodec {
     fn encode(&mut self, item: &Packet, dst: &mut BytesMut) -> Result<(), CodecError> {
         dst.put_slice(item.raw());
         Ok(())
-    }
-}
-
-/// A decoding tap: fed copies of the bytes of one direction, in order, as they are forwarded.
-///
-/// Unlike `Framed`, a tap survives a framing failure: it drops what it has buffered and
-/// resynchronises at the start of the next read, which is what the add-on itself does (it
-/// discards the rest of a read after junk). Forwarding never depends on it.
-#[derive(Debug)]
-pub struct Tap {
-    codec: CyncCodec,
-    buf: BytesMut,
-}
-
-/// What a tap produced from one read.
-#[derive(Debug, Default)]
-pub struct TapOutput {
-    pub frames: Vec<Frame>,
-    /// Set when the stream could not be framed and the buffer was discarded.
-    pub framing_error: Option<DecodeError>,
-}
-
-impl Tap {
-    pub fn new(max_data_len: usize) -> Self {
-        Self {
-            codec: CyncCodec::new(max_data_len),
-            buf: BytesMut::new(),
-        }
-    }
-
-    /// Bytes buffered waiting for the rest of a frame.
-    pub fn pending(&self) -> usize {
-        self.buf.len()
-    }
-
-    pub fn feed(&mut self, read: &[u8]) -> TapOutput {
-        let mut out = TapOutput::default();
-        self.buf.extend_from_slice(read);
-        loop {
-            match self.codec.decode(&mut self.buf) {
-                Ok(Some(frame)) => out.frames.push(frame),
-                Ok(None) => break,
-                Err(CodecError::TooLarge { data_len, max }) => {
-                    out.framing_error = Some(DecodeError::LengthTooLarge { data_len, max });
-                    self.buf.advance(self.buf.len());
-                    break;
-                }
-                Err(CodecError::Io(_)) => break,
-            }
-        }
-        out
     }
 }

@@ -1,37 +1,82 @@
 //! Upstream resumption: what a reliable session does when the add-on connection drops while
 //! the device stays (design decision 7, protocol §14.8).
 //!
-//! The session redials (at most `resume_attempts` tries spread over `resume_window`), replays
-//! the device's cached 0x23, swallows the 0x28 that answers it (the device already had one),
-//! and meanwhile answers the device's 0xd3 itself. Those heartbeats are still forwarded once
-//! the upstream is back, so the upstream's 0xd8 for them is a second answer and is dropped.
+//! The session redials with growing gaps for up to `resume_window` (long enough for an add-on
+//! or its container to restart), replays the device's cached session preamble — its 0x23
+//! hello, then the 0xc3, TLV-form 0x43 and firmware-report 0x83s it sent after connecting — and
+//! swallows the answers to what it replayed (the device already had them). Meanwhile it answers
+//! the device's 0xd3 itself; those heartbeats still reach the upstream once it is back, so the
+//! upstream's 0xd8 for them is a second answer and is dropped too.
+//!
+//! Resumption is for losses, not refusals or kicks:
+//! - an upstream that never answered the device's own hello (never established: e.g. an
+//!   add-on at its connection limit holding the extra connection) is not resumed;
+//! - a redialled upstream gets `resume_hello_timeout` to answer the replayed hello;
+//! - an upstream that closes again within `resume_stable_after` of a resumption closed on
+//!   purpose (a server keeping one session per device or address): the device side is closed
+//!   too, so the device learns, as it would without the gateway.
 //!
 //! Invariants:
 //! - Pure state plus one async dial loop; every state call takes `now`.
-//! - A 0xd8 is dropped only while a local answer is owed one, and an owed drop expires after
-//!   `drop_window`, so an upstream that never answers the replayed heartbeats cannot make the
-//!   session swallow a later, real 0xd8.
+//! - An answer is swallowed only while one is owed (each owed answer once), and an owed answer
+//!   expires after `owed_window`, so an upstream that never answers what was replayed cannot
+//!   make the session swallow a later, real reply.
 //! - Exactly one 0x28 is swallowed per resumption, and only before the resumption completes.
-//! - The attempt budget belongs to one outage: an upstream that drops again before it has
-//!   acknowledged the replayed hello, or within `window` after doing so, uses up the same
-//!   budget, so a flapping add-on cannot keep a session redialling in a tight loop.
+//! - The attempt budget belongs to one outage.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::protocol::{MsgId, PacketType};
 use crate::tls::Stream;
 use crate::upstream::{DialError, Dialer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// The first upstream has not answered the device's hello yet.
+    Establishing,
     /// The upstream is up and has acknowledged the hello.
     Connected,
     /// No upstream; redialling.
     Redialing,
-    /// Redialled and the hello replayed; its 0x28 has not come back yet.
-    AwaitingHelloAck,
+    /// Redialled and the hello replayed at this instant; its 0x28 has not come back yet.
+    AwaitingHelloAck(Instant),
+}
+
+/// What an upstream loss leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loss {
+    /// Redial: this many attempts within this much time.
+    Resume { attempts: u32, within: Duration },
+    /// The upstream never accepted the device: close the device side, as legacy would.
+    NotEstablished,
+    /// Closed again right after a resumption: on purpose. Close the device side.
+    Kicked,
+    /// The outage's attempts or time are spent (or resumption is off).
+    Exhausted,
+}
+
+impl Loss {
+    /// The `outcome` label for a loss that ends the pair.
+    pub fn label(self) -> &'static str {
+        match self {
+            Loss::Resume { .. } => "resuming",
+            Loss::NotEstablished => "not_established",
+            Loss::Kicked => "kicked",
+            Loss::Exhausted => "failed",
+        }
+    }
+}
+
+/// An answer the upstream owes to something the gateway wrote for the device (a replayed
+/// frame, or a heartbeat it already answered locally): to be dropped when it comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owed {
+    pub reply: PacketType,
+    /// For echoing replies (0x88): the msg_id it echoes.
+    pub echo: Option<MsgId>,
 }
 
 #[derive(Debug)]
@@ -39,26 +84,36 @@ pub struct Resume {
     phase: Phase,
     attempts: u32,
     window: Duration,
+    hello_timeout: Duration,
+    stable_after: Duration,
     /// Attempts used in the current outage.
     used: u32,
     outage_started: Option<Instant>,
     /// When the last resumption completed.
     resumed_at: Option<Instant>,
-    owed_drops: VecDeque<Instant>,
-    drop_window: Duration,
+    owed: VecDeque<(Owed, Instant)>,
+    owed_window: Duration,
 }
 
 impl Resume {
-    pub fn new(attempts: u32, window: Duration, drop_window: Duration) -> Self {
+    pub fn new(
+        attempts: u32,
+        window: Duration,
+        hello_timeout: Duration,
+        stable_after: Duration,
+        owed_window: Duration,
+    ) -> Self {
         Self {
-            phase: Phase::Connected,
+            phase: Phase::Establishing,
             attempts,
             window,
+            hello_timeout,
+            stable_after,
             used: 0,
             outage_started: None,
             resumed_at: None,
-            owed_drops: VecDeque::new(),
-            drop_window,
+            owed: VecDeque::new(),
+            owed_window,
         }
     }
 
@@ -66,30 +121,41 @@ impl Resume {
         self.phase
     }
 
-    /// While not connected the session answers heartbeats itself.
+    /// While the upstream is away the session answers heartbeats itself.
     pub fn answers_locally(&self) -> bool {
-        self.phase != Phase::Connected
+        matches!(self.phase, Phase::Redialing | Phase::AwaitingHelloAck(_))
     }
 
-    /// The upstream dropped. Returns the attempts and time left for redialling, or `None` when
-    /// the outage's budget is spent (the session then closes the device side).
-    pub fn lost(&mut self, now: Instant) -> Option<(u32, Duration)> {
-        if self.phase == Phase::Connected {
-            let flapping = self
-                .resumed_at
-                .is_some_and(|t| now.saturating_duration_since(t) < self.window);
-            if !flapping {
+    /// The upstream dropped.
+    pub fn lost(&mut self, now: Instant) -> Loss {
+        match self.phase {
+            Phase::Establishing => return Loss::NotEstablished,
+            Phase::Connected => {
+                if self
+                    .resumed_at
+                    .is_some_and(|t| now.saturating_duration_since(t) < self.stable_after)
+                {
+                    return Loss::Kicked;
+                }
                 self.used = 0;
+                self.outage_started = Some(now);
             }
-            self.outage_started = Some(now);
+            Phase::Redialing | Phase::AwaitingHelloAck(_) => {}
         }
         let started = *self.outage_started.get_or_insert(now);
         self.phase = Phase::Redialing;
         let left = self.attempts.saturating_sub(self.used);
-        let time_left = self
+        let within = self
             .window
             .saturating_sub(now.saturating_duration_since(started));
-        (left > 0 && !time_left.is_zero()).then_some((left, time_left))
+        if left > 0 && !within.is_zero() {
+            Loss::Resume {
+                attempts: left,
+                within,
+            }
+        } else {
+            Loss::Exhausted
+        }
     }
 
     /// Records attempts spent by a redial.
@@ -97,66 +163,99 @@ impl Resume {
         self.used += attempts;
     }
 
-    /// A redial succeeded and the hello is about to be replayed.
-    pub fn redialed(&mut self) {
-        self.phase = Phase::AwaitingHelloAck;
+    /// A redial succeeded and the preamble is about to be replayed; `replayed` are the answers
+    /// it will draw (the 0x28 aside, which [`Resume::take_hello_ack`] handles).
+    pub fn redialed(&mut self, now: Instant, replayed: &[Owed]) {
+        self.phase = Phase::AwaitingHelloAck(now);
+        for o in replayed {
+            self.owed.push_back((*o, now));
+        }
     }
 
-    /// An upstream 0x28: true if it answers the replayed hello and must be swallowed. Its
-    /// arrival completes the resumption; the budget is renewed once the upstream has then
-    /// stayed up for `window`.
+    /// An upstream 0x28: true if it answers the replayed hello and must be swallowed. The first
+    /// one on the first upstream establishes the session and is forwarded.
     pub fn take_hello_ack(&mut self, now: Instant) -> bool {
-        if self.phase != Phase::AwaitingHelloAck {
-            return false;
+        match self.phase {
+            Phase::Establishing => {
+                self.phase = Phase::Connected;
+                false
+            }
+            Phase::AwaitingHelloAck(_) => {
+                self.phase = Phase::Connected;
+                self.outage_started = None;
+                self.resumed_at = Some(now);
+                true
+            }
+            Phase::Connected | Phase::Redialing => false,
         }
-        self.phase = Phase::Connected;
-        self.outage_started = None;
-        self.resumed_at = Some(now);
-        true
+    }
+
+    /// True when the redialled upstream has not answered the replayed hello in time.
+    pub fn hello_overdue(&self, now: Instant) -> bool {
+        matches!(self.phase, Phase::AwaitingHelloAck(at) if now.saturating_duration_since(at) >= self.hello_timeout)
+    }
+
+    /// When [`Resume::hello_overdue`] turns true, if it can.
+    pub fn hello_deadline(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::AwaitingHelloAck(at) => Some(at + self.hello_timeout),
+            _ => None,
+        }
     }
 
     /// The upstream is gone: answers it owed will never come, so nothing is owed any more.
     pub fn clear_owed(&mut self) {
-        self.owed_drops.clear();
+        self.owed.clear();
     }
 
-    /// A device 0xd3 that was answered locally has just been written upstream.
-    pub fn owe_drop(&mut self, now: Instant) {
-        self.owed_drops.push_back(now);
+    /// Something answered locally (or replayed) has just been written upstream.
+    pub fn owe(&mut self, owed: Owed, now: Instant) {
+        self.owed.push_back((owed, now));
     }
 
-    /// An upstream 0xd8: true if it is the second answer to a locally answered heartbeat.
-    pub fn take_late_heartbeat_ack(&mut self, now: Instant) -> bool {
+    /// An upstream reply of `reply` type (echoing `echo`): true if it is owed, and is then
+    /// to be dropped.
+    pub fn take_owed(&mut self, reply: PacketType, echo: Option<MsgId>, now: Instant) -> bool {
         self.expire(now);
-        self.owed_drops.pop_front().is_some()
+        let pos = self
+            .owed
+            .iter()
+            .position(|(o, _)| o.reply == reply && (o.echo.is_none() || o.echo == echo));
+        match pos {
+            Some(i) => {
+                self.owed.remove(i);
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn expire(&mut self, now: Instant) {
-        while self
-            .owed_drops
-            .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) >= self.drop_window)
-        {
-            self.owed_drops.pop_front();
-        }
+        let window = self.owed_window;
+        self.owed
+            .retain(|(_, at)| now.saturating_duration_since(*at) < window);
     }
 }
 
-/// When each of `attempts` dials starts, relative to the first. The first goes at once and
-/// the gaps grow fourfold up to the last at half the window (0, 250 ms, 1 s for three in 2 s):
-/// an add-on that restarts quickly is back within a few hundred milliseconds, one that takes
-/// longer still gets a late try, and the last dial has the rest of the window to connect.
+/// First gap between redials, doubling up to [`MAX_GAP`].
+pub const FIRST_GAP: Duration = Duration::from_millis(250);
+/// Longest gap between redials.
+pub const MAX_GAP: Duration = Duration::from_secs(5);
+
+/// When each of at most `attempts` dials starts, relative to the first: at once, then gaps of
+/// 250 ms doubling up to 5 s, within `window` (0, 0.25, 0.75, 1.75, 3.75, 7.75, 12.75, … s).
+/// A quick add-on restart is caught within a second; a container restart of several seconds
+/// still finds a dial a few seconds after it listens again.
 pub fn schedule(attempts: u32, window: Duration) -> Vec<Duration> {
-    (0..attempts)
-        .map(|k| {
-            if k == 0 {
-                Duration::ZERO
-            } else {
-                let steps = i32::try_from(attempts - 1 - k).unwrap_or(i32::MAX);
-                (window / 2).mul_f64(0.25f64.powi(steps))
-            }
-        })
-        .collect()
+    let mut out = Vec::new();
+    let mut at = Duration::ZERO;
+    let mut gap = FIRST_GAP;
+    while out.len() < attempts as usize && at < window {
+        out.push(at);
+        at += gap;
+        gap = (gap * 2).min(MAX_GAP);
+    }
+    out
 }
 
 /// Dials up to `attempts` times within `window`. Returns the stream, or the last error, and
@@ -169,12 +268,14 @@ pub async fn redial(
     let start = Instant::now();
     let slots = schedule(attempts, window);
     let mut last = None;
+    let mut made = 0;
     for (i, offset) in slots.iter().enumerate() {
         tokio::time::sleep_until(start + *offset).await;
+        made += 1;
         let until = slots.get(i + 1).copied().unwrap_or(window);
         let budget = (start + until).saturating_duration_since(Instant::now());
         match tokio::time::timeout(budget.max(Duration::from_millis(50)), dialer.dial()).await {
-            Ok(Ok(s)) => return (Ok(s), u32::try_from(i + 1).unwrap_or(attempts)),
+            Ok(Ok(s)) => return (Ok(s), made),
             Ok(Err(e)) => last = Some(e),
             Err(_) => {
                 last = Some(DialError::Timeout {
@@ -188,7 +289,7 @@ pub async fn redial(
         addr: dialer.address().to_string(),
         after: window,
     });
-    (Err(err), attempts)
+    (Err(err), made.max(1))
 }
 
 #[cfg(test)]
@@ -196,73 +297,149 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn resume() -> Resume {
+        Resume::new(10, secs(30), secs(5), secs(10), secs(10))
+    }
+
     #[test]
-    fn three_attempts_spread_over_two_seconds() {
-        let s = schedule(3, Duration::from_secs(2));
-        assert_eq!(
-            s,
-            vec![
-                Duration::ZERO,
-                Duration::from_millis(250),
-                Duration::from_secs(1)
-            ]
-        );
-        assert_eq!(schedule(1, Duration::from_secs(2)), vec![Duration::ZERO]);
+    fn redials_double_their_gap_up_to_five_seconds_within_the_window() {
+        let s = schedule(100, secs(30));
+        let want: Vec<Duration> = [0, 250, 750, 1750, 3750, 7750, 12750, 17750, 22750, 27750]
+            .iter()
+            .map(|m| ms(*m))
+            .collect();
+        assert_eq!(s, want);
+        assert_eq!(schedule(3, secs(30)), want[..3].to_vec());
+        assert_eq!(schedule(1, secs(2)), vec![Duration::ZERO]);
+        assert_eq!(schedule(0, secs(2)), Vec::<Duration>::new());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn owed_heartbeat_drops_expire() {
-        let mut r = Resume::new(3, Duration::from_secs(2), Duration::from_secs(10));
-        r.lost(Instant::now());
-        assert!(r.answers_locally());
-        r.owe_drop(Instant::now());
-        r.owe_drop(Instant::now());
-        assert!(r.take_late_heartbeat_ack(Instant::now()));
-        tokio::time::advance(Duration::from_secs(10)).await;
+    async fn an_upstream_that_never_answered_the_hello_is_not_resumed() {
+        let mut r = resume();
         assert!(
-            !r.take_late_heartbeat_ack(Instant::now()),
-            "expired: a real 0xd8 is not swallowed"
+            !r.answers_locally(),
+            "nothing is answered locally before the first 0x28"
         );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn one_hello_ack_is_swallowed_and_the_budget_spans_the_outage() {
-        let mut r = Resume::new(3, Duration::from_secs(2), Duration::from_secs(10));
+        assert_eq!(r.lost(Instant::now()), Loss::NotEstablished);
+        let mut r = resume();
         assert!(
             !r.take_hello_ack(Instant::now()),
-            "nothing to swallow while connected"
+            "the first 0x28 reaches the device"
         );
-        assert_eq!(r.lost(Instant::now()), Some((3, Duration::from_secs(2))));
-        r.spent(1);
-        r.redialed();
-        tokio::time::advance(Duration::from_millis(500)).await;
-        // Dropped again before acknowledging the hello: the same outage, fewer attempts left.
-        assert_eq!(
-            r.lost(Instant::now()),
-            Some((2, Duration::from_millis(1500)))
-        );
-        r.spent(2);
-        assert_eq!(r.lost(Instant::now()), None);
-        // A completed resumption renews the budget once the upstream has stayed up a while.
-        let mut r = Resume::new(3, Duration::from_secs(2), Duration::from_secs(10));
-        r.lost(Instant::now());
-        r.spent(3);
-        r.redialed();
-        assert!(r.take_hello_ack(Instant::now()));
-        assert!(!r.take_hello_ack(Instant::now()));
         assert_eq!(r.phase(), Phase::Connected);
+        assert!(matches!(
+            r.lost(Instant::now()),
+            Loss::Resume { attempts: 10, .. }
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_replayed_hello_has_a_deadline_and_one_0x28_is_swallowed() {
+        let mut r = resume();
+        r.take_hello_ack(Instant::now());
+        r.lost(Instant::now());
+        r.spent(1);
+        r.redialed(Instant::now(), &[]);
+        assert!(r.answers_locally());
+        assert_eq!(r.hello_deadline(), Some(Instant::now() + secs(5)));
+        tokio::time::advance(ms(4999)).await;
+        assert!(!r.hello_overdue(Instant::now()));
+        tokio::time::advance(ms(1)).await;
+        assert!(r.hello_overdue(Instant::now()));
+        assert!(
+            r.take_hello_ack(Instant::now()),
+            "late but still the replay's"
+        );
+        assert!(!r.take_hello_ack(Instant::now()), "only one");
+        assert!(!r.answers_locally());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closed_again_soon_after_a_resumption_is_a_kick() {
+        let mut r = resume();
+        r.take_hello_ack(Instant::now());
+        r.lost(Instant::now());
+        r.spent(1);
+        r.redialed(Instant::now(), &[]);
+        r.take_hello_ack(Instant::now());
+        tokio::time::advance(ms(9999)).await;
+        assert_eq!(r.lost(Instant::now()), Loss::Kicked);
+        // Stable for long enough: a new loss is a new outage with the whole budget.
+        let mut r = resume();
+        r.take_hello_ack(Instant::now());
+        r.lost(Instant::now());
+        r.spent(4);
+        r.redialed(Instant::now(), &[]);
+        r.take_hello_ack(Instant::now());
+        tokio::time::advance(secs(10)).await;
         assert_eq!(
             r.lost(Instant::now()),
-            None,
-            "dropped again at once: flapping"
+            Loss::Resume {
+                attempts: 10,
+                within: secs(30)
+            }
         );
-        let mut r = Resume::new(3, Duration::from_secs(2), Duration::from_secs(10));
-        r.lost(Instant::now());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_spans_one_outage() {
+        let mut r = resume();
+        r.take_hello_ack(Instant::now());
+        assert!(matches!(
+            r.lost(Instant::now()),
+            Loss::Resume { attempts: 10, .. }
+        ));
         r.spent(3);
-        r.redialed();
-        assert!(r.take_hello_ack(Instant::now()));
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(r.lost(Instant::now()), Some((3, Duration::from_secs(2))));
+        r.redialed(Instant::now(), &[]);
+        tokio::time::advance(secs(2)).await;
+        // Dropped again before answering the hello: the same outage, less left.
+        assert_eq!(
+            r.lost(Instant::now()),
+            Loss::Resume {
+                attempts: 7,
+                within: secs(28)
+            }
+        );
+        r.spent(7);
+        assert_eq!(r.lost(Instant::now()), Loss::Exhausted);
+        let mut off = Resume::new(0, secs(30), secs(5), secs(10), secs(10));
+        off.take_hello_ack(Instant::now());
+        assert_eq!(off.lost(Instant::now()), Loss::Exhausted);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn owed_answers_are_dropped_once_each_by_type_and_echo_and_expire() {
+        let mut r = resume();
+        let hb = Owed {
+            reply: PacketType::HeartbeatAck,
+            echo: None,
+        };
+        let fw = Owed {
+            reply: PacketType::StatusAck,
+            echo: Some(MsgId([0, 7, 0])),
+        };
+        r.owe(hb, Instant::now());
+        r.owe(fw, Instant::now());
+        let now = Instant::now();
+        assert!(!r.take_owed(PacketType::StatusAck, Some(MsgId([0, 8, 0])), now));
+        assert!(r.take_owed(PacketType::StatusAck, Some(MsgId([0, 7, 0])), now));
+        assert!(!r.take_owed(PacketType::StatusAck, Some(MsgId([0, 7, 0])), now));
+        r.owe(hb, now);
+        assert!(r.take_owed(PacketType::HeartbeatAck, None, now));
+        tokio::time::advance(secs(10)).await;
+        assert!(
+            !r.take_owed(PacketType::HeartbeatAck, None, Instant::now()),
+            "expired: a real 0xd8 is not swallowed"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -276,13 +453,11 @@ mod tests {
         let cfg = Config::parse(&text).expect("config");
         let dialer = Dialer::new(&cfg.upstream_legacy).expect("dialer");
         let start = Instant::now();
-        let (r, used) = redial(&dialer, 3, Duration::from_secs(2)).await;
+        let (r, used) = redial(&dialer, 3, secs(30)).await;
         assert!(r.is_err());
         assert_eq!(used, 3);
         let took = start.elapsed();
-        assert!(
-            took >= Duration::from_secs(1) && took < Duration::from_secs(2),
-            "{took:?}"
-        );
+        // The third dial starts at 750 ms and is refused at once.
+        assert!(took >= ms(750) && took < secs(2), "{took:?}");
     }
 }

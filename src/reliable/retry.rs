@@ -2,9 +2,13 @@
 //! reply or 0x7b for them should reach the upstream.
 //!
 //! A command is a srv→dev 0x73 of class `f8`. It is re-sent byte-identical when its reply has
-//! not come within `ack_timeout`, then after exponentially growing waits plus additive jitter,
-//! up to `max_attempts` sends in all (the first included). Config validation guarantees the
-//! last send leaves one `ack_timeout` before `command_deadline`, the add-on's own 5 s wait.
+//! not come within the device's adaptive retry timeout ([`RttEstimator`], floored at
+//! `ack_timeout`), then after exponentially growing waits plus additive jitter, up to
+//! `max_attempts` sends in all (the first included). After the device's 0x7b ("received") the
+//! next copy waits at least twice the timeout: the device has the command, only its reply can
+//! be missing. Every copy must also fit the path's [`RetryBudget`]; one that does not is
+//! counted and not sent. No copy goes out later than one `ack_timeout` before
+//! `command_deadline`, the add-on's own 5 s wait.
 //!
 //! Invariants:
 //! - Pure: every call takes `now`; randomness comes from the caller's seeded RNG.
@@ -16,14 +20,19 @@
 //!   waited for them is gone, and its successor reuses inner seqs from 1.
 //! - Anything this table has never seen is [`Verdict::Unknown`]; the caller forwards it unless
 //!   the per-device dedup store knows it as a late duplicate.
+//! - Retries never exceed what the budget grants, so a slow device or link is never sent more
+//!   than `1 + retry_budget_ratio` times the commands it was asked to run.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use rand::Rng;
 use tokio::time::Instant;
 
+use super::budget::RetryBudget;
+use super::rto::RttEstimator;
 use crate::config::{Reliable, RetryUntil};
 use crate::protocol::{DeviceId, MsgId};
 
@@ -38,16 +47,25 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Wait after attempt `k` (1-based) before attempt `k + 1`: the backoff plus a uniform
-    /// jitter in `[0, jitter]`, so devices retried together do not retry in step.
-    pub fn delay<R: Rng>(&self, k: u32, rng: &mut R) -> Duration {
-        let base = self.settings.backoff(k);
+    /// Wait after attempt `k` (1-based) before attempt `k + 1` for a device whose retry timeout
+    /// is `rto`: `rto × multiplier^(k-1)` plus a uniform jitter in `[0, jitter]`, so devices
+    /// retried together do not retry in step.
+    pub fn delay<R: Rng>(&self, k: u32, rto: Duration, rng: &mut R) -> Duration {
+        let exp = i32::try_from(k.saturating_sub(1)).unwrap_or(i32::MAX);
+        let factor = self.settings.backoff_multiplier.powi(exp).min(1e6);
+        let base = rto.mul_f64(factor).min(self.command_deadline);
         let j = self.settings.jitter;
         if j.is_zero() {
             base
         } else {
             base + j.mul_f64(rng.gen_range(0.0..=1.0))
         }
+    }
+
+    /// The longest retry timeout worth learning: a copy sent later than that after the first
+    /// send could not be answered before the deadline with time to spare.
+    pub fn rto_ceiling(&self) -> Duration {
+        self.command_deadline / 2
     }
 }
 
@@ -67,7 +85,12 @@ struct Cmd {
     raw: Bytes,
     epoch: u32,
     first_sent: Instant,
-    attempts: u32,
+    /// The device's retry timeout when the command was first sent: its copies' base wait.
+    rto: Duration,
+    /// Times the command went to the device.
+    sends: u32,
+    /// Attempt slots used: sends, and copies the budget refused.
+    slots: u32,
     next_at: Option<Instant>,
     acked: bool,
     /// Replies forwarded for this command (a reply may come in several frames).
@@ -87,19 +110,34 @@ pub struct Resend {
     pub attempt: u32,
 }
 
+/// What [`Outstanding::due`] decided.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Due {
+    pub resend: Vec<Resend>,
+    /// Copies due but refused by the retry budget.
+    pub over_budget: u32,
+    /// Copies due too close to the deadline to be answered in time.
+    pub too_late: u32,
+}
+
 #[derive(Debug)]
 pub struct Outstanding {
     policy: Policy,
+    budget: Arc<RetryBudget>,
+    rtt: RttEstimator,
     /// How long answered commands are remembered for duplicate suppression on this connection.
     keep: Duration,
     cmds: VecDeque<Cmd>,
 }
 
 impl Outstanding {
-    pub fn new(policy: Policy) -> Self {
+    pub fn new(policy: Policy, budget: Arc<RetryBudget>) -> Self {
         let keep = policy.settings.dedup_ttl;
+        let rtt = RttEstimator::new(policy.settings.ack_timeout, policy.rto_ceiling());
         Self {
             policy,
+            budget,
+            rtt,
             keep,
             cmds: VecDeque::new(),
         }
@@ -113,6 +151,11 @@ impl Outstanding {
         self.cmds.is_empty()
     }
 
+    /// The device's current retry timeout.
+    pub fn rto(&self) -> Duration {
+        self.rtt.rto()
+    }
+
     /// The upstream sent a command; it has just been queued toward the device.
     pub fn on_command<R: Rng>(
         &mut self,
@@ -123,16 +166,20 @@ impl Outstanding {
         now: Instant,
         rng: &mut R,
     ) {
+        self.budget.deposit(now);
         self.cmds.retain(|c| c.seq != seq);
+        let rto = self.rtt.rto();
         let next_at =
-            (self.policy.settings.max_attempts > 1).then(|| now + self.policy.delay(1, rng));
+            (self.policy.settings.max_attempts > 1).then(|| now + self.policy.delay(1, rto, rng));
         self.cmds.push_back(Cmd {
             seq,
             key,
             raw,
             epoch,
             first_sent: now,
-            attempts: 1,
+            rto,
+            sends: 1,
+            slots: 1,
             next_at,
             acked: false,
             replies: Vec::new(),
@@ -145,12 +192,16 @@ impl Outstanding {
     /// (the device answered each copy) or when they repeat a forwarded frame byte for byte (a
     /// duplicated packet); a *different* frame for a command sent once is forwarded, since a
     /// device may answer in several frames (a large mesh reply).
-    pub fn on_reply(&mut self, seq: u8, epoch: u32, raw: &Bytes) -> Verdict {
+    pub fn on_reply(&mut self, seq: u8, epoch: u32, raw: &Bytes, now: Instant) -> Verdict {
         let Some(c) = self.cmds.iter_mut().find(|c| c.seq == seq) else {
             return Verdict::Unknown;
         };
-        if !c.replies.is_empty() && (c.attempts > 1 || c.replies.iter().any(|r| r == raw)) {
+        if !c.replies.is_empty() && (c.sends > 1 || c.replies.iter().any(|r| r == raw)) {
             return Verdict::Duplicate;
+        }
+        if c.replies.is_empty() && c.sends == 1 && c.epoch == epoch {
+            // Karn's rule: only a command sent once says how long this device takes.
+            self.rtt.sample(now.saturating_duration_since(c.first_sent));
         }
         if c.replies.len() < MAX_REPLY_FRAMES {
             c.replies.push(raw.clone());
@@ -165,8 +216,9 @@ impl Outstanding {
 
     /// The device sent a 0x7b echoing `key`. With the add-on every command has the same key,
     /// so the oldest unacknowledged command with that key takes it (FIFO).
-    pub fn on_ack(&mut self, key: AckKey, epoch: u32) -> Verdict {
+    pub fn on_ack(&mut self, key: AckKey, epoch: u32, now: Instant) -> Verdict {
         let stop = self.policy.settings.retry_until == RetryUntil::Ack;
+        let patience = self.rtt.rto() * 2;
         let current = self
             .cmds
             .iter_mut()
@@ -175,6 +227,9 @@ impl Outstanding {
             c.acked = true;
             if stop {
                 c.next_at = None;
+            } else {
+                // Received: only its reply can be missing, which a copy rarely helps sooner.
+                c.next_at = c.next_at.map(|t| t.max(now + patience));
             }
             return Verdict::Forward;
         }
@@ -198,32 +253,40 @@ impl Outstanding {
         now: Instant,
         rng: &mut R,
         still_queued: impl Fn(&Bytes) -> bool,
-    ) -> Vec<Resend> {
+    ) -> Due {
         let max = self.policy.settings.max_attempts;
         let deadline = self.policy.command_deadline;
-        let mut out = Vec::new();
+        let floor = self.policy.settings.ack_timeout;
+        let mut out = Due::default();
         for c in self.cmds.iter_mut() {
             let Some(at) = c.next_at else { continue };
             if at > now {
                 continue;
             }
-            // A timer that fired very late (a starved runtime) must not send a command the
-            // add-on has already given up on.
-            if now.saturating_duration_since(c.first_sent) >= deadline {
+            // A copy needs one ack_timeout for its reply before the add-on gives up (and a
+            // timer that fired very late must not send what the add-on has given up on).
+            if (c.first_sent + deadline).saturating_duration_since(now) < floor {
                 c.next_at = None;
+                out.too_late += 1;
                 continue;
             }
             if still_queued(&c.raw) {
-                c.next_at = Some(now + self.policy.settings.ack_timeout);
+                c.next_at = Some(now + floor);
                 continue;
             }
-            c.attempts += 1;
-            c.next_at = (c.attempts < max).then(|| now + self.policy.delay(c.attempts, rng));
-            out.push(Resend {
+            c.slots += 1;
+            c.next_at = (c.slots < max).then(|| now + self.policy.delay(c.slots, c.rto, rng));
+            self.rtt.timed_out();
+            if !self.budget.try_withdraw(now) {
+                out.over_budget += 1;
+                continue;
+            }
+            c.sends += 1;
+            out.resend.push(Resend {
                 raw: c.raw.clone(),
                 seq: c.seq,
                 key: c.key,
-                attempt: c.attempts,
+                attempt: c.sends,
             });
         }
         out
@@ -249,7 +312,8 @@ impl Outstanding {
             .retain(|c| now.saturating_duration_since(c.first_sent) < keep);
     }
 
-    /// The upstream connection that sent the current commands is gone: stop retrying them.
+    /// No more copies of the current commands: their upstream is gone, or the device can no
+    /// longer answer (it closed its side).
     pub fn end_epoch(&mut self) {
         for c in self.cmds.iter_mut() {
             c.next_at = None;
@@ -274,6 +338,20 @@ mod tests {
         }
     }
 
+    /// A budget that never refuses.
+    fn open_budget() -> Arc<RetryBudget> {
+        Arc::new(RetryBudget::new(
+            1.0,
+            u64::MAX,
+            Duration::from_secs(10),
+            Instant::now(),
+        ))
+    }
+
+    fn outstanding(extra: &str) -> Outstanding {
+        Outstanding::new(policy(extra), open_budget())
+    }
+
     const KEY: AckKey = (DeviceId([1, 2, 3, 4]), MsgId([0, 0, 0]));
 
     fn cmd(seq: u8) -> Bytes {
@@ -291,12 +369,15 @@ mod tests {
             return (Duration::ZERO, Vec::new());
         };
         tokio::time::sleep_until(at).await;
-        (start.elapsed(), o.due(Instant::now(), rng, |_| false))
+        (
+            start.elapsed(),
+            o.due(Instant::now(), rng, |_| false).resend,
+        )
     }
 
     #[tokio::test(start_paused = true)]
     async fn backoff_doubles_with_bounded_jitter_and_stops_at_max_attempts() {
-        let mut o = Outstanding::new(policy(""));
+        let mut o = outstanding("");
         let mut rng = SmallRng::seed_from_u64(7);
         let t0 = Instant::now();
         o.on_command(cmd(1), 1, KEY, 0, t0, &mut rng);
@@ -337,62 +418,82 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn reply_stops_retries_and_duplicates_are_flagged() {
-        let mut o = Outstanding::new(policy(""));
+        let mut o = outstanding("");
         let mut rng = SmallRng::seed_from_u64(1);
         o.on_command(cmd(5), 5, KEY, 0, Instant::now(), &mut rng);
         let (_, r) = next_retry(&mut o, &mut rng).await;
         assert_eq!(r.len(), 1);
-        assert_eq!(o.on_ack(KEY, 0), Verdict::Forward);
+        assert_eq!(o.on_ack(KEY, 0, Instant::now()), Verdict::Forward);
         // retry_until = "reply": the 0x7b alone does not stop the retries.
         assert!(o.next_due().is_some());
-        assert_eq!(o.on_ack(KEY, 0), Verdict::Duplicate);
-        assert_eq!(o.on_reply(5, 0, &reply(1)), Verdict::Forward);
+        assert_eq!(o.on_ack(KEY, 0, Instant::now()), Verdict::Duplicate);
+        assert_eq!(
+            o.on_reply(5, 0, &reply(1), Instant::now()),
+            Verdict::Forward
+        );
         // Re-sent, so any further reply is the device answering the copy.
-        assert_eq!(o.on_reply(5, 0, &reply(2)), Verdict::Duplicate);
+        assert_eq!(
+            o.on_reply(5, 0, &reply(2), Instant::now()),
+            Verdict::Duplicate
+        );
         assert_eq!(o.next_due(), None);
-        assert_eq!(o.on_reply(6, 0, &reply(1)), Verdict::Unknown);
+        assert_eq!(
+            o.on_reply(6, 0, &reply(1), Instant::now()),
+            Verdict::Unknown
+        );
     }
 
     #[test]
     fn a_command_sent_once_may_be_answered_in_several_frames() {
-        let mut o = Outstanding::new(policy(""));
+        let mut o = outstanding("");
         let mut rng = SmallRng::seed_from_u64(1);
         o.on_command(cmd(5), 5, KEY, 0, Instant::now(), &mut rng);
-        assert_eq!(o.on_reply(5, 0, &reply(1)), Verdict::Forward);
-        assert_eq!(o.on_reply(5, 0, &reply(2)), Verdict::Forward, "second part");
-        assert_eq!(o.on_reply(5, 0, &reply(1)), Verdict::Duplicate, "a copy");
+        assert_eq!(
+            o.on_reply(5, 0, &reply(1), Instant::now()),
+            Verdict::Forward
+        );
+        assert_eq!(
+            o.on_reply(5, 0, &reply(2), Instant::now()),
+            Verdict::Forward,
+            "second part"
+        );
+        assert_eq!(
+            o.on_reply(5, 0, &reply(1), Instant::now()),
+            Verdict::Duplicate,
+            "a copy"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn no_copy_while_the_previous_one_is_still_queued() {
-        let mut o = Outstanding::new(policy(""));
+        let mut o = outstanding("");
         let mut rng = SmallRng::seed_from_u64(1);
         o.on_command(cmd(5), 5, KEY, 0, Instant::now(), &mut rng);
         tokio::time::sleep_until(o.next_due().expect("due")).await;
-        assert!(o.due(Instant::now(), &mut rng, |_| true).is_empty());
+        assert!(o.due(Instant::now(), &mut rng, |_| true).resend.is_empty());
         assert_eq!(
             o.next_due(),
             Some(Instant::now() + Duration::from_millis(400)),
             "clock restarted"
         );
         tokio::time::sleep_until(o.next_due().expect("due")).await;
-        let r = o.due(Instant::now(), &mut rng, |_| false);
+        let r = o.due(Instant::now(), &mut rng, |_| false).resend;
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].attempt, 2, "the skipped round was not an attempt");
     }
 
     #[tokio::test(start_paused = true)]
     async fn retry_until_ack_stops_on_the_0x7b() {
-        let mut o = Outstanding::new(policy("retry_until = \"ack\""));
+        let mut o = outstanding("retry_until = \"ack\"");
         let mut rng = SmallRng::seed_from_u64(1);
         o.on_command(cmd(5), 5, KEY, 0, Instant::now(), &mut rng);
-        assert_eq!(o.on_ack(KEY, 0), Verdict::Forward);
+        assert_eq!(o.on_ack(KEY, 0, Instant::now()), Verdict::Forward);
         assert_eq!(o.next_due(), None);
     }
 
     #[tokio::test(start_paused = true)]
     async fn acks_pair_fifo_and_old_epochs_are_stale() {
-        let mut o = Outstanding::new(policy(""));
+        let mut o = outstanding("");
         let mut rng = SmallRng::seed_from_u64(1);
         let now = Instant::now();
         o.on_command(cmd(1), 1, KEY, 0, now, &mut rng);
@@ -405,22 +506,29 @@ mod tests {
         );
         o.on_command(cmd(1), 1, KEY, 1, now, &mut rng);
         // Seq 1 was replaced by the new epoch's command; seq 2 is the old epoch's.
-        assert_eq!(o.on_reply(2, 1, &reply(1)), Verdict::Stale);
-        assert_eq!(o.on_reply(1, 1, &reply(1)), Verdict::Forward);
-        assert_eq!(o.on_ack(KEY, 1), Verdict::Forward, "current epoch first");
-        assert_eq!(o.on_ack(KEY, 1), Verdict::Stale);
-        assert_eq!(o.on_ack(KEY, 1), Verdict::Duplicate);
+        assert_eq!(o.on_reply(2, 1, &reply(1), Instant::now()), Verdict::Stale);
+        assert_eq!(
+            o.on_reply(1, 1, &reply(1), Instant::now()),
+            Verdict::Forward
+        );
+        assert_eq!(
+            o.on_ack(KEY, 1, Instant::now()),
+            Verdict::Forward,
+            "current epoch first"
+        );
+        assert_eq!(o.on_ack(KEY, 1, Instant::now()), Verdict::Stale);
+        assert_eq!(o.on_ack(KEY, 1, Instant::now()), Verdict::Duplicate);
     }
 
     #[tokio::test(start_paused = true)]
     async fn expiry_closes_the_ack_window_and_ttl_forgets() {
-        let mut o = Outstanding::new(policy("dedup_ttl = \"60s\""));
+        let mut o = outstanding("dedup_ttl = \"60s\"");
         let mut rng = SmallRng::seed_from_u64(1);
         o.on_command(cmd(1), 1, KEY, 0, Instant::now(), &mut rng);
         tokio::time::advance(Duration::from_secs(5)).await;
         o.expire(Instant::now());
         assert_eq!(
-            o.on_ack(KEY, 0),
+            o.on_ack(KEY, 0, Instant::now()),
             Verdict::Duplicate,
             "0x7b after the deadline"
         );
@@ -430,22 +538,25 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         o.expire(Instant::now());
         assert!(o.is_empty());
-        assert_eq!(o.on_reply(1, 0, &reply(1)), Verdict::Unknown);
+        assert_eq!(
+            o.on_reply(1, 0, &reply(1), Instant::now()),
+            Verdict::Unknown
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_late_timer_does_not_resend_past_the_deadline() {
-        let mut o = Outstanding::new(policy(""));
+        let mut o = outstanding("");
         let mut rng = SmallRng::seed_from_u64(1);
         o.on_command(cmd(1), 1, KEY, 0, Instant::now(), &mut rng);
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(o.due(Instant::now(), &mut rng, |_| false).is_empty());
+        assert!(o.due(Instant::now(), &mut rng, |_| false).resend.is_empty());
         assert_eq!(o.next_due(), None);
     }
 
     #[test]
     fn a_new_command_with_the_same_seq_replaces_the_old_entry() {
-        let mut o = Outstanding::new(policy(""));
+        let mut o = outstanding("");
         let mut rng = SmallRng::seed_from_u64(1);
         let now = Instant::now();
         for _ in 0..3 {
@@ -454,5 +565,73 @@ mod tests {
             }
         }
         assert_eq!(o.len(), 256);
+    }
+    #[tokio::test(start_paused = true)]
+    async fn copies_beyond_the_budget_are_counted_and_not_sent() {
+        // Ten commands allow one copy (10 %), and there is no floor.
+        let budget = Arc::new(RetryBudget::new(
+            0.1,
+            0,
+            Duration::from_secs(10),
+            Instant::now(),
+        ));
+        let mut o = Outstanding::new(policy(""), budget);
+        let mut rng = SmallRng::seed_from_u64(3);
+        for seq in 1..=10 {
+            o.on_command(cmd(seq), seq, KEY, 0, Instant::now(), &mut rng);
+        }
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let due = o.due(Instant::now(), &mut rng, |_| false);
+        assert_eq!((due.resend.len(), due.over_budget), (1, 9));
+        // A refused copy used its slot: the next one is the third attempt's.
+        assert!(o.next_due().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_device_gets_a_longer_timeout_before_its_first_copy() {
+        let mut o = outstanding("");
+        let mut rng = SmallRng::seed_from_u64(3);
+        // Each command is answered after 600 ms, before any copy (the floor is 400 ms, so the
+        // first ones are copied once; those are not samples).
+        for seq in 1..=30u8 {
+            o.on_command(cmd(seq), seq, KEY, 0, Instant::now(), &mut rng);
+            tokio::time::advance(Duration::from_millis(600)).await;
+            let _ = o.due(Instant::now(), &mut rng, |_| false);
+            o.on_reply(seq, 0, &reply(seq), Instant::now());
+        }
+        let rto = o.rto();
+        assert!(rto > Duration::from_millis(600), "{rto:?}");
+        let t0 = Instant::now();
+        o.on_command(cmd(40), 40, KEY, 0, t0, &mut rng);
+        assert!(o.next_due().expect("scheduled") >= t0 + rto);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_received_command_waits_twice_the_timeout_for_its_copy() {
+        let mut o = outstanding("jitter = 0");
+        let mut rng = SmallRng::seed_from_u64(3);
+        let t0 = Instant::now();
+        o.on_command(cmd(1), 1, KEY, 0, t0, &mut rng);
+        assert_eq!(o.next_due(), Some(t0 + Duration::from_millis(400)));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(o.on_ack(KEY, 0, Instant::now()), Verdict::Forward);
+        assert_eq!(o.next_due(), Some(t0 + Duration::from_millis(900)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_copy_goes_out_less_than_an_ack_timeout_before_the_deadline() {
+        let mut p = policy("max_attempts = 3\njitter = 0");
+        p.command_deadline = Duration::from_secs(1);
+        let mut o = Outstanding::new(p, open_budget());
+        let mut rng = SmallRng::seed_from_u64(3);
+        o.on_command(cmd(1), 1, KEY, 0, Instant::now(), &mut rng);
+        // At 400 ms, 600 ms are left: a copy goes out.
+        tokio::time::advance(Duration::from_millis(400)).await;
+        assert_eq!(o.due(Instant::now(), &mut rng, |_| false).resend.len(), 1);
+        // The next would be at 1.2 s, past the deadline.
+        tokio::time::sleep_until(o.next_due().expect("due")).await;
+        let due = o.due(Instant::now(), &mut rng, |_| false);
+        assert_eq!((due.resend.len(), due.too_late), (0, 1));
+        assert_eq!(o.next_due(), None);
     }
 }

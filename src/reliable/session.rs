@@ -11,10 +11,16 @@
 //! - Device→upstream: each device read becomes one upstream write, byte-exact except for whole
 //!   frames deliberately dropped (duplicate `f9`/0x7b answers, stale answers). Malformed
 //!   frames and stray bytes are forwarded as they came.
-//! - Upstream→device: whole frames, in order. The session only ever *adds* frames the device
-//!   has already seen from upstream (byte-identical command retries) or that it expects
-//!   (0xd8 for its own 0xd3 while the upstream is away). It never originates a hello, a
-//!   heartbeat or a command, and never rewrites an id or msg_id.
+//! - Upstream→device: the upstream's bytes, in order: whole frames, and unframeable bytes
+//!   verbatim as soon as they are known to be unframeable (a plausible frame cut short by a
+//!   read is held for its rest, at most [`HOLD_LIMIT`]). The session only ever *adds* frames
+//!   the device has already seen from upstream (byte-identical command retries) or that it
+//!   expects (0xd8 for its own 0xd3 while the upstream is away), and only between frames. It
+//!   never originates a hello, a heartbeat or a command, and never rewrites an id or msg_id.
+//! - Closing is never abrupt when it can be clean: a device FIN is passed upstream once what it
+//!   sent is written, and what the upstream still sends is delivered (half-close, as on
+//!   legacy); a drain or re-home closes upstream first. Whatever is still queued when the pair
+//!   ends is counted in `tcp_comm_close_dropped_bytes_total`.
 //! - Metrics record what was forwarded: the tracker sees one command, one `f9`, one 0x7b.
 
 use std::io;
@@ -32,14 +38,18 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::budget::RetryBudget;
 use super::dedup::DedupStore;
+use super::preamble::Preamble;
 use super::queue::{BoundedQueue, Item, Pushed};
-use super::resume::{self, Resume};
+use super::resume::{self, Loss, Owed, Resume};
 use super::retry::{Outstanding, Policy, Verdict};
 use crate::config::Config;
-use crate::legacy::{is_reset, CloseReason};
+use crate::legacy::{is_reset, CloseReason, CLOSE_GRACE, HALF_CLOSE_GRACE};
 use crate::metrics::{Metrics, Transport};
-use crate::protocol::{build, header_data_len, DeviceId, FrameClass, Packet, PacketType, Tap};
+use crate::protocol::{
+    build, header_data_len, DeviceId, FrameClass, Packet, PacketType, Segment, Tap,
+};
 use crate::rehome::{ConnStop, Finishing};
 use crate::tls::Stream;
 use crate::transactions::{Direction, Event, Tracker};
@@ -49,14 +59,41 @@ use crate::upstream::Dialer;
 const READ_BUF: usize = 16 * 1024;
 /// How often overdue transactions are expired.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
-/// After the device closes, how long queued frames may take to reach the upstream.
-const FLUSH_ON_CLOSE: Duration = Duration::from_secs(1);
+/// How long a plausible upstream frame cut short by a read waits for its rest before its bytes
+/// go to the device as they are (legacy would have delivered them at once; a real frame split
+/// by TCP completes within milliseconds).
+pub const HOLD_LIMIT: Duration = Duration::from_secs(1);
 
 /// What every reliable session shares.
 pub struct SessionCtx {
     pub metrics: Arc<Metrics>,
     pub dialer: Dialer,
     pub dedup: Arc<DedupStore>,
+    /// The new path's retry budget, shared by all its sessions.
+    pub budget: Arc<RetryBudget>,
+    /// The dark launch's own, so what it would retry never spends the new path's.
+    pub shadow_budget: Arc<RetryBudget>,
+}
+
+impl SessionCtx {
+    pub fn new(metrics: Arc<Metrics>, dialer: Dialer, cfg: &Config) -> SessionCtx {
+        let r = &cfg.reliable;
+        let budget = || {
+            Arc::new(RetryBudget::new(
+                r.retry_budget_ratio,
+                u64::from(r.retry_budget_min),
+                r.retry_budget_window,
+                Instant::now(),
+            ))
+        };
+        SessionCtx {
+            metrics,
+            dialer,
+            dedup: Arc::new(DedupStore::new(r.dedup_capacity, r.dedup_ttl)),
+            budget: budget(),
+            shadow_budget: budget(),
+        }
+    }
 }
 
 /// Whether the upstream reader may read, and how much.
@@ -77,10 +114,12 @@ pub struct Core {
     metrics: Arc<Metrics>,
     dedup: Arc<DedupStore>,
     device: DeviceId,
-    hello: Bytes,
+    preamble: Preamble,
     tracker: Tracker,
     dev_tap: Tap,
     srv_tap: Tap,
+    /// Since when the upstream tap has held a frame cut short.
+    srv_held_since: Option<Instant>,
     cmds: Outstanding,
     to_up: BoundedQueue,
     to_dev: BoundedQueue,
@@ -96,6 +135,13 @@ pub struct Core {
     /// Heartbeats in the device read being decoded, and how many were answered locally.
     read_heartbeats: u32,
     read_answered: u32,
+    /// The device sent its FIN: it will send nothing more, but still reads.
+    device_eof: bool,
+    /// The pair is closing for a drain or re-home: device bytes are no longer forwarded.
+    closing: bool,
+    /// The upstream ended while the pair was finishing: what is queued for the device is the
+    /// last it gets.
+    upstream_ended: bool,
 }
 
 impl Core {
@@ -118,20 +164,31 @@ impl Core {
                 .queue_bytes
                 .with_label_values(&[transport.label(), dir.label()])
         };
+        let budget = if transport == Transport::Shadow {
+            ctx.shadow_budget.clone()
+        } else {
+            ctx.budget.clone()
+        };
         Core {
             transport,
             tracker: Tracker::new(cfg.protocol.command_deadline, cfg.protocol.reply_timeout),
             dev_tap: Tap::new(cfg.protocol.max_frame_len),
             srv_tap: Tap::new(cfg.protocol.max_frame_len),
-            cmds: Outstanding::new(Policy {
-                settings: r.clone(),
-                command_deadline: cfg.protocol.command_deadline,
-            }),
+            srv_held_since: None,
+            cmds: Outstanding::new(
+                Policy {
+                    settings: r.clone(),
+                    command_deadline: cfg.protocol.command_deadline,
+                },
+                budget,
+            ),
             to_up: BoundedQueue::new(r.device_queue_bytes, gauge(Direction::DevToSrv)),
             to_dev: BoundedQueue::new(r.upstream_queue_bytes, gauge(Direction::SrvToDev)),
             resume: Resume::new(
                 r.resume_attempts,
                 r.resume_window,
+                r.resume_hello_timeout,
+                r.resume_stable_after,
                 cfg.protocol.reply_timeout,
             ),
             epoch: 0,
@@ -142,10 +199,13 @@ impl Core {
             events: Vec::new(),
             read_heartbeats: 0,
             read_answered: 0,
+            device_eof: false,
+            closing: false,
+            upstream_ended: false,
             metrics: ctx.metrics.clone(),
             dedup: ctx.dedup.clone(),
             device,
-            hello,
+            preamble: Preamble::new(hello),
             cfg,
         }
     }
@@ -172,12 +232,20 @@ impl Core {
             .inc();
     }
 
+    /// Counts how a resumption (or the decision not to resume) ended.
+    pub fn resumption(&self, outcome: &str) {
+        self.metrics
+            .resumptions
+            .with_label_values(&[self.transport.label(), outcome])
+            .inc();
+    }
+
     /// Decides one whole device frame; true = forward it.
     fn device_frame(&mut self, p: &Packet, now: Instant) -> bool {
         let keep = match p.ptype() {
             PacketType::Data => match p.inner().filter(|f| f.class() == FrameClass::Reply) {
                 Some(f) => {
-                    let v = self.cmds.on_reply(f.seq, self.epoch, p.raw());
+                    let v = self.cmds.on_reply(f.seq, self.epoch, p.raw(), now);
                     self.verdict(v, p.ptype(), || {
                         self.dedup.late_reply(self.device, f.seq, now)
                     })
@@ -186,7 +254,7 @@ impl Core {
             },
             PacketType::DataAck => match (p.id(), p.acks_msg_id()) {
                 (Some(id), Some(m)) => {
-                    let v = self.cmds.on_ack((id, m), self.epoch);
+                    let v = self.cmds.on_ack((id, m), self.epoch, now);
                     self.verdict(v, p.ptype(), || {
                         self.dedup.late_ack(self.device, (id, m), now)
                     })
@@ -196,6 +264,7 @@ impl Core {
             _ => true,
         };
         if keep {
+            self.preamble.observe(p);
             self.tracker
                 .on_packet(Direction::DevToSrv, p, now, &mut self.events);
             if p.ptype() == PacketType::Heartbeat {
@@ -235,7 +304,7 @@ impl Core {
     }
 
     fn push_to_device(&mut self, bytes: Bytes, ptype: PacketType) -> bool {
-        let ok = match self.to_dev.push(Item::frames(bytes)) {
+        match self.to_dev.push(Item::frames(bytes)) {
             Pushed::Queued | Pushed::Shed(_) => true,
             Pushed::Full => {
                 self.metrics
@@ -252,8 +321,7 @@ impl Core {
                 );
                 false
             }
-        };
-        ok
+        }
     }
 
     /// One read from the device. `Err` means the pair must close (its queue is full of
@@ -261,28 +329,40 @@ impl Core {
     pub fn device_read(&mut self, read: &[u8], now: Instant) -> Result<(), CloseReason> {
         self.last_device_bytes = now;
         let dir = Direction::DevToSrv;
+        if self.closing {
+            // The upstream has had its FIN; nothing more can reach it.
+            self.metrics.close_dropped(self.transport, dir, read.len());
+            return Ok(());
+        }
         self.metrics
             .bytes
             .with_label_values(&[self.transport.label(), dir.label()])
             .inc_by(read.len() as u64);
-        let carried = self.dev_tap.pending();
         let out = self.dev_tap.feed(read);
         self.read_heartbeats = 0;
         self.read_answered = 0;
         let mut cuts: Vec<Range<usize>> = Vec::new();
-        let mut sheddable = carried == 0 && !out.frames.is_empty();
-        let mut offset = -(carried as i64);
-        for frame in &out.frames {
+        let mut sheddable = out.carried == 0 && out.frames().next().is_some();
+        let mut offset = -(out.carried as i64);
+        for seg in &out.segments {
             let start = offset;
-            offset += frame.raw.len() as i64;
-            let keep = match &frame.packet {
-                Ok(p) => {
-                    self.metrics.packet(self.transport, dir, p.ptype());
-                    sheddable &= matches!(p.ptype(), PacketType::Status | PacketType::Info);
-                    self.device_frame(p, now)
-                }
-                Err(e) => {
-                    self.metrics.decode_error(self.transport, dir, e);
+            offset += seg.len() as i64;
+            let keep = match seg {
+                Segment::Frame(frame) => match &frame.packet {
+                    Ok(p) => {
+                        self.metrics.packet(self.transport, dir, p.ptype());
+                        sheddable &= matches!(p.ptype(), PacketType::Status | PacketType::Info);
+                        self.device_frame(p, now)
+                    }
+                    Err(e) => {
+                        self.metrics.decode_error(self.transport, dir, e);
+                        sheddable = false;
+                        true
+                    }
+                },
+                Segment::Unframed { bytes, reason } => {
+                    self.metrics
+                        .unframed(self.transport, dir, bytes.len(), reason);
                     sheddable = false;
                     true
                 }
@@ -294,10 +374,6 @@ impl Core {
                     cuts.push(s..e.min(read.len()));
                 }
             }
-        }
-        if let Some(e) = &out.framing_error {
-            self.metrics.decode_error(self.transport, dir, e);
-            sheddable = false;
         }
         if self.dev_tap.pending() > 0 {
             sheddable = false;
@@ -352,6 +428,33 @@ impl Core {
         }
     }
 
+    /// An upstream frame the session answers for itself (the device already has it): true if
+    /// it is to be swallowed.
+    fn swallow(&mut self, p: &Packet, now: Instant) -> bool {
+        match p.ptype() {
+            PacketType::HelloAck => {
+                if self.resume.take_hello_ack(now) {
+                    self.resume_frame("swallowed_hello_ack");
+                    self.resumption("success");
+                    info!("upstream resumed");
+                    return true;
+                }
+                false
+            }
+            PacketType::HeartbeatAck if self.resume.take_owed(p.ptype(), None, now) => {
+                self.resume_frame("dropped_late_heartbeat_ack");
+                true
+            }
+            PacketType::TimeReply | PacketType::InfoAck | PacketType::StatusAck
+                if self.resume.take_owed(p.ptype(), p.acks_msg_id(), now) =>
+            {
+                self.resume_frame("swallowed_replay_answer");
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// One read from the upstream. Returns true when it added a command, i.e. a retry timer
     /// that may be due before the session's current wake-up.
     pub fn upstream_read(&mut self, read: &[u8], now: Instant) -> bool {
@@ -362,10 +465,24 @@ impl Core {
             .with_label_values(&[self.transport.label(), dir.label()])
             .inc_by(read.len() as u64);
         let out = self.srv_tap.feed(read);
-        if let Some(e) = &out.framing_error {
-            self.metrics.decode_error(self.transport, dir, e);
-        }
-        for frame in out.frames {
+        self.srv_held_since = if self.srv_tap.pending() == 0 {
+            None
+        } else if out.segments.is_empty() {
+            Some(self.srv_held_since.unwrap_or(now))
+        } else {
+            Some(now)
+        };
+        for seg in out.segments {
+            let frame = match seg {
+                Segment::Unframed { bytes, reason } => {
+                    // Forwarded as it came, as legacy would: never glued to the next frame.
+                    self.metrics
+                        .unframed(self.transport, dir, bytes.len(), &reason);
+                    self.push_to_device(bytes, PacketType::Data);
+                    continue;
+                }
+                Segment::Frame(frame) => frame,
+            };
             let p = match &frame.packet {
                 Ok(p) => p,
                 Err(e) => {
@@ -375,39 +492,30 @@ impl Core {
                 }
             };
             self.metrics.packet(self.transport, dir, p.ptype());
-            match p.ptype() {
-                PacketType::HelloAck if self.resume.take_hello_ack(now) => {
-                    self.resume_frame("swallowed_hello_ack");
-                    self.metrics
-                        .resumptions
-                        .with_label_values(&[self.transport.label(), "success"])
-                        .inc();
-                    info!("upstream resumed");
-                    continue;
-                }
-                PacketType::HeartbeatAck if self.resume.take_late_heartbeat_ack(now) => {
-                    self.resume_frame("dropped_late_heartbeat_ack");
-                    continue;
-                }
-                PacketType::Data => {
-                    if let (Some(f), Some(id), Some(m)) = (
-                        p.inner().filter(|f| f.class() == FrameClass::Request),
-                        p.id(),
-                        p.msg_id(),
-                    ) {
-                        self.cmds.on_command(
-                            frame.raw.clone(),
-                            f.seq,
-                            (id, m),
-                            self.epoch,
-                            now,
-                            &mut self.rng,
-                        );
-                        self.dedup.forget_seq(self.device, f.seq);
-                        commands = true;
+            if self.swallow(p, now) {
+                continue;
+            }
+            if p.ptype() == PacketType::Data {
+                if let (Some(f), Some(id), Some(m)) = (
+                    p.inner().filter(|f| f.class() == FrameClass::Request),
+                    p.id(),
+                    p.msg_id(),
+                ) {
+                    self.cmds.on_command(
+                        frame.raw.clone(),
+                        f.seq,
+                        (id, m),
+                        self.epoch,
+                        now,
+                        &mut self.rng,
+                    );
+                    self.dedup.forget_seq(self.device, f.seq);
+                    commands = !(self.device_eof || self.closing);
+                    if !commands {
+                        // Its answer could never come back: no copies.
+                        self.cmds.end_epoch();
                     }
                 }
-                _ => {}
             }
             self.tracker.on_packet(dir, p, now, &mut self.events);
             self.push_to_device(frame.raw.clone(), p.ptype());
@@ -416,18 +524,36 @@ impl Core {
         commands
     }
 
-    /// Timers: command retries, transaction expiry, the idle limit.
+    /// Timers: command retries, transaction expiry, held bytes, the replayed hello's deadline,
+    /// the idle limit.
     pub fn tick(&mut self, now: Instant) -> Result<(), CloseReason> {
         let to_dev = &self.to_dev;
         let due = self.cmds.due(now, &mut self.rng, |raw| to_dev.holds(raw));
-        for r in due {
-            self.metrics
-                .retransmits
-                .with_label_values(&[self.transport.label()])
-                .inc();
+        let t = self.transport.label();
+        for (reason, n) in [("budget", due.over_budget), ("deadline", due.too_late)] {
+            if n > 0 {
+                self.metrics
+                    .retries_skipped
+                    .with_label_values(&[t, reason])
+                    .inc_by(u64::from(n));
+            }
+        }
+        for r in due.resend {
+            self.metrics.retransmits.with_label_values(&[t]).inc();
             self.dedup.remember(self.device, r.seq, r.key, now);
             debug!(seq = r.seq, attempt = r.attempt, "re-sending command");
             self.push_to_device(r.raw, PacketType::Data);
+        }
+        if self
+            .srv_held_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= HOLD_LIMIT)
+        {
+            self.srv_held_since = None;
+            if let Some((bytes, reason)) = self.srv_tap.take_pending() {
+                self.metrics
+                    .unframed(self.transport, Direction::SrvToDev, bytes.len(), &reason);
+                self.push_to_device(bytes, PacketType::Data);
+            }
         }
         if now >= self.next_expire {
             self.next_expire = now + EXPIRE_EVERY;
@@ -435,6 +561,14 @@ impl Core {
             self.cmds.expire(now);
             self.resume.expire(now);
             self.flush_events();
+        }
+        if self.transport == Transport::New && self.resume.hello_overdue(now) {
+            self.resumption("hello_timeout");
+            warn!(
+                timeout_s = self.cfg.reliable.resume_hello_timeout.as_secs_f64(),
+                "the redialled upstream did not answer the replayed hello; closing the device connection"
+            );
+            return Err(CloseReason::ResumeFailed);
         }
         // A shadow only measures: closing an idle device is the legacy path's business.
         if self.transport == Transport::New
@@ -451,6 +585,12 @@ impl Core {
         let mut at = self.next_expire;
         if self.transport == Transport::New {
             at = at.min(self.last_device_bytes + self.cfg.reliable.idle_timeout);
+            if let Some(t) = self.resume.hello_deadline() {
+                at = at.min(t);
+            }
+        }
+        if let Some(t) = self.srv_held_since {
+            at = at.min(t + HOLD_LIMIT);
         }
         if let Some(r) = self.cmds.next_due() {
             at = at.min(r);
@@ -458,41 +598,76 @@ impl Core {
         at
     }
 
-    /// The upstream connection dropped. Returns the redial budget, or `None` when resuming
-    /// is not possible any more.
-    pub fn upstream_lost(&mut self, now: Instant) -> Option<(u32, Duration)> {
+    /// The upstream connection dropped under a live device: what happens next.
+    pub fn upstream_lost(&mut self, now: Instant) -> Loss {
+        let loss = self.resume.lost(now);
         self.epoch = self.epoch.wrapping_add(1);
-        // Half a frame from the dead upstream can never be completed; the new upstream's
-        // stream starts on a frame boundary.
-        self.srv_tap = Tap::new(self.cfg.protocol.max_frame_len);
+        // Half a frame from the dead upstream can never be completed, and the next upstream's
+        // stream starts on a frame boundary: the device never gets it.
+        self.srv_held_since = None;
+        if let Some((bytes, _)) = self.srv_tap.take_pending() {
+            self.metrics
+                .close_dropped(self.transport, Direction::SrvToDev, bytes.len());
+        }
         self.cmds.end_epoch();
         self.tracker.abandon_commands(&mut self.events);
         // Every heartbeat still waiting is answered here: those written to the dead upstream
         // will never be, and those still queued will reach the next upstream, whose answers
-        // to them are then dropped (owed when they are written, see `pop_for_upstream`).
+        // to them are then dropped (owed when they are written, see `take_for_upstream`).
         self.resume.clear_owed();
         // A read whose write the dead upstream may not have received goes to the next one.
         self.to_up.return_in_flight();
-        for _ in 0..self.tracker.pending_heartbeats() {
-            self.answer_heartbeat(now);
+        if matches!(loss, Loss::Resume { .. }) {
+            for _ in 0..self.tracker.pending_heartbeats() {
+                self.answer_heartbeat(now);
+            }
+            for item in self.to_up.items_mut() {
+                item.answered = item.heartbeats;
+            }
         }
-        for item in self.to_up.items_mut() {
-            item.answered = item.heartbeats;
-        }
-        let budget = self.resume.lost(now);
         self.flush_events();
-        budget
+        loss
     }
 
-    /// A redial succeeded: returns the hello to replay before anything else.
-    pub fn upstream_redialed(&mut self, attempts: u32) -> Bytes {
+    /// A redial succeeded: returns what to write before anything else (the device's session
+    /// preamble, its hello first).
+    pub fn upstream_redialed(&mut self, attempts: u32, now: Instant) -> Bytes {
         self.resume.spent(attempts);
-        self.resume.redialed();
-        self.hello.clone()
+        let (bytes, owed) = self.preamble.replay();
+        self.resume.redialed(now, &owed);
+        bytes
     }
 
     pub fn redial_failed(&mut self, attempts: u32) {
         self.resume.spent(attempts);
+    }
+
+    /// The device sent its FIN. It still reads, but can answer nothing any more.
+    pub fn device_finished(&mut self) {
+        self.device_eof = true;
+        self.cmds.end_epoch();
+    }
+
+    /// A drain or re-home is closing the pair: nothing more goes upstream after what is
+    /// queued, and no command is copied again.
+    pub fn begin_close(&mut self) {
+        self.closing = true;
+        self.cmds.end_epoch();
+    }
+
+    /// The upstream has everything it will get: the writer passes the FIN on.
+    pub fn upstream_write_done(&self) -> bool {
+        (self.device_eof || self.closing) && self.to_up.is_idle()
+    }
+
+    /// The upstream ended while the pair was finishing.
+    pub fn upstream_finished(&mut self) {
+        self.upstream_ended = true;
+    }
+
+    /// The device has everything it will get: the writer passes the FIN on.
+    pub fn device_write_done(&self) -> bool {
+        self.upstream_ended && self.to_dev.is_empty()
     }
 
     /// The next device read to write upstream; it stays accounted for until
@@ -505,7 +680,13 @@ impl Core {
         // Heartbeats already answered here are about to reach the upstream, whose answers to
         // them must then be dropped.
         for _ in 0..answered {
-            self.resume.owe_drop(now);
+            self.resume.owe(
+                Owed {
+                    reply: PacketType::HeartbeatAck,
+                    echo: None,
+                },
+                now,
+            );
         }
         Some(bytes)
     }
@@ -546,8 +727,17 @@ impl Core {
         self.tracker.pending_commands()
     }
 
-    /// The pair is closing.
+    /// The pair is closing: what was never delivered is counted, commands still waiting are
+    /// abandoned.
     pub fn close(&mut self, now: Instant) {
+        self.metrics
+            .close_dropped(self.transport, Direction::DevToSrv, self.to_up.bytes());
+        let held = self.srv_tap.pending();
+        self.metrics.close_dropped(
+            self.transport,
+            Direction::SrvToDev,
+            self.to_dev.bytes() + held,
+        );
         self.tracker.close(now, &mut self.events);
         self.flush_events();
         self.dedup.session_closed(self.device, now);
@@ -575,9 +765,9 @@ fn excise(read: &[u8], cuts: &[Range<usize>]) -> Bytes {
 
 struct Shared {
     core: Mutex<Core>,
-    /// Something was queued for the upstream.
+    /// Something was queued for the upstream (or the upstream's FIN is due).
     to_up: Notify,
-    /// Something was queued for the device.
+    /// Something was queued for the device (or the device's FIN is due).
     to_dev: Notify,
     /// The device queue has room again.
     room: Notify,
@@ -616,20 +806,35 @@ async fn read_device<R: AsyncRead + Unpin>(mut r: R, sh: &Shared) -> DevEnd {
     }
 }
 
-async fn write_device<W: AsyncWrite + Unpin>(mut w: W, sh: &Shared) -> io::Error {
+/// How the device writer ended: it passed the FIN on after the last bytes, or a write failed.
+enum DevWriteEnd {
+    Finished,
+    Failed(io::Error),
+}
+
+async fn write_device<W: AsyncWrite + Unpin>(mut w: W, sh: &Shared) -> DevWriteEnd {
     loop {
         let chunk = loop {
-            if let Some(b) = sh.core().pop_for_device() {
+            let (next, done) = {
+                let mut core = sh.core();
+                let next = core.pop_for_device();
+                (next, core.device_write_done())
+            };
+            if let Some(b) = next {
                 break b;
+            }
+            if done {
+                let _ = w.shutdown().await;
+                return DevWriteEnd::Finished;
             }
             sh.to_dev.notified().await;
         };
         sh.room.notify_one();
         if let Err(e) = w.write_all(&chunk).await {
-            return e;
+            return DevWriteEnd::Failed(e);
         }
         if let Err(e) = w.flush().await {
-            return e;
+            return DevWriteEnd::Failed(e);
         }
     }
 }
@@ -639,8 +844,8 @@ async fn write_upstream<W: AsyncWrite + Unpin>(
     replay: Option<Bytes>,
     sh: &Shared,
 ) -> io::Error {
-    if let Some(hello) = replay {
-        if let Err(e) = w.write_all(&hello).await {
+    if let Some(preamble) = replay {
+        if let Err(e) = w.write_all(&preamble).await {
             return e;
         }
     }
@@ -649,8 +854,19 @@ async fn write_upstream<W: AsyncWrite + Unpin>(
             return e;
         }
         let batch = loop {
-            if let Some(b) = sh.core().take_for_upstream(Instant::now()) {
+            let (next, done) = {
+                let mut core = sh.core();
+                let next = core.take_for_upstream(Instant::now());
+                (next, core.upstream_write_done())
+            };
+            if let Some(b) = next {
                 break b;
+            }
+            if done {
+                // Everything the device sent is written: pass its FIN (or ours) on, and let
+                // the reader carry what the upstream still sends.
+                let _ = w.shutdown().await;
+                return std::future::pending().await;
             }
             sh.to_up.notified().await;
         };
@@ -703,6 +919,18 @@ type UpFuture<'a> = Pin<Box<dyn Future<Output = io::Error> + Send + 'a>>;
 type RedialFuture<'a> =
     Pin<Box<dyn Future<Output = (Result<Stream, crate::upstream::DialError>, u32)> + Send + 'a>>;
 
+/// The close reason for an upstream that ended with `e` where legacy would have closed the
+/// device side too.
+fn upstream_end_reason(e: &io::Error) -> CloseReason {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        CloseReason::UpstreamClosed
+    } else if is_reset(e) {
+        CloseReason::UpstreamReset
+    } else {
+        CloseReason::UpstreamError
+    }
+}
+
 /// Runs the session until the device leaves, the pair is closed, or a drain completes.
 /// `first` holds the bytes already read from the device (starting with its 0x23).
 pub async fn run(
@@ -742,44 +970,65 @@ pub async fn run(
     let mut up: Option<UpFuture<'_>> = Some(Box::pin(upstream_io(upstream, None, &sh)));
     let mut redial: Option<RedialFuture<'_>> = None;
     let mut finishing = Finishing::new(stop);
-    let mut device_done: Option<Instant> = None;
+    // Once the pair is finishing: the reason it will close with, and by when at the latest.
+    let mut finish: Option<(CloseReason, Instant)> = None;
     let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
+    let mut device_eof = false;
+    let mut closing = false;
 
     let reason = loop {
-        if let Some(at) = device_done {
-            if sh.core().upstream_queue_empty() || at.elapsed() >= FLUSH_ON_CLOSE || up.is_none() {
-                break CloseReason::DeviceClosed;
-            }
-        }
-        let mut wake = sh.core().next_wake();
-        if device_done.is_some() {
-            // Flushing what the device sent last: look again soon.
-            wake = wake.min(Instant::now() + Duration::from_millis(20));
-        }
+        let wake = sh.core().next_wake();
+        let finish_by = finish.map(|(_, t)| t);
         tokio::select! {
-            end = &mut dev_read, if device_done.is_none() => match end {
-                DevEnd::Eof => device_done = Some(Instant::now()),
+            end = &mut dev_read, if !device_eof => match end {
+                DevEnd::Eof => {
+                    device_eof = true;
+                    if up.is_none() {
+                        break finish.map_or(CloseReason::DeviceClosed, |(r, _)| r);
+                    }
+                    sh.core().device_finished();
+                    sh.to_up.notify_one();
+                    if finish.is_none() {
+                        finish = Some((CloseReason::DeviceClosed, Instant::now() + HALF_CLOSE_GRACE));
+                    }
+                }
                 DevEnd::Failed(e) if is_reset(&e) => break CloseReason::DeviceReset,
                 DevEnd::Failed(_) => break CloseReason::DeviceError,
                 DevEnd::Close(r) => break r,
             },
-            e = &mut dev_write => {
-                break if is_reset(&e) { CloseReason::DeviceReset } else { CloseReason::DeviceError };
-            }
+            end = &mut dev_write => match end {
+                DevWriteEnd::Finished => break finish.map_or(CloseReason::UpstreamClosed, |(r, _)| r),
+                DevWriteEnd::Failed(e) if is_reset(&e) => break CloseReason::DeviceReset,
+                DevWriteEnd::Failed(_) => break CloseReason::DeviceError,
+            },
             e = async { match up.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if up.is_some() => {
                 up = None;
-                if device_done.is_some() || finishing.requested() {
-                    break CloseReason::UpstreamClosed;
+                if finish.is_some() {
+                    // Finishing: the upstream answered the FIN (or failed); the device gets
+                    // what is queued, then its FIN.
+                    sh.core().upstream_finished();
+                    sh.to_dev.notify_one();
+                    continue;
                 }
-                info!(error = %e, "upstream lost under a live device; resuming");
-                let budget = sh.core().upstream_lost(Instant::now());
+                let loss = sh.core().upstream_lost(Instant::now());
                 sh.to_dev.notify_one();
-                match budget {
-                    Some((attempts, window)) => {
-                        redial = Some(Box::pin(resume::redial(&ctx.dialer, attempts, window)));
+                match loss {
+                    Loss::Resume { attempts, within } => {
+                        info!(error = %e, "upstream lost under a live device; resuming");
+                        redial = Some(Box::pin(resume::redial(&ctx.dialer, attempts, within)));
                     }
-                    None => {
-                        resumption_failed(ctx);
+                    Loss::NotEstablished => {
+                        sh.core().resumption(loss.label());
+                        debug!(error = %e, "upstream closed before it answered the hello; closing the device connection");
+                        break upstream_end_reason(&e);
+                    }
+                    Loss::Kicked => {
+                        sh.core().resumption(loss.label());
+                        info!(error = %e, "upstream closed the connection again right after a resumption (on purpose); closing the device connection");
+                        break upstream_end_reason(&e);
+                    }
+                    Loss::Exhausted => {
+                        sh.core().resumption(loss.label());
                         break CloseReason::ResumeFailed;
                     }
                 }
@@ -788,8 +1037,8 @@ pub async fn run(
                 redial = None;
                 match r {
                     (Ok(stream), used) => {
-                        let hello = sh.core().upstream_redialed(used);
-                        up = Some(Box::pin(upstream_io(stream, Some(hello), &sh)));
+                        let replay = sh.core().upstream_redialed(used, Instant::now());
+                        up = Some(Box::pin(upstream_io(stream, Some(replay), &sh)));
                     }
                     (Err(e), used) => {
                         sh.core().redial_failed(used);
@@ -798,7 +1047,7 @@ pub async fn run(
                             .upstream_connect_errors
                             .with_label_values(&[Transport::New.label(), e.reason()])
                             .inc();
-                        resumption_failed(ctx);
+                        sh.core().resumption("failed");
                         break CloseReason::ResumeFailed;
                     }
                 }
@@ -811,13 +1060,36 @@ pub async fn run(
                     break reason;
                 }
             }
-            _ = drain_tick.tick(), if finishing.requested() => {
+            _ = async {
+                match finish_by {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some((r, _)) = finish {
+                    break if r == CloseReason::DeviceClosed { CloseReason::HalfCloseTimeout } else { r };
+                }
+            }
+            _ = drain_tick.tick(), if finishing.requested() && !closing => {
                 let pending = sh.core().pending_commands();
-                if let Some(r) = finishing.check(pending, Instant::now()) { break r; }
+                if let Some(r) = finishing.check(pending, Instant::now()) {
+                    // Already half-closed, or no upstream to close first: close now.
+                    if up.is_none() || finish.is_some() { break r; }
+                    closing = true;
+                    sh.core().begin_close();
+                    sh.to_up.notify_one();
+                    finish = Some((r, Instant::now() + CLOSE_GRACE));
+                }
             }
             _ = stop.token().cancelled(), if !finishing.requested() => {
                 let pending = sh.core().pending_commands();
-                if let Some(r) = finishing.begin(pending, Instant::now()) { break r; }
+                if let Some(r) = finishing.begin(pending, Instant::now()) {
+                    if up.is_none() || finish.is_some() { break r; }
+                    closing = true;
+                    sh.core().begin_close();
+                    sh.to_up.notify_one();
+                    finish = Some((r, Instant::now() + CLOSE_GRACE));
+                }
             }
         }
     };
@@ -825,17 +1097,11 @@ pub async fn run(
     reason
 }
 
-fn resumption_failed(ctx: &SessionCtx) {
-    ctx.metrics
-        .resumptions
-        .with_label_values(&[Transport::New.label(), "failed"])
-        .inc();
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::protocol::MsgId;
+    use crate::reliable::resume::Loss;
 
     const DEV: DeviceId = DeviceId([0x38, 0xe8, 0xcf, 0x46]);
     const ZERO: MsgId = MsgId([0, 0, 0]);
@@ -845,14 +1111,9 @@ mod tests {
             "[upstream.legacy]\naddress = \"127.0.0.1:1\"\ntls = false\n[reliable]\n{extra}\n"
         );
         let config = Arc::new(Config::parse(&text).expect("config"));
-        (
-            SessionCtx {
-                metrics: Arc::new(Metrics::new(false).expect("metrics")),
-                dialer: Dialer::new(&config.upstream_legacy).expect("dialer"),
-                dedup: Arc::new(DedupStore::new(1000, Duration::from_secs(300))),
-            },
-            config,
-        )
+        let metrics = Arc::new(Metrics::new(false).expect("metrics"));
+        let dialer = Dialer::new(&config.upstream_legacy).expect("dialer");
+        (SessionCtx::new(metrics, dialer, &config), config)
     }
 
     fn core(ctx: &(SessionCtx, Arc<Config>)) -> Core {
@@ -867,6 +1128,9 @@ mod tests {
         );
         c.device_read(&hello, Instant::now()).expect("hello queued");
         assert_eq!(c.pop_for_upstream(Instant::now()), Some(hello));
+        // The upstream accepts the device: the session is established.
+        c.upstream_read(&build::hello_ack(), Instant::now());
+        assert_eq!(c.pop_for_device(), Some(build::hello_ack()));
         c
     }
 
@@ -989,12 +1253,15 @@ mod tests {
         // A heartbeat forwarded just before the upstream died is answered by the gateway.
         c.device_read(&hb, Instant::now()).expect("queued");
         assert_eq!(c.pop_for_upstream(Instant::now()), Some(hb.clone()));
-        assert!(c.upstream_lost(Instant::now()).is_some());
+        assert!(matches!(
+            c.upstream_lost(Instant::now()),
+            Loss::Resume { .. }
+        ));
         assert_eq!(c.pop_for_device(), Some(hb_ack.clone()));
         // While redialling: answered locally and still queued for the upstream.
         c.device_read(&hb, Instant::now()).expect("queued");
         assert_eq!(c.pop_for_device(), Some(hb_ack.clone()));
-        let hello = c.upstream_redialed(1);
+        let hello = c.upstream_redialed(1, Instant::now());
         assert_eq!(hello, build::hello(DEV, &[7; 16]));
         assert_eq!(c.pop_for_upstream(Instant::now()), Some(hb.clone()));
         // The new upstream answers the hello and the replayed heartbeat: both are swallowed.
@@ -1044,8 +1311,11 @@ mod tests {
         let mut c = core(&ctx);
         let cmd = build::power_command(DEV, ZERO, 1, 10, true);
         c.upstream_read(&cmd[..10], Instant::now());
-        assert!(c.upstream_lost(Instant::now()).is_some());
-        c.upstream_redialed(1);
+        assert!(matches!(
+            c.upstream_lost(Instant::now()),
+            Loss::Resume { .. }
+        ));
+        c.upstream_redialed(1, Instant::now());
         c.upstream_read(&build::hello_ack(), Instant::now());
         assert_eq!(c.pop_for_device(), None, "the new 0x28 is swallowed");
         c.upstream_read(&cmd, Instant::now());
@@ -1061,15 +1331,15 @@ mod tests {
         let now = Instant::now;
         // A heartbeat still queued (never written) when the upstream dies: answered now.
         c.device_read(&hb, now()).expect("queued");
-        assert!(c.upstream_lost(now()).is_some());
+        assert!(matches!(c.upstream_lost(now()), Loss::Resume { .. }));
         assert_eq!(c.pop_for_device(), Some(hb_ack.clone()));
         // Written to the next upstream, which dies before answering: nothing more is owed.
-        c.upstream_redialed(1);
+        c.upstream_redialed(1, Instant::now());
         assert_eq!(c.pop_for_upstream(now()), Some(hb.clone()));
-        assert!(c.upstream_lost(now()).is_some());
+        assert!(matches!(c.upstream_lost(now()), Loss::Resume { .. }));
         assert_eq!(c.pop_for_device(), None, "already answered once");
         // A heartbeat during the second resumption: answered locally, the upstream's dropped.
-        c.upstream_redialed(1);
+        c.upstream_redialed(1, Instant::now());
         c.device_read(&hb, now()).expect("queued");
         assert_eq!(c.pop_for_device(), Some(hb_ack.clone()));
         assert_eq!(c.pop_for_upstream(now()), Some(hb.clone()));
@@ -1090,8 +1360,11 @@ mod tests {
         assert_eq!(c.take_for_upstream(Instant::now()), Some(status.clone()));
         assert!(!c.upstream_queue_empty(), "not written yet");
         // The write never completed: the upstream is gone.
-        assert!(c.upstream_lost(Instant::now()).is_some());
-        c.upstream_redialed(1);
+        assert!(matches!(
+            c.upstream_lost(Instant::now()),
+            Loss::Resume { .. }
+        ));
+        c.upstream_redialed(1, Instant::now());
         assert_eq!(c.take_for_upstream(Instant::now()), Some(status));
         c.upstream_written();
         assert!(c.upstream_queue_empty());

@@ -565,13 +565,20 @@ async fn handle_read(
                         .get_mut(&id)
                         .and_then(|c| c.waiting.remove(&f.seq).map(|t| (t, c.device)));
                     if let Some((sent, device)) = sent {
-                        let us = Instant::now().duration_since(sent).as_micros();
+                        let waited = Instant::now().duration_since(sent);
                         let mut h = lock(&shared.harness);
-                        h.done += 1;
-                        h.finished(device, true, 1);
-                        let _ = h
-                            .latency
-                            .record(u64::try_from(us).unwrap_or(u64::MAX).max(1));
+                        if waited >= COMMAND_WAIT {
+                            // The add-on gave up on it already, whenever expiry last ran.
+                            h.timed_out += 1;
+                            h.finished(device, false, 1);
+                        } else {
+                            h.done += 1;
+                            h.finished(device, true, 1);
+                            let us = waited.as_micros();
+                            let _ = h
+                                .latency
+                                .record(u64::try_from(us).unwrap_or(u64::MAX).max(1));
+                        }
                     } else if matches!(f.opcode, 0xd0 | 0xf0) {
                         // Only the harness sends power/brightness; the device also answers the
                         // add-on's mesh ack (`af`), which is not the harness's business.

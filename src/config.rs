@@ -853,7 +853,7 @@ impl Validator<'_> {
             resume_attempts: self.int_in(
                 "reliable.resume_attempts",
                 raw.resume_attempts,
-                10,
+                20,
                 0,
                 100,
             ) as u32,

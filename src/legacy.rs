@@ -421,3 +421,80 @@ pub async fn run(
     obs.close();
     reason
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{build, MsgId};
+
+    fn observer() -> Observer {
+        Observer::new(
+            Transport::Legacy,
+            None,
+            Arc::new(Metrics::new(false).expect("metrics")),
+            Tracker::new(Duration::from_secs(5), Duration::from_secs(10)),
+            4096,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_command_still_being_written_to_a_device_that_does_not_read_is_pending() {
+        let obs = observer();
+        let cmd = build::power_command(DeviceId([1, 2, 3, 4]), MsgId([0, 0, 0]), 7, 10, true);
+        // The add-on's side holds one command; the device's side takes one byte and no more.
+        let (mut addon, from) = tokio::io::duplex(4096);
+        let (to, _device) = tokio::io::duplex(1);
+        addon.write_all(&cmd).await.expect("write");
+        let never = CancellationToken::new();
+        let pump = pump(from, to, Direction::SrvToDev, &obs, &never);
+        tokio::pin!(pump);
+        // Drive the pump until it is stuck in the device write.
+        let stuck = tokio::time::timeout(Duration::from_millis(200), &mut pump).await;
+        assert!(stuck.is_err(), "the write to the device blocks");
+        assert_eq!(
+            obs.pending_commands(),
+            1,
+            "a drain asking now must see the command being written"
+        );
+    }
+
+    #[tokio::test]
+    async fn once_closing_the_pump_passes_the_fin_on_and_counts_what_still_arrives() {
+        let metrics = Arc::new(Metrics::new(false).expect("metrics"));
+        let obs = Observer::new(
+            Transport::Legacy,
+            None,
+            metrics.clone(),
+            Tracker::new(Duration::from_secs(5), Duration::from_secs(10)),
+            4096,
+        );
+        let (mut device, from) = tokio::io::duplex(4096);
+        let (to, mut upstream) = tokio::io::duplex(4096);
+        let closing = CancellationToken::new();
+        let task = pump(from, to, Direction::DevToSrv, &obs, &closing);
+        tokio::pin!(task);
+        device.write_all(&build::heartbeat()).await.expect("write");
+        let mut got = [0u8; 5];
+        tokio::select! {
+            _ = &mut task => panic!("pump ended"),
+            r = upstream.read_exact(&mut got) => { r.expect("read"); }
+        }
+        closing.cancel();
+        device.write_all(&build::heartbeat()).await.expect("write");
+        drop(device);
+        assert!(matches!(task.await, PumpEnd::Eof));
+        let mut rest = Vec::new();
+        upstream
+            .read_to_end(&mut rest)
+            .await
+            .expect("FIN passed on");
+        assert!(rest.is_empty(), "nothing forwarded after closing began");
+        assert_eq!(
+            metrics.total(
+                "tcp_comm_close_dropped_bytes_total",
+                &[("direction", "dev_to_srv")]
+            ),
+            5.0
+        );
+    }
+}

@@ -609,3 +609,128 @@ async fn rehome_never_leaves_open_connections_where_they_are() {
     );
     gw.shutdown(Duration::from_secs(1)).await;
 }
+
+/// An add-on that, when the gateway's FIN reaches it, still writes one command before it
+/// closes: the command was on its way as the gateway closed for a re-home.
+async fn addon_writing_a_last_command(listener: TcpListener, cmd: Vec<u8>) {
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut hello = vec![0u8; 31];
+        if s.read_exact(&mut hello).await.is_err() {
+            return;
+        }
+        let _ = s.write_all(&build::hello_ack()).await;
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink).await;
+        let _ = s.write_all(&cmd).await;
+        let _ = s.shutdown().await;
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_the_addon_writes_as_a_rehome_closes_reaches_the_device_and_is_counted() {
+    let (id, auth) = device::identity(71, 0);
+    let cmd = build::power_command(id, MsgId([0, 0, 0]), 5, 10, true).to_vec();
+    for path in ["legacy", "new"] {
+        let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let up_addr = up.local_addr().expect("addr");
+        addon_writing_a_last_command(up, cmd.clone()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("gateway.toml");
+        let routing = if path == "new" {
+            "canary_percent = 100"
+        } else {
+            "canary_percent = 0"
+        };
+        std::fs::write(&file, gateway_text(up_addr, "127.0.0.1:0", routing)).expect("write");
+        let (gw, hup) = start_watching(&file).await;
+        let mut dev = TcpStream::connect(gw.device_addr).await.expect("connect");
+        dev.write_all(&build::hello(id, &auth))
+            .await
+            .expect("hello");
+        assert_eq!(read_n(&mut dev, 7).await, build::hello_ack().to_vec());
+        // Move the device to the other path.
+        let moved = if path == "new" {
+            "canary_percent = 0"
+        } else {
+            "canary_percent = 100"
+        };
+        std::fs::write(&file, gateway_text(up_addr, "127.0.0.1:0", moved)).expect("write");
+        hup.send(()).expect("hup");
+        // Closed upstream first: the add-on's last command is delivered, then the EOF.
+        let rest = read_to_eof(&mut dev).await;
+        assert_eq!(rest, cmd, "{path}: the command written as the pair closed");
+        let m = wait_metric(
+            gw.metrics_addr,
+            &format!("tcp_comm_connection_closes_total{{reason=\"rehomed\",transport=\"{path}\"}}"),
+            1.0,
+        )
+        .await;
+        assert_eq!(
+            sample(
+                &m,
+                &format!(
+                    "tcp_comm_packet_sent_total{{outcome=\"abandoned\",transport=\"{path}\"}}"
+                )
+            ),
+            1.0,
+            "{path}: its reply had nowhere to go: counted, not lost unseen"
+        );
+        gw.shutdown(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rehome_rate_paces_the_closes_even_when_replies_release_them_together() {
+    const SEED: u64 = 9;
+    let (gw, upstream, path, _dir) =
+        raw_gateway("canary_percent = 100\nrehome_rate = 4\ndrain_grace = \"10s\"").await;
+    // Six devices, each with a command in flight that all of them answer 2.5 s later.
+    let mut devices = Vec::new();
+    for i in 0..6 {
+        devices.push(raw_device(gw.device_addr, SEED, i, Some(Duration::from_millis(2500))).await);
+        wait_connected(&gw, i as usize + 1).await;
+    }
+    eventually("upstream saw every hello", || async {
+        (upstream.lock().expect("lock").writers.len() == 6).then_some(())
+    })
+    .await;
+    let writers: Vec<_> = upstream.lock().expect("lock").writers.drain().collect();
+    let mut keep = Vec::new();
+    for (id, mut w) in writers {
+        w.write_all(&build::power_command(id, MsgId([0, 0, 0]), 3, 10, true))
+            .await
+            .expect("command");
+        keep.push(w);
+    }
+    let t0 = Instant::now();
+    let lowered = std::fs::read_to_string(&path)
+        .expect("read")
+        .replace("canary_percent = 100", "canary_percent = 0");
+    std::fs::write(&path, lowered).expect("write");
+    eventually("every device closed", || async {
+        devices
+            .iter()
+            .all(|d| d.closed_at.lock().expect("lock").is_some())
+            .then_some(())
+    })
+    .await;
+    let mut closes: Vec<Duration> = devices
+        .iter()
+        .filter_map(|d| d.closed_at.lock().expect("lock").map(|t| t - t0))
+        .collect();
+    closes.sort();
+    println!("closes at {closes:?}");
+    // The replies come together; the closes still follow one another at 4 per second.
+    assert!(closes[0] >= Duration::from_millis(2400), "{closes:?}");
+    for w in closes.windows(2) {
+        assert!(
+            w[1] - w[0] >= Duration::from_millis(200),
+            "closes bunched: {closes:?}"
+        );
+    }
+    drop(keep);
+    gw.shutdown(Duration::from_secs(1)).await;
+}

@@ -254,15 +254,6 @@ async fn chaos_pair(plan: &str) -> (TcpStream, TcpStream, Chaos) {
     (client, server.accept().await.expect("accept").0, chaos)
 }
 
-async fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    tokio::time::timeout(DEADLINE, s.read_exact(&mut v))
-        .await
-        .expect("in time")
-        .expect("read");
-    v
-}
-
 fn beats(n: usize) -> Vec<u8> {
     vector("heartbeat_0xd3").repeat(n)
 }
@@ -612,4 +603,120 @@ async fn load_reports_progress_percentiles_and_each_path() {
     assert_eq!(paths.get("new").map_or(0, |p| p.devices), new_devices);
     assert!(new_devices > 0 && new_devices < 10, "{new_devices}");
     gw.shutdown(Duration::from_secs(1)).await;
+}
+
+#[test]
+fn the_simulated_mesh_reply_has_the_real_firmwares_layout() {
+    use cync_gateway::protocol::build::{mesh_reply, MeshDevice};
+    use cync_gateway::protocol::{DeviceId, MsgId};
+    let real = vector("device_mesh_reply_f952");
+    let p = Packet::parse(bytes::Bytes::from(real.clone()), 4096).expect("valid vector");
+    // The real records start at 27, after a 7-byte lead; read them the way the add-on does.
+    let records: Vec<&[u8]> = real[27..real.len() - 2].chunks(24).collect();
+    assert_eq!(records.len(), 4);
+    let devices: Vec<MeshDevice> = records
+        .iter()
+        .map(|r| MeshDevice {
+            mesh_id: r[0],
+            kind: r[2],
+            state: r[8],
+            brightness: r[12],
+            temp: r[16],
+            rgb: [r[20], r[21], r[22]],
+        })
+        .collect();
+    let ours = mesh_reply(
+        DeviceId([real[5], real[6], real[7], real[8]]),
+        MsgId([real[9], real[10], real[11]]),
+        real[13],
+        &devices,
+    );
+    assert_eq!(ours.len(), real.len());
+    assert_eq!(
+        &ours[..27],
+        &real[..27],
+        "header, frame, inner length and lead"
+    );
+    for (i, r) in records.iter().enumerate() {
+        let at = 27 + 24 * i;
+        for off in [0usize, 2, 8, 12, 16, 20, 21, 22] {
+            assert_eq!(ours[at + off], r[off], "record {i} byte {off}");
+        }
+    }
+    assert!(Packet::parse(ours, 4096).is_ok());
+    assert!(p.inner().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_addon_keeps_one_session_per_source_when_asked_and_can_stall_its_reads() {
+    use cync_gateway::sim::addon::{AddonConfig, Mode, OneSession};
+    let a = start_addon(AddonConfig {
+        one_session: OneSession::Source,
+        ..fast_addon()
+    })
+    .await;
+    let hello = vector("handshake_0x23");
+    let mut first = TcpStream::connect(a.addr()).await.expect("connect");
+    first.write_all(&hello).await.expect("hello");
+    assert_eq!(read_n(&mut first, 7).await, vector("hello_ack_0x28"));
+    // A second connection from the same address replaces the first.
+    let mut second = TcpStream::connect(a.addr()).await.expect("connect");
+    second.write_all(&hello).await.expect("hello");
+    assert_eq!(read_n(&mut second, 7).await, vector("hello_ack_0x28"));
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, first.read_to_end(&mut rest))
+        .await
+        .expect("the first is closed")
+        .expect("read");
+    assert_eq!(a.kicked(), 1);
+    // Past its start-up (0xa3 at 50 ms, mesh query at 200 ms), then stalled: a heartbeat gets
+    // no answer until reading resumes.
+    eventually("the mesh query sent", || async {
+        (a.data_sent() >= 1).then_some(())
+    })
+    .await;
+    let mut drained = vec![0u8; 12 + 29];
+    second
+        .read_exact(&mut drained)
+        .await
+        .expect("0xa3 and mesh query");
+    a.set_mode(Mode::StallReads);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let seen = a.received(PacketType::Heartbeat);
+    second.write_all(&beats(1)).await.expect("heartbeat");
+    let mut one = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_millis(300), second.read(&mut one)).await;
+    assert!(r.is_err(), "nothing answered while stalled");
+    assert_eq!(a.received(PacketType::Heartbeat), seen, "not even read");
+    a.set_mode(Mode::Normal);
+    assert_eq!(read_n(&mut second, 5).await, vector("heartbeat_ack_0xd8"));
+}
+
+#[test]
+fn cync_sim_addon_takes_its_modes_on_the_command_line() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cync-sim"))
+        .args([
+            "addon",
+            "--listen",
+            "127.0.0.1:0",
+            "--mode",
+            "no-status-ack",
+            "--max-connections",
+            "3",
+            "--one-session",
+            "device",
+            "--duration",
+            "100ms",
+        ])
+        .output()
+        .expect("run cync-sim");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("mode NoStatusAck"), "{err}");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_cync-sim"))
+        .args(["addon", "--listen", "127.0.0.1:0", "--mode", "sleepy"])
+        .output()
+        .expect("run cync-sim");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("silent"));
 }

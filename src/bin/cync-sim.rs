@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use cync_gateway::sim::addon::{Addon, AddonConfig};
+use cync_gateway::sim::addon::{Addon, AddonConfig, Mode, OneSession};
 use cync_gateway::sim::chaos::{Chaos, Plan};
 use cync_gateway::sim::device::DeviceStats;
 use cync_gateway::sim::load::{self, LoadConfig};
@@ -58,6 +58,21 @@ enum Cmd {
         seed: u64,
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
+        /// How it answers devices.
+        #[arg(long, value_enum, default_value = "normal")]
+        mode: Mode,
+        /// How long each answer takes in --mode slow.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        slow_delay: Duration,
+        /// Connections served at once; further ones are held unanswered, then closed.
+        #[arg(long)]
+        max_connections: Option<usize>,
+        /// How long a connection beyond --max-connections is held before it is closed.
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        over_limit_hold: Duration,
+        /// Keep one session per device or per peer address, closing the older connection.
+        #[arg(long, value_enum, default_value = "none")]
+        one_session: OneSession,
     },
     /// A protocol-aware fault proxy from LISTEN to TARGET following a plan file (TOML).
     Chaos {
@@ -183,17 +198,27 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
             rate,
             seed,
             duration,
+            mode,
+            slow_delay,
+            max_connections,
+            over_limit_hold,
+            one_session,
         } => {
             let addon = Addon::start(
                 TcpListener::bind(listen).await?,
                 AddonConfig {
                     tls,
                     seed,
+                    slow_delay,
+                    max_connections,
+                    over_limit_hold,
+                    one_session,
                     ..AddonConfig::default()
                 },
             )?;
+            addon.set_mode(mode);
             eprintln!(
-                "cync-sim: fake add-on on {} (tls={tls}), {rate} commands/s",
+                "cync-sim: fake add-on on {} (tls={tls}, mode {mode:?}), {rate} commands/s",
                 addon.addr()
             );
             let stop = CancellationToken::new();

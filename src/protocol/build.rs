@@ -211,9 +211,12 @@ pub struct MeshDevice {
     pub rgb: [u8; 3],
 }
 
-/// dev→srv mesh info reply `f9 52`: 24-byte records after a 6-byte lead.
+/// dev→srv mesh info reply `f9 52`: 24-byte records after a 7-byte lead, as real firmware
+/// sends it (vector `device_mesh_reply_f952`: `00 n 00 00 00 n 00` for n records), so the
+/// first record starts at offset 27.
 pub fn mesh_reply(channel: DeviceId, msg: MsgId, seq: u8, devices: &[MeshDevice]) -> Bytes {
-    let mut body = vec![0x00, 0x00, 0x00, 0x00, 0x00, 0x00];
+    let n = u8::try_from(devices.len()).unwrap_or(u8::MAX);
+    let mut body = vec![0x00, n, 0x00, 0x00, 0x00, n, 0x00];
     for d in devices {
         let mut r = [0u8; 24];
         r[0] = d.mesh_id;

@@ -10,8 +10,9 @@
 //! - turns an implausible header into unframed bytes, up to the next position in the same read
 //!   where a whole valid frame starts (or a plausible frame begins that the read cuts short);
 //! - holds a plausible partial frame at the end of a read, and at the next read boundary
-//!   abandons it (as unframed bytes) when completing it gives an invalid packet or the new read
-//!   is itself whole valid frames, preferring the frame that starts the new read.
+//!   abandons it (as unframed bytes) when completing it gives an invalid packet, or when it
+//!   needs more than the new read and the new read holds a whole valid frame of its own: the
+//!   frames of the new read are preferred to a frame that cannot be.
 //!
 //! Invariants:
 //! - Every byte fed comes out exactly once, in order, in a [`Segment`] (or is still held as the
@@ -129,18 +130,6 @@ fn cut_short_at(buf: &[u8], max_data_len: usize) -> bool {
     header_data_len(buf).map_or(true, |d| HEADER_LEN + d > buf.len())
 }
 
-/// Whether `read` is whole valid frames back to back, the last possibly cut short.
-fn is_whole_frames(read: &[u8], max_data_len: usize) -> bool {
-    let mut at = 0;
-    while at < read.len() {
-        match whole_valid_at(&read[at..], max_data_len) {
-            Some(n) => at += n,
-            None => return at > 0 && cut_short_at(&read[at..], max_data_len),
-        }
-    }
-    at > 0
-}
-
 /// Splits the reads of one direction into [`Segment`]s.
 #[derive(Debug)]
 pub struct Tap {
@@ -181,8 +170,10 @@ impl Tap {
         Some((bytes, reason))
     }
 
-    /// Whether the held partial frame should be dropped in favour of `read`: it cannot be
-    /// completed into a valid packet by `read`, and `read` starts a valid frame of its own.
+    /// Whether the held partial frame should be dropped in favour of `read`: completing it
+    /// with `read` gives an invalid packet, or it would take more than `read` to complete and
+    /// `read`, decoded on its own, holds a whole valid frame (a continuation that happens to
+    /// hold one is not a thing real streams do; frames cut short by junk are).
     fn abandon_for(&self, read: &[u8]) -> bool {
         let max = self.max_data_len;
         let held = &self.held[..];
@@ -191,19 +182,13 @@ impl Tap {
         if implausible(&head, max).is_some() {
             return true;
         }
-        if whole_valid_at(read, max).is_none() {
-            return false;
-        }
         match header_data_len(&head) {
             Some(d) if HEADER_LEN + d <= held.len() + read.len() => {
                 let mut whole = held.to_vec();
                 whole.extend_from_slice(&read[..HEADER_LEN + d - held.len()]);
                 whole_valid_at(&whole, max).is_none()
             }
-            // It would take more than this read to complete: keep it, unless this read is
-            // nothing but whole frames (a continuation that happens to look like that is not
-            // a thing real streams do).
-            _ => is_whole_frames(read, max),
+            _ => Tap::new(max).feed(read).frames().any(|f| f.packet.is_ok()),
         }
     }
 

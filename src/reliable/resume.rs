@@ -1,7 +1,7 @@
 //! Upstream resumption: what a reliable session does when the add-on connection drops while
 //! the device stays (design decision 7, protocol §14.8).
 //!
-//! The session redials with growing gaps for up to `resume_window` (long enough for an add-on
+//! The session redials with growing, per-device jittered gaps for up to `resume_window` (long enough for an add-on
 //! or its container to restart), replays the device's cached session preamble — its 0x23
 //! hello, then the 0xc3, TLV-form 0x43 and firmware-report 0x83s it sent after connecting — and
 //! swallows the answers to what it replayed (the device already had them). Meanwhile it answers
@@ -239,34 +239,37 @@ impl Resume {
 
 /// First gap between redials, doubling up to [`MAX_GAP`].
 pub const FIRST_GAP: Duration = Duration::from_millis(250);
-/// Longest gap between redials.
-pub const MAX_GAP: Duration = Duration::from_secs(5);
+/// Longest gap between redials: once the add-on listens again, a device waits at most this
+/// (times its jitter) for its session back.
+pub const MAX_GAP: Duration = Duration::from_secs(2);
 
 /// When each of at most `attempts` dials starts, relative to the first: at once, then gaps of
-/// 250 ms doubling up to 5 s, within `window` (0, 0.25, 0.75, 1.75, 3.75, 7.75, 12.75, … s).
-/// A quick add-on restart is caught within a second; a container restart of several seconds
-/// still finds a dial a few seconds after it listens again.
-pub fn schedule(attempts: u32, window: Duration) -> Vec<Duration> {
+/// 250 ms doubling up to 2 s, each scaled by `spread` (0.8–1.2, per device, so that a fleet
+/// losing its add-on at one instant does not redial in lock-step), within `window` (with
+/// spread 1: 0, 0.25, 0.75, 1.75, 3.75, 5.75, 7.75, … s). A quick add-on restart is caught
+/// within a second; a container restart of several seconds about two seconds after it listens.
+pub fn schedule(attempts: u32, window: Duration, spread: f64) -> Vec<Duration> {
     let mut out = Vec::new();
     let mut at = Duration::ZERO;
     let mut gap = FIRST_GAP;
     while out.len() < attempts as usize && at < window {
         out.push(at);
-        at += gap;
+        at += gap.mul_f64(spread.clamp(0.5, 2.0));
         gap = (gap * 2).min(MAX_GAP);
     }
     out
 }
 
-/// Dials up to `attempts` times within `window`. Returns the stream, or the last error, and
-/// how many attempts were made.
+/// Dials up to `attempts` times within `window` on [`schedule`]. Returns the stream, or the
+/// last error, and how many attempts were made.
 pub async fn redial(
     dialer: &Dialer,
     attempts: u32,
     window: Duration,
+    spread: f64,
 ) -> (Result<Stream, DialError>, u32) {
     let start = Instant::now();
-    let slots = schedule(attempts, window);
+    let slots = schedule(attempts, window, spread);
     let mut last = None;
     let mut made = 0;
     for (i, offset) in slots.iter().enumerate() {
@@ -306,20 +309,23 @@ mod tests {
     }
 
     fn resume() -> Resume {
-        Resume::new(10, secs(30), secs(5), secs(10), secs(10))
+        Resume::new(20, secs(30), secs(5), secs(10), secs(10))
     }
 
     #[test]
-    fn redials_double_their_gap_up_to_five_seconds_within_the_window() {
-        let s = schedule(100, secs(30));
-        let want: Vec<Duration> = [0, 250, 750, 1750, 3750, 7750, 12750, 17750, 22750, 27750]
+    fn redials_double_their_gap_up_to_two_seconds_within_the_window() {
+        let s = schedule(100, secs(12), 1.0);
+        let want: Vec<Duration> = [0, 250, 750, 1750, 3750, 5750, 7750, 9750, 11750]
             .iter()
             .map(|m| ms(*m))
             .collect();
         assert_eq!(s, want);
-        assert_eq!(schedule(3, secs(30)), want[..3].to_vec());
-        assert_eq!(schedule(1, secs(2)), vec![Duration::ZERO]);
-        assert_eq!(schedule(0, secs(2)), Vec::<Duration>::new());
+        assert_eq!(schedule(3, secs(30), 1.0), want[..3].to_vec());
+        assert_eq!(schedule(1, secs(2), 1.0), vec![Duration::ZERO]);
+        assert_eq!(schedule(0, secs(2), 1.0), Vec::<Duration>::new());
+        // A device's spread scales every gap.
+        let spread: Vec<Duration> = [0, 200, 600, 1400].iter().map(|m| ms(*m)).collect();
+        assert_eq!(schedule(4, secs(30), 0.8), spread);
     }
 
     #[tokio::test(start_paused = true)]
@@ -338,7 +344,7 @@ mod tests {
         assert_eq!(r.phase(), Phase::Connected);
         assert!(matches!(
             r.lost(Instant::now()),
-            Loss::Resume { attempts: 10, .. }
+            Loss::Resume { attempts: 20, .. }
         ));
     }
 
@@ -384,7 +390,7 @@ mod tests {
         assert_eq!(
             r.lost(Instant::now()),
             Loss::Resume {
-                attempts: 10,
+                attempts: 20,
                 within: secs(30)
             }
         );
@@ -396,7 +402,7 @@ mod tests {
         r.take_hello_ack(Instant::now());
         assert!(matches!(
             r.lost(Instant::now()),
-            Loss::Resume { attempts: 10, .. }
+            Loss::Resume { attempts: 20, .. }
         ));
         r.spent(3);
         r.redialed(Instant::now(), &[]);
@@ -405,11 +411,11 @@ mod tests {
         assert_eq!(
             r.lost(Instant::now()),
             Loss::Resume {
-                attempts: 7,
+                attempts: 17,
                 within: secs(28)
             }
         );
-        r.spent(7);
+        r.spent(17);
         assert_eq!(r.lost(Instant::now()), Loss::Exhausted);
         let mut off = Resume::new(0, secs(30), secs(5), secs(10), secs(10));
         off.take_hello_ack(Instant::now());
@@ -453,7 +459,7 @@ mod tests {
         let cfg = Config::parse(&text).expect("config");
         let dialer = Dialer::new(&cfg.upstream_legacy).expect("dialer");
         let start = Instant::now();
-        let (r, used) = redial(&dialer, 3, secs(30)).await;
+        let (r, used) = redial(&dialer, 3, secs(30), 1.0).await;
         assert!(r.is_err());
         assert_eq!(used, 3);
         let took = start.elapsed();

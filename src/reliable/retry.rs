@@ -4,11 +4,14 @@
 //! A command is a srv→dev 0x73 of class `f8`. It is re-sent byte-identical when its reply has
 //! not come within the device's adaptive retry timeout ([`RttEstimator`], floored at
 //! `ack_timeout`), then after exponentially growing waits plus additive jitter, up to
-//! `max_attempts` sends in all (the first included). After the device's 0x7b ("received") the
-//! next copy waits at least twice the timeout: the device has the command, only its reply can
-//! be missing. Every copy must also fit the path's [`RetryBudget`]; one that does not is
-//! counted and not sent. No copy goes out later than one `ack_timeout` before
-//! `command_deadline`, the add-on's own 5 s wait.
+//! `max_attempts` sends in all (the first included). A copy also needs evidence that the reply
+//! is missing rather than late — the device answered a command sent after this one (devices
+//! answer in order, and a congested stream delivers in order), or acknowledged this one with
+//! its 0x7b — or else a long silence about it ([`BLIND_FACTOR`] timeouts, half the deadline
+//! at least): on a stalled link copies only add work for a device that is already behind. After the 0x7b ("received") the next
+//! copy waits at least twice the timeout. Every copy must also fit the path's
+//! [`RetryBudget`]; one that does not is counted and not sent. No copy goes out later than one
+//! `ack_timeout` before `command_deadline`, the add-on's own 5 s wait.
 //!
 //! Invariants:
 //! - Pure: every call takes `now`; randomness comes from the caller's seeded RNG.
@@ -92,6 +95,8 @@ struct Cmd {
     /// Attempt slots used: sends, and copies the budget refused.
     slots: u32,
     next_at: Option<Instant>,
+    /// Its copy is due but waits for a sign that its reply is missing, not late.
+    waiting_for_evidence: bool,
     acked: bool,
     /// Replies forwarded for this command (a reply may come in several frames).
     replies: Vec<Bytes>,
@@ -99,6 +104,12 @@ struct Cmd {
 
 /// Most distinct reply frames remembered per command.
 const MAX_REPLY_FRAMES: usize = 8;
+
+/// Without any sign that its reply is missing rather than late, a command is copied only after
+/// this many times its retry timeout, and not before half of `command_deadline` (then a copy's
+/// reply still comes well inside the add-on's wait, and a device whose timeout has not been
+/// learnt yet is not copied on a guess).
+pub const BLIND_FACTOR: u32 = 3;
 
 /// A command to send again.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +139,10 @@ pub struct Outstanding {
     /// How long answered commands are remembered for duplicate suppression on this connection.
     keep: Duration,
     cmds: VecDeque<Cmd>,
+    /// When the newest command the device has answered was first sent: an unanswered command
+    /// sent before it has had its turn (a device answers in order, and a stalled stream
+    /// delivers in order), so its reply is missing, not late.
+    newest_answered: Option<Instant>,
 }
 
 impl Outstanding {
@@ -140,6 +155,7 @@ impl Outstanding {
             rtt,
             keep,
             cmds: VecDeque::new(),
+            newest_answered: None,
         }
     }
 
@@ -181,6 +197,7 @@ impl Outstanding {
             sends: 1,
             slots: 1,
             next_at,
+            waiting_for_evidence: false,
             acked: false,
             replies: Vec::new(),
         });
@@ -207,11 +224,23 @@ impl Outstanding {
             c.replies.push(raw.clone());
         }
         c.next_at = None;
-        if c.epoch != epoch {
-            Verdict::Stale
-        } else {
-            Verdict::Forward
+        c.waiting_for_evidence = false;
+        let (sent, stale) = (c.first_sent, c.epoch != epoch);
+        if stale {
+            return Verdict::Stale;
         }
+        if self.newest_answered.map_or(true, |t| sent > t) {
+            self.newest_answered = Some(sent);
+            // Older commands still unanswered are now known to be missing: their copies,
+            // held back for want of that, are due.
+            for o in self.cmds.iter_mut() {
+                if o.waiting_for_evidence && o.first_sent < sent {
+                    o.waiting_for_evidence = false;
+                    o.next_at = Some(now);
+                }
+            }
+        }
+        Verdict::Forward
     }
 
     /// The device sent a 0x7b echoing `key`. With the add-on every command has the same key,
@@ -274,6 +303,19 @@ impl Outstanding {
                 c.next_at = Some(now + floor);
                 continue;
             }
+            // A reply can be late (a congested link holds everything behind one slow frame)
+            // or missing. A copy only helps the second: it needs evidence — the device has
+            // answered a later command, or acknowledged this one — or a silence about this
+            // command of several timeouts (which, once the device has been seen slow, are
+            // long: see `RttEstimator`).
+            let missing = c.acked || self.newest_answered.is_some_and(|t| t > c.first_sent);
+            let blind_at = c.first_sent + (c.rto * BLIND_FACTOR).max(deadline / 2);
+            if !missing && now < blind_at {
+                c.waiting_for_evidence = true;
+                c.next_at = Some(blind_at);
+                continue;
+            }
+            c.waiting_for_evidence = false;
             c.slots += 1;
             c.next_at = (c.slots < max).then(|| now + self.policy.delay(c.slots, c.rto, rng));
             self.rtt.timed_out();
@@ -362,28 +404,56 @@ mod tests {
         Bytes::from(vec![0x73, 0xf9, n])
     }
 
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Fifty commands acknowledged and answered in 10 ms: the device's timeout is at the
+    /// 400 ms floor.
+    async fn warm(o: &mut Outstanding, rng: &mut SmallRng) {
+        for seq in 100..150u8 {
+            o.on_command(cmd(seq), seq, KEY, 0, Instant::now(), rng);
+            tokio::time::advance(ms(10)).await;
+            assert_eq!(o.on_ack(KEY, 0, Instant::now()), Verdict::Forward);
+            assert_eq!(
+                o.on_reply(seq, 0, &reply(seq), Instant::now()),
+                Verdict::Forward
+            );
+        }
+        assert_eq!(o.rto(), ms(400));
+    }
+
+    /// A command sent 1 ms later and answered at once: evidence that earlier unanswered ones
+    /// are missing.
+    async fn answer_a_later_one(o: &mut Outstanding, rng: &mut SmallRng, seq: u8) {
+        tokio::time::advance(ms(1)).await;
+        o.on_command(cmd(seq), seq, KEY, 0, Instant::now(), rng);
+        assert_eq!(
+            o.on_reply(seq, 0, &reply(seq), Instant::now()),
+            Verdict::Forward
+        );
+    }
+
     /// Advances paused time to the next retry and returns the resends.
-    async fn next_retry(o: &mut Outstanding, rng: &mut SmallRng) -> (Duration, Vec<Resend>) {
-        let start = Instant::now();
+    async fn next_retry(o: &mut Outstanding, rng: &mut SmallRng) -> Vec<Resend> {
         let Some(at) = o.next_due() else {
-            return (Duration::ZERO, Vec::new());
+            return Vec::new();
         };
         tokio::time::sleep_until(at).await;
-        (
-            start.elapsed(),
-            o.due(Instant::now(), rng, |_| false).resend,
-        )
+        o.due(Instant::now(), rng, |_| false).resend
     }
 
     #[tokio::test(start_paused = true)]
-    async fn backoff_doubles_with_bounded_jitter_and_stops_at_max_attempts() {
+    async fn a_missing_reply_is_copied_at_the_timeout_with_doubling_waits_up_to_max_attempts() {
         let mut o = outstanding("");
         let mut rng = SmallRng::seed_from_u64(7);
+        warm(&mut o, &mut rng).await;
         let t0 = Instant::now();
         o.on_command(cmd(1), 1, KEY, 0, t0, &mut rng);
+        answer_a_later_one(&mut o, &mut rng, 2).await;
         let mut sends = Vec::new();
         for _ in 0..10 {
-            let (_, r) = next_retry(&mut o, &mut rng).await;
+            let r = next_retry(&mut o, &mut rng).await;
             if r.is_empty() {
                 break;
             }
@@ -400,32 +470,65 @@ mod tests {
         let mut prev = Duration::ZERO;
         for (i, (_, at)) in sends.iter().enumerate() {
             let gap = *at - prev;
-            let base = Duration::from_millis(400) * 2u32.pow(i as u32);
+            let base = ms(400) * 2u32.pow(i as u32);
             assert!(
-                gap >= base && gap <= base + Duration::from_millis(100),
+                gap >= base && gap <= base + ms(100),
                 "gap {gap:?} after attempt {} (base {base:?})",
                 i + 1
             );
             prev = *at;
         }
-        assert!(
-            prev <= Duration::from_millis(3000),
-            "last attempt at {prev:?}"
-        );
-        assert!(prev + Duration::from_millis(400) <= Duration::from_secs(5));
+        assert!(prev <= ms(3100), "last attempt at {prev:?}");
         assert_eq!(o.next_due(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_reply_is_not_copied_without_evidence_until_a_long_silence() {
+        let mut o = outstanding("jitter = 0");
+        let mut rng = SmallRng::seed_from_u64(7);
+        warm(&mut o, &mut rng).await;
+        let t0 = Instant::now();
+        o.on_command(cmd(1), 1, KEY, 0, t0, &mut rng);
+        // Its timeout passes with nothing from the device about it: no copy, only a later look.
+        tokio::time::advance(ms(400)).await;
+        assert!(o.due(Instant::now(), &mut rng, |_| false).resend.is_empty());
+        // Half the deadline (2.5 s) is longer than three timeouts (1.2 s).
+        assert_eq!(o.next_due(), Some(t0 + ms(2500)));
+        tokio::time::advance(ms(2099)).await;
+        assert!(o.due(Instant::now(), &mut rng, |_| false).resend.is_empty());
+        tokio::time::sleep_until(t0 + ms(2500)).await;
+        let r = o.due(Instant::now(), &mut rng, |_| false).resend;
+        assert_eq!(r.len(), 1, "copied after the long silence");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn evidence_arriving_late_makes_a_held_copy_due_at_once() {
+        let mut o = outstanding("");
+        let mut rng = SmallRng::seed_from_u64(7);
+        warm(&mut o, &mut rng).await;
+        o.on_command(cmd(1), 1, KEY, 0, Instant::now(), &mut rng);
+        tokio::time::advance(ms(600)).await;
+        assert!(o.due(Instant::now(), &mut rng, |_| false).resend.is_empty());
+        // A command sent after it is answered: its own reply is missing, not late.
+        answer_a_later_one(&mut o, &mut rng, 2).await;
+        assert_eq!(o.next_due(), Some(Instant::now()));
+        assert_eq!(o.due(Instant::now(), &mut rng, |_| false).resend.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn reply_stops_retries_and_duplicates_are_flagged() {
         let mut o = outstanding("");
         let mut rng = SmallRng::seed_from_u64(1);
+        warm(&mut o, &mut rng).await;
         o.on_command(cmd(5), 5, KEY, 0, Instant::now(), &mut rng);
-        let (_, r) = next_retry(&mut o, &mut rng).await;
-        assert_eq!(r.len(), 1);
+        // The 0x7b says "received": the copy waits twice the timeout from it.
         assert_eq!(o.on_ack(KEY, 0, Instant::now()), Verdict::Forward);
-        // retry_until = "reply": the 0x7b alone does not stop the retries.
-        assert!(o.next_due().is_some());
+        assert!(
+            o.next_due().is_some(),
+            "retry_until = reply: the 0x7b alone does not stop them"
+        );
+        let r = next_retry(&mut o, &mut rng).await;
+        assert_eq!(r.len(), 1);
         assert_eq!(o.on_ack(KEY, 0, Instant::now()), Verdict::Duplicate);
         assert_eq!(
             o.on_reply(5, 0, &reply(1), Instant::now()),
@@ -468,12 +571,14 @@ mod tests {
     async fn no_copy_while_the_previous_one_is_still_queued() {
         let mut o = outstanding("");
         let mut rng = SmallRng::seed_from_u64(1);
+        warm(&mut o, &mut rng).await;
         o.on_command(cmd(5), 5, KEY, 0, Instant::now(), &mut rng);
+        answer_a_later_one(&mut o, &mut rng, 6).await;
         tokio::time::sleep_until(o.next_due().expect("due")).await;
         assert!(o.due(Instant::now(), &mut rng, |_| true).resend.is_empty());
         assert_eq!(
             o.next_due(),
-            Some(Instant::now() + Duration::from_millis(400)),
+            Some(Instant::now() + ms(400)),
             "clock restarted"
         );
         tokio::time::sleep_until(o.next_due().expect("due")).await;
@@ -550,7 +655,9 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(1);
         o.on_command(cmd(1), 1, KEY, 0, Instant::now(), &mut rng);
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(o.due(Instant::now(), &mut rng, |_| false).resend.is_empty());
+        let due = o.due(Instant::now(), &mut rng, |_| false);
+        assert!(due.resend.is_empty());
+        assert_eq!(due.too_late, 1);
         assert_eq!(o.next_due(), None);
     }
 
@@ -566,9 +673,10 @@ mod tests {
         }
         assert_eq!(o.len(), 256);
     }
+
     #[tokio::test(start_paused = true)]
     async fn copies_beyond_the_budget_are_counted_and_not_sent() {
-        // Ten commands allow one copy (10 %), and there is no floor.
+        // Twenty commands allow two copies (10 %), and there is no floor.
         let budget = Arc::new(RetryBudget::new(
             0.1,
             0,
@@ -577,12 +685,13 @@ mod tests {
         ));
         let mut o = Outstanding::new(policy(""), budget);
         let mut rng = SmallRng::seed_from_u64(3);
-        for seq in 1..=10 {
+        for seq in 1..=19 {
             o.on_command(cmd(seq), seq, KEY, 0, Instant::now(), &mut rng);
         }
-        tokio::time::advance(Duration::from_millis(500)).await;
+        answer_a_later_one(&mut o, &mut rng, 20).await;
+        tokio::time::advance(ms(1100)).await;
         let due = o.due(Instant::now(), &mut rng, |_| false);
-        assert_eq!((due.resend.len(), due.over_budget), (1, 9));
+        assert_eq!((due.resend.len(), due.over_budget), (2, 17));
         // A refused copy used its slot: the next one is the third attempt's.
         assert!(o.next_due().is_some());
     }
@@ -591,16 +700,15 @@ mod tests {
     async fn a_slow_device_gets_a_longer_timeout_before_its_first_copy() {
         let mut o = outstanding("");
         let mut rng = SmallRng::seed_from_u64(3);
-        // Each command is answered after 600 ms, before any copy (the floor is 400 ms, so the
-        // first ones are copied once; those are not samples).
+        // Each command is answered after 600 ms.
         for seq in 1..=30u8 {
             o.on_command(cmd(seq), seq, KEY, 0, Instant::now(), &mut rng);
-            tokio::time::advance(Duration::from_millis(600)).await;
+            tokio::time::advance(ms(600)).await;
             let _ = o.due(Instant::now(), &mut rng, |_| false);
             o.on_reply(seq, 0, &reply(seq), Instant::now());
         }
         let rto = o.rto();
-        assert!(rto > Duration::from_millis(600), "{rto:?}");
+        assert!(rto > ms(600), "{rto:?}");
         let t0 = Instant::now();
         o.on_command(cmd(40), 40, KEY, 0, t0, &mut rng);
         assert!(o.next_due().expect("scheduled") >= t0 + rto);
@@ -610,12 +718,19 @@ mod tests {
     async fn a_received_command_waits_twice_the_timeout_for_its_copy() {
         let mut o = outstanding("jitter = 0");
         let mut rng = SmallRng::seed_from_u64(3);
+        warm(&mut o, &mut rng).await;
         let t0 = Instant::now();
         o.on_command(cmd(1), 1, KEY, 0, t0, &mut rng);
-        assert_eq!(o.next_due(), Some(t0 + Duration::from_millis(400)));
-        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(o.next_due(), Some(t0 + ms(400)));
+        tokio::time::advance(ms(100)).await;
         assert_eq!(o.on_ack(KEY, 0, Instant::now()), Verdict::Forward);
-        assert_eq!(o.next_due(), Some(t0 + Duration::from_millis(900)));
+        assert_eq!(o.next_due(), Some(t0 + ms(900)));
+        tokio::time::sleep_until(t0 + ms(900)).await;
+        assert_eq!(
+            o.due(Instant::now(), &mut rng, |_| false).resend.len(),
+            1,
+            "the 0x7b is evidence: its f9 is what is missing"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -624,9 +739,11 @@ mod tests {
         p.command_deadline = Duration::from_secs(1);
         let mut o = Outstanding::new(p, open_budget());
         let mut rng = SmallRng::seed_from_u64(3);
+        warm(&mut o, &mut rng).await;
         o.on_command(cmd(1), 1, KEY, 0, Instant::now(), &mut rng);
+        answer_a_later_one(&mut o, &mut rng, 2).await;
         // At 400 ms, 600 ms are left: a copy goes out.
-        tokio::time::advance(Duration::from_millis(400)).await;
+        tokio::time::advance(ms(400)).await;
         assert_eq!(o.due(Instant::now(), &mut rng, |_| false).resend.len(), 1);
         // The next would be at 1.2 s, past the deadline.
         tokio::time::sleep_until(o.next_due().expect("due")).await;

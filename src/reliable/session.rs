@@ -61,8 +61,9 @@ const READ_BUF: usize = 16 * 1024;
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// How long a plausible upstream frame cut short by a read waits for its rest before its bytes
 /// go to the device as they are (legacy would have delivered them at once; a real frame split
-/// by TCP completes within milliseconds).
-pub const HOLD_LIMIT: Duration = Duration::from_secs(1);
+/// by TCP completes within milliseconds). Not counted while the device queue is full: then it
+/// is the session that holds the rest back.
+pub const HOLD_LIMIT: Duration = Duration::from_millis(100);
 
 /// What every reliable session shares.
 pub struct SessionCtx {
@@ -455,8 +456,8 @@ impl Core {
         }
     }
 
-    /// One read from the upstream. Returns true when it added a command, i.e. a retry timer
-    /// that may be due before the session's current wake-up.
+    /// One read from the upstream. Returns true when it set a timer that may be due before the
+    /// session's current wake-up (a command to retry, or a frame cut short to hold).
     pub fn upstream_read(&mut self, read: &[u8], now: Instant) -> bool {
         let mut commands = false;
         let dir = Direction::SrvToDev;
@@ -465,6 +466,7 @@ impl Core {
             .with_label_values(&[self.transport.label(), dir.label()])
             .inc_by(read.len() as u64);
         let out = self.srv_tap.feed(read);
+        let was_holding = self.srv_held_since.is_some();
         self.srv_held_since = if self.srv_tap.pending() == 0 {
             None
         } else if out.segments.is_empty() {
@@ -472,6 +474,7 @@ impl Core {
         } else {
             Some(now)
         };
+        let holding = !was_holding && self.srv_held_since.is_some();
         for seg in out.segments {
             let frame = match seg {
                 Segment::Unframed { bytes, reason } => {
@@ -521,7 +524,7 @@ impl Core {
             self.push_to_device(frame.raw.clone(), p.ptype());
         }
         self.flush_events();
-        commands
+        commands || holding
     }
 
     /// Timers: command retries, transaction expiry, held bytes, the replayed hello's deadline,
@@ -544,7 +547,10 @@ impl Core {
             debug!(seq = r.seq, attempt = r.attempt, "re-sending command");
             self.push_to_device(r.raw, PacketType::Data);
         }
-        if self
+        if self.full_since.is_some() {
+            // Backpressure, not the upstream, is what keeps the frame incomplete.
+            self.srv_held_since = self.srv_held_since.map(|_| now);
+        } else if self
             .srv_held_since
             .is_some_and(|t| now.saturating_duration_since(t) >= HOLD_LIMIT)
         {
@@ -800,6 +806,8 @@ async fn read_device<R: AsyncRead + Unpin>(mut r: R, sh: &Shared) -> DevEnd {
         let res = sh.core().device_read(&buf[..n], Instant::now());
         sh.to_up.notify_one();
         sh.to_dev.notify_one();
+        // A reply may have made an older command's copy due at once.
+        sh.rearm.notify_one();
         if let Err(reason) = res {
             return DevEnd::Close(reason);
         }
@@ -975,6 +983,8 @@ pub async fn run(
     let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
     let mut device_eof = false;
     let mut closing = false;
+    // This device's redial spread, 0.8-1.2, the same at every outage.
+    let spread = 0.8 + f64::from(u32::from_be_bytes(device_id.0) % 401) / 1000.0;
 
     let reason = loop {
         let wake = sh.core().next_wake();
@@ -1015,7 +1025,7 @@ pub async fn run(
                 match loss {
                     Loss::Resume { attempts, within } => {
                         info!(error = %e, "upstream lost under a live device; resuming");
-                        redial = Some(Box::pin(resume::redial(&ctx.dialer, attempts, within)));
+                        redial = Some(Box::pin(resume::redial(&ctx.dialer, attempts, within, spread)));
                     }
                     Loss::NotEstablished => {
                         sh.core().resumption(loss.label());
@@ -1183,22 +1193,30 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn unanswered_command_is_resent_byte_identical_and_its_second_reply_dropped() {
-        let ctx = ctx("");
+        let ctx = ctx("jitter = 0");
         let mut c = core(&ctx);
         let cmd = build::brightness_command(DEV, ZERO, 9, 10, 55);
         c.upstream_read(&cmd, Instant::now());
         assert_eq!(c.pop_for_device(), Some(cmd.clone()));
-        let first_due = c.next_wake();
-        assert!(first_due <= Instant::now() + Duration::from_millis(500));
-        tokio::time::advance(Duration::from_millis(399)).await;
+        // The device says "received" (0x7b) but its f9 reply does not come: with nothing
+        // measured yet its timeout is 1 s, and a received command waits twice that.
+        let t0 = Instant::now();
+        c.device_read(&build::data_ack(DEV, ZERO), t0)
+            .expect("queued");
+        assert_eq!(
+            c.next_wake().min(t0 + Duration::from_secs(2)),
+            c.next_wake()
+        );
+        tokio::time::advance(Duration::from_millis(1999)).await;
         c.tick(Instant::now()).expect("alive");
-        assert_eq!(c.pop_for_device(), None, "not before ack_timeout");
-        tokio::time::sleep_until(c.next_wake()).await;
+        assert_eq!(c.pop_for_device(), None, "not before twice the timeout");
+        tokio::time::sleep_until(t0 + Duration::from_secs(2)).await;
         c.tick(Instant::now()).expect("alive");
         assert_eq!(c.pop_for_device(), Some(cmd), "re-sent as it was");
         assert_eq!(total(&ctx, "tcp_comm_packet_retransmit_total", &[]), 1.0);
         // Both sends are answered.
         let reply = build::command_reply(DEV, MsgId([0, 2, 0]), 9, 0xd0);
+        assert!(c.pop_for_upstream(Instant::now()).is_some(), "the 0x7b");
         c.device_read(&reply, Instant::now()).expect("queued");
         c.device_read(&reply, Instant::now()).expect("queued");
         assert_eq!(c.pop_for_upstream(Instant::now()), Some(reply));
@@ -1216,8 +1234,12 @@ mod tests {
         let cmd = build::power_command(DEV, ZERO, 3, 10, false);
         c.upstream_read(&cmd, Instant::now());
         assert_eq!(c.pop_for_device(), Some(cmd.clone()));
-        tokio::time::advance(Duration::from_millis(500)).await;
+        c.device_read(&build::data_ack(DEV, ZERO), Instant::now())
+            .expect("queued");
+        // Received but unanswered: copied two (initial) timeouts later.
+        tokio::time::advance(Duration::from_secs(2)).await;
         c.tick(Instant::now()).expect("alive");
+        assert_eq!(total(&ctx, "tcp_comm_packet_retransmit_total", &[]), 1.0);
         c.close(Instant::now());
         // The device reconnects; its answer to the retried command arrives on the new session.
         let mut c2 = core(&ctx);

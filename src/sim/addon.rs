@@ -13,6 +13,10 @@
 //! Invariants:
 //! - Behaviour can be changed at run time ([`Addon::set_mode`]) and the server restarted on the
 //!   same port ([`Addon::restart`]), which drops every connection, as an add-on restart does.
+//! - Like the real one observed on loopback, it can hold connections beyond a limit unanswered
+//!   and close them later (`max_connections`), and, like servers that keep one session per
+//!   device or peer address, close a device's older connection when a newer one arrives
+//!   ([`OneSession`]).
 //! - Harness results are exact counts: every command sent ends as exactly one of done, timed
 //!   out, or lost (its connection closed first).
 
@@ -43,15 +47,18 @@ use crate::tls::{self, Stream};
 pub const COMMAND_WAIT: Duration = Duration::from_secs(5);
 
 /// How the add-on answers devices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
     Normal,
-    /// Reads but answers nothing.
+    /// Reads but answers nothing (its writing direction stalled).
     Silent,
     /// Answers every packet after a delay (its loop blocked meanwhile, like the real one).
     Slow,
     /// Answers everything but 0x83 (a different answer, for shadow diffing).
     NoStatusAck,
+    /// Stops reading devices altogether (its reading direction stalled): their writes back up
+    /// into TCP, commands still go out.
+    StallReads,
 }
 
 impl Mode {
@@ -61,6 +68,7 @@ impl Mode {
             Mode::Silent => 1,
             Mode::Slow => 2,
             Mode::NoStatusAck => 3,
+            Mode::StallReads => 4,
         }
     }
 
@@ -69,9 +77,23 @@ impl Mode {
             1 => Mode::Silent,
             2 => Mode::Slow,
             3 => Mode::NoStatusAck,
+            4 => Mode::StallReads,
             _ => Mode::Normal,
         }
     }
+}
+
+/// Which older connection a new one replaces, as servers that keep one session per device (or
+/// per peer address) do: the older one is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OneSession {
+    /// Every connection is served (the real add-on).
+    #[default]
+    None,
+    /// A hello from a device closes that device's older connections.
+    Device,
+    /// A connection from an address closes the older connections from that address.
+    Source,
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +106,11 @@ pub struct AddonConfig {
     pub mesh_query_after: Duration,
     pub slow_delay: Duration,
     pub seed: u64,
+    /// Connections served at once; beyond it a connection is accepted, read and never
+    /// answered, then closed after `over_limit_hold` (what the real add-on does at its limit).
+    pub max_connections: Option<usize>,
+    pub over_limit_hold: Duration,
+    pub one_session: OneSession,
 }
 
 impl Default for AddonConfig {
@@ -94,6 +121,9 @@ impl Default for AddonConfig {
             mesh_query_after: Duration::from_secs(2),
             slow_delay: Duration::from_secs(1),
             seed: 1,
+            max_connections: None,
+            over_limit_hold: Duration::from_secs(15),
+            one_session: OneSession::None,
         }
     }
 }
@@ -127,6 +157,9 @@ impl HarnessReport {
 
 struct Conn {
     device: Option<DeviceId>,
+    peer: Option<std::net::IpAddr>,
+    /// Closes this connection (a newer one replaced it).
+    kick: CancellationToken,
     ready: bool,
     next_seq: u8,
     tx: mpsc::UnboundedSender<Bytes>,
@@ -169,6 +202,10 @@ struct Shared {
     received: Mutex<HashMap<PacketType, u64>>,
     /// 0x73 packets sent to devices (commands, mesh queries, mesh acks).
     data_sent: AtomicU64,
+    /// Connections closed because a newer one replaced them, and connections refused at the
+    /// limit (held, then closed).
+    kicked: AtomicU64,
+    over_limit: AtomicU64,
     acceptor: Option<SslAcceptor>,
 }
 
@@ -215,6 +252,8 @@ impl Addon {
             accepted: AtomicU64::new(0),
             received: Mutex::new(HashMap::new()),
             data_sent: AtomicU64::new(0),
+            kicked: AtomicU64::new(0),
+            over_limit: AtomicU64::new(0),
             acceptor,
         });
         let stop = CancellationToken::new();
@@ -256,6 +295,24 @@ impl Addon {
         self.shared.data_sent.load(Ordering::SeqCst)
     }
 
+    /// Connections closed because a newer one replaced them ([`OneSession`]).
+    pub fn kicked(&self) -> u64 {
+        self.shared.kicked.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted beyond `max_connections` (held unanswered, then closed).
+    pub fn over_limit(&self) -> u64 {
+        self.shared.over_limit.load(Ordering::SeqCst)
+    }
+
+    /// Open connections of `device` (served ones, not those held at the limit).
+    pub fn connections_of(&self, device: DeviceId) -> usize {
+        lock(&self.shared.conns)
+            .values()
+            .filter(|c| c.device == Some(device))
+            .count()
+    }
+
     /// Starts the harness counts and latency histogram afresh (commands in flight still count
     /// when they finish).
     pub fn reset_report(&self) {
@@ -271,9 +328,17 @@ impl Addon {
 
     /// Drops every connection and listens again on the same address, like an add-on restart.
     pub async fn restart(&self) -> std::io::Result<()> {
+        self.restart_after(Duration::ZERO).await
+    }
+
+    /// Drops every connection, stays away for `outage` (nothing listens: connections are
+    /// refused), then listens again on the same address: a real add-on or container restart,
+    /// which takes from half a second to several.
+    pub async fn restart_after(&self, outage: Duration) -> std::io::Result<()> {
         let next = self.stop.child_token();
         let old = std::mem::replace(&mut *lock(&self.generation), next.clone());
         old.cancel();
+        tokio::time::sleep(outage).await;
         // The old listener is dropped by its loop; bind again until the port is free.
         let end = Instant::now() + Duration::from_secs(5);
         let listener = loop {
@@ -423,13 +488,25 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, gen: Cancellati
             _ = gen.cancelled() => return,
             r = listener.accept() => r,
         };
-        let Ok((tcp, _)) = accepted else { continue };
+        let Ok((tcp, peer)) = accepted else { continue };
         shared.accepted.fetch_add(1, Ordering::SeqCst);
         let shared = shared.clone();
         let gen = gen.clone();
+        let full = shared
+            .cfg
+            .max_connections
+            .is_some_and(|m| lock(&shared.conns).len() >= m);
+        if full {
+            shared.over_limit.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(hold_over_limit(tcp, shared.cfg.over_limit_hold, gen));
+            continue;
+        }
+        if shared.cfg.one_session == OneSession::Source {
+            kick(&shared, |c| c.peer == Some(peer.ip()));
+        }
         tokio::spawn(async move {
             let id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
-            let _ = serve(tcp, id, &shared, gen).await;
+            let _ = serve(tcp, id, peer, &shared, gen).await;
             if let Some(c) = lock(&shared.conns).remove(&id) {
                 let mut h = lock(&shared.harness);
                 h.lost += c.waiting.len() as u64;
@@ -439,9 +516,34 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, gen: Cancellati
     }
 }
 
+/// Closes the served connections `older` picks.
+fn kick(shared: &Shared, older: impl Fn(&Conn) -> bool) {
+    for c in lock(&shared.conns).values().filter(|c| older(c)) {
+        if !c.kick.is_cancelled() {
+            c.kick.cancel();
+            shared.kicked.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A connection beyond the limit: read (TLS or not, the bytes are dropped), never answered,
+/// closed after `hold`.
+async fn hold_over_limit(mut tcp: TcpStream, hold: Duration, gen: CancellationToken) {
+    let end = Instant::now() + hold;
+    let mut buf = [0u8; 2048];
+    loop {
+        tokio::select! {
+            _ = gen.cancelled() => return,
+            _ = tokio::time::sleep_until(end) => return,
+            r = tcp.read(&mut buf) => if !matches!(r, Ok(n) if n > 0) { return },
+        }
+    }
+}
+
 async fn serve(
     tcp: TcpStream,
     id: u64,
+    peer: SocketAddr,
     shared: &Arc<Shared>,
     gen: CancellationToken,
 ) -> std::io::Result<()> {
@@ -451,10 +553,13 @@ async fn serve(
         Some(a) => tls::accept(a, tcp).await.map_err(std::io::Error::other)?,
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    let kicked = CancellationToken::new();
     lock(&shared.conns).insert(
         id,
         Conn {
             device: None,
+            peer: Some(peer.ip()),
+            kick: kicked.clone(),
             ready: false,
             next_seq: 0,
             tx,
@@ -471,7 +576,8 @@ async fn serve(
         let open_due = hello_at.map(|t| t + shared.cfg.channel_open_after);
         let query_due = hello_at.map(|t| t + shared.cfg.mesh_query_after);
         // The add-on's receive loop is blocked between the hello and the mesh query.
-        let blocked = hello_at.is_some() && !query_sent;
+        let blocked = (hello_at.is_some() && !query_sent)
+            || Mode::from_u8(shared.mode.load(Ordering::SeqCst)) == Mode::StallReads;
         let next_timer = match (channel_sent, query_sent) {
             (false, _) => open_due,
             (true, false) => query_due,
@@ -479,6 +585,7 @@ async fn serve(
         };
         tokio::select! {
             _ = gen.cancelled() => return Ok(()),
+            _ = kicked.cancelled() => return Ok(()),
             Some(out) = rx.recv() => { stream.write_all(&out).await?; }
             _ = tokio::time::sleep_until(next_timer.unwrap_or_else(Instant::now)), if next_timer.is_some() => {
                 let dev = lock(&shared.conns).get(&id).and_then(|c| c.device);
@@ -495,6 +602,8 @@ async fn serve(
                     stream.write_all(&build::mesh_query(dev, MsgId([0, 0, 0]), 0)).await?;
                 }
             }
+            // Re-evaluated at least every 50 ms, so a mode change (stall or resume) is noticed.
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             n = stream.read(&mut read_buf), if !blocked => {
                 let n = n?;
                 if n == 0 { return Ok(()); }
@@ -538,6 +647,11 @@ async fn handle_read(
         }
         match p.ptype() {
             PacketType::Hello => {
+                if shared.cfg.one_session == OneSession::Device {
+                    if let Some(dev) = p.id() {
+                        kick(shared, |c| c.device == Some(dev));
+                    }
+                }
                 if let Some(c) = lock(&shared.conns).get_mut(&id) {
                     c.device = p.id();
                 }

@@ -137,3 +137,66 @@ pub async fn wait_metric(addr: SocketAddr, series: &str, want: f64) -> String {
     })
     .await
 }
+
+/// A plain-TCP in-process gateway in front of `upstream` with every device on `path`
+/// (`"legacy"` or `"new"`), plus `extra` config lines.
+pub async fn gateway_on(upstream: SocketAddr, path: &str, extra: &str) -> Gateway {
+    let percent = if path == "new" { 100 } else { 0 };
+    start_gateway(&config_text(
+        upstream,
+        &format!("[device_tls]\nmode = \"plain\"\n[routing]\ncanary_percent = {percent}\n{extra}"),
+    ))
+    .await
+}
+
+/// Reads exactly `n` bytes, or panics after the deadline.
+pub async fn read_n(s: &mut (impl tokio::io::AsyncRead + Unpin), n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("timed out reading {n} bytes"))
+        .expect("read");
+    buf
+}
+
+/// Reads to EOF, or panics after the deadline.
+pub async fn read_to_eof(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
+    let mut buf = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
+        .await
+        .expect("EOF in time")
+        .expect("read to end");
+    buf
+}
+
+/// A device connection through the gateway at `devices` and the upstream side of it accepted
+/// on `up`, with `hello` already through; on the new path the upstream's 0x28 establishes the
+/// session (the device has read it).
+pub async fn scripted_pair(
+    devices: SocketAddr,
+    up: &tokio::net::TcpListener,
+    hello: &[u8],
+) -> (TcpStream, TcpStream) {
+    let mut dev = TcpStream::connect(devices).await.expect("connect gateway");
+    dev.set_nodelay(true).expect("nodelay");
+    dev.write_all(hello).await.expect("hello");
+    let (mut upc, _) = tokio::time::timeout(DEADLINE, up.accept())
+        .await
+        .expect("upstream dialled")
+        .expect("accept");
+    upc.set_nodelay(true).expect("nodelay");
+    assert_eq!(
+        read_n(&mut upc, hello.len()).await,
+        hello,
+        "hello forwarded"
+    );
+    let ack = cync_gateway::protocol::build::hello_ack();
+    upc.write_all(&ack).await.expect("0x28");
+    assert_eq!(read_n(&mut dev, ack.len()).await, ack.to_vec());
+    (dev, upc)
+}
+
+/// The metrics page.
+pub async fn scrape(addr: SocketAddr) -> String {
+    http_get(addr, "/metrics").await.1
+}

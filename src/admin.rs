@@ -8,10 +8,14 @@
 //! - `/healthz` answers 200 for as long as the process serves HTTP: it reports liveness only.
 //! - The server takes an already-bound listener and stops when its token is cancelled, which
 //!   the daemon does only after the drain, so scrapes keep working while draining.
+//! - Bounded: at most `listen.http_max_connections` at once (more are closed at accept,
+//!   counted), and a client has `listen.http_header_timeout` to send its request headers, so
+//!   idle or half-sent requests cannot hold file descriptors the device listener needs.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -19,8 +23,9 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -97,13 +102,24 @@ fn route(req: &Request<Incoming>, metrics: &Metrics, health: &Health) -> Respons
     }
 }
 
+/// Limits of the HTTP endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// A client that has not sent its request headers within this is disconnected.
+    pub header_timeout: Duration,
+    /// Connections served at once; further ones are closed at accept.
+    pub max_connections: usize,
+}
+
 /// Serves the metrics/health endpoints until `stop` is cancelled.
 pub async fn serve_metrics(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    limits: HttpLimits,
     stop: CancellationToken,
 ) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -111,20 +127,32 @@ pub async fn serve_metrics(
                 Ok(x) => x,
                 Err(e) => {
                     warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
+        };
+        // Idle or half-sent requests cannot pile up: each holds one of a few slots, for at
+        // most the header timeout.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics.http_rejected.inc();
+            debug!(%peer, "HTTP connection limit reached; closing");
+            drop(tcp);
+            continue;
         };
         let metrics = metrics.clone();
         let health = health.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req: Request<Incoming>| {
                 let resp = route(&req, &metrics, &health);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(TokioIo::new(tcp), svc);
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => if let Err(e) = r { debug!(%peer, error = %e, "metrics connection error"); },

@@ -103,6 +103,8 @@ struct RawConfig {
     dark_launch: RawDarkLaunch,
     #[serde(default)]
     reload: RawReload,
+    #[serde(default)]
+    legacy: RawLegacy,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,6 +142,7 @@ struct RawReliable {
     device_queue_bytes: Option<i64>,
     upstream_queue_bytes: Option<i64>,
     backpressure_timeout: Option<RawDuration>,
+    stuck_timeout: Option<RawDuration>,
     resume_attempts: Option<i64>,
     resume_window: Option<RawDuration>,
     resume_hello_timeout: Option<RawDuration>,
@@ -156,6 +159,17 @@ struct RawListen {
     metrics: Option<String>,
     max_connections: Option<i64>,
     handshake_timeout: Option<RawDuration>,
+    tls_handshake_timeout: Option<RawDuration>,
+    max_pending: Option<i64>,
+    max_pending_per_source: Option<i64>,
+    tcp_keepalive: Option<RawDuration>,
+    http_header_timeout: Option<RawDuration>,
+    http_max_connections: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawLegacy {
+    idle_timeout: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -165,6 +179,7 @@ struct RawDeviceTls {
     key_file: Option<PathBuf>,
     ciphers: Option<String>,
     min_version: Option<String>,
+    max_version: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,6 +196,7 @@ struct RawUpstream {
     ca_file: Option<PathBuf>,
     fingerprint_sha256: Option<String>,
     connect_timeout: Option<RawDuration>,
+    tcp_keepalive: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -207,6 +223,8 @@ struct RawLogging {
 #[derive(Debug, Default, Deserialize)]
 struct RawMetrics {
     per_device: Option<bool>,
+    per_device_max: Option<i64>,
+    per_device_idle: Option<RawDuration>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -238,6 +256,7 @@ pub struct Config {
     /// Where mirror mode replays device traffic; required for `dark_launch.mode = "mirror"`.
     pub upstream_shadow: Option<Upstream>,
     pub reload: Reload,
+    pub legacy: LegacyPath,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -312,6 +331,8 @@ pub struct Reliable {
     /// Bound of the upstream→device queue, bytes.
     pub upstream_queue_bytes: usize,
     pub backpressure_timeout: Duration,
+    /// A write to the device that has waited this long means it is not reading: the pair closes.
+    pub stuck_timeout: Duration,
     pub resume_attempts: u32,
     pub resume_window: Duration,
     /// How long a redialled upstream may take to answer the replayed hello.
@@ -350,8 +371,27 @@ impl Reliable {
 pub struct Listen {
     pub devices: SocketAddr,
     pub metrics: SocketAddr,
+    /// Routed device connections (past their hello) open at once.
     pub max_connections: usize,
+    /// From accept to the device's first frame (TLS included).
     pub handshake_timeout: Duration,
+    /// From accept to the end of the device-side TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Connections accepted that have not sent their hello yet, at once.
+    pub max_pending: usize,
+    /// Of those, from one source address.
+    pub max_pending_per_source: usize,
+    /// TCP keepalive idle time on device connections; zero disables.
+    pub tcp_keepalive: Duration,
+    pub http_header_timeout: Duration,
+    pub http_max_connections: usize,
+}
+
+/// The legacy path's own settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LegacyPath {
+    /// No device bytes for this long closes the pair (devices heartbeat after 21 s idle).
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -368,13 +408,15 @@ pub struct DeviceTls {
     pub key_file: Option<PathBuf>,
     pub ciphers: String,
     pub min_version: TlsVersion,
+    pub max_version: TlsVersion,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum TlsVersion {
     Tls10,
     Tls11,
     Tls12,
+    Tls13,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -394,6 +436,8 @@ pub struct Upstream {
     pub tls: bool,
     pub verify: UpstreamVerify,
     pub connect_timeout: Duration,
+    /// TCP keepalive idle time on upstream connections; zero disables.
+    pub tcp_keepalive: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -434,14 +478,92 @@ pub struct Logging {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricsConfig {
     pub per_device: bool,
+    /// Devices with their own series at most; the least recently seen make room.
+    pub per_device_max: usize,
+    /// A device's series are removed when it has not been seen for this long.
+    pub per_device_idle: Duration,
+}
+
+/// The largest configuration file read (a reference file is ~15 KiB).
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads a configuration (or secret) file: a regular file only — a FIFO, device or directory
+/// at the path is refused before it is opened, and it is opened non-blocking besides, so a
+/// path swapped for a FIFO can never hang the reader — and at most [`MAX_FILE_BYTES`].
+pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    use std::os::unix::fs::OpenOptionsExt;
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("larger than {MAX_FILE_BYTES} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Whether `path` can be read by others than its owner (`mask`: 0o044 group or others,
+/// 0o004 others only).
+fn readable_beyond_owner(path: &Path, mask: u32) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & mask != 0)
 }
 
 impl Config {
+    /// What is valid but unwise, for `check-config` and the start-up log: secrets readable by
+    /// others, device auth codes sent to an unverified shadow.
+    pub fn warnings(&self, path: Option<&Path>) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(key) = &self.device_tls.key_file {
+            if readable_beyond_owner(key, 0o044) {
+                out.push(format!(
+                    "device_tls.key_file {} is readable by group or others (chmod 600 it)",
+                    key.display()
+                ));
+            }
+        }
+        if let Some(p) = path {
+            if readable_beyond_owner(p, 0o004) {
+                out.push(format!(
+                    "the configuration {} is readable by others (chmod o-r it)",
+                    p.display()
+                ));
+            }
+        }
+        if self.dark_launch.mode == DarkMode::Mirror {
+            if let Some(u) = &self.upstream_shadow {
+                if !u.tls || u.verify == UpstreamVerify::None {
+                    out.push(
+                        "dark_launch.mode = \"mirror\" sends every shadowed device's hello, auth code included, to upstream.shadow, whose identity is not verified: set upstream.shadow.tls = true and verify = \"ca\" or \"fingerprint\"".into(),
+                    );
+                }
+            }
+        }
+        out
+    }
+
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let bytes = read_regular(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
+        })?;
+        let text = String::from_utf8(bytes).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         })?;
         Self::parse(&text)
     }
@@ -457,11 +579,12 @@ impl Config {
         }) {
             Ok(raw) => raw,
             Err(e) => {
-                problems.push(Problem {
+                // Nothing past a syntax error can be judged: report it alone, not the
+                // "missing" keys the unparsed file seems to lack.
+                return Err(ConfigError::Invalid(vec![Problem {
                     key: "(file)".into(),
                     message: e.to_string().trim().replace('\n', " "),
-                });
-                RawConfig::default()
+                }]));
             }
         };
         for key in unknown {
@@ -597,7 +720,52 @@ impl Validator<'_> {
                 raw.listen.handshake_timeout,
                 Duration::from_secs(10),
             ),
+            tls_handshake_timeout: self.positive_duration(
+                "listen.tls_handshake_timeout",
+                raw.listen.tls_handshake_timeout,
+                Duration::from_secs(5),
+            ),
+            max_pending: self.int_in(
+                "listen.max_pending",
+                raw.listen.max_pending,
+                1024,
+                1,
+                1_000_000,
+            ),
+            max_pending_per_source: self.int_in(
+                "listen.max_pending_per_source",
+                raw.listen.max_pending_per_source,
+                64,
+                1,
+                1_000_000,
+            ),
+            tcp_keepalive: self.duration(
+                "listen.tcp_keepalive",
+                raw.listen.tcp_keepalive,
+                Duration::from_secs(60),
+            ),
+            http_header_timeout: self.positive_duration(
+                "listen.http_header_timeout",
+                raw.listen.http_header_timeout,
+                Duration::from_secs(10),
+            ),
+            http_max_connections: self.int_in(
+                "listen.http_max_connections",
+                raw.listen.http_max_connections,
+                64,
+                1,
+                100_000,
+            ),
         };
+        if listen.max_pending_per_source > listen.max_pending {
+            self.problem(
+                "listen.max_pending_per_source",
+                format!(
+                    "{} is above listen.max_pending ({})",
+                    listen.max_pending_per_source, listen.max_pending
+                ),
+            );
+        }
         let device_tls = self.device_tls(raw.device_tls);
         let upstream_legacy = match raw.upstream.legacy {
             Some(u) => self.upstream("upstream.legacy", u),
@@ -653,6 +821,25 @@ impl Validator<'_> {
             logging,
             metrics: MetricsConfig {
                 per_device: raw.metrics.per_device.unwrap_or(false),
+                per_device_max: self.int_in(
+                    "metrics.per_device_max",
+                    raw.metrics.per_device_max,
+                    256,
+                    1,
+                    100_000,
+                ),
+                per_device_idle: self.positive_duration(
+                    "metrics.per_device_idle",
+                    raw.metrics.per_device_idle,
+                    Duration::from_secs(3600),
+                ),
+            },
+            legacy: LegacyPath {
+                idle_timeout: self.positive_duration(
+                    "legacy.idle_timeout",
+                    raw.legacy.idle_timeout,
+                    Duration::from_secs(90),
+                ),
             },
             routing: self.routing(raw.routing),
             dark_launch: self.dark_launch(raw.dark_launch, raw.upstream.shadow.is_some()),
@@ -850,6 +1037,11 @@ impl Validator<'_> {
                 raw.backpressure_timeout,
                 Duration::from_secs(2),
             ),
+            stuck_timeout: self.positive_duration(
+                "reliable.stuck_timeout",
+                raw.stuck_timeout,
+                Duration::from_secs(30),
+            ),
             resume_attempts: self.int_in(
                 "reliable.resume_attempts",
                 raw.resume_attempts,
@@ -949,24 +1141,36 @@ impl Validator<'_> {
         if ciphers.trim().is_empty() {
             self.problem("device_tls.ciphers", "must not be empty");
         }
-        let min_version = match raw.min_version.as_deref().unwrap_or("tls1.2") {
-            "tls1.0" => TlsVersion::Tls10,
-            "tls1.1" => TlsVersion::Tls11,
-            "tls1.2" => TlsVersion::Tls12,
-            other => {
-                self.problem(
-                    "device_tls.min_version",
-                    format!("{other:?} is not one of \"tls1.0\", \"tls1.1\", \"tls1.2\""),
-                );
-                TlsVersion::Tls12
-            }
-        };
+        let min_version = self.tls_version("device_tls.min_version", raw.min_version, "tls1.2");
+        let max_version = self.tls_version("device_tls.max_version", raw.max_version, "tls1.3");
+        if max_version < min_version {
+            self.problem("device_tls.max_version", "is below device_tls.min_version");
+        }
         DeviceTls {
             mode,
             cert_file: raw.cert_file,
             key_file: raw.key_file,
             ciphers,
             min_version,
+            max_version,
+        }
+    }
+
+    fn tls_version(&mut self, key: &str, raw: Option<String>, default: &str) -> TlsVersion {
+        match raw.as_deref().unwrap_or(default) {
+            "tls1.0" => TlsVersion::Tls10,
+            "tls1.1" => TlsVersion::Tls11,
+            "tls1.2" => TlsVersion::Tls12,
+            "tls1.3" => TlsVersion::Tls13,
+            other => {
+                self.problem(
+                    key,
+                    format!(
+                        "{other:?} is not one of \"tls1.0\", \"tls1.1\", \"tls1.2\", \"tls1.3\""
+                    ),
+                );
+                TlsVersion::Tls12
+            }
         }
     }
 
@@ -1014,6 +1218,11 @@ impl Validator<'_> {
                 &format!("{prefix}.connect_timeout"),
                 raw.connect_timeout,
                 Duration::from_secs(3),
+            ),
+            tcp_keepalive: self.duration(
+                &format!("{prefix}.tcp_keepalive"),
+                raw.tcp_keepalive,
+                Duration::from_secs(60),
             ),
         }
     }
@@ -1110,6 +1319,15 @@ connect_timeout = "-2s"
         ] {
             assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
         }
+    }
+
+    #[test]
+    fn a_syntax_error_is_reported_alone() {
+        let err = Config::parse("[upstream.legacy\naddress = \"127.0.0.1:1\"\n").expect_err("bad");
+        let p = err.problems();
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "(file)");
+        assert!(!p[0].message.contains("required"), "{p:?}");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::admin::{self, Health};
 use crate::config::{Config, DeviceTlsMode};
-use crate::listener::{ConnContext, Listener};
+use crate::listener::{Admission, ConnContext, Listener};
 use crate::logging::LogLimit;
 use crate::metrics::{Metrics, MetricsError};
 use crate::rehome::{self, Registry};
@@ -49,6 +49,21 @@ pub enum GatewayError {
     LocalAddr(std::io::Error),
 }
 
+/// File descriptors a configuration may need at once: two per routed connection (device and
+/// upstream), one per connection waiting for its hello, the HTTP connections, and 64 spare
+/// (listeners, log files, resolver, dark-launch mirrors on a small share).
+pub fn fds_needed(cfg: &Config) -> u64 {
+    let l = &cfg.listen;
+    2 * l.max_connections as u64 + l.max_pending as u64 + l.http_max_connections as u64 + 64
+}
+
+/// The process's soft open-file limit, if it can be read.
+pub fn fd_limit() -> Option<u64> {
+    rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
+}
+
 pub struct Gateway {
     pub device_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
@@ -60,6 +75,8 @@ pub struct Gateway {
     pub live: Arc<Live>,
     /// Open routed connections.
     pub registry: Arc<Registry>,
+    /// The connection budgets (for tests and diagnostics).
+    pub admission: Arc<Admission>,
     shutdown: Shutdown,
     http_stop: CancellationToken,
     listener_task: JoinHandle<()>,
@@ -86,7 +103,11 @@ impl Gateway {
         devices: TcpListener,
         http: TcpListener,
     ) -> Result<Gateway, GatewayError> {
-        let metrics = Arc::new(Metrics::new(config.metrics.per_device)?);
+        let metrics = Arc::new(Metrics::with_device_limits(
+            config.metrics.per_device,
+            config.metrics.per_device_max,
+            config.metrics.per_device_idle,
+        )?);
         let (acceptor, generated_cert) = match config.device_tls.mode {
             DeviceTlsMode::Plain => (None, None),
             DeviceTlsMode::Tls => {
@@ -125,6 +146,7 @@ impl Gateway {
             metrics.clone(),
             shutdown.token(),
         ));
+        let admission = Admission::new(&live.config().listen);
         let ctx = Arc::new(ConnContext {
             live: live.clone(),
             registry: registry.clone(),
@@ -138,13 +160,19 @@ impl Gateway {
                 log: Arc::new(LogLimit::default()),
             },
             shutdown: shutdown.token(),
+            admission: admission.clone(),
         });
         let listener = Listener::new(devices, ctx, shutdown.tasks());
         let listener_task = tokio::spawn(listener.run());
+        let limits = admin::HttpLimits {
+            header_timeout: live.config().listen.http_header_timeout,
+            max_connections: live.config().listen.http_max_connections,
+        };
         let http_task = tokio::spawn(admin::serve_metrics(
             http,
             metrics.clone(),
             health.clone(),
+            limits,
             http_stop.clone(),
         ));
         health.set_ready();
@@ -157,6 +185,7 @@ impl Gateway {
             generated_cert,
             live,
             registry,
+            admission,
             shutdown,
             http_stop,
             listener_task,

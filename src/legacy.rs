@@ -50,12 +50,14 @@ pub enum CloseReason {
     UpstreamError,
     HalfCloseTimeout,
     Drained,
-    /// New path: no device bytes for `reliable.idle_timeout`.
+    /// No device bytes for `legacy.idle_timeout` (legacy) or `reliable.idle_timeout` (new).
     IdleTimeout,
     /// New path: the device→upstream queue was full of frames that cannot be shed.
     QueueFull,
     /// New path: the upstream dropped and could not be redialled.
     ResumeFailed,
+    /// New path: the device read nothing for `reliable.stuck_timeout` while its queue was full.
+    DeviceStuck,
     /// Closed so the device redials onto its new path.
     Rehomed,
 }
@@ -74,6 +76,7 @@ impl CloseReason {
             Self::IdleTimeout => "idle_timeout",
             Self::QueueFull => "queue_full",
             Self::ResumeFailed => "resume_failed",
+            Self::DeviceStuck => "device_stuck",
             Self::Rehomed => "rehomed",
         }
     }
@@ -84,6 +87,8 @@ struct ObserverState {
     dev_tap: Tap,
     srv_tap: Tap,
     events: Vec<Event>,
+    /// When the device last sent anything.
+    last_device: Instant,
 }
 
 /// Decodes copies of both directions of one connection and records what it sees.
@@ -113,6 +118,7 @@ impl Observer {
                 dev_tap: Tap::new(max_frame_len),
                 srv_tap: Tap::new(max_frame_len),
                 events: Vec::new(),
+                last_device: Instant::now(),
             }),
             shadow: None,
         }
@@ -154,7 +160,10 @@ impl Observer {
         let mut guard = self.lock();
         let st = &mut *guard;
         let out = match dir {
-            Direction::DevToSrv => st.dev_tap.feed(read),
+            Direction::DevToSrv => {
+                st.last_device = now;
+                st.dev_tap.feed(read)
+            }
             Direction::SrvToDev => st.srv_tap.feed(read),
         };
         for seg in &out.segments {
@@ -182,6 +191,9 @@ impl Observer {
         if !st.events.is_empty() {
             self.metrics.record(self.transport, self.device, &st.events);
             st.events.clear();
+            if st.events.capacity() > 64 {
+                st.events.shrink_to(8);
+            }
         }
     }
 
@@ -215,6 +227,11 @@ impl Observer {
 
     pub fn pending_commands(&self) -> usize {
         self.lock().tracker.pending_commands()
+    }
+
+    /// How long the device has been silent at `now`.
+    pub fn device_silent_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.lock().last_device)
     }
 
     /// Bytes read in `dir` while the pair was closing, not forwarded.
@@ -306,6 +323,7 @@ pub async fn run(
     first: &[u8],
     obs: &Observer,
     stop: &ConnStop,
+    idle_timeout: Duration,
 ) -> CloseReason {
     if !first.is_empty() {
         obs.observe(Direction::DevToSrv, first);
@@ -386,6 +404,11 @@ pub async fn run(
                     obs.tick();
                     if half_closed_at.is_some_and(|t| t.elapsed() >= HALF_CLOSE_GRACE) {
                         break CloseReason::HalfCloseTimeout;
+                    }
+                    // A device heartbeats after 21 s of silence; one that has said nothing
+                    // for far longer is gone (Wi-Fi lost, no FIN), and holds two sockets.
+                    if !up_done && obs.device_silent_for(Instant::now()) >= idle_timeout {
+                        break CloseReason::IdleTimeout;
                     }
                 }
                 _ = async {

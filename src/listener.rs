@@ -6,12 +6,20 @@
 //! - A connection is routed only after its first frame has been read, within
 //!   `handshake_timeout`; without a valid 0x23 in time it goes to legacy with
 //!   `reason="no_handshake"`. Whatever was read is replayed upstream verbatim, as one write.
-//! - The connection limit is a semaphore permit held for the connection's whole life; a refused
-//!   connection is closed at once, counted, and logged at most once per [`LIMIT_LOG_EVERY`].
+//! - Two budgets ([`Admission`]): from accept until its hello a connection holds a pre-hello
+//!   slot (`listen.max_pending`, at most `max_pending_per_source` per source address), so a
+//!   flood of stalled handshakes cannot take the slots devices need; once routed it holds one
+//!   of `listen.max_connections` for its whole life. A refused connection is closed at once,
+//!   counted by reason, and logged at most once per [`LIMIT_LOG_EVERY`].
+//! - The TLS handshake has its own, shorter deadline (`tls_handshake_timeout`), and a
+//!   connection that sent nothing at all within `handshake_timeout` is closed without dialling
+//!   the add-on.
 //! - On shutdown the accept loop stops at once (the listening socket closes) while accepted
 //!   connections drain on their own.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -53,35 +61,126 @@ pub struct ConnContext {
     /// Dark launch: where mirror mode replays device traffic, and what shadows share.
     pub shadow: ShadowCtx,
     pub shutdown: CancellationToken,
+    pub admission: Arc<Admission>,
 }
 
 pub struct Listener {
     listener: TcpListener,
     ctx: Arc<ConnContext>,
-    limit: Arc<Semaphore>,
     tasks: TaskTracker,
+}
+
+/// The admission budgets: routed connections, and the smaller pre-hello budget (overall and
+/// per source address) that a connection holds from accept until its hello has been read.
+pub struct Admission {
+    routed: Arc<Semaphore>,
+    pending: Arc<Semaphore>,
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+    max_per_source: usize,
+    /// Refusals since the last warning, and when that was.
+    refused: Mutex<(u64, Option<Instant>)>,
+}
+
+/// A pre-hello slot: one of `max_pending`, and one of its source's. Released on drop.
+pub struct PendingSlot {
+    admission: Arc<Admission>,
+    source: IpAddr,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .admission
+            .per_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.source);
+            }
+        }
+    }
+}
+
+impl Admission {
+    pub fn new(listen: &crate::config::Listen) -> Arc<Admission> {
+        Arc::new(Admission {
+            routed: Arc::new(Semaphore::new(listen.max_connections)),
+            pending: Arc::new(Semaphore::new(listen.max_pending)),
+            per_source: Mutex::new(HashMap::new()),
+            max_per_source: listen.max_pending_per_source,
+            refused: Mutex::new((0, None)),
+        })
+    }
+
+    /// A pre-hello slot for a connection from `source`, or why there is none.
+    fn pending(self: &Arc<Self>, source: IpAddr) -> Result<PendingSlot, &'static str> {
+        let mut map = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(source).or_insert(0);
+        if *n >= self.max_per_source {
+            if *n == 0 {
+                map.remove(&source);
+            }
+            return Err("source_limit");
+        }
+        let permit = self
+            .pending
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "pending_limit")?;
+        *n += 1;
+        Ok(PendingSlot {
+            admission: self.clone(),
+            source,
+            _permit: permit,
+        })
+    }
+
+    /// Pre-hello slots free now.
+    pub fn pending_free(&self) -> usize {
+        self.pending.available_permits()
+    }
+
+    /// Routed slots free now.
+    pub fn routed_free(&self) -> usize {
+        self.routed.available_permits()
+    }
+
+    /// Counts a refusal and warns at most every [`LIMIT_LOG_EVERY`], with how many were
+    /// refused meanwhile.
+    fn refuse(&self, metrics: &Metrics, reason: &'static str, peer: SocketAddr) {
+        metrics
+            .connections_rejected
+            .with_label_values(&[reason])
+            .inc();
+        let mut r = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        r.0 += 1;
+        if r.1.map_or(true, |t| t.elapsed() >= LIMIT_LOG_EVERY) {
+            warn!(
+                %peer,
+                reason,
+                refused = r.0,
+                "refusing new device connections: a connection budget is full (listen.max_connections, max_pending, max_pending_per_source)"
+            );
+            *r = (0, Some(Instant::now()));
+        }
+    }
 }
 
 impl Listener {
     pub fn new(listener: TcpListener, ctx: Arc<ConnContext>, tasks: TaskTracker) -> Listener {
-        let limit = Arc::new(Semaphore::new(ctx.live.config().listen.max_connections));
         Listener {
             listener,
             ctx,
-            limit,
             tasks,
         }
-    }
-
-    fn limit_size(&self) -> usize {
-        self.ctx.live.config().listen.max_connections
     }
 
     /// Accepts until shutdown. Accept errors (e.g. out of file descriptors) are logged and
     /// retried with a short backoff rather than ending the daemon.
     pub async fn run(self) {
-        let mut last_limit_log: Option<Instant> = None;
-        let mut refused_since_log = 0u64;
         let mut backoff = Duration::from_millis(10);
         loop {
             let accepted = tokio::select! {
@@ -100,25 +199,10 @@ impl Listener {
                     continue;
                 }
             };
-            let permit = match self.limit.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(_) => {
-                    self.ctx
-                        .metrics
-                        .connections_rejected
-                        .with_label_values(&["limit"])
-                        .inc();
-                    refused_since_log += 1;
-                    if last_limit_log.map_or(true, |t| t.elapsed() >= LIMIT_LOG_EVERY) {
-                        warn!(
-                            %peer,
-                            max_connections = self.limit_size(),
-                            refused = refused_since_log,
-                            "connection limit reached; refusing new device connections (raise listen.max_connections or add instances)"
-                        );
-                        last_limit_log = Some(Instant::now());
-                        refused_since_log = 0;
-                    }
+            let slot = match self.ctx.admission.pending(peer.ip()) {
+                Ok(s) => s,
+                Err(reason) => {
+                    self.ctx.admission.refuse(&self.ctx.metrics, reason, peer);
                     drop(tcp);
                     continue;
                 }
@@ -130,7 +214,8 @@ impl Listener {
                 device = field::Empty,
                 route = field::Empty
             );
-            self.tasks.spawn(handle(ctx, tcp, permit).instrument(span));
+            self.tasks
+                .spawn(handle(ctx, tcp, peer, slot).instrument(span));
         }
         debug!("device listener stopped accepting");
     }
@@ -197,17 +282,21 @@ impl Drop for ActiveGuard {
     }
 }
 
-async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePermit) {
+async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, peer: SocketAddr, slot: PendingSlot) {
     let _ = tcp.set_nodelay(true);
     let cfg = ctx.live.config();
+    let _ = crate::upstream::set_keepalive(&tcp, cfg.listen.tcp_keepalive);
     let metrics = &ctx.metrics;
-    let deadline = Instant::now() + cfg.listen.handshake_timeout;
+    let accepted_at = Instant::now();
+    let deadline = accepted_at + cfg.listen.handshake_timeout;
     let mut device = match &ctx.acceptor {
         None => Stream::Plain(tcp),
         Some(acc) => {
+            // Devices finish TLS in ~100 ms; the hello may take longer after it.
+            let tls_deadline = (accepted_at + cfg.listen.tls_handshake_timeout).min(deadline);
             let accepted = tokio::select! {
                 _ = ctx.shutdown.cancelled() => return,
-                r = tokio::time::timeout_at(deadline, tls::accept(acc, tcp)) => r,
+                r = tokio::time::timeout_at(tls_deadline, tls::accept(acc, tcp)) => r,
             };
             match accepted {
                 Ok(Ok(s)) => s,
@@ -242,6 +331,25 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
         debug!("device closed before sending anything");
         return;
     };
+    if first.is_empty() {
+        // Nothing at all in handshake_timeout: not a device that could be served, and not
+        // worth an add-on connection.
+        metrics
+            .connections_rejected
+            .with_label_values(&["silent"])
+            .inc();
+        debug!("nothing received within handshake_timeout; closing without dialling");
+        return;
+    }
+    // Past the hello: from here on a routed slot, not a pre-hello one.
+    let _permit = match ctx.admission.routed.clone().try_acquire_owned() {
+        Ok(p) => p,
+        Err(_) => {
+            ctx.admission.refuse(metrics, "limit", peer);
+            return;
+        }
+    };
+    drop(slot);
     let span = tracing::Span::current();
     let device_id = match hello {
         Hello::Device(id) => {
@@ -334,7 +442,15 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, _permit: OwnedSemaphorePe
                 }
                 _ => obs,
             };
-            legacy::run(device, upstream, &first, &obs, &stop).await
+            legacy::run(
+                device,
+                upstream,
+                &first,
+                &obs,
+                &stop,
+                cfg.legacy.idle_timeout,
+            )
+            .await
         }
     };
     // No longer active by the time the close is counted, so a scrape never sees both.

@@ -15,6 +15,7 @@ use cync_gateway::shutdown::{self, DrainOutcome};
 
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_CONFIG: u8 = 64;
+const EXIT_SECOND_SIGNAL: u8 = 130;
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +35,10 @@ enum Cmd {
         /// Configuration file.
         #[arg(long, short, default_value = "/etc/cync-gateway/gateway.toml")]
         config: PathBuf,
+        /// Refuse to start when the file-descriptor limit is below what the configuration
+        /// may need (by default that is only a warning).
+        #[arg(long)]
+        strict: bool,
     },
     /// Everything in one process on loopback: fake add-on, gateway, simulated devices, live summary.
     Demo {
@@ -61,7 +66,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Cmd::CheckConfig { file } => check_config(&file),
-        Cmd::Run { config } => run(&config),
+        Cmd::Run { config, strict } => run(&config, strict),
         Cmd::Demo {
             duration,
             devices,
@@ -79,7 +84,10 @@ fn main() -> ExitCode {
 
 fn check_config(file: &std::path::Path) -> ExitCode {
     match Config::load(file) {
-        Ok(_) => {
+        Ok(c) => {
+            for w in c.warnings(Some(file)) {
+                eprintln!("warning: {w}");
+            }
             println!("{}: OK", file.display());
             ExitCode::SUCCESS
         }
@@ -117,7 +125,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
         .build()
 }
 
-fn run(path: &std::path::Path) -> ExitCode {
+fn run(path: &std::path::Path, strict: bool) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -132,6 +140,22 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    for w in config.warnings(Some(path)) {
+        tracing::warn!("{w}");
+    }
+    let needed = cync_gateway::gateway::fds_needed(&config);
+    if let Some(limit) = cync_gateway::gateway::fd_limit() {
+        if limit < needed {
+            let msg = format!(
+                "the open-file limit is {limit}, below the {needed} this configuration may need (2 per listen.max_connections, listen.max_pending, listen.http_max_connections, and 64 spare): raise LimitNOFILE / ulimit -n, or lower listen.max_connections"
+            );
+            if strict {
+                eprintln!("cync-gateway: {msg}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+            tracing::warn!("{msg}");
+        }
+    }
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -140,7 +164,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     let config_path = path.to_path_buf();
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         let drain_timeout = config.shutdown.drain_timeout;
         let signals = match shutdown::Signals::install() {
             Ok(s) => s,
@@ -159,11 +183,19 @@ fn run(path: &std::path::Path) -> ExitCode {
         };
         let (hup_tx, hup_rx) = tokio::sync::mpsc::unbounded_channel();
         let sd = gw.shutdown_handle();
-        signals.spawn(sd.clone(), hup_tx);
+        let exit_now = std::sync::Arc::new(tokio::sync::Notify::new());
+        signals.spawn(sd.clone(), hup_tx, exit_now.clone());
         gw.watch_config(&config_path, hup_rx);
         sd.token().cancelled().await;
-        match gw.shutdown(drain_timeout).await {
-            DrainOutcome::Clean | DrainOutcome::TimedOut { .. } => ExitCode::SUCCESS,
+        tokio::select! {
+            outcome = gw.shutdown(drain_timeout) => match outcome {
+                DrainOutcome::Clean | DrainOutcome::TimedOut { .. } => ExitCode::SUCCESS,
+            },
+            _ = exit_now.notified() => ExitCode::from(EXIT_SECOND_SIGNAL),
         }
-    })
+    });
+    // Whatever is still running (a drain cut short) is abandoned here, not waited for.
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    // The log guard drops after this, flushing every line written so far.
+    code
 }

@@ -51,9 +51,21 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0,
 ];
 
+/// The devices that have their own series (`metrics.per_device`), least recently seen first.
+struct DeviceSeries {
+    seen: lru::LruCache<DeviceId, tokio::time::Instant>,
+    idle: std::time::Duration,
+    last_sweep: Option<tokio::time::Instant>,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Every family registered, whether or not it has series yet.
+    names: Vec<String>,
     per_device: bool,
+    devices: std::sync::Mutex<DeviceSeries>,
+    pub device_series_evicted: prometheus::IntCounter,
+    pub http_rejected: prometheus::IntCounter,
     pub connections_active: IntGaugeVec,
     pub connections_total: IntCounterVec,
     pub connections_rejected: IntCounterVec,
@@ -91,19 +103,33 @@ pub struct Metrics {
     pub draining: IntGauge,
 }
 
+/// Registers `c`, noting its family names (families without series are not rendered, and the
+/// documentation test must still see them).
+fn register(
+    r: &Registry,
+    names: &mut Vec<String>,
+    c: Box<dyn prometheus::core::Collector>,
+) -> Result<(), MetricsError> {
+    names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
+    r.register(c)?;
+    Ok(())
+}
+
 fn counter(
     r: &Registry,
+    names: &mut Vec<String>,
     name: &str,
     help: &str,
     labels: &[&str],
 ) -> Result<IntCounterVec, MetricsError> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(c.clone()))?;
+    register(r, names, Box::new(c.clone()))?;
     Ok(c)
 }
 
 fn histogram(
     r: &Registry,
+    names: &mut Vec<String>,
     name: &str,
     help: &str,
     labels: &[&str],
@@ -112,13 +138,25 @@ fn histogram(
         HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
         labels,
     )?;
-    r.register(Box::new(h.clone()))?;
+    register(r, names, Box::new(h.clone()))?;
     Ok(h)
 }
 
 impl Metrics {
+    /// With the default per-device limits (256 devices, evicted after an hour unseen).
     pub fn new(per_device: bool) -> Result<Metrics, MetricsError> {
+        Self::with_device_limits(per_device, 256, std::time::Duration::from_secs(3600))
+    }
+
+    /// `per_device_max` devices at most have their own series; one unseen for `idle` loses
+    /// them, and the least recently seen makes room for a new one. Evictions are counted.
+    pub fn with_device_limits(
+        per_device: bool,
+        per_device_max: usize,
+        idle: std::time::Duration,
+    ) -> Result<Metrics, MetricsError> {
         let r = Registry::new();
+        let mut names = Vec::new();
         let cmd_labels: &[&str] = if per_device {
             &["transport", "outcome", "device_id"]
         } else {
@@ -133,11 +171,11 @@ impl Metrics {
             Opts::new("tcp_comm_connections_active", "Device connections open now"),
             &["transport"],
         )?;
-        r.register(Box::new(connections_active.clone()))?;
+        register(&r, &mut names, Box::new(connections_active.clone()))?;
         let ready = IntGauge::new("tcp_comm_ready", "1 while /readyz reports ready")?;
-        r.register(Box::new(ready.clone()))?;
+        register(&r, &mut names, Box::new(ready.clone()))?;
         let draining = IntGauge::new("tcp_comm_draining", "1 while shutting down")?;
-        r.register(Box::new(draining.clone()))?;
+        register(&r, &mut names, Box::new(draining.clone()))?;
         let queue_bytes = IntGaugeVec::new(
             Opts::new(
                 "tcp_comm_queue_bytes",
@@ -145,159 +183,199 @@ impl Metrics {
             ),
             &["transport", "direction"],
         )?;
-        r.register(Box::new(queue_bytes.clone()))?;
+        register(&r, &mut names, Box::new(queue_bytes.clone()))?;
         let canary_percent = prometheus::Gauge::new(
             "tcp_comm_canary_percentage",
             "Configured share of devices routed to the new path (percent)",
         )?;
-        r.register(Box::new(canary_percent.clone()))?;
+        register(&r, &mut names, Box::new(canary_percent.clone()))?;
         let canary_effective_percent = prometheus::Gauge::new(
             "tcp_comm_canary_effective_percentage",
             "Share of devices routed to the new path now: the configured one, or 0 while the rollback latch is set",
         )?;
-        r.register(Box::new(canary_effective_percent.clone()))?;
+        register(&r, &mut names, Box::new(canary_effective_percent.clone()))?;
         let config_restart_required = IntGauge::new(
             "tcp_comm_config_restart_required",
             "1 while the config file changes settings that only a restart applies",
         )?;
-        r.register(Box::new(config_restart_required.clone()))?;
+        register(&r, &mut names, Box::new(config_restart_required.clone()))?;
         let mirror_dropped_bytes = prometheus::IntCounter::new(
             "tcp_comm_mirror_dropped_bytes_total",
             "Dark launch (mirror): bytes of device reads not replayed to the shadow upstream (queue full, or waiting for a frame boundary after that)",
         )?;
-        r.register(Box::new(mirror_dropped_bytes.clone()))?;
+        register(&r, &mut names, Box::new(mirror_dropped_bytes.clone()))?;
         let build = IntGaugeVec::new(
             Opts::new("tcp_comm_build_info", "Build information; always 1"),
             &["version"],
         )?;
-        r.register(Box::new(build.clone()))?;
+        register(&r, &mut names, Box::new(build.clone()))?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let device_series_evicted = prometheus::IntCounter::new(
+            "tcp_comm_device_series_evicted_total",
+            "Devices whose per-device series were removed (metrics.per_device_max reached, or unseen for metrics.per_device_idle)",
+        )?;
+        register(&r, &mut names, Box::new(device_series_evicted.clone()))?;
+        let http_rejected = prometheus::IntCounter::new(
+            "tcp_comm_http_rejected_total",
+            "HTTP connections to /metrics, /healthz, /readyz closed at accept because listen.http_max_connections were open",
+        )?;
+        register(&r, &mut names, Box::new(http_rejected.clone()))?;
+        let cap =
+            std::num::NonZeroUsize::new(per_device_max).unwrap_or(std::num::NonZeroUsize::MIN);
 
         let m = Metrics {
             per_device,
+            devices: std::sync::Mutex::new(DeviceSeries {
+                seen: lru::LruCache::new(cap),
+                idle,
+                last_sweep: None,
+            }),
+            device_series_evicted,
+            http_rejected,
             connections_active,
             connections_total: counter(
                 &r,
+                &mut names,
                 "tcp_comm_connections_total",
                 "Device connections routed, by path",
                 &["transport"],
             )?,
             connections_rejected: counter(
                 &r,
+                &mut names,
                 "tcp_comm_connections_rejected_total",
                 "Device connections refused before routing",
                 &["reason"],
             )?,
             connection_closes: counter(
                 &r,
+                &mut names,
                 "tcp_comm_connection_closes_total",
                 "Device connections ended, by why",
                 &["transport", "reason"],
             )?,
             bytes: counter(
                 &r,
+                &mut names,
                 "tcp_comm_bytes_total",
                 "Bytes forwarded",
                 &["transport", "direction"],
             )?,
             packets: counter(
                 &r,
+                &mut names,
                 "tcp_comm_packets_total",
                 "Packets decoded from forwarded traffic",
                 &["transport", "direction", "packet_type"],
             )?,
             decode_errors: counter(
                 &r,
+                &mut names,
                 "tcp_comm_decode_errors_total",
                 "Frames the decoder rejected (still forwarded on the legacy path)",
                 &["transport", "direction", "reason"],
             )?,
             unframed_bytes: counter(
                 &r,
+                &mut names,
                 "tcp_comm_unframed_bytes_total",
                 "Bytes that could not be framed (stray bytes, junk headers, frames cut short), forwarded verbatim",
                 &["transport", "direction"],
             )?,
             close_dropped_bytes: counter(
                 &r,
+                &mut names,
                 "tcp_comm_close_dropped_bytes_total",
                 "Bytes read from one side but not delivered to the other because the pair closed",
                 &["transport", "direction"],
             )?,
             retries_skipped: counter(
                 &r,
+                &mut names,
                 "tcp_comm_retries_skipped_total",
                 "Command retries that were due but not sent, by why",
                 &["transport", "reason"],
             )?,
             routing_decisions: counter(
                 &r,
+                &mut names,
                 "tcp_comm_routing_decisions_total",
                 "Routing decisions, by path and reason",
                 &["transport", "reason"],
             )?,
             upstream_connect_errors: counter(
                 &r,
+                &mut names,
                 "tcp_comm_upstream_connect_errors_total",
                 "Failed upstream connects",
                 &["transport", "reason"],
             )?,
             packet_sent: counter(
                 &r,
+                &mut names,
                 "tcp_comm_packet_sent_total",
                 "Commands (srv->dev 0x73 f8) by outcome",
                 cmd_labels,
             )?,
             packet_latency: histogram(
                 &r,
+                &mut names,
                 "tcp_comm_packet_latency_seconds",
                 "Command latency: first forward to the device's f9 reply",
                 lat_labels,
             )?,
             ack_received: counter(
                 &r,
+                &mut names,
                 "tcp_comm_ack_received_total",
                 "0x7b acknowledgements of srv->dev 0x73, by outcome",
                 &["transport", "outcome"],
             )?,
             ack_latency: histogram(
                 &r,
+                &mut names,
                 "tcp_comm_ack_latency_seconds",
                 "srv->dev 0x73 to the device's 0x7b",
                 &["transport"],
             )?,
             replies: counter(
                 &r,
+                &mut names,
                 "tcp_comm_replies_total",
                 "Request/reply pairs by request type and outcome",
                 &["transport", "request_type", "outcome"],
             )?,
             reply_latency: histogram(
                 &r,
+                &mut names,
                 "tcp_comm_reply_latency_seconds",
                 "Request to reply latency by request type",
                 &["transport", "request_type"],
             )?,
             heartbeats: counter(
                 &r,
+                &mut names,
                 "tcp_comm_heartbeats_total",
                 "Device heartbeats (0xd3) by outcome",
                 &["transport", "outcome"],
             )?,
             retransmits: counter(
                 &r,
+                &mut names,
                 "tcp_comm_packet_retransmit_total",
                 "Commands re-sent to the device because no reply came within ack_timeout",
                 &["transport"],
             )?,
             idempotent_drops: counter(
                 &r,
+                &mut names,
                 "tcp_comm_idempotent_drops_total",
                 "Device frames not forwarded because upstream already had one for that command",
                 &["transport", "packet_type", "reason"],
             )?,
             queue_full: counter(
                 &r,
+                &mut names,
                 "tcp_comm_queue_full_total",
                 "Frames that met a full queue, by what was done about it",
                 &["transport", "direction", "action"],
@@ -305,12 +383,14 @@ impl Metrics {
             queue_bytes,
             resumptions: counter(
                 &r,
+                &mut names,
                 "tcp_comm_resumptions_total",
                 "Upstream connections lost under a live device, by how resuming ended",
                 &["transport", "outcome"],
             )?,
             resume_frames: counter(
                 &r,
+                &mut names,
                 "tcp_comm_resume_frames_total",
                 "Frames the session handled itself around an upstream resumption",
                 &["transport", "action"],
@@ -319,6 +399,7 @@ impl Metrics {
             canary_effective_percent,
             config_reloads: counter(
                 &r,
+                &mut names,
                 "tcp_comm_config_reloads_total",
                 "Configuration reloads by result",
                 &["result"],
@@ -326,18 +407,21 @@ impl Metrics {
             config_restart_required,
             rehomes: counter(
                 &r,
+                &mut names,
                 "tcp_comm_rehomes_total",
                 "Open connections closed so the device redials onto its new path",
                 &["from", "to"],
             )?,
             shadow_comparisons: counter(
                 &r,
+                &mut names,
                 "tcp_comm_shadow_comparisons_total",
                 "Dark launch (mirror): the shadow upstream's replies compared with the legacy upstream's",
                 &["result", "packet_type"],
             )?,
             shadow_lost: counter(
                 &r,
+                &mut names,
                 "tcp_comm_shadow_upstream_lost_total",
                 "Dark launch (mirror): shadow upstream connections lost, by why",
                 &["reason"],
@@ -346,12 +430,18 @@ impl Metrics {
             ready,
             draining,
             registry: r,
+            names,
         };
         Ok(m)
     }
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The name of every family, rendered yet or not.
+    pub fn family_names(&self) -> &[String] {
+        &self.names
     }
 
     /// The text exposition format.
@@ -445,6 +535,9 @@ impl Metrics {
     ) {
         let dev = device.map(|d| d.to_hex()).unwrap_or_default();
         if self.per_device {
+            if let Some(d) = device {
+                self.device_seen(d);
+            }
             self.packet_sent
                 .with_label_values(&[t.label(), outcome.label(), &dev])
                 .inc();
@@ -462,6 +555,52 @@ impl Metrics {
                     .with_label_values(&[t.label()])
                     .observe(l.as_secs_f64());
             }
+        }
+    }
+
+    /// Keeps `d`'s series within the limits: refreshes it, makes room by evicting the least
+    /// recently seen device, and at most once a minute drops devices unseen for too long.
+    fn device_seen(&self, d: DeviceId) {
+        let now = tokio::time::Instant::now();
+        let mut evict = Vec::new();
+        {
+            let mut ds = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((old, _)) = ds.seen.push(d, now) {
+                if old != d {
+                    evict.push(old);
+                }
+            }
+            let sweep = ds.last_sweep.map_or(true, |t| {
+                now.saturating_duration_since(t) >= std::time::Duration::from_secs(60)
+            });
+            if sweep {
+                ds.last_sweep = Some(now);
+                let idle = ds.idle;
+                while let Some((_, at)) = ds.seen.peek_lru() {
+                    if now.saturating_duration_since(*at) < idle {
+                        break;
+                    }
+                    if let Some((old, _)) = ds.seen.pop_lru() {
+                        evict.push(old);
+                    }
+                }
+            }
+        }
+        for old in evict {
+            let hex = old.to_hex();
+            for t in [Transport::Legacy, Transport::New, Transport::Shadow] {
+                for o in [
+                    CommandOutcome::Success,
+                    CommandOutcome::Timeout,
+                    CommandOutcome::Abandoned,
+                ] {
+                    let _ = self
+                        .packet_sent
+                        .remove_label_values(&[t.label(), o.label(), &hex]);
+                }
+                let _ = self.packet_latency.remove_label_values(&[t.label(), &hex]);
+            }
+            self.device_series_evicted.inc();
         }
     }
 
@@ -550,5 +689,45 @@ mod tests {
         );
         let text = m.render().expect("render");
         assert!(text.contains("device_id=\"38e8cf46\""), "{text}");
+    }
+}
+
+#[cfg(test)]
+mod device_series_tests {
+    use super::*;
+
+    fn series(m: &Metrics) -> usize {
+        m.render()
+            .expect("render")
+            .lines()
+            .filter(|l| l.starts_with("tcp_comm_packet_sent_total{"))
+            .count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_device_series_are_capped_and_idle_ones_evicted() {
+        let m = Metrics::with_device_limits(true, 10, std::time::Duration::from_secs(3600))
+            .expect("metrics");
+        // 150 made-up device ids: at most 10 devices keep series.
+        for i in 0..150u32 {
+            m.command(
+                Transport::Legacy,
+                CommandOutcome::Success,
+                None,
+                Some(DeviceId(i.to_be_bytes())),
+            );
+        }
+        assert_eq!(series(&m), 10);
+        assert_eq!(m.device_series_evicted.get(), 140);
+        // An hour later the sweep drops the idle ones when another device records.
+        tokio::time::advance(std::time::Duration::from_secs(3601)).await;
+        m.command(
+            Transport::New,
+            CommandOutcome::Success,
+            None,
+            Some(DeviceId([9, 9, 9, 9])),
+        );
+        assert_eq!(series(&m), 1);
+        assert_eq!(m.device_series_evicted.get(), 150);
     }
 }

@@ -187,7 +187,12 @@ pub struct Reloader {
     last: Option<[u8; 32]>,
     /// New content seen once by a poll, waiting to be seen again.
     candidate: Option<[u8; 32]>,
+    /// A blocking read of the file is in progress.
+    reading: Arc<AtomicBool>,
 }
+
+/// How long one read of the configuration file may take.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Reloader {
     /// `path` is the file the running configuration came from. Its content is not trusted to
@@ -200,6 +205,7 @@ impl Reloader {
             metrics,
             last: None,
             candidate: None,
+            reading: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -210,9 +216,36 @@ impl Reloader {
             .inc();
     }
 
+    /// Reads the file off the runtime, within [`READ_TIMEOUT`]: a hung network or ConfigMap
+    /// volume stalls one blocking thread, never the daemon, and while such a read is stuck no
+    /// other is started.
+    async fn read(&self) -> std::io::Result<Vec<u8>> {
+        use std::io::{Error, ErrorKind};
+        if self.reading.swap(true, Ordering::SeqCst) {
+            return Err(Error::new(
+                ErrorKind::WouldBlock,
+                "an earlier read of the file has not returned",
+            ));
+        }
+        let (path, reading) = (self.path.clone(), self.reading.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            let r = crate::config::read_regular(&path);
+            reading.store(false, Ordering::SeqCst);
+            r
+        });
+        match tokio::time::timeout(READ_TIMEOUT, task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(Error::other(e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::TimedOut,
+                format!("reading took longer than {READ_TIMEOUT:?}"),
+            )),
+        }
+    }
+
     /// Re-reads the file. A poll only acts when the content changed; a signal always re-checks.
-    pub fn check(&mut self, trigger: Trigger) -> Outcome {
-        let bytes = match std::fs::read(&self.path) {
+    pub async fn check(&mut self, trigger: Trigger) -> Outcome {
+        let bytes = match self.read().await {
             Ok(b) => b,
             Err(e) => {
                 // Mid-rename the path can be briefly absent; a poll retries next time.
@@ -327,7 +360,7 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep_until(settle.unwrap_or_else(tokio::time::Instant::now)), if settle.is_some() => {
                 settle = None;
-                if reloader.check(Trigger::Poll) == Outcome::Settling {
+                if reloader.check(Trigger::Poll).await == Outcome::Settling {
                     settle = Some(tokio::time::Instant::now() + SETTLE);
                 }
             }
@@ -337,10 +370,10 @@ pub async fn run(
                     continue;
                 }
                 info!("SIGHUP: reloading the configuration");
-                reloader.check(Trigger::Signal);
+                reloader.check(Trigger::Signal).await;
             }
             _ = poll.tick(), if !every.is_zero() && settle.is_none() => {
-                if reloader.check(Trigger::Poll) == Outcome::Settling {
+                if reloader.check(Trigger::Poll).await == Outcome::Settling {
                     settle = Some(tokio::time::Instant::now() + SETTLE);
                 }
             }
@@ -374,41 +407,41 @@ mod tests {
     }
 
     /// Two polls: the first sees new content, the second (same content) acts on it.
-    fn settled(r: &mut Reloader) -> Outcome {
-        assert_eq!(r.check(Trigger::Poll), Outcome::Settling);
-        r.check(Trigger::Poll)
+    async fn settled(r: &mut Reloader) -> Outcome {
+        assert_eq!(r.check(Trigger::Poll).await, Outcome::Settling);
+        r.check(Trigger::Poll).await
     }
 
-    #[test]
-    fn poll_applies_changes_once_and_ignores_touches() {
+    #[tokio::test]
+    async fn poll_applies_changes_once_and_ignores_touches() {
         let (_d, path, mut r, live, m) = reloader(BASE);
         let rx = live.subscribe();
-        assert_eq!(r.check(Trigger::Poll), Outcome::Unchanged);
+        assert_eq!(r.check(Trigger::Poll).await, Outcome::Unchanged);
         std::fs::write(&path, format!("{BASE}[routing]\ncanary_percent = 25\n")).expect("write");
         assert_eq!(
-            settled(&mut r),
+            settled(&mut r).await,
             Outcome::Applied {
                 restart_needed: vec![]
             }
         );
         assert_eq!(live.config().routing.canary_percent, 25.0);
         assert!(rx.has_changed().expect("open"));
-        assert_eq!(r.check(Trigger::Poll), Outcome::Unchanged);
+        assert_eq!(r.check(Trigger::Poll).await, Outcome::Unchanged);
         assert_eq!(
             m.total("tcp_comm_config_reloads_total", &[("result", "applied")]),
             1.0
         );
         assert_eq!(m.total("tcp_comm_canary_percentage", &[]), 25.0);
         // A signal with nothing changed is a counted no-op.
-        assert_eq!(r.check(Trigger::Signal), Outcome::Unchanged);
+        assert_eq!(r.check(Trigger::Signal).await, Outcome::Unchanged);
         assert_eq!(
             m.total("tcp_comm_config_reloads_total", &[("result", "unchanged")]),
             1.0
         );
     }
 
-    #[test]
-    fn invalid_files_keep_the_running_config_and_are_counted_once() {
+    #[tokio::test]
+    async fn invalid_files_keep_the_running_config_and_are_counted_once() {
         let (_d, path, mut r, live, m) = reloader(BASE);
         for (bad, key) in [
             ("[routing\ncanary_percent = 5\n", "(file)"),
@@ -419,11 +452,15 @@ mod tests {
             ),
         ] {
             std::fs::write(&path, format!("{BASE}{bad}")).expect("write");
-            match settled(&mut r) {
+            match settled(&mut r).await {
                 Outcome::Rejected(p) => assert!(p.iter().any(|p| p.key == key), "{p:?}"),
                 other => panic!("{bad}: {other:?}"),
             }
-            assert_eq!(r.check(Trigger::Poll), Outcome::Unchanged, "reported once");
+            assert_eq!(
+                r.check(Trigger::Poll).await,
+                Outcome::Unchanged,
+                "reported once"
+            );
         }
         assert_eq!(live.config().routing.canary_percent, 0.0);
         assert_eq!(
@@ -432,8 +469,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn non_reloadable_changes_are_reported_not_applied() {
+    #[tokio::test]
+    async fn non_reloadable_changes_are_reported_not_applied() {
         let (_d, path, mut r, live, m) = reloader(BASE);
         std::fs::write(
             &path,
@@ -441,7 +478,7 @@ mod tests {
         )
         .expect("write");
         assert_eq!(
-            settled(&mut r),
+            settled(&mut r).await,
             Outcome::Applied {
                 restart_needed: vec!["listen", "upstream.legacy"]
             }
@@ -456,8 +493,8 @@ mod tests {
         assert_eq!(m.total("tcp_comm_config_restart_required", &[]), 1.0);
     }
 
-    #[test]
-    fn atomic_rename_and_symlink_swap_are_seen() {
+    #[tokio::test]
+    async fn atomic_rename_and_symlink_swap_are_seen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let v1 = dir.path().join("v1.toml");
         let v2 = dir.path().join("v2.toml");
@@ -472,27 +509,86 @@ mod tests {
         let tmp = dir.path().join("tmp-link");
         std::os::unix::fs::symlink(&v2, &tmp).expect("symlink");
         std::fs::rename(&tmp, &link).expect("swap");
-        assert!(matches!(settled(&mut r), Outcome::Applied { .. }));
+        assert!(matches!(settled(&mut r).await, Outcome::Applied { .. }));
         assert_eq!(live.config().routing.canary_percent, 50.0);
         // Editor-style: write a temp file, rename it over the path.
         let tmp = dir.path().join("gateway.toml.tmp");
         std::fs::write(&tmp, format!("{BASE}[routing]\ncanary_percent = 7.5\n")).expect("write");
         std::fs::rename(&tmp, &link).expect("rename");
-        assert!(matches!(settled(&mut r), Outcome::Applied { .. }));
+        assert!(matches!(settled(&mut r).await, Outcome::Applied { .. }));
         assert_eq!(live.config().routing.canary_percent, 7.5);
     }
 
-    #[test]
-    fn a_half_written_file_is_not_applied_and_a_startup_edit_is_not_lost() {
+    #[tokio::test]
+    async fn a_half_written_file_is_not_applied_and_a_startup_edit_is_not_lost() {
         let (_d, path, mut r, live, _m) = reloader(BASE);
         // Edited after the daemon loaded it but before the first poll: picked up.
         std::fs::write(&path, format!("{BASE}[routing]\ncanary_percent = 5")).expect("write");
-        assert_eq!(r.check(Trigger::Poll), Outcome::Settling);
+        assert_eq!(r.check(Trigger::Poll).await, Outcome::Settling);
         // The writer was not done: "5" was the start of "50". The prefix is never applied.
         std::fs::write(&path, format!("{BASE}[routing]\ncanary_percent = 50\n")).expect("write");
-        assert_eq!(r.check(Trigger::Poll), Outcome::Settling);
+        assert_eq!(r.check(Trigger::Poll).await, Outcome::Settling);
         assert_eq!(live.config().routing.canary_percent, 0.0);
-        assert!(matches!(r.check(Trigger::Poll), Outcome::Applied { .. }));
+        assert!(matches!(
+            r.check(Trigger::Poll).await,
+            Outcome::Applied { .. }
+        ));
         assert_eq!(live.config().routing.canary_percent, 50.0);
+    }
+
+    #[tokio::test]
+    async fn gateway_wide_reliable_settings_are_reported_as_needing_a_restart() {
+        let (_d, path, mut r, live, m) = reloader(BASE);
+        std::fs::write(
+            &path,
+            format!("{BASE}[reliable]\ndedup_ttl = \"1m\"\nack_timeout = \"500ms\"\n"),
+        )
+        .expect("write");
+        assert_eq!(
+            settled(&mut r).await,
+            Outcome::Applied {
+                restart_needed: vec!["reliable.dedup_ttl"]
+            }
+        );
+        let c = live.config();
+        assert_eq!(
+            c.reliable.ack_timeout,
+            Duration::from_millis(500),
+            "reloadable"
+        );
+        assert_eq!(
+            c.reliable.dedup_ttl,
+            Duration::from_secs(300),
+            "running value kept"
+        );
+        assert_eq!(m.total("tcp_comm_config_restart_required", &[]), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_path_that_turns_into_a_fifo_is_refused_at_once_and_reported() {
+        let (_d, path, mut r, live, m) = reloader(BASE);
+        std::fs::remove_file(&path).expect("rm");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        let t0 = tokio::time::Instant::now();
+        match r.check(Trigger::Signal).await {
+            Outcome::Rejected(p) => {
+                assert!(p[0].message.contains("not a regular file"), "{p:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            t0.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(live.config().routing.canary_percent, 0.0);
+        assert_eq!(
+            m.total("tcp_comm_config_reloads_total", &[("result", "error")]),
+            1.0
+        );
     }
 }

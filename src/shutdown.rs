@@ -6,7 +6,8 @@
 //! - [`Shutdown::drain`] never waits longer than the deadline it is given; what is still running
 //!   then is reported (and dropped with the runtime), never waited for.
 //! - Signals: the first SIGTERM/SIGINT starts the drain; a second one exits at once (code 130),
-//!   for an operator who does not want to wait. SIGHUP is handed to the reloader. The handlers
+//!   for an operator who does not want to wait — through the daemon's return path, so its log
+//!   lines (the reason included) are flushed first. SIGHUP is handed to the reloader. The handlers
 //!   are installed before the gateway listens, so no signal ever meets the default action.
 
 use std::time::Duration;
@@ -84,8 +85,14 @@ impl Signals {
         })
     }
 
-    /// SIGTERM/SIGINT drain (a second one exits with 130); SIGHUP is forwarded to `on_hup`.
-    pub fn spawn(self, shutdown: Shutdown, on_hup: tokio::sync::mpsc::UnboundedSender<()>) {
+    /// SIGTERM/SIGINT drain; a second one fires `exit_now` (the daemon then returns 130 after
+    /// flushing its logs); SIGHUP is forwarded to `on_hup`.
+    pub fn spawn(
+        self,
+        shutdown: Shutdown,
+        on_hup: tokio::sync::mpsc::UnboundedSender<()>,
+        exit_now: std::sync::Arc<tokio::sync::Notify>,
+    ) {
         let Signals {
             mut term,
             mut int,
@@ -114,7 +121,7 @@ impl Signals {
                         signal = name,
                         "second signal: exiting now without waiting for the drain"
                     );
-                    std::process::exit(130);
+                    exit_now.notify_one();
                 }
             }
         });

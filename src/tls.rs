@@ -88,6 +88,7 @@ fn version(v: TlsVersion) -> SslVersion {
         TlsVersion::Tls10 => SslVersion::TLS1,
         TlsVersion::Tls11 => SslVersion::TLS1_1,
         TlsVersion::Tls12 => SslVersion::TLS1_2,
+        TlsVersion::Tls13 => SslVersion::TLS1_3,
     }
 }
 
@@ -101,6 +102,7 @@ pub fn device_acceptor(cfg: &DeviceTls) -> Result<(SslAcceptor, Option<X509>), T
     // (OpenSSL 3 still needs "@SECLEVEL=0" in the cipher list to complete a 1.0/1.1 handshake.)
     b.clear_options(SslOptions::NO_TLSV1 | SslOptions::NO_TLSV1_1);
     b.set_min_proto_version(Some(version(cfg.min_version)))?;
+    b.set_max_proto_version(Some(version(cfg.max_version)))?;
     b.set_cipher_list(&cfg.ciphers)
         .map_err(|source| TlsError::Ciphers {
             list: cfg.ciphers.clone(),

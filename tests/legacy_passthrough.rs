@@ -489,9 +489,11 @@ async fn dead_upstream_closes_the_device_with_a_counted_reason() {
 #[tokio::test]
 async fn connection_limit_refuses_and_counts() {
     let (gw, _dev, _up) = plain_pair("max_connections = 1\n").await;
+    // The routed budget is taken once the hello is read: a second device is refused then.
     let mut second = TcpStream::connect(gw.device_addr).await.expect("connect");
+    second.write_all(&vector(HELLO)).await.expect("hello");
     let mut buf = Vec::new();
-    // Closed by the gateway without being read; either EOF or a reset is a refusal.
+    // Closed by the gateway without an answer; either EOF or a reset is a refusal.
     let r = tokio::time::timeout(DEADLINE, second.read_to_end(&mut buf))
         .await
         .expect("second connection is closed");
@@ -527,7 +529,7 @@ async fn no_handshake_goes_to_legacy_with_the_bytes_replayed_verbatim() {
 }
 
 #[tokio::test]
-async fn silent_device_is_routed_after_the_handshake_timeout() {
+async fn a_silent_connection_is_closed_after_the_handshake_timeout_without_dialling() {
     let up_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let gw = start_gateway(&config_text(
         up_listener.local_addr().expect("addr"),
@@ -535,18 +537,24 @@ async fn silent_device_is_routed_after_the_handshake_timeout() {
     ))
     .await;
     let mut dev = TcpStream::connect(gw.device_addr).await.expect("connect");
-    let (mut up, _) = tokio::time::timeout(DEADLINE, up_listener.accept())
+    let mut buf = Vec::new();
+    tokio::time::timeout(DEADLINE, dev.read_to_end(&mut buf))
         .await
-        .expect("routed after the timeout")
-        .expect("accept");
+        .expect("closed after the timeout")
+        .expect("read");
+    assert!(buf.is_empty());
     wait_metric(
         gw.metrics_addr,
-        "tcp_comm_routing_decisions_total{reason=\"no_handshake\",transport=\"legacy\"}",
+        "tcp_comm_connections_rejected_total{reason=\"silent\"}",
         1.0,
     )
     .await;
-    dev.write_all(&vector(HELLO)).await.expect("late hello");
-    assert_eq!(read_exactly(&mut up, 31).await, vector(HELLO));
+    // Nothing reached the add-on.
+    let accepted = tokio::time::timeout(Duration::from_millis(300), up_listener.accept()).await;
+    assert!(
+        accepted.is_err(),
+        "the add-on was dialled for a silent connection"
+    );
 }
 
 #[tokio::test]

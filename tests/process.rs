@@ -189,7 +189,6 @@ async fn start_daemon_with(upstream: SocketAddr, drain: &str, extra: &str) -> Da
     }
 }
 
-/// A device connection through the daemon, with its hello already forwarded upstream.
 /// What the add-on does with a connection the gateway closes: reads to its EOF, then closes.
 fn close_on_eof(mut upc: TcpStream) {
     tokio::spawn(async move {
@@ -198,6 +197,7 @@ fn close_on_eof(mut upc: TcpStream) {
     });
 }
 
+/// A device connection through the daemon, with its hello already forwarded upstream.
 async fn connect_device(d: &Daemon, up: &TcpListener) -> (TcpStream, TcpStream) {
     let mut dev = TcpStream::connect(d.devices).await.expect("connect");
     dev.write_all(&vector("handshake_0x23"))
@@ -393,4 +393,283 @@ async fn sighup_reloads_rehomes_the_moved_device_and_rejects_a_broken_file() {
     );
     d.signal(Signal::SIGTERM);
     let _ = tokio::time::timeout(DEADLINE, d.child.wait()).await;
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_replies_and_commands_do_not_keep_whole_read_buffers_alive() {
+    use cync_gateway::protocol::{build, DeviceId, MsgId};
+    let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let d = start_daemon_with(
+        up.local_addr().expect("addr"),
+        "1s",
+        "[routing]\ncanary_percent = 100\n",
+    )
+    .await;
+    let pid = d.child.id().expect("pid");
+    const N: u32 = 200;
+    let mut pairs = Vec::new();
+    for i in 0..N {
+        let id = DeviceId((0x6000_0000 + i).to_be_bytes());
+        let hello = build::hello(id, b"0123456789abcdef");
+        let mut dev = TcpStream::connect(d.devices).await.expect("connect");
+        dev.write_all(&hello).await.expect("hello");
+        let (mut upc, _) = up.accept().await.expect("accept");
+        read_n(&mut upc, hello.len()).await;
+        upc.write_all(&build::hello_ack()).await.expect("0x28");
+        read_n(&mut dev, 7).await;
+        pairs.push((id, dev, upc));
+    }
+    // One 16 KiB add-on read ending in a command, one 16 KiB device read ending in its reply,
+    // per device. The first round also makes each connection's own read buffers resident.
+    let mut rounds = Vec::new();
+    for seq in [7u8, 8] {
+        rounds.push(vm_rss_kib(pid));
+        for (id, dev, upc) in &mut pairs {
+            let cmd = build::power_command(*id, MsgId([0, 0, 0]), seq, 10, true);
+            let mut down: Vec<u8> = (0..3270)
+                .flat_map(|_| build::heartbeat_ack().to_vec())
+                .collect();
+            down.extend_from_slice(&cmd);
+            upc.write_all(&down).await.expect("down");
+            read_n(dev, down.len()).await;
+            let mut upw: Vec<u8> = (0..15)
+                .flat_map(|_| build::channel_reply(*id, MsgId([1, 2, 0])).to_vec())
+                .collect();
+            upw.extend_from_slice(&build::command_reply(*id, MsgId([0, 1, 0]), seq, 0xd0));
+            dev.write_all(&upw).await.expect("up");
+            read_n(upc, upw.len()).await;
+        }
+    }
+    let (before, after) = (rounds[1], vm_rss_kib(pid));
+    let per_conn = after.saturating_sub(before) as f64 / f64::from(N);
+    println!(
+        "RSS {} KiB with {N} idle connections, {} after a first 16 KiB exchange each, {after} after a second: {per_conn:.1} KiB per connection kept by the second",
+        rounds[0], rounds[1]
+    );
+    assert!(
+        per_conn < 8.0,
+        "{per_conn:.1} KiB per connection kept after its reads were forwarded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_path_that_becomes_a_fifo_freezes_nothing() {
+    let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let mut d = start_daemon_with(
+        up.local_addr().expect("addr"),
+        "1s",
+        "[reload]\npoll_interval = \"200ms\"\n",
+    )
+    .await;
+    let good = std::fs::read_to_string(&d.path).expect("read");
+    std::fs::remove_file(&d.path).expect("rm");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&d.path)
+        .status()
+        .expect("mkfifo")
+        .success());
+    // Polls come and go over two seconds; /healthz stays fast, devices stay served.
+    let mut worst = Duration::ZERO;
+    let end = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < end {
+        let t0 = tokio::time::Instant::now();
+        let (status, _) =
+            tokio::time::timeout(Duration::from_secs(2), http_get(d.metrics, "/healthz"))
+                .await
+                .expect("/healthz answered");
+        assert_eq!(status, 200);
+        worst = worst.max(t0.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("worst /healthz latency while the config path is a FIFO: {worst:?}");
+    assert!(worst < Duration::from_millis(500), "{worst:?}");
+    let (mut dev, upc) = connect_device(&d, &up).await;
+    close_on_eof(upc);
+    // A SIGHUP is handled at once: the read is refused and counted.
+    d.signal(Signal::SIGHUP);
+    wait_metric(
+        d.metrics,
+        "tcp_comm_config_reloads_total{result=\"error\"}",
+        1.0,
+    )
+    .await;
+    assert!(d.logged("not a regular file"));
+    // A real file again: reloads work as before.
+    std::fs::remove_file(&d.path).expect("rm fifo");
+    std::fs::write(
+        &d.path,
+        good.replace("[reload]", "[routing]\ncanary_percent = 0.5\n[reload]"),
+    )
+    .expect("write");
+    d.signal(Signal::SIGHUP);
+    wait_metric(
+        d.metrics,
+        "tcp_comm_config_reloads_total{result=\"applied\"}",
+        1.0,
+    )
+    .await;
+    dev.write_all(&vector("heartbeat_0xd3"))
+        .await
+        .expect("still connected");
+    let _ = d.child.start_kill();
+}
+
+#[test]
+fn a_low_open_file_limit_is_refused_with_strict_and_warned_about_without() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{}[logging]\nformat = \"json\"\n",
+            config_text(
+                "127.0.0.1:1".parse().expect("addr"),
+                "max_connections = 20000\n[device_tls]\nmode = \"plain\"\n"
+            )
+        ),
+    )
+    .expect("write");
+    let run = |strict: &str| {
+        std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -n 256 && exec timeout -s INT 2 {BIN} run --config {} {strict}",
+                path.display()
+            ))
+            .output()
+            .expect("run")
+    };
+    let out = run("--strict");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("open-file limit is 256"), "{err}");
+    assert!(err.contains("41152"), "2 x 20000 + 1024 + 64 + 64: {err}");
+    let out = run("");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("open-file limit is 256"), "warned: {err}");
+    assert!(err.contains("cync-gateway listening"), "started: {err}");
+}
+
+#[test]
+fn check_config_warns_about_secrets_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = cync_gateway::tls::self_signed("gw").expect("cert");
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.to_pem().expect("pem")).expect("write");
+    std::fs::write(&key_path, cert.key.private_key_to_pem_pkcs8().expect("pem")).expect("write");
+    let path = dir.path().join("gw.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[device_tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n[upstream.legacy]\naddress = \"127.0.0.1:1\"\n",
+            cert_path.display(),
+            key_path.display()
+        ),
+    )
+    .expect("write");
+    let check = || {
+        let out = std::process::Command::new(BIN)
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(0));
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let err = check();
+    assert!(
+        err.contains("key.pem is readable by group or others"),
+        "{err}"
+    );
+    assert!(err.contains("gw.toml is readable by others"), "{err}");
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    assert!(
+        !check().contains("warning"),
+        "no warning once both are private"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_130_with_its_log_lines_flushed() {
+    let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let logs = tempfile::tempdir().expect("tempdir");
+    let mut d = start_daemon_with(
+        up.local_addr().expect("addr"),
+        "30s",
+        &format!(
+            "file_dir = \"{}\"\nfile_rotation = \"never\"\n",
+            logs.path().display()
+        ),
+    )
+    .await;
+    // A command in flight keeps the drain waiting.
+    let (_dev, mut upc) = connect_device(&d, &up).await;
+    upc.write_all(&vector("legacy_power_on_0x73"))
+        .await
+        .expect("command");
+    wait_metric(
+        d.metrics,
+        "tcp_comm_packets_total{direction=\"srv_to_dev\",packet_type=\"0x73\",transport=\"legacy\"}",
+        1.0,
+    )
+    .await;
+    d.signal(Signal::SIGTERM);
+    eventually("the drain started", || async {
+        d.logged("shutting down").then_some(())
+    })
+    .await;
+    d.signal(Signal::SIGTERM);
+    let status = tokio::time::timeout(DEADLINE, d.child.wait())
+        .await
+        .expect("exits at once")
+        .expect("wait");
+    assert_eq!(status.code(), Some(130));
+    let written: String = std::fs::read_dir(logs.path())
+        .expect("log dir")
+        .map(|e| std::fs::read_to_string(e.expect("entry").path()).unwrap_or_default())
+        .collect();
+    assert!(
+        written.contains("second signal: exiting now"),
+        "the last line reached the file:\n{written}"
+    );
+}
+
+#[test]
+fn every_metric_family_is_documented_and_every_documented_one_exists() {
+    let m = cync_gateway::metrics::Metrics::new(true).expect("metrics");
+    let families: std::collections::BTreeSet<String> = m.family_names().iter().cloned().collect();
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metrics.md"),
+    )
+    .expect("docs/metrics.md");
+    let documented: std::collections::BTreeSet<String> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `tcp_comm_"))
+        .filter_map(|l| l.split('`').next())
+        .map(|n| format!("tcp_comm_{n}"))
+        .collect();
+    let undocumented: Vec<_> = families.difference(&documented).collect();
+    let stale: Vec<_> = documented.difference(&families).collect();
+    assert!(
+        undocumented.is_empty(),
+        "registered but not in docs/metrics.md: {undocumented:?}"
+    );
+    assert!(
+        stale.is_empty(),
+        "in docs/metrics.md but not registered: {stale:?}"
+    );
+    assert!(families.len() >= 38, "{families:?}");
 }

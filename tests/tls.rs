@@ -367,6 +367,40 @@ async fn device_min_version_is_honoured() {
     assert_echo(&mut client, b"old device").await;
 }
 
+/// `device_tls.max_version` decides whether TLS 1.3 is offered: by default a TLS 1.3 client
+/// gets 1.3; with max_version = "tls1.2" it is refused (it allows nothing lower).
+#[tokio::test]
+async fn device_max_version_turns_tls_1_3_off() {
+    let tls13 = (SslVersion::TLS1_3, SslVersion::TLS1_3);
+    let (addr, _results) = device_server(default_device_acceptor()).await;
+    let mut client = handshake(addr, device_client(tls13, "DEFAULT"))
+        .await
+        .unwrap_or_else(|e| panic!("TLS 1.3 refused by default: {e}"));
+    assert_eq!(client.ssl().version_str(), "TLSv1.3");
+    assert_echo(&mut client, b"modern client").await;
+
+    let text = format!("{MINIMAL}[device_tls]\nmax_version = \"tls1.2\"\n");
+    let config = Config::parse(&text).expect("valid");
+    let (acceptor, _) = tls::device_acceptor(&config.device_tls).expect("acceptor");
+    let (addr, _results) = device_server(acceptor).await;
+    assert!(
+        handshake(addr, device_client(tls13, "DEFAULT"))
+            .await
+            .is_err(),
+        "max_version = tls1.2 accepted TLS 1.3"
+    );
+    let mut old = handshake(
+        addr,
+        device_client((SslVersion::TLS1_2, SslVersion::TLS1_2), "AES256-SHA256"),
+    )
+    .await
+    .expect("TLS 1.2 still accepted");
+    assert_echo(&mut old, b"device").await;
+    let bad =
+        format!("{MINIMAL}[device_tls]\nmax_version = \"tls1.2\"\nmin_version = \"tls1.3\"\n");
+    assert!(Config::parse(&bad).is_err(), "max below min");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Upstream side
 // ---------------------------------------------------------------------------------------------

@@ -36,10 +36,21 @@ impl CodecError {
 }
 
 /// One length-delimited frame off the wire and the result of parsing it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Frame {
     pub raw: Bytes,
     pub packet: Result<Packet, DecodeError>,
+}
+
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A 0x23's bytes hold the device's auth code: Debug shows the type and length only.
+        f.debug_struct("Frame")
+            .field("type", &self.raw.first().map(|b| format!("0x{b:02x}")))
+            .field("len", &self.raw.len())
+            .field("packet", &self.packet)
+            .finish()
+    }
 }
 
 /// Splits a byte stream into Cync frames.

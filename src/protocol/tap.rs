@@ -18,8 +18,9 @@
 //! - Every byte fed comes out exactly once, in order, in a [`Segment`] (or is still held as the
 //!   partial frame, [`Tap::pending`]): callers that forward segments forward the stream
 //!   verbatim.
-//! - What is held never exceeds one frame of `5 + max_data_len` bytes; an oversized header is
-//!   unframed from its 5 header bytes alone, before any body is buffered.
+//! - What is held never exceeds one frame of `5 + max_data_len` bytes, in a buffer of its own
+//!   (between reads a tap keeps no read buffer alive); an oversized header is unframed from its
+//!   5 header bytes alone, before any body is buffered.
 //! - Only a plausible head is ever held, so one stray byte cannot swallow the frames after it.
 
 use bytes::{Bytes, BytesMut};
@@ -28,12 +29,26 @@ use super::codec::Frame;
 use super::packet::{header_data_len, DecodeError, Packet, PacketType, HEADER_LEN};
 
 /// One piece of a tapped stream, in stream order.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum Segment {
     /// A length-delimited frame; its content may still be invalid (`packet` is `Err`).
     Frame(Frame),
     /// Bytes that could not be framed, and why: forwarded verbatim, never decoded.
     Unframed { bytes: Bytes, reason: DecodeError },
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the bytes: they may hold a device's auth code.
+        match self {
+            Segment::Frame(fr) => fr.fmt(f),
+            Segment::Unframed { bytes, reason } => f
+                .debug_struct("Unframed")
+                .field("len", &bytes.len())
+                .field("reason", reason)
+                .finish(),
+        }
+    }
 }
 
 impl Segment {
@@ -131,11 +146,19 @@ fn cut_short_at(buf: &[u8], max_data_len: usize) -> bool {
 }
 
 /// Splits the reads of one direction into [`Segment`]s.
-#[derive(Debug)]
 pub struct Tap {
     max_data_len: usize,
     /// A plausible frame cut short by the end of the last read.
     held: BytesMut,
+}
+
+impl std::fmt::Debug for Tap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tap")
+            .field("max_data_len", &self.max_data_len)
+            .field("held", &self.held.len())
+            .finish()
+    }
 }
 
 impl Tap {
@@ -229,7 +252,13 @@ impl Tap {
             let packet = Packet::parse(raw.clone(), self.max_data_len);
             out.segments.push(Segment::Frame(Frame { raw, packet }));
         }
-        self.held = buf;
+        // Hold only what is held: the frames just made are slices of this buffer, and the
+        // rest of its allocation must not stay alive with the tap between reads.
+        self.held = if buf.is_empty() {
+            BytesMut::new()
+        } else {
+            BytesMut::from(&buf[..])
+        };
         // The held bytes lead the first segment whenever anything was emitted.
         if !out.segments.is_empty() {
             out.carried = held_before;
@@ -355,6 +384,20 @@ mod tests {
         assert_eq!(bytes.as_ref(), &[0xd8, 0]);
         assert_eq!(reason.reason(), "truncated_header");
         assert_eq!(tap.pending(), 0);
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_bytes() {
+        let auth = *b"1e07d8ce0a617a37";
+        let hello = build::hello(DeviceId([0x38, 0xe8, 0xcf, 0x46]), &auth);
+        let mut tap = Tap::new(MAX);
+        let out = tap.feed(&[&hello[..], &[0x7e, b'1', b'e'], &hello[..10]].concat());
+        let text = format!("{out:?} {tap:?}");
+        assert!(out.segments.len() == 2 && tap.pending() == 10, "{text}");
+        for secret in ["1e07d8ce0a617a37", "31, 101, 48", "31 65 30", "316530"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(text.contains("0x23"), "{text}");
     }
 
     #[test]

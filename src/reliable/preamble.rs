@@ -41,17 +41,19 @@ impl Preamble {
         }
     }
 
-    /// A valid frame the device sent.
+    /// A valid frame the device sent. What is kept is copied: frames are slices of whole
+    /// read buffers, and these live as long as the connection.
     pub fn observe(&mut self, p: &Packet) {
+        let own = || Bytes::copy_from_slice(p.raw());
         match p.ptype() {
-            PacketType::TimeRequest => self.time_request = Some(p.raw().clone()),
+            PacketType::TimeRequest => self.time_request = Some(own()),
             PacketType::Info if matches!(p.info_body(), Some(InfoBody::Tlv(_))) => {
-                self.info_tlv = Some(p.raw().clone())
+                self.info_tlv = Some(own())
             }
             PacketType::Status => {
                 if let Some((kind, _)) = p.firmware() {
                     if let Some(slot) = self.firmware.get_mut(usize::from(kind.min(1))) {
-                        *slot = Some(p.clone());
+                        *slot = Packet::parse(own(), p.raw().len()).ok();
                     }
                 }
             }

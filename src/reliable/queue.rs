@@ -19,7 +19,7 @@ use bytes::Bytes;
 use prometheus::IntGauge;
 
 /// One queued write.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Item {
     pub bytes: Bytes,
     /// May be dropped to make room: the item holds only status reports (0x83/0x43), which the
@@ -29,6 +29,18 @@ pub struct Item {
     /// answered itself (upstream resumption): the upstream's answers to those are duplicates.
     pub heartbeats: u32,
     pub answered: u32,
+}
+
+impl std::fmt::Debug for Item {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Device bytes may hold an auth code: sizes only.
+        f.debug_struct("Item")
+            .field("len", &self.bytes.len())
+            .field("sheddable", &self.sheddable)
+            .field("heartbeats", &self.heartbeats)
+            .field("answered", &self.answered)
+            .finish()
+    }
 }
 
 impl Item {
@@ -63,6 +75,10 @@ pub struct BoundedQueue {
     max_bytes: usize,
     gauge: IntGauge,
 }
+
+/// An empty queue whose capacity grew above this many items gives it back.
+const SHRINK_ABOVE: usize = 64;
+const SHRINK_TO: usize = 8;
 
 fn as_i64(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -180,6 +196,10 @@ impl BoundedQueue {
         let item = self.items.pop_front()?;
         self.bytes -= item.bytes.len();
         self.gauge.sub(as_i64(item.bytes.len()));
+        if self.items.is_empty() && self.items.capacity() > SHRINK_ABOVE {
+            // A burst of many small items must not leave its capacity with an idle connection.
+            self.items.shrink_to(SHRINK_TO);
+        }
         Some(item)
     }
 

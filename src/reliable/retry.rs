@@ -98,8 +98,17 @@ struct Cmd {
     /// Its copy is due but waits for a sign that its reply is missing, not late.
     waiting_for_evidence: bool,
     acked: bool,
-    /// Replies forwarded for this command (a reply may come in several frames).
-    replies: Vec<Bytes>,
+    /// Hashes of the reply frames forwarded for this command (a reply may come in several
+    /// frames). Hashes, not the frames: those are slices of whole read buffers, and a table
+    /// kept for minutes must not keep 16 KiB alive per entry.
+    replies: Vec<u64>,
+}
+
+fn digest(raw: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    raw.hash(&mut h);
+    h.finish()
 }
 
 /// Most distinct reply frames remembered per command.
@@ -172,7 +181,8 @@ impl Outstanding {
         self.rtt.rto()
     }
 
-    /// The upstream sent a command; it has just been queued toward the device.
+    /// The upstream sent a command; it has just been queued toward the device. `raw` is kept
+    /// for copies until the dedup TTL: pass an owned copy, not a slice of a read buffer.
     pub fn on_command<R: Rng>(
         &mut self,
         raw: Bytes,
@@ -213,7 +223,8 @@ impl Outstanding {
         let Some(c) = self.cmds.iter_mut().find(|c| c.seq == seq) else {
             return Verdict::Unknown;
         };
-        if !c.replies.is_empty() && (c.sends > 1 || c.replies.iter().any(|r| r == raw)) {
+        let d = digest(raw);
+        if !c.replies.is_empty() && (c.sends > 1 || c.replies.contains(&d)) {
             return Verdict::Duplicate;
         }
         if c.replies.is_empty() && c.sends == 1 && c.epoch == epoch {
@@ -221,7 +232,7 @@ impl Outstanding {
             self.rtt.sample(now.saturating_duration_since(c.first_sent));
         }
         if c.replies.len() < MAX_REPLY_FRAMES {
-            c.replies.push(raw.clone());
+            c.replies.push(d);
         }
         c.next_at = None;
         c.waiting_for_evidence = false;

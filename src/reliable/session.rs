@@ -143,6 +143,8 @@ pub struct Core {
     /// The upstream ended while the pair was finishing: what is queued for the device is the
     /// last it gets.
     upstream_ended: bool,
+    /// Since when the write to the device in progress has been waiting.
+    writing_since: Option<Instant>,
 }
 
 impl Core {
@@ -203,10 +205,11 @@ impl Core {
             device_eof: false,
             closing: false,
             upstream_ended: false,
+            writing_since: None,
             metrics: ctx.metrics.clone(),
             dedup: ctx.dedup.clone(),
             device,
-            preamble: Preamble::new(hello),
+            preamble: Preamble::new(Bytes::copy_from_slice(&hello)),
             cfg,
         }
     }
@@ -216,6 +219,9 @@ impl Core {
             self.metrics
                 .record(self.transport, Some(self.device), &self.events);
             self.events.clear();
+            if self.events.capacity() > 64 {
+                self.events.shrink_to(8);
+            }
         }
     }
 
@@ -429,6 +435,11 @@ impl Core {
         }
     }
 
+    /// The device queue is full and backpressure has run out: what is read is rejected.
+    pub fn rejecting(&self) -> bool {
+        self.full_since.is_some() && self.to_dev.room() < self.cfg.protocol.max_frame_len + 5
+    }
+
     /// An upstream frame the session answers for itself (the device already has it): true if
     /// it is to be swallowed.
     fn swallow(&mut self, p: &Packet, now: Instant) -> bool {
@@ -504,8 +515,10 @@ impl Core {
                     p.id(),
                     p.msg_id(),
                 ) {
+                    // Kept for its copies: its own bytes, not a slice of the read buffer.
+                    let owned = Bytes::copy_from_slice(&frame.raw);
                     self.cmds.on_command(
-                        frame.raw.clone(),
+                        owned.clone(),
                         f.seq,
                         (id, m),
                         self.epoch,
@@ -518,6 +531,10 @@ impl Core {
                         // Its answer could never come back: no copies.
                         self.cmds.end_epoch();
                     }
+                    self.tracker.on_packet(dir, p, now, &mut self.events);
+                    // The very buffer the table holds, so a copy is not made while it waits.
+                    self.push_to_device(owned, p.ptype());
+                    continue;
                 }
             }
             self.tracker.on_packet(dir, p, now, &mut self.events);
@@ -583,6 +600,19 @@ impl Core {
         {
             return Err(CloseReason::IdleTimeout);
         }
+        // A device that reads nothing costs the gateway a read and a rejection for every frame
+        // the add-on sends it, for ever: once one write to it has waited this long, it closes.
+        if self.transport == Transport::New
+            && self.writing_since.is_some_and(|t| {
+                now.saturating_duration_since(t) >= self.cfg.reliable.stuck_timeout
+            })
+        {
+            warn!(
+                stuck_s = self.cfg.reliable.stuck_timeout.as_secs_f64(),
+                "the device has read nothing while its queue stayed full; closing the pair"
+            );
+            return Err(CloseReason::DeviceStuck);
+        }
         Ok(())
     }
 
@@ -597,6 +627,9 @@ impl Core {
         }
         if let Some(t) = self.srv_held_since {
             at = at.min(t + HOLD_LIMIT);
+        }
+        if let (Some(t), Transport::New) = (self.writing_since, self.transport) {
+            at = at.min(t + self.cfg.reliable.stuck_timeout);
         }
         if let Some(r) = self.cmds.next_due() {
             at = at.min(r);
@@ -707,6 +740,18 @@ impl Core {
         let b = self.take_for_upstream(now)?;
         self.upstream_written();
         Some(b)
+    }
+
+    /// The next bytes to write to the device; [`Core::device_written`] says when they were.
+    pub fn take_for_device(&mut self, now: Instant) -> Option<Bytes> {
+        let b = self.pop_for_device()?;
+        self.writing_since = Some(now);
+        Some(b)
+    }
+
+    /// The bytes from [`Core::take_for_device`] were written.
+    pub fn device_written(&mut self) {
+        self.writing_since = None;
     }
 
     pub fn pop_for_device(&mut self) -> Option<Bytes> {
@@ -825,7 +870,7 @@ async fn write_device<W: AsyncWrite + Unpin>(mut w: W, sh: &Shared) -> DevWriteE
         let chunk = loop {
             let (next, done) = {
                 let mut core = sh.core();
-                let next = core.pop_for_device();
+                let next = core.take_for_device(Instant::now());
                 (next, core.device_write_done())
             };
             if let Some(b) = next {
@@ -838,12 +883,15 @@ async fn write_device<W: AsyncWrite + Unpin>(mut w: W, sh: &Shared) -> DevWriteE
             sh.to_dev.notified().await;
         };
         sh.room.notify_one();
+        // The stuck-device deadline may now be the session's next wake-up.
+        sh.rearm.notify_one();
         if let Err(e) = w.write_all(&chunk).await {
             return DevWriteEnd::Failed(e);
         }
         if let Err(e) = w.flush().await {
             return DevWriteEnd::Failed(e);
         }
+        sh.core().device_written();
     }
 }
 
@@ -901,6 +949,11 @@ async fn read_upstream<R: AsyncRead + Unpin>(mut r: R, sh: &Shared) -> io::Error
                 }
             }
         };
+        if sh.core().rejecting() {
+            // Reading only to reject: let the session's timers (the stuck-device limit among
+            // them) run between reads, however fast the add-on writes.
+            tokio::task::yield_now().await;
+        }
         let n = match r.read(&mut buf[..limit]).await {
             Ok(0) => return io::ErrorKind::UnexpectedEof.into(),
             Ok(n) => n,

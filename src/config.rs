@@ -204,6 +204,7 @@ struct RawProtocol {
     max_frame_len: Option<i64>,
     command_deadline: Option<RawDuration>,
     reply_timeout: Option<RawDuration>,
+    half_close_timeout: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -445,6 +446,8 @@ pub struct Protocol {
     pub max_frame_len: usize,
     pub command_deadline: Duration,
     pub reply_timeout: Duration,
+    /// How long a pair one side has half-closed (FIN) waits for the other to finish.
+    pub half_close_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -800,6 +803,11 @@ impl Validator<'_> {
                 "protocol.reply_timeout",
                 raw.protocol.reply_timeout,
                 Duration::from_secs(10),
+            ),
+            half_close_timeout: self.positive_duration(
+                "protocol.half_close_timeout",
+                raw.protocol.half_close_timeout,
+                Duration::from_secs(30),
             ),
         };
         let protocol_deadline = protocol.command_deadline;

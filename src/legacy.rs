@@ -30,8 +30,6 @@ use crate::shadow::Shadow;
 use crate::tls::Stream;
 use crate::transactions::{Direction, Event, Tracker};
 
-/// How long a half-closed pair may wait for the other side to finish.
-pub const HALF_CLOSE_GRACE: Duration = Duration::from_secs(30);
 /// How long a pair closing for a drain or re-home waits for the upstream to answer its FIN
 /// (the add-on closes as soon as it reads the EOF; on a LAN that takes milliseconds).
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -309,6 +307,15 @@ pub(crate) fn is_reset(e: &io::Error) -> bool {
     )
 }
 
+/// The legacy path's timers, from the configuration of the connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timers {
+    /// No device bytes for this long closes the pair (`legacy.idle_timeout`).
+    pub idle: Duration,
+    /// A half-closed pair waits this long for the other side (`protocol.half_close_timeout`).
+    pub half_close: Duration,
+}
+
 /// Forwards between `device` and `upstream` until both sides are done, one resets, or a drain
 /// or re-home completes. `first` holds bytes already read from the device (the handshake peek);
 /// they are written upstream as one write before anything else.
@@ -323,7 +330,7 @@ pub async fn run(
     first: &[u8],
     obs: &Observer,
     stop: &ConnStop,
-    idle_timeout: Duration,
+    timers: Timers,
 ) -> CloseReason {
     if !first.is_empty() {
         obs.observe(Direction::DevToSrv, first);
@@ -402,12 +409,12 @@ pub async fn run(
                 _ = obs.shadow_rearmed() => {}
                 _ = tick.tick() => {
                     obs.tick();
-                    if half_closed_at.is_some_and(|t| t.elapsed() >= HALF_CLOSE_GRACE) {
+                    if half_closed_at.is_some_and(|t| t.elapsed() >= timers.half_close) {
                         break CloseReason::HalfCloseTimeout;
                     }
                     // A device heartbeats after 21 s of silence; one that has said nothing
                     // for far longer is gone (Wi-Fi lost, no FIN), and holds two sockets.
-                    if !up_done && obs.device_silent_for(Instant::now()) >= idle_timeout {
+                    if !up_done && obs.device_silent_for(Instant::now()) >= timers.idle {
                         break CloseReason::IdleTimeout;
                     }
                 }

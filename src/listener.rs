@@ -448,7 +448,10 @@ async fn handle(ctx: Arc<ConnContext>, tcp: TcpStream, peer: SocketAddr, slot: P
                 &first,
                 &obs,
                 &stop,
-                cfg.legacy.idle_timeout,
+                legacy::Timers {
+                    idle: cfg.legacy.idle_timeout,
+                    half_close: cfg.protocol.half_close_timeout,
+                },
             )
             .await
         }

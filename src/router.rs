@@ -38,7 +38,8 @@ pub fn bucket(id: DeviceId) -> u64 {
     salted_bucket(b"cync-gateway/v1:", id)
 }
 
-fn below(bucket: u64, percent: f64) -> bool {
+/// Whether a device in `bucket` is inside the first `percent` percent of buckets.
+pub fn below(bucket: u64, percent: f64) -> bool {
     // Percent has at most two decimals (validated), so percent * 100 is an integer up to
     // rounding error; round rather than truncate so 10.01 % is 1001 buckets, not 1000.
     bucket < (percent * 100.0).round().clamp(0.0, BUCKETS as f64) as u64
@@ -114,6 +115,93 @@ mod tests {
 
     fn id(n: u32) -> DeviceId {
         DeviceId(n.to_be_bytes())
+    }
+
+    fn hex(s: &str) -> DeviceId {
+        DeviceId::from_hex(s).expect("id")
+    }
+
+    // Buckets computed outside this code, with Python's hashlib:
+    //   int.from_bytes(sha256(b"cync-gateway/v1:" + id.encode()).digest()[:8], "big") % 10000
+    const KNOWN: [(&str, u64); 7] = [
+        ("38e8cf46", 1147),
+        ("00004894", 0),
+        ("000003bc", 9999),
+        ("0000053d", 28),
+        ("00003be5", 29),
+        ("000009d0", 57),
+        ("00001b30", 58),
+    ];
+
+    #[test]
+    fn buckets_match_values_computed_by_another_tool() {
+        for (id, b) in KNOWN {
+            assert_eq!(bucket(hex(id)), b, "{id}");
+        }
+        // The dark launch's salt ("cync-gateway/v1/shadow:"), same tool.
+        assert_eq!(
+            salted_bucket(b"cync-gateway/v1/shadow:", hex("38e8cf46")),
+            798
+        );
+    }
+
+    #[test]
+    fn bucket_b_is_legacy_at_b_hundredths_of_a_percent_and_new_one_step_above() {
+        for (id, b) in KNOWN {
+            let at = |p: f64| by_percent(hex(id), p);
+            assert_eq!(
+                at(b as f64 / 100.0),
+                Transport::Legacy,
+                "{id} at {}",
+                b as f64 / 100.0
+            );
+            if b < 9999 {
+                assert_eq!(at((b + 1) as f64 / 100.0), Transport::New, "{id}");
+            }
+        }
+        // The ends: nobody at 0 %, not even bucket 0; everybody at 100 %, bucket 9999 too.
+        assert_eq!(by_percent(hex("00004894"), 0.0), Transport::Legacy);
+        assert_eq!(by_percent(hex("00004894"), 0.01), Transport::New);
+        assert_eq!(by_percent(hex("000003bc"), 99.99), Transport::Legacy);
+        assert_eq!(by_percent(hex("000003bc"), 100.0), Transport::New);
+        // Two-decimal percentages whose float times 100 is not an integer: 0.29 % is 29
+        // buckets (0.29 * 100 = 28.999999999999996), 0.57 % is 57, 0.58 % is 58.
+        assert_eq!(
+            by_percent(hex("0000053d"), 0.29),
+            Transport::New,
+            "bucket 28 at 0.29 %"
+        );
+        assert_eq!(
+            by_percent(hex("00003be5"), 0.29),
+            Transport::Legacy,
+            "bucket 29 at 0.29 %"
+        );
+        assert_eq!(
+            by_percent(hex("000009d0"), 0.58),
+            Transport::New,
+            "bucket 57 at 0.58 %"
+        );
+        assert_eq!(
+            by_percent(hex("00001b30"), 0.58),
+            Transport::Legacy,
+            "bucket 58 at 0.58 %"
+        );
+    }
+
+    #[test]
+    fn every_two_decimal_percentage_takes_exactly_its_number_of_buckets() {
+        // The percentage as an operator writes it ("12.34"), parsed as the config parser does;
+        // the expected count of buckets is read off the digits, not computed in floating point.
+        for n in 0..=10_000u64 {
+            let text = format!("{}.{:02}", n / 100, n % 100);
+            let p: f64 = text.parse().expect("number");
+            if n > 0 {
+                assert!(below(n - 1, p), "bucket {} must be in at {text} %", n - 1);
+            }
+            if n < BUCKETS {
+                assert!(!below(n, p), "bucket {n} must be out at {text} %");
+            }
+        }
     }
 
     #[test]

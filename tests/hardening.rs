@@ -38,7 +38,7 @@ async fn counting_upstream() -> (SocketAddr, Arc<AtomicU64>) {
 }
 
 fn rejected(m: &str, reason: &str) -> f64 {
-    sample(
+    sample_or_zero(
         m,
         &format!("tcp_comm_connections_rejected_total{{reason=\"{reason}\"}}"),
     )
@@ -99,7 +99,7 @@ async fn a_legacy_device_that_goes_quiet_is_closed_after_the_idle_timeout() {
     assert!(read_to_eof(&mut d).await.is_empty());
     let took = t0.elapsed();
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        took >= Duration::from_millis(900) && took < Duration::from_secs(1) + SLACK,
         "{took:?}"
     );
     wait_metric(
@@ -189,7 +189,7 @@ async fn a_stalled_tls_handshake_is_dropped_at_the_tls_timeout_not_the_hello_tim
     s.write_all(&[0x16, 0x03, 0x01]).await.expect("write");
     assert!(read_to_eof(&mut s).await.is_empty());
     let took = t0.elapsed();
-    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(took < Duration::from_millis(300) + SLACK, "{took:?}");
     let m = scrape(gw.metrics_addr).await;
     assert_eq!(rejected(&m, "tls_timeout"), 1.0);
     gw.shutdown(Duration::from_millis(200)).await;
@@ -228,7 +228,7 @@ async fn half_sent_http_requests_cannot_hold_the_endpoint() {
             .expect("closed in time");
     }
     let took = t0.elapsed();
-    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert!(took < Duration::from_millis(500) + SLACK, "{took:?}");
     let (status, _) = http_get(gw.metrics_addr, "/healthz").await;
     assert_eq!(status, 200);
     let m = scrape(gw.metrics_addr).await;

@@ -171,7 +171,13 @@ async fn three_percent_loss_hurts_legacy_and_the_new_path_still_succeeds() {
         nm,
         "tcp_comm_packet_sent_total{outcome=\"success\",transport=\"new\"}",
     );
-    assert!(gw_ok >= nr.done as f64, "gateway counted {gw_ok} successes");
+    // Its commands are the harness's plus the add-on's own mesh query and mesh ack on each of
+    // the 20 connections: never fewer than the harness saw done, never more than that plus 40.
+    assert!(
+        gw_ok >= nr.done as f64 && gw_ok <= nr.done as f64 + 40.0,
+        "gateway counted {gw_ok} successes for the harness's {}",
+        nr.done
+    );
 }
 
 /// device → chaos (delays 10 % of the devices' f9 replies by 700 ms, holding everything
@@ -217,7 +223,7 @@ async fn delayed_replies_do_not_make_the_new_path_retry_itself_into_failure() {
     let (lr, lexec, _) = &legacy;
     let (nr, nexec, nm) = &new;
     let retransmits = sample(nm, "tcp_comm_packet_retransmit_total{transport=\"new\"}");
-    let over_budget = sample(
+    let over_budget = sample_or_zero(
         nm,
         "tcp_comm_retries_skipped_total{reason=\"budget\",transport=\"new\"}",
     );
@@ -352,7 +358,8 @@ async fn addon_restart_keeps_new_path_devices_connected_and_reconnects_legacy_on
     .await;
     let recovered = t0.elapsed();
     println!("new path: 50 of 50 commands done {recovered:?} after the add-on restart");
-    assert!(recovered < Duration::from_secs(3), "{recovered:?}");
+    // The add-on is back at once: the first redial (at 0 ms) and one round trip suffice.
+    assert!(recovered < SLACK, "{recovered:?}");
 
     // Legacy baseline: every device loses its connection and dials again.
     eventually("every legacy device reconnected", || async {
@@ -505,7 +512,7 @@ async fn a_device_that_stops_reading_is_bounded_and_does_not_slow_the_others() {
     };
     eventually("the device queue is full and rejecting", || async {
         let m = metrics(&gw).await;
-        (sample(
+        (sample_or_zero(
             &m,
             "tcp_comm_queue_full_total{action=\"reject\",direction=\"srv_to_dev\",transport=\"new\"}",
         ) > 0.0)
@@ -514,12 +521,10 @@ async fn a_device_that_stops_reading_is_bounded_and_does_not_slow_the_others() {
     .await;
     let during = drive(&a, 300, 150.0, 2).await;
     // Far more than the bound plus every socket buffer on the way has been written by now.
-    let flood_start = Instant::now();
     eventually("the upstream wrote 8 MiB at the stuck device", || async {
         (written.load(Ordering::SeqCst) > 8 << 20).then_some(())
     })
     .await;
-    println!("8 MiB flood took {:?}", flood_start.elapsed());
     sampling.store(false, Ordering::SeqCst);
     let _ = sampler.await;
     let m = metrics(&gw).await;
@@ -547,8 +552,10 @@ async fn a_device_that_stops_reading_is_bounded_and_does_not_slow_the_others() {
     assert!(queued <= BOUND + slack && queued > BOUND / 2.0, "{queued}");
     assert!(rejected > 1000.0);
     assert_eq!(during.done, during.sent, "{during:?}");
+    // Compared with the same devices just before, in the same run: no absolute figure that a
+    // loaded machine would miss.
     assert!(
-        during.p99_ms < 250.0 && during.p99_ms <= before.p99_ms * 3.0 + 50.0,
+        during.p99_ms <= before.p99_ms * 3.0 + 50.0,
         "other devices slowed: before {before:?}, during {during:?}"
     );
     stop.cancel();

@@ -22,7 +22,7 @@ fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
 }
 
 fn resumptions(m: &str, outcome: &str) -> f64 {
-    sample(
+    sample_or_zero(
         m,
         &format!("tcp_comm_resumptions_total{{outcome=\"{outcome}\",transport=\"new\"}}"),
     )
@@ -209,7 +209,7 @@ async fn a_redialled_upstream_that_never_answers_the_hello_closes_the_device() {
     assert!(read_to_eof(&mut d).await.is_empty(), "closed, nothing more");
     let took = t0.elapsed();
     assert!(
-        took < Duration::from_secs(3),
+        took < Duration::from_secs(1) + SLACK,
         "closed {took:?} after, for a 1 s timeout"
     );
     let m = scrape(gw.metrics_addr).await;
@@ -248,7 +248,7 @@ async fn an_addon_at_its_connection_limit_closes_the_device_on_both_paths_withou
             got.len()
         );
         assert!(
-            took >= Duration::from_millis(700) && took < Duration::from_secs(3),
+            took >= Duration::from_millis(700) && took < Duration::from_millis(800) + SLACK,
             "{path}: closed {took:?} after the hello (add-on holds 800 ms)"
         );
         if path == "new" {

@@ -15,7 +15,6 @@ use cync_gateway::config::Config;
 use cync_gateway::gateway::Gateway;
 use cync_gateway::metrics::Transport;
 use cync_gateway::protocol::{build, DeviceId, MsgId};
-use cync_gateway::router;
 use cync_gateway::sim::device::{self, DeviceConfig, DeviceStats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -108,7 +107,7 @@ async fn a_thousand_devices_split_at_ten_percent_stick_across_restart_and_grow_t
     let expected: BTreeSet<DeviceId> = devices
         .iter()
         .map(|(d, _)| *d)
-        .filter(|d| router::by_percent(*d, 10.0) == Transport::New)
+        .filter(|d| reference_on_new(*d, 10.0))
         .collect();
     assert_eq!(
         cohort, expected,
@@ -147,7 +146,7 @@ async fn a_thousand_devices_split_at_ten_percent_stick_across_restart_and_grow_t
             && new.len()
                 == devices
                     .iter()
-                    .filter(|(d, _)| router::by_percent(*d, 25.0) == Transport::New)
+                    .filter(|(d, _)| reference_on_new(*d, 25.0))
                     .count())
         .then_some(())
     })
@@ -296,8 +295,7 @@ async fn lowering_the_percentage_rehomes_only_the_leavers_at_the_configured_pace
     const SEED: u64 = 7;
     let (gw, upstream, path, _dir) =
         raw_gateway("canary_percent = 100\nrehome_rate = 5\ndrain_grace = \"10s\"").await;
-    let leaves =
-        |i: u32| router::by_percent(device::identity(SEED, i).0, 50.0) == Transport::Legacy;
+    let leaves = |i: u32| !reference_on_new(device::identity(SEED, i).0, 50.0);
     // The first leaver (re-homed first: the oldest connection) answers commands slowly.
     let busy_index = (0..30).find(|i| leaves(*i)).expect("a leaver");
     let mut devices = Vec::new();
@@ -457,7 +455,8 @@ async fn edits_in_place_and_by_rename_move_only_the_named_devices_and_broken_edi
     .expect("write");
     let took = moved_within(vec![id(3)], Transport::New).await;
     println!("in-place edit: device on its new path after {took:?}");
-    assert!(took < Duration::from_secs(2), "{took:?}");
+    // Two 200 ms polls (the change settles over a second read), then the re-home.
+    assert!(took < Duration::from_millis(400) + SLACK, "{took:?}");
 
     // 2. Atomic rename: a second device.
     write_atomically(
@@ -473,7 +472,7 @@ async fn edits_in_place_and_by_rename_move_only_the_named_devices_and_broken_edi
     );
     let took = moved_within(vec![id(3), id(4)], Transport::New).await;
     println!("atomic rename: device on its new path after {took:?}");
-    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(took < Duration::from_millis(400) + SLACK, "{took:?}");
     assert_eq!(on_path(&gw, Transport::New).len(), 2);
     for i in (0..20).filter(|i| ![3, 4].contains(i)) {
         assert_eq!(connects(i), 1, "device {i} kept its only connection");
@@ -604,7 +603,7 @@ async fn rehome_never_leaves_open_connections_where_they_are() {
     }
     let m = http_get(gw.metrics_addr, "/metrics").await.1;
     assert_eq!(
-        sample(&m, "tcp_comm_rehomes_total{from=\"new\",to=\"legacy\"}"),
+        sample_or_zero(&m, "tcp_comm_rehomes_total{from=\"new\",to=\"legacy\"}"),
         0.0
     );
     gw.shutdown(Duration::from_secs(1)).await;

@@ -45,7 +45,7 @@ use super::queue::{BoundedQueue, Item, Pushed};
 use super::resume::{self, Loss, Owed, Resume};
 use super::retry::{Outstanding, Policy, Verdict};
 use crate::config::Config;
-use crate::legacy::{is_reset, CloseReason, CLOSE_GRACE, HALF_CLOSE_GRACE};
+use crate::legacy::{is_reset, CloseReason, CLOSE_GRACE};
 use crate::metrics::{Metrics, Transport};
 use crate::protocol::{
     build, header_data_len, DeviceId, FrameClass, Packet, PacketType, Segment, Tap,
@@ -1004,6 +1004,7 @@ pub async fn run(
     stop: &ConnStop,
 ) -> CloseReason {
     let hello_len = header_data_len(&first).map_or(first.len(), |d| (5 + d).min(first.len()));
+    let half_close = cfg.protocol.half_close_timeout;
     let now = Instant::now();
     let mut core = Core::new(
         Transport::New,
@@ -1052,7 +1053,7 @@ pub async fn run(
                     sh.core().device_finished();
                     sh.to_up.notify_one();
                     if finish.is_none() {
-                        finish = Some((CloseReason::DeviceClosed, Instant::now() + HALF_CLOSE_GRACE));
+                        finish = Some((CloseReason::DeviceClosed, Instant::now() + half_close));
                     }
                 }
                 DevEnd::Failed(e) if is_reset(&e) => break CloseReason::DeviceReset,

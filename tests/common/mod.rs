@@ -99,8 +99,8 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// The value of one sample line (exact name and label set as rendered), or 0 when absent.
-pub fn sample(metrics: &str, series: &str) -> f64 {
+/// The value of one sample line (exact name and label set as rendered), if it is there.
+pub fn sample_opt(metrics: &str, series: &str) -> Option<f64> {
     metrics
         .lines()
         .find_map(|l| {
@@ -108,7 +108,32 @@ pub fn sample(metrics: &str, series: &str) -> f64 {
                 .and_then(|rest| rest.strip_prefix(' '))
         })
         .map(|v| v.trim().parse().expect("sample value"))
-        .unwrap_or(0.0)
+}
+
+/// The value of one sample line. A series that is not there is an error, not a zero: a renamed
+/// metric or label must fail the check, not pass `== 0` by vanishing.
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    sample_opt(metrics, series).unwrap_or_else(|| panic!("no series {series} in the metrics page"))
+}
+
+/// The value of one sample line, or 0 when it is not there: for series that are only created
+/// once something happens, where "never happened" is the expected answer. The family itself
+/// must exist on the page (its `# TYPE` line), so a renamed family still fails.
+pub fn sample_or_zero(metrics: &str, series: &str) -> f64 {
+    let family = series.split('{').next().unwrap_or(series);
+    let base = family
+        .trim_end_matches("_bucket")
+        .trim_end_matches("_count")
+        .trim_end_matches("_sum");
+    let known = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .any(|l| l.split_whitespace().next() == Some(base))
+        || cync_gateway::metrics::Metrics::new(true)
+            .map(|m| m.family_names().iter().any(|n| n == base))
+            .unwrap_or(false);
+    assert!(known, "no metric family {base}");
+    sample_opt(metrics, series).unwrap_or(0.0)
 }
 
 /// Polls `check` until it returns Some or the deadline passes.
@@ -129,11 +154,11 @@ where
     }
 }
 
-/// Polls the gateway's /metrics until `series` reaches `want`.
+/// Polls the gateway's /metrics until `series` exists and reaches `want`.
 pub async fn wait_metric(addr: SocketAddr, series: &str, want: f64) -> String {
     eventually(&format!("{series} == {want}"), || async {
         let (_, body) = http_get(addr, "/metrics").await;
-        (sample(&body, series) == want).then_some(body)
+        (sample_opt(&body, series) == Some(want)).then_some(body)
     })
     .await
 }
@@ -200,3 +225,20 @@ pub async fn scripted_pair(
 pub async fn scrape(addr: SocketAddr) -> String {
     http_get(addr, "/metrics").await.1
 }
+
+/// The documented canary bucket, computed here from the formula (design decision 2), not by
+/// the gateway's router: `u64_be(SHA-256("cync-gateway/v1:" + hex(id))[0..8]) % 10000`.
+pub fn reference_bucket(id: cync_gateway::protocol::DeviceId) -> u64 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(format!("cync-gateway/v1:{}", hex::encode(id.0)).as_bytes());
+    u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]) % 10_000
+}
+
+/// Whether the documented rule puts `id` on the new path at `percent` (two decimals).
+pub fn reference_on_new(id: cync_gateway::protocol::DeviceId, percent: f64) -> bool {
+    reference_bucket(id) < (percent * 100.0).round() as u64
+}
+
+/// How late a timer may fire on a loaded 2-core machine running the suite twice over: upper
+/// bounds of timing checks are the mechanism's own time plus this, never a tight guess.
+pub const SLACK: Duration = Duration::from_secs(3);

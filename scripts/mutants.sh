@@ -17,6 +17,10 @@ if ! command -v cargo-mutants >/dev/null 2>&1; then
   cargo install --locked cargo-mutants
 fi
 
+# cargo-mutants tests a copy of the tree; the tests find the real captures through this.
+CYNC_CAPTURES="$(cd ../shared/captures && pwd)"
+export CYNC_CAPTURES
+
 files=("$@")
 if [ ${#files[@]} -eq 0 ]; then
   files=(

@@ -205,6 +205,24 @@ mod tests {
     }
 
     #[test]
+    fn reasons_are_the_documented_metric_labels() {
+        let labels: Vec<&str> = [
+            Reason::Percent,
+            Reason::ForceNew,
+            Reason::ForceLegacy,
+            Reason::Rollback,
+            Reason::NoHandshake,
+        ]
+        .iter()
+        .map(|r| r.label())
+        .collect();
+        assert_eq!(
+            labels,
+            ["percent", "force_new", "force_legacy", "rollback", "no_handshake"]
+        );
+    }
+
+    #[test]
     fn bucket_follows_the_documented_formula() {
         // Computed independently: sha256("cync-gateway/v1:38e8cf46") starts with these bytes.
         let d = DeviceId([0x38, 0xe8, 0xcf, 0x46]);

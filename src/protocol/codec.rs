@@ -27,6 +27,7 @@ pub enum CodecError {
 }
 
 impl CodecError {
+    /// Stable snake_case code, as the decode-error `reason` labels are.
     pub fn reason(&self) -> &'static str {
         match self {
             Self::TooLarge { .. } => "length_too_large",
@@ -68,10 +69,6 @@ impl Default for CyncCodec {
 impl CyncCodec {
     pub fn new(max_data_len: usize) -> Self {
         Self { max_data_len }
-    }
-
-    pub fn max_data_len(&self) -> usize {
-        self.max_data_len
     }
 }
 
@@ -115,5 +112,23 @@ impl Encoder<&Packet> for CyncCodec {
     fn encode(&mut self, item: &Packet, dst: &mut BytesMut) -> Result<(), CodecError> {
         dst.put_slice(item.raw());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_reasons_are_the_documented_labels() {
+        let too_large = CodecError::TooLarge {
+            data_len: 9,
+            max: 8,
+        };
+        assert_eq!(too_large.reason(), "length_too_large");
+        assert_eq!(
+            CodecError::Io(std::io::Error::other("x")).reason(),
+            "io"
+        );
     }
 }

@@ -34,8 +34,12 @@ pub async fn start_addon(
     cync_gateway::sim::addon::Addon::start(l, cfg).expect("addon")
 }
 
+/// `../shared/captures` beside the checkout, or `$CYNC_CAPTURES` when the tree is tested from a
+/// copy (scripts/mutants.sh).
 pub fn shared_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/captures")
+    std::env::var_os("CYNC_CAPTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/captures"))
 }
 
 /// The reads of a capture file, in order, as (dir, bytes).

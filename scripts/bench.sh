@@ -6,6 +6,7 @@
 #
 #   bash scripts/bench.sh                      # defaults below
 #   DEVICES=1000 RATE=400 DURATION=60s bash scripts/bench.sh
+#   BIN=/tmp/old-build bash scripts/bench.sh  # another build's binaries
 #
 # Installs haproxy (Debian package) if it is missing. Not part of the test suite.
 set -euo pipefail
@@ -25,8 +26,12 @@ if ! command -v haproxy >/dev/null 2>&1; then
         $SUDO apt-get update >/dev/null && $SUDO apt-get install -y haproxy >/dev/null
     }
 fi
-cargo build --release --quiet
-BIN=target/release
+# BIN=<dir with cync-gateway and cync-sim> benchmarks another build (e.g. the one before a
+# change); by default this tree's release build.
+if [ -z "${BIN:-}" ]; then
+    cargo build --release --quiet
+    BIN=target/release
+fi
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 

@@ -14,10 +14,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::control::router;
 use crate::gateway::{Gateway, GatewayError};
-use crate::metrics::Metrics;
 use crate::sim::addon::{Addon, AddonConfig, HarnessReport};
 use crate::sim::load::{self, LoadConfig};
+use crate::telemetry::labels::Label;
+use crate::telemetry::metrics::Metrics;
 
 #[derive(Debug, Error)]
 pub enum DemoError {
@@ -139,7 +141,10 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary, DemoError> {
         ramp_per_sec: 50,
         heartbeat: Duration::from_secs(21),
         warmup: Duration::ZERO,
-        canary_percent: Some(opts.canary_percent),
+        path_of: {
+            let p = opts.canary_percent;
+            Some(load::PathOf::new(move |d| router::by_percent(d, p).label()))
+        },
     };
     let metrics = gw.metrics.clone();
     let report = load::run(&load_cfg, &addon, |p| {

@@ -9,27 +9,33 @@
 //!   the deadline, then stops the metrics server: the order a load balancer needs.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::admin::{self, Health};
 use crate::config::{Config, DeviceTlsMode};
-use crate::listener::{Admission, ConnContext, Listener};
-use crate::logging::LogLimit;
-use crate::metrics::{Metrics, MetricsError};
-use crate::rehome::{self, Registry};
-use crate::reliable::SessionCtx;
-use crate::reload::{self, Live, Reloader};
-use crate::shadow::ShadowCtx;
+use crate::conn::admission::Admission;
+use crate::conn::handler::ConnContext;
+use crate::conn::legacy::Legacy;
+use crate::conn::listener::Listener;
+use crate::conn::registry::Registry;
+use crate::conn::reliable::SessionCtx;
+use crate::conn::shadow::ShadowCtx;
+use crate::conn::tls::{self, TlsError};
+use crate::conn::upstream::Dialer;
+use crate::control::apply::ControlTask;
+use crate::control::reload::{self, Reloader};
+use crate::control::{event, rehome, ControlPlane, ControlTx, Live};
 use crate::shutdown::{DrainOutcome, Shutdown};
-use crate::tls::{self, TlsError};
-use crate::upstream::Dialer;
+use crate::telemetry::http::{self, Health};
+use crate::telemetry::logging::LogLimit;
+use crate::telemetry::metrics::{Metrics, MetricsError};
+use crate::telemetry::tasks::Tasks;
 
 #[derive(Debug, Error)]
 pub enum GatewayError {
@@ -71,16 +77,26 @@ pub struct Gateway {
     pub health: Arc<Health>,
     /// The generated device certificate, when none was configured.
     pub generated_cert: Option<openssl::x509::X509>,
-    /// The configuration in force (and the rollback latch).
+    /// The configuration in force (and the rollback latch); read-only outside the control
+    /// task: changes go through [`Gateway::control`].
     pub live: Arc<Live>,
     /// Open routed connections.
     pub registry: Arc<Registry>,
     /// The connection budgets (for tests and diagnostics).
     pub admission: Arc<Admission>,
+    control: ControlTx,
     shutdown: Shutdown,
+    /// The HTTP server's tasks: they outlive the drain, so /metrics answers until the end.
+    http_tasks: Tasks,
     http_stop: CancellationToken,
-    listener_task: JoinHandle<()>,
-    http_task: JoinHandle<()>,
+}
+
+/// How to start a gateway: the configuration, and optionally listeners already bound and the
+/// file the configuration came from.
+pub struct GatewayBuilder {
+    config: Config,
+    listeners: Option<(TcpListener, TcpListener)>,
+    config_file: Option<PathBuf>,
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, GatewayError> {
@@ -89,19 +105,57 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Gatew
         .map_err(|source| GatewayError::Bind { what, addr, source })
 }
 
-impl Gateway {
-    /// Binds the configured addresses and starts.
-    pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
-        let devices = bind("device listener", config.listen.devices).await?;
-        let http = bind("metrics listener", config.listen.metrics).await?;
-        Self::start_with(config, devices, http).await
+impl GatewayBuilder {
+    /// Serves on listeners the caller already bound (devices, HTTP) instead of binding the
+    /// configured addresses.
+    pub fn listeners(mut self, devices: TcpListener, http: TcpListener) -> Self {
+        self.listeners = Some((devices, http));
+        self
     }
 
-    /// Starts on listeners the caller already bound.
-    pub async fn start_with(
+    /// Reloads from `path`: on every [`crate::control::Control::Reload`] (the daemon sends
+    /// one per SIGHUP), and when its content changes (`reload.poll_interval`).
+    pub fn config_file(mut self, path: &Path) -> Self {
+        self.config_file = Some(path.to_path_buf());
+        self
+    }
+
+    pub async fn start(self) -> Result<Gateway, GatewayError> {
+        let GatewayBuilder {
+            config,
+            listeners,
+            config_file,
+        } = self;
+        let (devices, http) = match listeners {
+            Some(l) => l,
+            None => (
+                bind("device listener", config.listen.devices).await?,
+                bind("metrics listener", config.listen.metrics).await?,
+            ),
+        };
+        Gateway::start_inner(config, devices, http, config_file).await
+    }
+}
+
+impl Gateway {
+    /// Binds the configured addresses and starts, without a configuration file to reload.
+    pub async fn start(config: Config) -> Result<Gateway, GatewayError> {
+        Self::builder(config).start().await
+    }
+
+    pub fn builder(config: Config) -> GatewayBuilder {
+        GatewayBuilder {
+            config,
+            listeners: None,
+            config_file: None,
+        }
+    }
+
+    async fn start_inner(
         config: Config,
         devices: TcpListener,
         http: TcpListener,
+        config_file: Option<PathBuf>,
     ) -> Result<Gateway, GatewayError> {
         let metrics = Arc::new(Metrics::with_device_limits(
             config.metrics.per_device,
@@ -119,7 +173,7 @@ impl Gateway {
                 (Some(Arc::new(a)), cert)
             }
         };
-        let legacy = Dialer::new(&config.upstream_legacy).map_err(GatewayError::UpstreamTls)?;
+        let dialer = Dialer::new(&config.upstream_legacy).map_err(GatewayError::UpstreamTls)?;
         let shadow_dialer = match &config.upstream_shadow {
             Some(u) => Some(Dialer::new(u).map_err(GatewayError::UpstreamTls)?),
             None => None,
@@ -127,56 +181,92 @@ impl Gateway {
         let device_addr = devices.local_addr().map_err(GatewayError::LocalAddr)?;
         let metrics_addr = http.local_addr().map_err(GatewayError::LocalAddr)?;
         let shutdown = Shutdown::new();
+        let tasks = shutdown.tasks();
         let health = Arc::new(Health::default());
         let http_stop = CancellationToken::new();
         info!(
             devices = %device_addr,
             metrics = %metrics_addr,
-            legacy_upstream = legacy.address(),
+            legacy_upstream = dialer.address(),
             device_tls = acceptor.is_some(),
             "cync-gateway listening"
         );
-        let reliable = SessionCtx::new(metrics.clone(), legacy.clone(), &config);
+        let reliable = SessionCtx::new(metrics.clone(), dialer.clone(), &config);
         let registry = Arc::new(Registry::new(config.routing.rehome_rate));
+        let poll_every = config.reload.poll_interval;
         let live = Live::new(config);
         reload::publish(&metrics, &live);
-        tokio::spawn(rehome::run(
-            live.clone(),
-            registry.clone(),
-            metrics.clone(),
-            shutdown.token(),
-        ));
+
+        // The control plane: one channel, one task that applies what arrives on it.
+        let (control, control_rx) = event::channel();
+        let reloader = config_file
+            .as_deref()
+            .map(|p| Reloader::new(p, live.clone(), metrics.clone()));
+        if reloader.is_some() {
+            tasks.spawn(
+                "config-poll",
+                reload::poll(poll_every, control.clone(), shutdown.token()),
+            );
+        }
+        tasks.spawn(
+            "control",
+            ControlTask::new(live.clone(), metrics.clone(), reloader)
+                .run(control_rx, shutdown.token()),
+        );
+        tasks.spawn(
+            "rehome",
+            rehome::run(
+                live.clone(),
+                registry.clone(),
+                metrics.clone(),
+                shutdown.token(),
+            ),
+        );
+
         let admission = Admission::new(&live.config().listen);
+        let routes = ControlPlane::new(live.clone());
         let ctx = Arc::new(ConnContext {
-            live: live.clone(),
+            routes: routes.clone(),
             registry: registry.clone(),
             metrics: metrics.clone(),
             acceptor,
-            legacy,
-            reliable,
-            shadow: ShadowCtx {
-                dialer: shadow_dialer,
-                tasks: shutdown.tasks(),
-                log: Arc::new(LogLimit::default()),
+            dialer,
+            legacy: Legacy {
+                metrics: metrics.clone(),
+                reliable: reliable.clone(),
+                shadow: ShadowCtx {
+                    dialer: shadow_dialer,
+                    tasks: tasks.clone(),
+                    log: Arc::new(LogLimit::default()),
+                },
+                routes,
             },
+            reliable,
             shutdown: shutdown.token(),
             admission: admission.clone(),
         });
-        let listener = Listener::new(devices, ctx, shutdown.tasks());
-        let listener_task = tokio::spawn(listener.run());
-        let limits = admin::HttpLimits {
+        tasks.spawn(
+            "device-listener",
+            Listener::new(devices, ctx, tasks.clone()).run(),
+        );
+        let limits = http::HttpLimits {
             header_timeout: live.config().listen.http_header_timeout,
             max_connections: live.config().listen.http_max_connections,
         };
-        let http_task = tokio::spawn(admin::serve_metrics(
-            http,
-            metrics.clone(),
-            health.clone(),
-            limits,
-            http_stop.clone(),
-        ));
+        let http_tasks = Tasks::default();
+        http_tasks.spawn(
+            "http",
+            http::serve_metrics(
+                http,
+                metrics.clone(),
+                health.clone(),
+                limits,
+                http_tasks.clone(),
+                http_stop.clone(),
+            ),
+        );
         health.set_ready();
-        metrics.ready.set(1);
+        metrics.set_ready(true);
         Ok(Gateway {
             device_addr,
             metrics_addr,
@@ -186,22 +276,16 @@ impl Gateway {
             live,
             registry,
             admission,
+            control,
             shutdown,
+            http_tasks,
             http_stop,
-            listener_task,
-            http_task,
         })
     }
 
-    /// Reloads the configuration from `path` on every message from `hup` (the daemon sends one
-    /// per SIGHUP) and when the file's content changes (`reload.poll_interval`).
-    pub fn watch_config(
-        &self,
-        path: &std::path::Path,
-        hup: tokio::sync::mpsc::UnboundedReceiver<()>,
-    ) {
-        let reloader = Reloader::new(path, self.live.clone(), self.metrics.clone());
-        tokio::spawn(reload::run(reloader, hup, self.shutdown.token()));
+    /// Where every change to what runs is sent: reloads, the rollback latch.
+    pub fn control(&self) -> ControlTx {
+        self.control.clone()
     }
 
     /// A token that is cancelled when shutdown starts (for callers that trigger it elsewhere).
@@ -212,10 +296,9 @@ impl Gateway {
     /// Readiness off, stop accepting, drain within `deadline`, stop serving HTTP.
     pub async fn shutdown(self, deadline: Duration) -> DrainOutcome {
         self.health.set_draining();
-        self.metrics.ready.set(0);
-        self.metrics.draining.set(1);
+        self.metrics.set_ready(false);
+        self.metrics.set_draining(true);
         let outcome = self.shutdown.drain(deadline).await;
-        let _ = self.listener_task.await;
         match outcome {
             DrainOutcome::Clean => info!("drain complete"),
             DrainOutcome::TimedOut { remaining } => {
@@ -226,7 +309,8 @@ impl Gateway {
             }
         }
         self.http_stop.cancel();
-        let _ = self.http_task.await;
+        self.http_tasks.close();
+        self.http_tasks.wait().await;
         outcome
     }
 }

@@ -13,44 +13,27 @@
 //!                             └─ :9400 /metrics /healthz /readyz
 //! ```
 //!
-//! Module map (one file per concept; `docs/architecture.md` has the longer story):
+//! Layers, bottom to top; a module imports only from layers below it (or its own), which
+//! `tests/layers.rs` checks on every file (`CONTRIBUTING.md` has the rule and the checklists):
 //!
-//! | module | owns |
+//! | layer | owns |
 //! | --- | --- |
-//! | [`protocol`] | the wire format: stream codec, typed packets |
-//! | [`config`] | the TOML file and its validation |
-//! | [`reload`] | the configuration in force, SIGHUP and file-poll reloads |
-//! | [`rehome`] | open connections, and moving them when their route changes |
-//! | [`listener`] | accept loop, TLS accept, handshake peek, connection limit |
-//! | [`router`] | which path a device takes: its stable bucket and the percentage |
-//! | [`legacy`] | byte-exact passthrough and its passive observer |
-//! | [`reliable`] | the new path: retries, duplicate suppression, bounded queues, resumption |
-//! | [`shadow`] | dark launch: observe and mirror modes, reply comparison |
-//! | [`transactions`] | pairing requests with replies: outcomes and latencies |
-//! | [`upstream`] | dialing the add-on |
-//! | [`tls`] | OpenSSL contexts and the plain-or-TLS stream |
-//! | [`metrics`] | the Prometheus families |
-//! | [`admin`] | `/metrics`, `/healthz`, `/readyz` |
-//! | [`shutdown`] | cancellation, task tracking, signals, drain |
-//! | [`logging`] | tracing output |
-//! | [`gateway`] | wiring all of the above from a config |
+//! | [`protocol`] | the wire format: stream codec, resynchronising tap, typed packets, builders |
+//! | [`config`] | the TOML file: its serde shape, the typed configuration, every problem at once |
+//! | [`telemetry`] | metric names and families with typed record methods, logging, the HTTP endpoints |
+//! | [`conn`] | the data plane: accept, one handler per connection, the legacy and new paths, dark launch |
+//! | [`control`] | the control plane: the configuration in force, routing, reloads, re-homing, one event stream |
+//! | [`gateway`], [`shutdown`], [`demo`] | wiring, signals and drain, the demo |
+//! | [`sim`] | simulated devices and add-on; uses only [`protocol`] and the TLS helpers of [`conn::tls`] |
 
-pub mod admin;
+#![forbid(unsafe_code)]
+
 pub mod config;
+pub mod conn;
+pub mod control;
 pub mod demo;
 pub mod gateway;
-pub mod legacy;
-pub mod listener;
-pub mod logging;
-pub mod metrics;
 pub mod protocol;
-pub mod rehome;
-pub mod reliable;
-pub mod reload;
-pub mod router;
-pub mod shadow;
 pub mod shutdown;
 pub mod sim;
-pub mod tls;
-pub mod transactions;
-pub mod upstream;
+pub mod telemetry;

@@ -133,7 +133,7 @@ fn run(path: &std::path::Path, strict: bool) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let _log_guard = match cync_gateway::logging::init(&config.logging) {
+    let _log_guard = match cync_gateway::telemetry::logging::init(&config.logging) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("cync-gateway: logging: {e}");
@@ -173,7 +173,11 @@ fn run(path: &std::path::Path, strict: bool) -> ExitCode {
                 return ExitCode::from(EXIT_RUNTIME);
             }
         };
-        let gw = match Gateway::start(config).await {
+        let gw = match Gateway::builder(config)
+            .config_file(&config_path)
+            .start()
+            .await
+        {
             Ok(g) => g,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
@@ -181,11 +185,9 @@ fn run(path: &std::path::Path, strict: bool) -> ExitCode {
                 return ExitCode::from(EXIT_RUNTIME);
             }
         };
-        let (hup_tx, hup_rx) = tokio::sync::mpsc::unbounded_channel();
         let sd = gw.shutdown_handle();
         let exit_now = std::sync::Arc::new(tokio::sync::Notify::new());
-        signals.spawn(sd.clone(), hup_tx, exit_now.clone());
-        gw.watch_config(&config_path, hup_rx);
+        signals.spawn(sd.clone(), gw.control(), exit_now.clone());
         sd.token().cancelled().await;
         tokio::select! {
             outcome = gw.shutdown(drain_timeout) => match outcome {

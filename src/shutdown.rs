@@ -7,19 +7,21 @@
 //!   then is reported (and dropped with the runtime), never waited for.
 //! - Signals: the first SIGTERM/SIGINT starts the drain; a second one exits at once (code 130),
 //!   for an operator who does not want to wait — through the daemon's return path, so its log
-//!   lines (the reason included) are flushed first. SIGHUP is handed to the reloader. The handlers
+//!   lines (the reason included) are flushed first. SIGHUP is sent to the control task as a reload. The handlers
 //!   are installed before the gateway listens, so no signal ever meets the default action.
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
+
+use crate::control::{Control, ControlTx, Origin};
+use crate::telemetry::tasks::Tasks;
 
 #[derive(Clone, Default)]
 pub struct Shutdown {
     token: CancellationToken,
-    tasks: TaskTracker,
+    tasks: Tasks,
 }
 
 /// How a drain ended.
@@ -40,7 +42,8 @@ impl Shutdown {
         self.token.clone()
     }
 
-    pub fn tasks(&self) -> TaskTracker {
+    /// The tracker drain waits for: every connection and background task.
+    pub fn tasks(&self) -> Tasks {
         self.tasks.clone()
     }
 
@@ -86,11 +89,12 @@ impl Signals {
     }
 
     /// SIGTERM/SIGINT drain; a second one fires `exit_now` (the daemon then returns 130 after
-    /// flushing its logs); SIGHUP is forwarded to `on_hup`.
+    /// flushing its logs); SIGHUP becomes a [`Control::Reload`] on `control`. Runs on the
+    /// shutdown tracker, as the task `signals`, until the gateway is gone.
     pub fn spawn(
         self,
         shutdown: Shutdown,
-        on_hup: tokio::sync::mpsc::UnboundedSender<()>,
+        control: ControlTx,
         exit_now: std::sync::Arc<tokio::sync::Notify>,
     ) {
         let Signals {
@@ -98,14 +102,18 @@ impl Signals {
             mut int,
             mut hup,
         } = self;
-        tokio::spawn(async move {
+        // Not stopped by the shutdown token: a second signal must still be heard during the
+        // drain. It is on its own tracker, which nobody waits for.
+        Tasks::default().spawn("signals", async move {
             let mut seen = 0u32;
             loop {
                 let name = tokio::select! {
                     _ = term.recv() => "SIGTERM",
                     _ = int.recv() => "SIGINT",
                     _ = hup.recv() => {
-                        let _ = on_hup.send(());
+                        if control.send(Control::Reload { origin: Origin::Signal }).await.is_err() {
+                            warn!("SIGHUP: the control task has stopped; not reloading");
+                        }
                         continue;
                     }
                 };

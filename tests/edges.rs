@@ -241,7 +241,7 @@ async fn an_upstream_tls_failure_closes_the_device_and_is_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configured_device_certificate_is_the_one_devices_get() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cert = cync_gateway::tls::self_signed("configured.example").expect("cert");
+    let cert = cync_gateway::conn::tls::self_signed("configured.example").expect("cert");
     let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
     std::fs::write(&cert_path, cert.cert.to_pem().expect("pem")).expect("write");
     std::fs::write(&key_path, cert.key.private_key_to_pem_pkcs8().expect("pem")).expect("write");
@@ -300,18 +300,12 @@ async fn a_reload_of_reliable_and_protocol_reaches_new_connections_only() {
         "[device_tls]\nmode = \"plain\"\n[routing]\ncanary_percent = 100\n[reload]\npoll_interval = 0\n",
     );
     std::fs::write(&path, &base).expect("write");
-    let gw = cync_gateway::gateway::Gateway::start(
-        cync_gateway::config::Config::load(&path).expect("config"),
-    )
-    .await
-    .expect("start");
-    let (hup, rx) = tokio::sync::mpsc::unbounded_channel();
-    gw.watch_config(&path, rx);
+    let gw = start_watching(&path).await;
     let hello = vector("handshake_0x23");
     let (mut old_d, _old_u) = scripted_pair(gw.device_addr, &up, &hello).await;
     // New connections: idle after 1 s.
     std::fs::write(&path, format!("{base}[reliable]\nidle_timeout = \"1s\"\n")).expect("write");
-    hup.send(()).expect("hup");
+    sighup(&gw).await;
     wait_metric(
         gw.metrics_addr,
         "tcp_comm_config_reloads_total{result=\"applied\"}",

@@ -50,7 +50,7 @@ async fn device_connect(addr: SocketAddr, tls: bool) -> Box<dyn Io> {
 }
 
 fn upstream_acceptor() -> SslAcceptor {
-    let cert = cync_gateway::tls::self_signed("addon").expect("cert");
+    let cert = cync_gateway::conn::tls::self_signed("addon").expect("cert");
     let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server()).expect("acceptor");
     b.set_certificate(&cert.cert).expect("cert");
     b.set_private_key(&cert.key).expect("key");

@@ -574,7 +574,7 @@ fn a_low_open_file_limit_is_refused_with_strict_and_warned_about_without() {
 fn check_config_warns_about_secrets_others_can_read() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
-    let cert = cync_gateway::tls::self_signed("gw").expect("cert");
+    let cert = cync_gateway::conn::tls::self_signed("gw").expect("cert");
     let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert_path, cert.cert.to_pem().expect("pem")).expect("write");
     std::fs::write(&key_path, cert.key.private_key_to_pem_pkcs8().expect("pem")).expect("write");
@@ -660,7 +660,7 @@ async fn a_second_sigterm_exits_130_with_its_log_lines_flushed() {
 
 #[test]
 fn every_metric_family_is_documented_and_every_documented_one_exists() {
-    let m = cync_gateway::metrics::Metrics::new(true).expect("metrics");
+    let m = cync_gateway::telemetry::metrics::Metrics::new(true).expect("metrics");
     let families: std::collections::BTreeSet<String> = m.family_names().iter().cloned().collect();
     let doc = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metrics.md"),

@@ -11,14 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use cync_gateway::config::Config;
+use cync_gateway::conn::Transport;
+use cync_gateway::control::{Control, Origin};
 use cync_gateway::gateway::Gateway;
-use cync_gateway::metrics::Transport;
 use cync_gateway::protocol::{build, DeviceId, MsgId};
 use cync_gateway::sim::device::{self, DeviceConfig, DeviceStats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -30,15 +29,6 @@ fn gateway_text(upstream: SocketAddr, devices: &str, routing: &str) -> String {
          [upstream.legacy]\naddress = \"{upstream}\"\ntls = false\n\
          [routing]\n{routing}\n"
     )
-}
-
-/// Starts a gateway from `path` and has it watch the file; returns the SIGHUP sender.
-async fn start_watching(path: &Path) -> (Gateway, mpsc::UnboundedSender<()>) {
-    let cfg = Config::load(path).expect("valid config");
-    let gw = Gateway::start(cfg).await.expect("gateway");
-    let (tx, rx) = mpsc::unbounded_channel();
-    gw.watch_config(path, rx);
-    (gw, tx)
 }
 
 fn on_path(gw: &Gateway, t: Transport) -> BTreeSet<DeviceId> {
@@ -92,7 +82,7 @@ async fn a_thousand_devices_split_at_ten_percent_stick_across_restart_and_grow_t
         ),
     )
     .expect("write");
-    let (gw, _hup) = start_watching(&path).await;
+    let gw = start_watching(&path).await;
     let device_addr = gw.device_addr;
     let stop = CancellationToken::new();
     let devices = fleet(device_addr, N, 99, &stop);
@@ -121,7 +111,7 @@ async fn a_thousand_devices_split_at_ten_percent_stick_across_restart_and_grow_t
         &format!("{device_addr}\"\nmetrics"),
     );
     std::fs::write(&path, text).expect("write");
-    let (gw, _hup) = start_watching(&path).await;
+    let gw = start_watching(&path).await;
     assert_eq!(gw.device_addr, device_addr);
     wait_connected(&gw, N as usize).await;
     assert_eq!(
@@ -285,7 +275,7 @@ async fn raw_gateway(
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, gateway_text(up_addr, "127.0.0.1:0", routing)).expect("write");
-    let (gw, _hup) = start_watching(&path).await;
+    let gw = start_watching(&path).await;
     (gw, upstream, path, dir)
 }
 
@@ -424,7 +414,7 @@ async fn edits_in_place_and_by_rename_move_only_the_named_devices_and_broken_edi
         "canary_percent = 0\nrehome_rate = 100",
     );
     std::fs::write(&path, &base).expect("write");
-    let (gw, _hup) = start_watching(&path).await;
+    let gw = start_watching(&path).await;
     let stop = CancellationToken::new();
     let devices = fleet(gw.device_addr, 20, 5, &stop);
     wait_connected(&gw, 20).await;
@@ -549,7 +539,13 @@ async fn the_rollback_latch_sends_everyone_to_legacy_and_rehomes_the_new_path() 
     }
     wait_connected(&gw, 5).await;
     assert_eq!(on_path(&gw, Transport::New).len(), 5);
-    gw.live.set_latch(true);
+    gw.control()
+        .send(Control::Rollback {
+            origin: Origin::Operator,
+            reason: "test".into(),
+        })
+        .await
+        .expect("control task running");
     eventually("every new-path connection re-homed", || async {
         devices
             .iter()
@@ -644,7 +640,7 @@ async fn a_command_the_addon_writes_as_a_rehome_closes_reaches_the_device_and_is
             "canary_percent = 0"
         };
         std::fs::write(&file, gateway_text(up_addr, "127.0.0.1:0", routing)).expect("write");
-        let (gw, hup) = start_watching(&file).await;
+        let gw = start_watching(&file).await;
         let mut dev = TcpStream::connect(gw.device_addr).await.expect("connect");
         dev.write_all(&build::hello(id, &auth))
             .await
@@ -657,7 +653,7 @@ async fn a_command_the_addon_writes_as_a_rehome_closes_reaches_the_device_and_is
             "canary_percent = 100"
         };
         std::fs::write(&file, gateway_text(up_addr, "127.0.0.1:0", moved)).expect("write");
-        hup.send(()).expect("hup");
+        sighup(&gw).await;
         // Closed upstream first: the add-on's last command is delivered, then the EOF.
         let rest = read_to_eof(&mut dev).await;
         assert_eq!(rest, cmd, "{path}: the command written as the pair closed");

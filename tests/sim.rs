@@ -579,7 +579,11 @@ async fn load_reports_progress_percentiles_and_each_path() {
         ramp_per_sec: 100,
         heartbeat: Duration::from_secs(21),
         warmup: Duration::from_millis(300),
-        canary_percent: Some(50.0),
+        path_of: Some(cync_gateway::sim::load::PathOf::new(|d| {
+            cync_gateway::telemetry::labels::Label::label(
+                cync_gateway::control::router::by_percent(d, 50.0),
+            )
+        })),
     };
     let mut ticks = 0;
     let report = cync_gateway::sim::load::run(&cfg, &a, |_| ticks += 1).await;

@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cync_gateway::config::Config;
-use cync_gateway::tls::{self, Stream};
-use cync_gateway::upstream::{DialError, Dialer};
+use cync_gateway::conn::tls::{self, Stream};
+use cync_gateway::conn::upstream::{DialError, Dialer};
+use cync_gateway::telemetry::labels::Label;
 use openssl::hash::MessageDigest;
 use openssl::ssl::{Ssl, SslAcceptor, SslConnector, SslMethod, SslVerifyMode, SslVersion};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -62,7 +63,7 @@ async fn assert_echo<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, msg: &[u8]) {
 }
 
 /// Starts the device-facing accept loop: every accepted socket goes through
-/// `cync_gateway::tls::accept`; the negotiated cipher (or the handshake error) of each is sent on
+/// `cync_gateway::conn::tls::accept`; the negotiated cipher (or the handshake error) of each is sent on
 /// the returned channel, then the stream is echoed until the peer closes.
 async fn device_server(
     acceptor: SslAcceptor,
@@ -467,7 +468,7 @@ async fn dial(d: &Dialer) -> Result<Stream, DialError> {
 async fn dial_ok_and_echo(d: &Dialer, expect_tls: bool) {
     let mut s = dial(d)
         .await
-        .unwrap_or_else(|e| panic!("dial {} failed ({}): {e}", d.address(), e.reason()));
+        .unwrap_or_else(|e| panic!("dial {} failed ({}): {e}", d.address(), Label::label(&e)));
     assert_eq!(s.is_tls(), expect_tls);
     assert_eq!(s.cipher_name().is_some(), expect_tls);
     assert_echo(&mut s, b"gateway to addon").await;
@@ -477,7 +478,7 @@ fn expect_dial_err(r: Result<Stream, DialError>, reason: &str) -> DialError {
     match r {
         Ok(_) => panic!("dial succeeded; expected a {reason:?} failure"),
         Err(e) => {
-            assert_eq!(e.reason(), reason, "wrong failure: {e}");
+            assert_eq!(Label::label(&e), reason, "wrong failure: {e}");
             e
         }
     }

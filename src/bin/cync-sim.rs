@@ -12,10 +12,12 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use cync_gateway::control::router;
 use cync_gateway::sim::addon::{Addon, AddonConfig, Mode, OneSession};
 use cync_gateway::sim::chaos::{Chaos, Plan};
 use cync_gateway::sim::device::DeviceStats;
 use cync_gateway::sim::load::{self, LoadConfig};
+use cync_gateway::telemetry::labels::Label;
 
 #[derive(Parser)]
 #[command(
@@ -176,7 +178,7 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
                 ramp_per_sec: 200,
                 heartbeat: Duration::from_secs_f64(heartbeat),
                 warmup: Duration::ZERO,
-                canary_percent: None,
+                path_of: None,
             };
             let fleet = load::spawn_fleet(&cfg, &stop);
             eprintln!("cync-sim: {count} devices dialing {target}");
@@ -277,7 +279,10 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
                 ramp_per_sec,
                 heartbeat: Duration::from_secs(21),
                 warmup,
-                canary_percent,
+                // Devices are put on a path by the same stable bucket the gateway uses; force
+                // lists are not known here.
+                path_of: canary_percent
+                    .map(|p| load::PathOf::new(move |d| router::by_percent(d, p).label())),
             };
             let report = load::run(&cfg, &addon, |p| {
                 if json {

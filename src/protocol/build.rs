@@ -311,7 +311,7 @@ pub fn heartbeat_ack() -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Command, Packet, PacketType};
+    use crate::protocol::packet::{Command, Packet, PacketType};
 
     const ID: DeviceId = DeviceId([0x38, 0xe8, 0xcf, 0x46]);
     const Z: MsgId = MsgId([0, 0, 0]);

@@ -18,21 +18,20 @@ use tokio_util::codec::{Decoder, Encoder};
 use super::packet::{header_data_len, DecodeError, Packet, DEFAULT_MAX_DATA_LEN, HEADER_LEN};
 
 /// A stream-level framing failure: after this the byte stream cannot be split any more.
-#[derive(Debug, Error)]
+#[derive(Debug, Error, strum::IntoStaticStr)]
 pub enum CodecError {
     #[error("frame data length {data_len} above the limit of {max}")]
+    #[strum(serialize = "length_too_large")]
     TooLarge { data_len: usize, max: usize },
     #[error("i/o: {0}")]
+    #[strum(serialize = "io")]
     Io(#[from] std::io::Error),
 }
 
 impl CodecError {
-    /// Stable snake_case code, as the decode-error `reason` labels are.
+    /// Stable snake_case code (derived), as the decode-error `reason` labels are.
     pub fn reason(&self) -> &'static str {
-        match self {
-            Self::TooLarge { .. } => "length_too_large",
-            Self::Io(_) => "io",
-        }
+        self.into()
     }
 }
 
@@ -126,9 +125,6 @@ mod tests {
             max: 8,
         };
         assert_eq!(too_large.reason(), "length_too_large");
-        assert_eq!(
-            CodecError::Io(std::io::Error::other("x")).reason(),
-            "io"
-        );
+        assert_eq!(CodecError::Io(std::io::Error::other("x")).reason(), "io");
     }
 }

@@ -26,23 +26,39 @@ pub const DEFAULT_MAX_DATA_LEN: usize = 4096;
 /// Offset of the inner frame of 0x73/0x83.
 pub const FRAME_OFFSET: usize = 12;
 
-/// Every type byte seen on a device connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Every type byte seen on a device connection. The metric label is the type byte as
+/// `0xNN`, matching the protocol doc.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, strum::IntoStaticStr)]
 pub enum PacketType {
+    #[strum(serialize = "0x23")]
     Hello,
+    #[strum(serialize = "0x28")]
     HelloAck,
+    #[strum(serialize = "0x43")]
     Info,
+    #[strum(serialize = "0x48")]
     InfoAck,
+    #[strum(serialize = "0x73")]
     Data,
+    #[strum(serialize = "0x78")]
     Notice,
+    #[strum(serialize = "0x7b")]
     DataAck,
+    #[strum(serialize = "0x83")]
     Status,
+    #[strum(serialize = "0x88")]
     StatusAck,
+    #[strum(serialize = "0xa3")]
     ChannelOpen,
+    #[strum(serialize = "0xab")]
     ChannelReply,
+    #[strum(serialize = "0xc3")]
     TimeRequest,
+    #[strum(serialize = "0xc8")]
     TimeReply,
+    #[strum(serialize = "0xd3")]
     Heartbeat,
+    #[strum(serialize = "0xd8")]
     HeartbeatAck,
 }
 
@@ -106,25 +122,9 @@ impl PacketType {
         }
     }
 
-    /// Metric label: the type byte as `0xNN`, matching the protocol doc.
+    /// Metric label: the type byte as `0xNN` (derived).
     pub fn label(self) -> &'static str {
-        match self {
-            Self::Hello => "0x23",
-            Self::HelloAck => "0x28",
-            Self::Info => "0x43",
-            Self::InfoAck => "0x48",
-            Self::Data => "0x73",
-            Self::Notice => "0x78",
-            Self::DataAck => "0x7b",
-            Self::Status => "0x83",
-            Self::StatusAck => "0x88",
-            Self::ChannelOpen => "0xa3",
-            Self::ChannelReply => "0xab",
-            Self::TimeRequest => "0xc3",
-            Self::TimeReply => "0xc8",
-            Self::Heartbeat => "0xd3",
-            Self::HeartbeatAck => "0xd8",
-        }
+        self.into()
     }
 
     /// `data_len` of the fixed-size types.
@@ -158,7 +158,8 @@ impl fmt::Display for PacketType {
 }
 
 /// Why bytes are not one valid packet. Variants are listed in the order they are checked.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[derive(Debug, Error, Clone, PartialEq, Eq, strum::IntoStaticStr, strum::VariantNames)]
+#[strum(serialize_all = "snake_case")]
 pub enum DecodeError {
     #[error("truncated header: {have} of 5 bytes")]
     TruncatedHeader { have: usize },
@@ -185,36 +186,14 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// Stable snake_case code, used as the `reason` metric label and in the test vectors.
+    /// Stable snake_case code (derived), used as the `reason` metric label and in the test
+    /// vectors.
     pub fn reason(&self) -> &'static str {
-        match self {
-            Self::TruncatedHeader { .. } => "truncated_header",
-            Self::LengthTooLarge { .. } => "length_too_large",
-            Self::Truncated { .. } => "truncated",
-            Self::TrailingBytes { .. } => "trailing_bytes",
-            Self::UnknownType { .. } => "unknown_type",
-            Self::ReservedNonzero(_) => "reserved_nonzero",
-            Self::BadLengthForType { .. } => "bad_length_for_type",
-            Self::BadFrameStart { .. } => "bad_frame_start",
-            Self::InnerLengthMismatch { .. } => "inner_length_mismatch",
-            Self::BadFrameEnd { .. } => "bad_frame_end",
-            Self::ChecksumMismatch { .. } => "checksum_mismatch",
-        }
+        self.into()
     }
 
-    pub const REASONS: [&'static str; 11] = [
-        "truncated_header",
-        "length_too_large",
-        "truncated",
-        "trailing_bytes",
-        "unknown_type",
-        "reserved_nonzero",
-        "bad_length_for_type",
-        "bad_frame_start",
-        "inner_length_mismatch",
-        "bad_frame_end",
-        "checksum_mismatch",
-    ];
+    /// Every reason, in the order the checks run.
+    pub const REASONS: &'static [&'static str] = <Self as strum::VariantNames>::VARIANTS;
 }
 
 /// A 4-byte id: the device id of a 0x23/0x43/0x83, or a channel id of the 0x73 family.

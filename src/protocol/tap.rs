@@ -271,7 +271,7 @@ impl Tap {
 mod tests {
     use super::*;
     use crate::protocol::build;
-    use crate::protocol::{DeviceId, MsgId};
+    use crate::protocol::packet::{DeviceId, MsgId};
 
     const MAX: usize = 4096;
 

@@ -37,11 +37,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::conn::tls::{self, Stream};
 use crate::protocol::build;
 use crate::protocol::{
     header_data_len, DeviceId, FrameClass, MsgId, Packet, PacketType, DEFAULT_MAX_DATA_LEN,
 };
-use crate::tls::{self, Stream};
 
 /// How long the harness (like the add-on) waits for a command's `f9` reply.
 pub const COMMAND_WAIT: Duration = Duration::from_secs(5);

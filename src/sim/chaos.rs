@@ -47,7 +47,8 @@ pub enum PlanError {
     Rule { index: usize, message: String },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 #[serde(rename_all = "snake_case")]
 pub enum Fault {
     Drop,
@@ -64,20 +65,9 @@ pub enum Fault {
 }
 
 impl Fault {
+    /// Its name in plans and reports (derived).
     pub fn label(self) -> &'static str {
-        match self {
-            Fault::Drop => "drop",
-            Fault::Delay => "delay",
-            Fault::Duplicate => "duplicate",
-            Fault::Reorder => "reorder",
-            Fault::CorruptChecksum => "corrupt_checksum",
-            Fault::CorruptLength => "corrupt_length",
-            Fault::Reset => "reset",
-            Fault::Stall => "stall",
-            Fault::SlowClose => "slow_close",
-            Fault::Bandwidth => "bandwidth",
-            Fault::HeartbeatStorm => "heartbeat_storm",
-        }
+        self.into()
     }
 }
 

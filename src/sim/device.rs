@@ -35,9 +35,9 @@ use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
+use crate::conn::tls::Stream;
 use crate::protocol::build;
 use crate::protocol::{CyncCodec, DeviceId, FrameClass, MsgId, Packet, PacketType};
-use crate::tls::Stream;
 
 /// The suites of the captured 88-byte device ClientHello: static RSA with AES-CBC only.
 pub const DEVICE_CIPHERS: &str = "AES256-SHA256:AES256-SHA:AES128-SHA256:AES128-SHA";

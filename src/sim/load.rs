@@ -21,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 use super::addon::{Addon, HarnessReport};
 use super::device::{self, DeviceConfig, DeviceStats};
 use crate::protocol::DeviceId;
-use crate::router;
 
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
@@ -40,9 +39,25 @@ pub struct LoadConfig {
     /// add-on's own start-up (its receive loop is blocked for 2 s per connection) is left out
     /// of the latencies. Zero: commands start at once.
     pub warmup: Duration,
-    /// The gateway's `routing.canary_percent`, to report each path apart (devices are put on
-    /// a path by the same stable bucket the gateway uses; force lists are not known here).
-    pub canary_percent: Option<f64>,
+    /// The path the gateway gives each device (`legacy`, `new`), to report each path apart.
+    /// The simulator does not route; whoever runs it and knows the gateway's routing does.
+    pub path_of: Option<PathOf>,
+}
+
+/// Which path a device takes, by name.
+#[derive(Clone)]
+pub struct PathOf(pub std::sync::Arc<dyn Fn(DeviceId) -> &'static str + Send + Sync>);
+
+impl PathOf {
+    pub fn new(f: impl Fn(DeviceId) -> &'static str + Send + Sync + 'static) -> PathOf {
+        PathOf(std::sync::Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for PathOf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PathOf(..)")
+    }
 }
 
 /// Commands of the devices on one path.
@@ -77,17 +92,15 @@ pub struct LoadReport {
     pub by_path: Option<BTreeMap<&'static str, PathReport>>,
 }
 
-/// Groups per-device outcomes by the path the router gives each device at `percent`.
+/// Groups per-device outcomes by the path `path_of` gives each device.
 pub fn by_path(
     devices: &[DeviceId],
     outcomes: &HashMap<DeviceId, (u64, u64)>,
-    percent: f64,
+    path_of: &PathOf,
 ) -> BTreeMap<&'static str, PathReport> {
     let mut out: BTreeMap<&'static str, PathReport> = BTreeMap::new();
     for d in devices {
-        let r = out
-            .entry(router::by_percent(*d, percent).label())
-            .or_default();
+        let r = out.entry((path_of.0)(*d)).or_default();
         r.devices += 1;
         if let Some((done, failed)) = outcomes.get(d) {
             r.done += done;
@@ -187,7 +200,7 @@ pub async fn run(
         commands,
         device_connects: fleet.iter().map(|s| DeviceStats::get(&s.connects)).sum(),
         device_disconnects: fleet.iter().map(|s| DeviceStats::get(&s.disconnects)).sum(),
-        by_path: cfg.canary_percent.map(|p| {
+        by_path: cfg.path_of.as_ref().map(|p| {
             let ids: Vec<DeviceId> = (0..cfg.devices)
                 .map(|i| device::identity(cfg.seed, i).0)
                 .collect();

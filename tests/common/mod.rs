@@ -133,7 +133,7 @@ pub fn sample_or_zero(metrics: &str, series: &str) -> f64 {
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .any(|l| l.split_whitespace().next() == Some(base))
-        || cync_gateway::metrics::Metrics::new(true)
+        || cync_gateway::telemetry::metrics::Metrics::new(true)
             .map(|m| m.family_names().iter().any(|n| n == base))
             .unwrap_or(false);
     assert!(known, "no metric family {base}");
@@ -165,6 +165,27 @@ pub async fn wait_metric(addr: SocketAddr, series: &str, want: f64) -> String {
         (sample_opt(&body, series) == Some(want)).then_some(body)
     })
     .await
+}
+
+/// Starts a gateway from the configuration file at `path`, reloading from it (on
+/// [`sighup`], and by polling per its `reload.poll_interval`).
+pub async fn start_watching(path: &std::path::Path) -> Gateway {
+    let cfg = Config::load(path).unwrap_or_else(|e| panic!("test config invalid: {e}"));
+    Gateway::builder(cfg)
+        .config_file(path)
+        .start()
+        .await
+        .expect("gateway starts")
+}
+
+/// What the daemon does on SIGHUP: asks the control task to reload the file.
+pub async fn sighup(gw: &Gateway) {
+    gw.control()
+        .send(cync_gateway::control::Control::Reload {
+            origin: cync_gateway::control::Origin::Signal,
+        })
+        .await
+        .expect("control task running");
 }
 
 /// A plain-TCP in-process gateway in front of `upstream` with every device on `path`

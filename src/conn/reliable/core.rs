@@ -1,40 +1,31 @@
-//! The reliable session: one device connection on the new path, and its upstream.
+//! The new path's session state machine: one device connection and its upstream, as
+//! decisions without I/O.
 //!
-//! [`Core`] is the session's state machine and holds every decision (what to forward, drop,
-//! re-send or answer locally); it takes `now` and does no I/O, so its timers are tested with
-//! paused time. [`run`] is the I/O shell around it: a device reader, a device writer, and an
-//! upstream reader/writer pair that is replaced when the upstream is resumed.
+//! [`Core`] decides what to forward, drop, re-send or answer locally; it takes `now` and does
+//! no I/O, so its timers are tested with paused time. The I/O shell around it is
+//! [`super::session`]; the dark launch drives a core of its own over a copy of legacy traffic.
 //!
 //! Invariants (design decision 7, protocol §7, §8, §14):
-//! - The device socket is always being read, whatever the upstream does; what cannot be
-//!   queued is shed (superseded status reports) or ends the pair, never left in the socket.
 //! - Device→upstream: each device read becomes one upstream write, byte-exact except for whole
 //!   frames deliberately dropped (duplicate `f9`/0x7b answers, stale answers). Malformed
 //!   frames and stray bytes are forwarded as they came.
 //! - Upstream→device: the upstream's bytes, in order: whole frames, and unframeable bytes
 //!   verbatim as soon as they are known to be unframeable (a plausible frame cut short by a
-//!   read is held for its rest, at most [`HOLD_LIMIT`]). The session only ever *adds* frames
+//!   read is held for its rest, at most [`HOLD_LIMIT`]). The core only ever *adds* frames
 //!   the device has already seen from upstream (byte-identical command retries) or that it
 //!   expects (0xd8 for its own 0xd3 while the upstream is away), and only between frames. It
 //!   never originates a hello, a heartbeat or a command, and never rewrites an id or msg_id.
-//! - Closing is never abrupt when it can be clean: a device FIN is passed upstream once what it
-//!   sent is written, and what the upstream still sends is delivered (half-close, as on
-//!   legacy); a drain or re-home closes upstream first. Whatever is still queued when the pair
-//!   ends is counted in `tcp_comm_close_dropped_bytes_total`.
+//! - What cannot be queued is shed (superseded status reports) or ends the pair, never left
+//!   unread in the socket.
 //! - Metrics record what was forwarded: the tracker sees one command, one `f9`, one 0x7b.
 
-use std::io;
 use std::ops::Range;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::Future;
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -42,21 +33,20 @@ use super::budget::RetryBudget;
 use super::dedup::DedupStore;
 use super::preamble::Preamble;
 use super::queue::{BoundedQueue, Item, Pushed};
-use super::resume::{self, Loss, Owed, Resume};
+use super::resume::{Loss, Owed, Resume};
 use super::retry::{Outstanding, Policy, Verdict};
 use crate::config::Config;
-use crate::legacy::{is_reset, CloseReason, CLOSE_GRACE};
-use crate::metrics::{Metrics, Transport};
-use crate::protocol::{
-    build, header_data_len, DeviceId, FrameClass, Packet, PacketType, Segment, Tap,
+use crate::conn::transactions::{record, Event, Tracker};
+use crate::conn::upstream::Dialer;
+use crate::conn::{CloseReason, Direction, Transport};
+use crate::protocol::{build, DeviceId, FrameClass, Packet, PacketType, Segment, Tap};
+use crate::telemetry::labels::{
+    DropReason, Queue, QueueAction, ResumeFrame, ResumeOutcome, RetrySkip,
 };
-use crate::rehome::{ConnStop, Finishing};
-use crate::tls::Stream;
-use crate::transactions::{Direction, Event, Tracker};
-use crate::upstream::Dialer;
+use crate::telemetry::metrics::Metrics;
 
 /// Read size per direction; also the most the device writer coalesces into one write.
-const READ_BUF: usize = 16 * 1024;
+pub(super) const READ_BUF: usize = 16 * 1024;
 /// How often overdue transactions are expired.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// How long a plausible upstream frame cut short by a read waits for its rest before its bytes
@@ -66,6 +56,7 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 pub const HOLD_LIMIT: Duration = Duration::from_millis(100);
 
 /// What every reliable session shares.
+#[derive(Clone)]
 pub struct SessionCtx {
     pub metrics: Arc<Metrics>,
     pub dialer: Dialer,
@@ -162,11 +153,7 @@ impl Core {
         now: Instant,
     ) -> Core {
         let r = &cfg.reliable;
-        let gauge = |dir: Direction| {
-            ctx.metrics
-                .queue_bytes
-                .with_label_values(&[transport.label(), dir.label()])
-        };
+        let gauge = |dir: Direction| ctx.metrics.queue_gauge(transport, dir.into());
         let budget = if transport == Transport::Shadow {
             ctx.shadow_budget.clone()
         } else {
@@ -216,8 +203,12 @@ impl Core {
 
     fn flush_events(&mut self) {
         if !self.events.is_empty() {
-            self.metrics
-                .record(self.transport, Some(self.device), &self.events);
+            record(
+                &self.metrics,
+                self.transport,
+                Some(self.device),
+                &self.events,
+            );
             self.events.clear();
             if self.events.capacity() > 64 {
                 self.events.shrink_to(8);
@@ -225,26 +216,17 @@ impl Core {
         }
     }
 
-    fn drop_frame(&self, ptype: PacketType, reason: &str) {
-        self.metrics
-            .idempotent_drops
-            .with_label_values(&[self.transport.label(), ptype.label(), reason])
-            .inc();
+    fn drop_frame(&self, ptype: PacketType, reason: DropReason) {
+        self.metrics.idempotent_drop(self.transport, ptype, reason);
     }
 
-    fn resume_frame(&self, action: &str) {
-        self.metrics
-            .resume_frames
-            .with_label_values(&[self.transport.label(), action])
-            .inc();
+    fn resume_frame(&self, action: ResumeFrame) {
+        self.metrics.resume_frame(self.transport, action);
     }
 
     /// Counts how a resumption (or the decision not to resume) ended.
-    pub fn resumption(&self, outcome: &str) {
-        self.metrics
-            .resumptions
-            .with_label_values(&[self.transport.label(), outcome])
-            .inc();
+    pub fn resumption(&self, outcome: ResumeOutcome) {
+        self.metrics.resumption(self.transport, outcome);
     }
 
     /// Decides one whole device frame; true = forward it.
@@ -288,15 +270,15 @@ impl Core {
         match v {
             Verdict::Forward => true,
             Verdict::Duplicate => {
-                self.drop_frame(ptype, "duplicate");
+                self.drop_frame(ptype, DropReason::Duplicate);
                 false
             }
             Verdict::Stale => {
-                self.drop_frame(ptype, "stale");
+                self.drop_frame(ptype, DropReason::Stale);
                 false
             }
             Verdict::Unknown if late() => {
-                self.drop_frame(ptype, "duplicate");
+                self.drop_frame(ptype, DropReason::Duplicate);
                 false
             }
             Verdict::Unknown => true,
@@ -306,7 +288,7 @@ impl Core {
     /// Answers the oldest pending heartbeat with a local 0xd8; false if it could not be queued.
     fn answer_heartbeat(&mut self, now: Instant) -> bool {
         self.tracker.answer_heartbeat_locally(now, &mut self.events);
-        self.resume_frame("local_heartbeat_ack");
+        self.resume_frame(ResumeFrame::LocalHeartbeatAck);
         self.push_to_device(build::heartbeat_ack(), PacketType::HeartbeatAck)
     }
 
@@ -315,13 +297,7 @@ impl Core {
             Pushed::Queued | Pushed::Shed(_) => true,
             Pushed::Full => {
                 self.metrics
-                    .queue_full
-                    .with_label_values(&[
-                        self.transport.label(),
-                        Direction::SrvToDev.label(),
-                        "reject",
-                    ])
-                    .inc();
+                    .queue_full(self.transport, Queue::SrvToDev, QueueAction::Reject, 1);
                 debug!(
                     packet_type = ptype.label(),
                     "device queue full; frame rejected"
@@ -341,10 +317,7 @@ impl Core {
             self.metrics.close_dropped(self.transport, dir, read.len());
             return Ok(());
         }
-        self.metrics
-            .bytes
-            .with_label_values(&[self.transport.label(), dir.label()])
-            .inc_by(read.len() as u64);
+        self.metrics.bytes(self.transport, dir, read.len());
         let out = self.dev_tap.feed(read);
         self.read_heartbeats = 0;
         self.read_answered = 0;
@@ -400,16 +373,12 @@ impl Core {
             Pushed::Queued => Ok(()),
             Pushed::Shed(n) => {
                 self.metrics
-                    .queue_full
-                    .with_label_values(&[self.transport.label(), dir.label(), "shed"])
-                    .inc_by(n as u64);
+                    .queue_full(self.transport, dir.into(), QueueAction::Shed, n);
                 Ok(())
             }
             Pushed::Full => {
                 self.metrics
-                    .queue_full
-                    .with_label_values(&[self.transport.label(), dir.label(), "close"])
-                    .inc();
+                    .queue_full(self.transport, dir.into(), QueueAction::Close, 1);
                 Err(CloseReason::QueueFull)
             }
         }
@@ -446,21 +415,21 @@ impl Core {
         match p.ptype() {
             PacketType::HelloAck => {
                 if self.resume.take_hello_ack(now) {
-                    self.resume_frame("swallowed_hello_ack");
-                    self.resumption("success");
+                    self.resume_frame(ResumeFrame::SwallowedHelloAck);
+                    self.resumption(ResumeOutcome::Success);
                     info!("upstream resumed");
                     return true;
                 }
                 false
             }
             PacketType::HeartbeatAck if self.resume.take_owed(p.ptype(), None, now) => {
-                self.resume_frame("dropped_late_heartbeat_ack");
+                self.resume_frame(ResumeFrame::DroppedLateHeartbeatAck);
                 true
             }
             PacketType::TimeReply | PacketType::InfoAck | PacketType::StatusAck
                 if self.resume.take_owed(p.ptype(), p.acks_msg_id(), now) =>
             {
-                self.resume_frame("swallowed_replay_answer");
+                self.resume_frame(ResumeFrame::SwallowedReplayAnswer);
                 true
             }
             _ => false,
@@ -472,10 +441,7 @@ impl Core {
     pub fn upstream_read(&mut self, read: &[u8], now: Instant) -> bool {
         let mut commands = false;
         let dir = Direction::SrvToDev;
-        self.metrics
-            .bytes
-            .with_label_values(&[self.transport.label(), dir.label()])
-            .inc_by(read.len() as u64);
+        self.metrics.bytes(self.transport, dir, read.len());
         let out = self.srv_tap.feed(read);
         let was_holding = self.srv_held_since.is_some();
         self.srv_held_since = if self.srv_tap.pending() == 0 {
@@ -549,17 +515,13 @@ impl Core {
     pub fn tick(&mut self, now: Instant) -> Result<(), CloseReason> {
         let to_dev = &self.to_dev;
         let due = self.cmds.due(now, &mut self.rng, |raw| to_dev.holds(raw));
-        let t = self.transport.label();
-        for (reason, n) in [("budget", due.over_budget), ("deadline", due.too_late)] {
-            if n > 0 {
-                self.metrics
-                    .retries_skipped
-                    .with_label_values(&[t, reason])
-                    .inc_by(u64::from(n));
-            }
-        }
+        let t = self.transport;
+        self.metrics
+            .retries_skipped(t, RetrySkip::Budget, due.over_budget);
+        self.metrics
+            .retries_skipped(t, RetrySkip::Deadline, due.too_late);
         for r in due.resend {
-            self.metrics.retransmits.with_label_values(&[t]).inc();
+            self.metrics.retransmit(t);
             self.dedup.remember(self.device, r.seq, r.key, now);
             debug!(seq = r.seq, attempt = r.attempt, "re-sending command");
             self.push_to_device(r.raw, PacketType::Data);
@@ -586,7 +548,7 @@ impl Core {
             self.flush_events();
         }
         if self.transport == Transport::New && self.resume.hello_overdue(now) {
-            self.resumption("hello_timeout");
+            self.resumption(ResumeOutcome::HelloTimeout);
             warn!(
                 timeout_s = self.cfg.reliable.resume_hello_timeout.as_secs_f64(),
                 "the redialled upstream did not answer the replayed hello; closing the device connection"
@@ -814,358 +776,11 @@ fn excise(read: &[u8], cuts: &[Range<usize>]) -> Bytes {
     out.freeze()
 }
 
-struct Shared {
-    core: Mutex<Core>,
-    /// Something was queued for the upstream (or the upstream's FIN is due).
-    to_up: Notify,
-    /// Something was queued for the device (or the device's FIN is due).
-    to_dev: Notify,
-    /// The device queue has room again.
-    room: Notify,
-    /// A timer was added (a command to retry): the session loop recomputes its wake-up.
-    rearm: Notify,
-}
-
-impl Shared {
-    fn core(&self) -> MutexGuard<'_, Core> {
-        // A poisoned lock only means a panic elsewhere mid-update; keep the pair going.
-        self.core.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-#[derive(Debug)]
-enum DevEnd {
-    Eof,
-    Failed(io::Error),
-    Close(CloseReason),
-}
-
-async fn read_device<R: AsyncRead + Unpin>(mut r: R, sh: &Shared) -> DevEnd {
-    let mut buf = vec![0u8; READ_BUF];
-    loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) => return DevEnd::Eof,
-            Ok(n) => n,
-            Err(e) => return DevEnd::Failed(e),
-        };
-        let res = sh.core().device_read(&buf[..n], Instant::now());
-        sh.to_up.notify_one();
-        sh.to_dev.notify_one();
-        // A reply may have made an older command's copy due at once.
-        sh.rearm.notify_one();
-        if let Err(reason) = res {
-            return DevEnd::Close(reason);
-        }
-    }
-}
-
-/// How the device writer ended: it passed the FIN on after the last bytes, or a write failed.
-enum DevWriteEnd {
-    Finished,
-    Failed(io::Error),
-}
-
-async fn write_device<W: AsyncWrite + Unpin>(mut w: W, sh: &Shared) -> DevWriteEnd {
-    loop {
-        let chunk = loop {
-            let (next, done) = {
-                let mut core = sh.core();
-                let next = core.take_for_device(Instant::now());
-                (next, core.device_write_done())
-            };
-            if let Some(b) = next {
-                break b;
-            }
-            if done {
-                let _ = w.shutdown().await;
-                return DevWriteEnd::Finished;
-            }
-            sh.to_dev.notified().await;
-        };
-        sh.room.notify_one();
-        // The stuck-device deadline may now be the session's next wake-up.
-        sh.rearm.notify_one();
-        if let Err(e) = w.write_all(&chunk).await {
-            return DevWriteEnd::Failed(e);
-        }
-        if let Err(e) = w.flush().await {
-            return DevWriteEnd::Failed(e);
-        }
-        sh.core().device_written();
-    }
-}
-
-async fn write_upstream<W: AsyncWrite + Unpin>(
-    mut w: W,
-    replay: Option<Bytes>,
-    sh: &Shared,
-) -> io::Error {
-    if let Some(preamble) = replay {
-        if let Err(e) = w.write_all(&preamble).await {
-            return e;
-        }
-    }
-    loop {
-        if let Err(e) = w.flush().await {
-            return e;
-        }
-        let batch = loop {
-            let (next, done) = {
-                let mut core = sh.core();
-                let next = core.take_for_upstream(Instant::now());
-                (next, core.upstream_write_done())
-            };
-            if let Some(b) = next {
-                break b;
-            }
-            if done {
-                // Everything the device sent is written: pass its FIN (or ours) on, and let
-                // the reader carry what the upstream still sends.
-                let _ = w.shutdown().await;
-                return std::future::pending().await;
-            }
-            sh.to_up.notified().await;
-        };
-        // One device read, one write (protocol §14.5).
-        if let Err(e) = w.write_all(&batch).await {
-            return e;
-        }
-        sh.core().upstream_written();
-    }
-}
-
-async fn read_upstream<R: AsyncRead + Unpin>(mut r: R, sh: &Shared) -> io::Error {
-    let mut buf = vec![0u8; READ_BUF];
-    loop {
-        let limit = loop {
-            let permit = sh.core().upstream_read_permit(Instant::now());
-            match permit {
-                ReadPermit::Read(n) => break n,
-                ReadPermit::WaitUntil(t) => {
-                    tokio::select! {
-                        _ = sh.room.notified() => {}
-                        _ = tokio::time::sleep_until(t) => {}
-                    }
-                }
-            }
-        };
-        if sh.core().rejecting() {
-            // Reading only to reject: let the session's timers (the stuck-device limit among
-            // them) run between reads, however fast the add-on writes.
-            tokio::task::yield_now().await;
-        }
-        let n = match r.read(&mut buf[..limit]).await {
-            Ok(0) => return io::ErrorKind::UnexpectedEof.into(),
-            Ok(n) => n,
-            Err(e) => return e,
-        };
-        let rearm = sh.core().upstream_read(&buf[..n], Instant::now());
-        sh.to_dev.notify_one();
-        if rearm {
-            sh.rearm.notify_one();
-        }
-    }
-}
-
-/// Runs one upstream connection until it fails either way; the session then resumes.
-async fn upstream_io(stream: Stream, replay: Option<Bytes>, sh: &Shared) -> io::Error {
-    let (r, w) = tokio::io::split(stream);
-    tokio::select! {
-        e = write_upstream(w, replay, sh) => e,
-        e = read_upstream(r, sh) => e,
-    }
-}
-
-type UpFuture<'a> = Pin<Box<dyn Future<Output = io::Error> + Send + 'a>>;
-type RedialFuture<'a> =
-    Pin<Box<dyn Future<Output = (Result<Stream, crate::upstream::DialError>, u32)> + Send + 'a>>;
-
-/// The close reason for an upstream that ended with `e` where legacy would have closed the
-/// device side too.
-fn upstream_end_reason(e: &io::Error) -> CloseReason {
-    if e.kind() == io::ErrorKind::UnexpectedEof {
-        CloseReason::UpstreamClosed
-    } else if is_reset(e) {
-        CloseReason::UpstreamReset
-    } else {
-        CloseReason::UpstreamError
-    }
-}
-
-/// Runs the session until the device leaves, the pair is closed, or a drain completes.
-/// `first` holds the bytes already read from the device (starting with its 0x23).
-pub async fn run(
-    ctx: &SessionCtx,
-    cfg: Arc<Config>,
-    device_id: DeviceId,
-    device: Stream,
-    upstream: Stream,
-    first: Bytes,
-    stop: &ConnStop,
-) -> CloseReason {
-    let hello_len = header_data_len(&first).map_or(first.len(), |d| (5 + d).min(first.len()));
-    let half_close = cfg.protocol.half_close_timeout;
-    let now = Instant::now();
-    let mut core = Core::new(
-        Transport::New,
-        ctx,
-        cfg,
-        device_id,
-        first.slice(..hello_len),
-        now,
-    );
-    if let Err(reason) = core.device_read(&first, now) {
-        core.close(now);
-        return reason;
-    }
-    let sh = Shared {
-        core: Mutex::new(core),
-        to_up: Notify::new(),
-        to_dev: Notify::new(),
-        room: Notify::new(),
-        rearm: Notify::new(),
-    };
-    let (dev_r, dev_w) = tokio::io::split(device);
-    let dev_read = read_device(dev_r, &sh);
-    let dev_write = write_device(dev_w, &sh);
-    tokio::pin!(dev_read, dev_write);
-    let mut up: Option<UpFuture<'_>> = Some(Box::pin(upstream_io(upstream, None, &sh)));
-    let mut redial: Option<RedialFuture<'_>> = None;
-    let mut finishing = Finishing::new(stop);
-    // Once the pair is finishing: the reason it will close with, and by when at the latest.
-    let mut finish: Option<(CloseReason, Instant)> = None;
-    let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
-    let mut device_eof = false;
-    let mut closing = false;
-    // This device's redial spread, 0.8-1.2, the same at every outage.
-    let spread = 0.8 + f64::from(u32::from_be_bytes(device_id.0) % 401) / 1000.0;
-
-    let reason = loop {
-        let wake = sh.core().next_wake();
-        let finish_by = finish.map(|(_, t)| t);
-        tokio::select! {
-            end = &mut dev_read, if !device_eof => match end {
-                DevEnd::Eof => {
-                    device_eof = true;
-                    if up.is_none() {
-                        break finish.map_or(CloseReason::DeviceClosed, |(r, _)| r);
-                    }
-                    sh.core().device_finished();
-                    sh.to_up.notify_one();
-                    if finish.is_none() {
-                        finish = Some((CloseReason::DeviceClosed, Instant::now() + half_close));
-                    }
-                }
-                DevEnd::Failed(e) if is_reset(&e) => break CloseReason::DeviceReset,
-                DevEnd::Failed(_) => break CloseReason::DeviceError,
-                DevEnd::Close(r) => break r,
-            },
-            end = &mut dev_write => match end {
-                DevWriteEnd::Finished => break finish.map_or(CloseReason::UpstreamClosed, |(r, _)| r),
-                DevWriteEnd::Failed(e) if is_reset(&e) => break CloseReason::DeviceReset,
-                DevWriteEnd::Failed(_) => break CloseReason::DeviceError,
-            },
-            e = async { match up.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if up.is_some() => {
-                up = None;
-                if finish.is_some() {
-                    // Finishing: the upstream answered the FIN (or failed); the device gets
-                    // what is queued, then its FIN.
-                    sh.core().upstream_finished();
-                    sh.to_dev.notify_one();
-                    continue;
-                }
-                let loss = sh.core().upstream_lost(Instant::now());
-                sh.to_dev.notify_one();
-                match loss {
-                    Loss::Resume { attempts, within } => {
-                        info!(error = %e, "upstream lost under a live device; resuming");
-                        redial = Some(Box::pin(resume::redial(&ctx.dialer, attempts, within, spread)));
-                    }
-                    Loss::NotEstablished => {
-                        sh.core().resumption(loss.label());
-                        debug!(error = %e, "upstream closed before it answered the hello; closing the device connection");
-                        break upstream_end_reason(&e);
-                    }
-                    Loss::Kicked => {
-                        sh.core().resumption(loss.label());
-                        info!(error = %e, "upstream closed the connection again right after a resumption (on purpose); closing the device connection");
-                        break upstream_end_reason(&e);
-                    }
-                    Loss::Exhausted => {
-                        sh.core().resumption(loss.label());
-                        break CloseReason::ResumeFailed;
-                    }
-                }
-            }
-            r = async { match redial.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if redial.is_some() => {
-                redial = None;
-                match r {
-                    (Ok(stream), used) => {
-                        let replay = sh.core().upstream_redialed(used, Instant::now());
-                        up = Some(Box::pin(upstream_io(stream, Some(replay), &sh)));
-                    }
-                    (Err(e), used) => {
-                        sh.core().redial_failed(used);
-                        warn!(error = %e, "upstream resumption failed; closing the device connection");
-                        ctx.metrics
-                            .upstream_connect_errors
-                            .with_label_values(&[Transport::New.label(), e.reason()])
-                            .inc();
-                        sh.core().resumption("failed");
-                        break CloseReason::ResumeFailed;
-                    }
-                }
-            }
-            _ = sh.rearm.notified() => {}
-            _ = tokio::time::sleep_until(wake) => {
-                let r = sh.core().tick(Instant::now());
-                sh.to_dev.notify_one();
-                if let Err(reason) = r {
-                    break reason;
-                }
-            }
-            _ = async {
-                match finish_by {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                if let Some((r, _)) = finish {
-                    break if r == CloseReason::DeviceClosed { CloseReason::HalfCloseTimeout } else { r };
-                }
-            }
-            _ = drain_tick.tick(), if finishing.requested() && !closing => {
-                let pending = sh.core().pending_commands();
-                if let Some(r) = finishing.check(pending, Instant::now()) {
-                    // Already half-closed, or no upstream to close first: close now.
-                    if up.is_none() || finish.is_some() { break r; }
-                    closing = true;
-                    sh.core().begin_close();
-                    sh.to_up.notify_one();
-                    finish = Some((r, Instant::now() + CLOSE_GRACE));
-                }
-            }
-            _ = stop.token().cancelled(), if !finishing.requested() => {
-                let pending = sh.core().pending_commands();
-                if let Some(r) = finishing.begin(pending, Instant::now()) {
-                    if up.is_none() || finish.is_some() { break r; }
-                    closing = true;
-                    sh.core().begin_close();
-                    sh.to_up.notify_one();
-                    finish = Some((r, Instant::now() + CLOSE_GRACE));
-                }
-            }
-        }
-    };
-    sh.core().close(Instant::now());
-    reason
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::reliable::resume::Loss;
     use crate::protocol::MsgId;
-    use crate::reliable::resume::Loss;
 
     const DEV: DeviceId = DeviceId([0x38, 0xe8, 0xcf, 0x46]);
     const ZERO: MsgId = MsgId([0, 0, 0]);

@@ -26,64 +26,13 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::conn::{Direction, Transport};
 use crate::protocol::{DeviceId, FrameClass, MsgId, Packet, PacketType};
+use crate::telemetry::labels::{AckOutcome, CommandOutcome, HeartbeatOutcome, ReplyOutcome};
+use crate::telemetry::metrics::Metrics;
 
 /// Upper bound on each pending queue of one connection.
 pub const MAX_PENDING: usize = 1024;
-
-/// Which way a packet travelled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Direction {
-    DevToSrv,
-    SrvToDev,
-}
-
-impl Direction {
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::DevToSrv => "dev_to_srv",
-            Self::SrvToDev => "srv_to_dev",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CommandOutcome {
-    Success,
-    Timeout,
-    Abandoned,
-}
-
-impl CommandOutcome {
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Success => "success",
-            Self::Timeout => "timeout",
-            Self::Abandoned => "abandoned",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ReplyOutcome {
-    Matched,
-    Timeout,
-    /// A reply with no pending request of its kind.
-    Unmatched,
-    /// Answered by the gateway itself (the new path's local 0xd8 while the upstream resumes).
-    Local,
-}
-
-impl ReplyOutcome {
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Matched => "matched",
-            Self::Timeout => "timeout",
-            Self::Unmatched => "unmatched",
-            Self::Local => "local",
-        }
-    }
-}
 
 /// What the tracker concluded from a packet or the passing of time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -409,6 +358,48 @@ trait ExpireDyn {
 impl<K: PartialEq> ExpireDyn for Keyed<K> {
     fn expire_dyn(&mut self, cutoff: Duration, now: Instant, out: &mut Vec<Event>) {
         self.expire(cutoff, now, out);
+    }
+}
+
+/// Records what a [`Tracker`] concluded, for a connection of `device` on `t`. A 0x73's
+/// "reply" is its 0x7b acknowledgement; a 0xd3's is also a heartbeat outcome.
+pub fn record(metrics: &Metrics, t: Transport, device: Option<DeviceId>, events: &[Event]) {
+    for e in events {
+        match *e {
+            Event::Command {
+                outcome, latency, ..
+            } => metrics.command(t, outcome, latency, device),
+            Event::Reply {
+                request: PacketType::Data,
+                outcome,
+                latency,
+            } => {
+                let ack = match outcome {
+                    ReplyOutcome::Matched | ReplyOutcome::Local => AckOutcome::Received,
+                    ReplyOutcome::Timeout => AckOutcome::Timeout,
+                    ReplyOutcome::Unmatched => AckOutcome::Unmatched,
+                };
+                metrics.ack(t, ack, latency);
+            }
+            Event::Reply {
+                request,
+                outcome,
+                latency,
+            } => {
+                metrics.reply(t, request, outcome, latency);
+                if request == PacketType::Heartbeat {
+                    metrics.heartbeat(
+                        t,
+                        match outcome {
+                            ReplyOutcome::Matched => HeartbeatOutcome::Acked,
+                            ReplyOutcome::Local => HeartbeatOutcome::Local,
+                            ReplyOutcome::Timeout => HeartbeatOutcome::Missed,
+                            ReplyOutcome::Unmatched => HeartbeatOutcome::Unmatched,
+                        },
+                    );
+                }
+            }
+        }
     }
 }
 

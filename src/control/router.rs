@@ -17,7 +17,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::config::{DarkLaunch, DarkMode, Routing};
-use crate::metrics::Transport;
+use crate::conn::{Route, RouteReason as Reason, Transport};
 use crate::protocol::DeviceId;
 
 /// Number of buckets: percent is resolved to 0.01 % steps.
@@ -54,34 +54,6 @@ pub fn by_percent(id: DeviceId, percent: f64) -> Transport {
     }
 }
 
-/// Why a connection took its path; the `reason` label of `tcp_comm_routing_decisions_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    Percent,
-    ForceNew,
-    ForceLegacy,
-    Rollback,
-    NoHandshake,
-}
-
-impl Reason {
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Percent => "percent",
-            Self::ForceNew => "force_new",
-            Self::ForceLegacy => "force_legacy",
-            Self::Rollback => "rollback",
-            Self::NoHandshake => "no_handshake",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Route {
-    pub transport: Transport,
-    pub reason: Reason,
-}
-
 /// The route of a connection from `id` (`None`: no valid hello) under `routing`, with the
 /// rollback latch set or not.
 pub fn route(id: Option<DeviceId>, routing: &Routing, latched: bool) -> Route {
@@ -112,6 +84,7 @@ pub fn shadowed(id: DeviceId, dark: &DarkLaunch) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::labels::Label;
 
     fn id(n: u32) -> DeviceId {
         DeviceId(n.to_be_bytes())
@@ -218,7 +191,13 @@ mod tests {
         .collect();
         assert_eq!(
             labels,
-            ["percent", "force_new", "force_legacy", "rollback", "no_handshake"]
+            [
+                "percent",
+                "force_new",
+                "force_legacy",
+                "rollback",
+                "no_handshake"
+            ]
         );
     }
 

@@ -1,6 +1,7 @@
 //! The new path: a reliable session per device connection (design decision 7).
 //!
-//! - [`session`]: the per-connection state machine and its I/O shell;
+//! - [`core`]: the per-connection state machine (no I/O, time passed in);
+//! - [`session`]: its I/O shell, and the new path's entry point;
 //! - [`retry`]: commands in flight, their re-sends, and per-connection duplicate verdicts;
 //! - [`rto`]: each device's adaptive retry timeout;
 //! - [`budget`]: the path-wide cap on retries;
@@ -13,6 +14,7 @@
 //! rewrites an id or msg_id, or stops reading from the device; time is always passed in.
 
 pub mod budget;
+pub mod core;
 pub mod dedup;
 pub mod preamble;
 pub mod queue;
@@ -21,5 +23,5 @@ pub mod retry;
 pub mod rto;
 pub mod session;
 
+pub use self::core::SessionCtx;
 pub use dedup::DedupStore;
-pub use session::{run, SessionCtx};

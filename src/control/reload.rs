@@ -1,9 +1,9 @@
 //! The running configuration and its hot reload (design decision 5).
 //!
-//! [`Live`] holds the configuration in force (an `ArcSwap`, read once per new connection) and
-//! the rollback latch, and announces every change on a watch channel. [`Reloader`] turns the
-//! file on disk into a new [`Live`] configuration; [`run`] feeds it from SIGHUP and from a poll
-//! of the file, so both go through exactly the same path.
+//! [`Reloader`] turns the file on disk into a new configuration in force ([`Live`]). It runs
+//! only in the control task, which calls it for every [`Control::Reload`], whatever its
+//! origin — SIGHUP, the file poll ([`poll`]), an operator — so all of them go through exactly
+//! the same path.
 //!
 //! Invariants:
 //! - A file is validated whole with the same loader as start-up and `check-config`; if it is
@@ -24,83 +24,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::event::{Control, ControlTx, Origin};
+use super::live::Live;
+use super::router;
 use crate::config::{Config, DarkMode, Problem};
-use crate::metrics::Metrics;
-use crate::router;
-
-/// The configuration in force and the rollback latch.
-pub struct Live {
-    config: ArcSwap<Config>,
-    latched: AtomicBool,
-    generation: watch::Sender<u64>,
-}
-
-impl Live {
-    pub fn new(config: Config) -> Arc<Live> {
-        let (generation, _) = watch::channel(0);
-        Arc::new(Live {
-            config: ArcSwap::from_pointee(config),
-            latched: AtomicBool::new(false),
-            generation,
-        })
-    }
-
-    /// A snapshot: what a new connection uses for its whole life.
-    pub fn config(&self) -> Arc<Config> {
-        self.config.load_full()
-    }
-
-    pub fn latched(&self) -> bool {
-        self.latched.load(Ordering::SeqCst)
-    }
-
-    /// Sets or clears the rollback latch (its controller and persistence come with the
-    /// rollback issue); routing follows at once and open connections are re-homed.
-    pub fn set_latch(&self, on: bool) {
-        self.latched.store(on, Ordering::SeqCst);
-        self.generation.send_modify(|g| *g += 1);
-    }
-
-    /// Bumps on every change of configuration or latch.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.generation.subscribe()
-    }
-
-    fn store(&self, config: Config) {
-        self.config.store(Arc::new(config));
-        self.generation.send_modify(|g| *g += 1);
-    }
-}
+use crate::telemetry::labels::{Label, ReloadResult};
+use crate::telemetry::metrics::Metrics;
 
 /// Sets the routing gauges from the configuration in force.
 pub fn publish(metrics: &Metrics, live: &Live) {
     let cfg = live.config();
-    metrics.canary_percent.set(cfg.routing.canary_percent);
-    metrics
-        .canary_effective_percent
-        .set(router::effective_percent(&cfg.routing, live.latched()));
+    metrics.canary(
+        cfg.routing.canary_percent,
+        router::effective_percent(&cfg.routing, live.latched()),
+    );
 }
 
 /// What asked for a reload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
 pub enum Trigger {
+    #[strum(serialize = "sighup")]
     Signal,
+    #[strum(serialize = "file_change")]
     Poll,
-}
-
-impl Trigger {
-    fn label(self) -> &'static str {
-        match self {
-            Self::Signal => "sighup",
-            Self::Poll => "file_change",
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -209,11 +159,8 @@ impl Reloader {
         }
     }
 
-    fn count(&self, result: &str) {
-        self.metrics
-            .config_reloads
-            .with_label_values(&[result])
-            .inc();
+    fn count(&self, result: ReloadResult) {
+        self.metrics.config_reload(result);
     }
 
     /// Reads the file off the runtime, within [`READ_TIMEOUT`]: a hung network or ConfigMap
@@ -251,7 +198,7 @@ impl Reloader {
                 // Mid-rename the path can be briefly absent; a poll retries next time.
                 if trigger == Trigger::Signal {
                     error!(path = %self.path.display(), error = %e, "reload: cannot read the configuration; keeping the running one");
-                    self.count("error");
+                    self.count(ReloadResult::Error);
                 }
                 return Outcome::Rejected(vec![Problem {
                     key: self.path.display().to_string(),
@@ -296,9 +243,7 @@ impl Reloader {
                 }],
             );
         }
-        self.metrics
-            .config_restart_required
-            .set(i64::from(!restart_needed.is_empty()));
+        self.metrics.restart_required(!restart_needed.is_empty());
         if !restart_needed.is_empty() {
             warn!(
                 path = %self.path.display(),
@@ -307,7 +252,7 @@ impl Reloader {
             );
         }
         if effective == *running {
-            self.count("unchanged");
+            self.count(ReloadResult::Unchanged);
             info!(trigger = trigger.label(), "reload: no effective change");
             return Outcome::Unchanged;
         }
@@ -323,7 +268,7 @@ impl Reloader {
         );
         self.live.store(effective);
         publish(&self.metrics, &self.live);
-        self.count("applied");
+        self.count(ReloadResult::Applied);
         Outcome::Applied { restart_needed }
     }
 
@@ -331,53 +276,29 @@ impl Reloader {
         for p in &problems {
             error!(trigger = trigger.label(), key = %p.key, problem = %p.message, "reload rejected; keeping the running configuration");
         }
-        self.count("error");
+        self.count(ReloadResult::Error);
         Outcome::Rejected(problems)
     }
 }
 
-/// Reloads on every message from `hup` (SIGHUP) and, when `reload.poll_interval` is not zero,
-/// whenever the file's content changes. Ends at shutdown (or when there is neither a signal
-/// source nor polling left).
-pub async fn run(
-    mut reloader: Reloader,
-    mut hup: mpsc::UnboundedReceiver<()>,
-    shutdown: CancellationToken,
-) {
-    let every = reloader.live.config().reload.poll_interval;
-    let mut poll = tokio::time::interval(if every.is_zero() {
-        Duration::from_secs(3600)
-    } else {
-        every
-    });
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    poll.tick().await;
-    // Without a signal source (its sender gone) polling carries on alone.
-    let mut signals = true;
-    let mut settle: Option<tokio::time::Instant> = None;
+/// The file-poll source: every `every` (`reload.poll_interval`; zero: never) offers a
+/// [`Control::Reload`] from [`Origin::FilePoll`] to the control task, which re-reads the file
+/// and acts only if its content changed. Ends at shutdown, or when the control task is gone.
+pub async fn poll(every: Duration, control: ControlTx, shutdown: CancellationToken) {
+    if every.is_zero() {
+        return;
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(settle.unwrap_or_else(tokio::time::Instant::now)), if settle.is_some() => {
-                settle = None;
-                if reloader.check(Trigger::Poll).await == Outcome::Settling {
-                    settle = Some(tokio::time::Instant::now() + SETTLE);
-                }
+            _ = tick.tick() => {
+                // A full queue already holds work for the control task; the next tick asks
+                // again, so nothing is lost by skipping this one.
+                control.offer(Control::Reload { origin: Origin::FilePoll });
             }
-            msg = hup.recv(), if signals => {
-                if msg.is_none() {
-                    signals = false;
-                    continue;
-                }
-                info!("SIGHUP: reloading the configuration");
-                reloader.check(Trigger::Signal).await;
-            }
-            _ = poll.tick(), if !every.is_zero() && settle.is_none() => {
-                if reloader.check(Trigger::Poll).await == Outcome::Settling {
-                    settle = Some(tokio::time::Instant::now() + SETTLE);
-                }
-            }
-            else => return,
         }
     }
 }

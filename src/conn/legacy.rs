@@ -12,7 +12,7 @@
 //! - Each read is observed before it is written, so whoever asks whether a command is in flight
 //!   (drain, re-home) sees one that is still being written.
 //! - On shutdown or re-homing the pair stays open until no command is awaiting its reply, then
-//!   closes upstream first ([`run`]); the daemon's drain deadline bounds the wait. Nothing read
+//!   closes upstream first ([`forward`]); the daemon's drain deadline bounds the wait. Nothing read
 //!   is lost unseen: what arrives while closing is forwarded and measured, or counted dropped.
 
 use std::io;
@@ -23,62 +23,21 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{Metrics, Transport};
-use crate::protocol::{DeviceId, Segment, Tap};
-use crate::rehome::{ConnStop, Finishing};
-use crate::shadow::Shadow;
-use crate::tls::Stream;
-use crate::transactions::{Direction, Event, Tracker};
+use tracing::debug;
 
-/// How long a pair closing for a drain or re-home waits for the upstream to answer its FIN
-/// (the add-on closes as soon as it reads the EOF; on a LAN that takes milliseconds).
-pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+use super::close::{is_reset, CloseReason, CLOSE_GRACE};
+use super::pair::{Pair, Path};
+use super::reliable::SessionCtx;
+use super::shadow::{Shadow, ShadowCtx};
+use super::stop::{ConnStop, Finishing};
+use super::tls::Stream;
+use super::transactions::{record, Event, Tracker};
+use super::{Direction, Routes, Transport};
+use crate::protocol::{DeviceId, Segment, Tap};
+use crate::telemetry::metrics::Metrics;
+
 /// Read buffer per direction; larger than any Cync frame and than the add-on's 2,048-byte reads.
 const READ_BUF: usize = 16 * 1024;
-
-/// Why a pair ended; the `reason` label of `tcp_comm_connection_closes_total`. For a clean
-/// close it names the side that closed first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    DeviceClosed,
-    UpstreamClosed,
-    DeviceReset,
-    UpstreamReset,
-    DeviceError,
-    UpstreamError,
-    HalfCloseTimeout,
-    Drained,
-    /// No device bytes for `legacy.idle_timeout` (legacy) or `reliable.idle_timeout` (new).
-    IdleTimeout,
-    /// New path: the device→upstream queue was full of frames that cannot be shed.
-    QueueFull,
-    /// New path: the upstream dropped and could not be redialled.
-    ResumeFailed,
-    /// New path: the device read nothing for `reliable.stuck_timeout` while its queue was full.
-    DeviceStuck,
-    /// Closed so the device redials onto its new path.
-    Rehomed,
-}
-
-impl CloseReason {
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::DeviceClosed => "device_closed",
-            Self::UpstreamClosed => "upstream_closed",
-            Self::DeviceReset => "device_reset",
-            Self::UpstreamReset => "upstream_reset",
-            Self::DeviceError => "device_error",
-            Self::UpstreamError => "upstream_error",
-            Self::HalfCloseTimeout => "half_close_timeout",
-            Self::Drained => "shutdown",
-            Self::IdleTimeout => "idle_timeout",
-            Self::QueueFull => "queue_full",
-            Self::ResumeFailed => "resume_failed",
-            Self::DeviceStuck => "device_stuck",
-            Self::Rehomed => "rehomed",
-        }
-    }
-}
 
 struct ObserverState {
     tracker: Tracker,
@@ -150,10 +109,7 @@ impl Observer {
     /// that looks at [`Observer::pending_commands`] meanwhile already sees a command in it.
     pub fn observe(&self, dir: Direction, read: &[u8]) {
         let t = self.transport;
-        self.metrics
-            .bytes
-            .with_label_values(&[t.label(), dir.label()])
-            .inc_by(read.len() as u64);
+        self.metrics.bytes(t, dir, read.len());
         let now = Instant::now();
         let mut guard = self.lock();
         let st = &mut *guard;
@@ -187,7 +143,7 @@ impl Observer {
 
     fn flush(&self, st: &mut ObserverState) {
         if !st.events.is_empty() {
-            self.metrics.record(self.transport, self.device, &st.events);
+            record(&self.metrics, self.transport, self.device, &st.events);
             st.events.clear();
             if st.events.capacity() > 64 {
                 st.events.shrink_to(8);
@@ -297,14 +253,52 @@ where
     }
 }
 
-/// Whether an I/O error means the peer reset (or vanished), to be passed on as a reset.
-pub(crate) fn is_reset(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe
-    )
+/// The legacy path's shared state: what every legacy connection (and its shadow) records to.
+#[derive(Clone)]
+pub struct Legacy {
+    pub metrics: Arc<Metrics>,
+    /// The new path's shared state: a shadow runs the new path's core on a copy.
+    pub reliable: SessionCtx,
+    /// Dark launch: where mirror mode replays device traffic, and what shadows share.
+    pub shadow: ShadowCtx,
+    /// The control plane: whether the dark launch shadows a device.
+    pub routes: Arc<dyn Routes>,
+}
+
+impl Path for Legacy {
+    type Id = Option<DeviceId>;
+
+    /// Builds the connection's observer (and its shadow, when the dark launch takes this
+    /// device) and forwards until the pair ends.
+    async fn run(&self, pair: Pair<Option<DeviceId>>) -> CloseReason {
+        let Pair {
+            device,
+            upstream,
+            first,
+            device_id,
+            cfg,
+            stop,
+        } = pair;
+        let obs = Observer::new(
+            Transport::Legacy,
+            device_id,
+            self.metrics.clone(),
+            Tracker::new(cfg.protocol.command_deadline, cfg.protocol.reply_timeout),
+            cfg.protocol.max_frame_len,
+        );
+        let obs = match device_id {
+            Some(id) if self.routes.shadowed(&cfg, id) => {
+                debug!(mode = ?cfg.dark_launch.mode, "dark launch: shadowing this connection");
+                obs.with_shadow(Shadow::start(&self.reliable, &self.shadow, cfg.clone(), id))
+            }
+            _ => obs,
+        };
+        let timers = Timers {
+            idle: cfg.legacy.idle_timeout,
+            half_close: cfg.protocol.half_close_timeout,
+        };
+        forward(device, upstream, &first, &obs, &stop, timers).await
+    }
 }
 
 /// The legacy path's timers, from the configuration of the connection.
@@ -324,7 +318,7 @@ pub struct Timers {
 /// the upstream gets a FIN, and what the add-on still sends until it closes its side (at most
 /// [`CLOSE_GRACE`]) is forwarded and measured, so a command written just then is delivered and,
 /// its reply having nowhere to go, counted as abandoned rather than lost unseen.
-pub async fn run(
+pub async fn forward(
     device: Stream,
     mut upstream: Stream,
     first: &[u8],

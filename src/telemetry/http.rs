@@ -29,7 +29,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::metrics::Metrics;
+use super::metrics::Metrics;
+use super::tasks::Tasks;
 
 /// Readiness state shared by the daemon and the HTTP server.
 #[derive(Debug, Default)]
@@ -76,7 +77,7 @@ fn route(req: &Request<Incoming>, metrics: &Metrics, health: &Health) -> Respons
     }
     match req.uri().path() {
         "/metrics" => {
-            metrics.ready.set(i64::from(health.is_ready()));
+            metrics.set_ready(health.is_ready());
             match metrics.render() {
                 Ok(body) => text(
                     StatusCode::OK,
@@ -117,6 +118,7 @@ pub async fn serve_metrics(
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     limits: HttpLimits,
+    tasks: Tasks,
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -135,7 +137,7 @@ pub async fn serve_metrics(
         // Idle or half-sent requests cannot pile up: each holds one of a few slots, for at
         // most the header timeout.
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            metrics.http_rejected.inc();
+            metrics.http_rejected();
             debug!(%peer, "HTTP connection limit reached; closing");
             drop(tcp);
             continue;
@@ -143,7 +145,7 @@ pub async fn serve_metrics(
         let metrics = metrics.clone();
         let health = health.clone();
         let stop = stop.clone();
-        tokio::spawn(async move {
+        tasks.spawn("http-connection", async move {
             let _slot = slot;
             let svc = service_fn(move |req: Request<Incoming>| {
                 let resp = route(&req, &metrics, &health);

@@ -29,9 +29,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::conn::tls::Stream;
+use crate::conn::upstream::{DialError, Dialer};
 use crate::protocol::{MsgId, PacketType};
-use crate::tls::Stream;
-use crate::upstream::{DialError, Dialer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -56,18 +56,6 @@ pub enum Loss {
     Kicked,
     /// The outage's attempts or time are spent (or resumption is off).
     Exhausted,
-}
-
-impl Loss {
-    /// The `outcome` label for a loss that ends the pair.
-    pub fn label(self) -> &'static str {
-        match self {
-            Loss::Resume { .. } => "resuming",
-            Loss::NotEstablished => "not_established",
-            Loss::Kicked => "kicked",
-            Loss::Exhausted => "failed",
-        }
-    }
 }
 
 /// An answer the upstream owes to something the gateway wrote for the device (a replayed

@@ -1,37 +1,22 @@
-//! Re-homing (design decision 4): open connections follow a routing change.
-//!
-//! Every routed connection with a device id is in the [`Registry`] with its path and a
-//! [`ConnStop`]. When the configuration or the rollback latch changes, [`run`] finds the
-//! connections whose route now differs and asks them, one after another, to close between
-//! frames: at once if no command awaits its reply, else when the last one is answered or
-//! `routing.drain_grace` has passed — and in either case only when the [`ClosePacer`] grants a
-//! slot, so at most `routing.rehome_rate` re-homed connections close per second. The device
-//! redials and is routed afresh.
+//! How one connection is asked to finish, and how it gets there: the single mechanism shared
+//! by drain (shutdown) and re-homing (design decision 4).
 //!
 //! Invariants:
-//! - A connection whose route did not change is never touched; each candidate is checked
-//!   again against the configuration in force right before it is asked to close, so a change
-//!   that is undone in time re-homes nobody.
-//! - `rehome = "never"` leaves open connections where they are after a configuration change;
-//!   the rollback latch still moves new-path connections to legacy (design decision 10).
-//! - Shutdown and re-homing share one mechanism (a per-connection child of the shutdown
-//!   token), so a connection has exactly one way of being asked to finish.
+//! - A connection has exactly one way of being asked to finish: its [`ConnStop`], a child of
+//!   the shutdown token, cancelled by shutdown or by [`ConnStop::rehome`].
+//! - [`Finishing`] closes between frames: at once when no command awaits its reply; a drain
+//!   otherwise when the last one is answered (the daemon's drain deadline bounds that); a
+//!   re-home at the latest after `routing.drain_grace`, and only when the [`ClosePacer`] grants
+//!   a slot, so at most `routing.rehome_rate` re-homed connections close per second.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 
-use crate::config::Rehome;
-use crate::legacy::CloseReason;
-use crate::metrics::{Metrics, Transport};
-use crate::protocol::DeviceId;
-use crate::reload::Live;
-use crate::router;
+use super::close::CloseReason;
 
 /// Paces the closes of re-homed connections to `routing.rehome_rate` per second: it is the
 /// close (and the redial it causes) that loads the add-on, so closes are what is paced, not
@@ -164,189 +149,6 @@ impl<'a> Finishing<'a> {
             return None;
         }
         Some(reason)
-    }
-}
-
-struct Entry {
-    device: DeviceId,
-    transport: Transport,
-    stop: Arc<ConnStop>,
-}
-
-/// The routed connections that are open now.
-pub struct Registry {
-    next: AtomicU64,
-    conns: Mutex<HashMap<u64, Entry>>,
-    pacer: Arc<ClosePacer>,
-}
-
-/// Removes its connection from the registry when dropped.
-pub struct Registration {
-    registry: Arc<Registry>,
-    id: u64,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.registry.lock().remove(&self.id);
-    }
-}
-
-impl Registry {
-    pub fn new(rehome_rate: f64) -> Registry {
-        Registry {
-            next: AtomicU64::new(0),
-            conns: Mutex::new(HashMap::new()),
-            pacer: Arc::new(ClosePacer::new(rehome_rate)),
-        }
-    }
-
-    /// The pacer every re-homed connection of this registry takes its close slot from.
-    pub fn pacer(&self) -> Arc<ClosePacer> {
-        self.pacer.clone()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Entry>> {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn register(
-        self: &Arc<Self>,
-        device: DeviceId,
-        transport: Transport,
-        stop: Arc<ConnStop>,
-    ) -> Registration {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(
-            id,
-            Entry {
-                device,
-                transport,
-                stop,
-            },
-        );
-        Registration {
-            registry: self.clone(),
-            id,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Every open connection's device and path.
-    pub fn snapshot(&self) -> Vec<(DeviceId, Transport)> {
-        self.lock()
-            .values()
-            .map(|e| (e.device, e.transport))
-            .collect()
-    }
-
-    /// Connections on `transport` now.
-    pub fn count(&self, transport: Transport) -> usize {
-        self.lock()
-            .values()
-            .filter(|e| e.transport == transport)
-            .count()
-    }
-
-    /// Connections whose route under the configuration in force differs from their path,
-    /// oldest first.
-    fn misrouted(&self, live: &Live) -> Vec<u64> {
-        let cfg = live.config();
-        let latched = live.latched();
-        let mut ids: Vec<u64> = self
-            .lock()
-            .iter()
-            .filter(|(_, e)| {
-                !e.stop.is_rehome()
-                    && router::route(Some(e.device), &cfg.routing, latched).transport != e.transport
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        ids.sort_unstable();
-        ids
-    }
-
-    /// Asks connection `id` to re-home if its route still differs; returns its move.
-    fn rehome(&self, id: u64, live: &Live) -> Option<(DeviceId, Transport, Transport)> {
-        let cfg = live.config();
-        let map = self.lock();
-        let e = map.get(&id)?;
-        let to = router::route(Some(e.device), &cfg.routing, live.latched()).transport;
-        // `rehome = "never"` is about configuration changes; a rollback moves everyone.
-        let never = cfg.routing.rehome == Rehome::Never && !live.latched();
-        if to == e.transport || e.stop.is_rehome() || never {
-            return None;
-        }
-        e.stop.rehome();
-        Some((e.device, e.transport, to))
-    }
-}
-
-/// Follows configuration changes and re-homes misrouted connections at the configured pace.
-pub async fn run(
-    live: Arc<Live>,
-    registry: Arc<Registry>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    let mut changes = live.subscribe();
-    let mut queue: VecDeque<u64> = VecDeque::new();
-    let mut next_slot = Instant::now();
-    loop {
-        let changed = if queue.is_empty() {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = changes.changed() => { if r.is_err() { return; } true }
-            }
-        } else {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = changes.changed() => { if r.is_err() { return; } true }
-                _ = tokio::time::sleep_until(next_slot) => false,
-            }
-        };
-        if changed {
-            changes.borrow_and_update();
-            // The latch can change without a reload; keep the effective-percentage gauge true.
-            crate::reload::publish(&metrics, &live);
-            let rate = live.config().routing.rehome_rate;
-            registry.pacer.set_rate(rate);
-            if live.config().routing.rehome == Rehome::Never && !live.latched() {
-                queue.clear();
-                continue;
-            }
-            // Whom this configuration moves, afresh: a change that was undone meanwhile
-            // leaves nobody behind in the queue.
-            let before = queue.len();
-            queue = registry.misrouted(&live).into();
-            if !queue.is_empty() && queue.len() != before {
-                info!(
-                    connections = queue.len(),
-                    rate_per_s = rate,
-                    "routing changed; re-homing connections whose path changed"
-                );
-            }
-            continue;
-        }
-        let Some(id) = queue.pop_front() else {
-            continue;
-        };
-        if let Some((device, from, to)) = registry.rehome(id, &live) {
-            metrics
-                .rehomes
-                .with_label_values(&[from.label(), to.label()])
-                .inc();
-            info!(%device, from = from.label(), to = to.label(), "re-homing connection");
-            let rate = live.config().routing.rehome_rate;
-            next_slot = Instant::now() + Duration::from_secs_f64(1.0 / rate);
-        }
     }
 }
 

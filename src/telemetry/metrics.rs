@@ -1,15 +1,16 @@
 //! Prometheus metrics: one [`Metrics`] struct on its own [`Registry`], passed to whoever records.
 //!
-//! Names keep the seed project's `tcp_comm_` prefix so the original SLO queries keep working
-//! (design decision 13); every family that describes traffic carries a `transport` label
+//! Names are in [`super::names`]; every family that describes traffic carries a `transport` label
 //! (`legacy`, `new`, `shadow`). `docs/metrics.md` lists every family.
 //!
 //! Invariants:
 //! - No globals: tests build as many independent `Metrics` as they like.
 //! - A `device_id` label exists only when `metrics.per_device = true`, and only on the command
 //!   families, because per-device series do not scale to fleets of thousands.
-//! - Recording never fails: label sets are fixed here, so `with_label_values` cannot panic on
-//!   arity; family registration errors surface once, at construction.
+//! - Recording never fails and cannot be miscalled: families are private and recorded through
+//!   typed methods, one per family, whose parameters are the family's labels (label values
+//!   from [`super::labels`]), so neither a label's arity nor its spelling can be wrong at a call
+//!   site; family registration errors surface once, at construction.
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -17,8 +18,13 @@ use prometheus::{
 };
 use thiserror::Error;
 
-use crate::protocol::{DecodeError, DeviceId, PacketType};
-use crate::transactions::{CommandOutcome, Direction, Event, ReplyOutcome};
+use super::labels::{
+    AckOutcome, CommandOutcome, Direction, DropReason, HeartbeatOutcome, Label, Queue, QueueAction,
+    Reject, ReloadResult, ReplyOutcome, ResumeFrame, ResumeOutcome, RetrySkip, ShadowLoss,
+    Transport,
+};
+use super::names;
+use crate::protocol::DeviceId;
 
 #[derive(Debug, Error)]
 pub enum MetricsError {
@@ -26,24 +32,6 @@ pub enum MetricsError {
     Register(#[from] prometheus::Error),
     #[error("encoding metrics: {0}")]
     Encode(String),
-}
-
-/// The path a connection takes; the `transport` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Transport {
-    Legacy,
-    New,
-    Shadow,
-}
-
-impl Transport {
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Legacy => "legacy",
-            Self::New => "new",
-            Self::Shadow => "shadow",
-        }
-    }
 }
 
 /// Command latency buckets. 0.8 s and 1.5 s are SLO thresholds and must stay bucket bounds.
@@ -64,43 +52,43 @@ pub struct Metrics {
     names: Vec<String>,
     per_device: bool,
     devices: std::sync::Mutex<DeviceSeries>,
-    pub device_series_evicted: prometheus::IntCounter,
-    pub http_rejected: prometheus::IntCounter,
-    pub connections_active: IntGaugeVec,
-    pub connections_total: IntCounterVec,
-    pub connections_rejected: IntCounterVec,
-    pub connection_closes: IntCounterVec,
-    pub bytes: IntCounterVec,
-    pub packets: IntCounterVec,
-    pub decode_errors: IntCounterVec,
-    pub unframed_bytes: IntCounterVec,
-    pub close_dropped_bytes: IntCounterVec,
-    pub retries_skipped: IntCounterVec,
-    pub routing_decisions: IntCounterVec,
-    pub upstream_connect_errors: IntCounterVec,
+    device_series_evicted: prometheus::IntCounter,
+    http_rejected: prometheus::IntCounter,
+    connections_active: IntGaugeVec,
+    connections_total: IntCounterVec,
+    connections_rejected: IntCounterVec,
+    connection_closes: IntCounterVec,
+    bytes: IntCounterVec,
+    packets: IntCounterVec,
+    decode_errors: IntCounterVec,
+    unframed_bytes: IntCounterVec,
+    close_dropped_bytes: IntCounterVec,
+    retries_skipped: IntCounterVec,
+    routing_decisions: IntCounterVec,
+    upstream_connect_errors: IntCounterVec,
     packet_sent: IntCounterVec,
     packet_latency: HistogramVec,
-    pub ack_received: IntCounterVec,
-    pub ack_latency: HistogramVec,
-    pub replies: IntCounterVec,
-    pub reply_latency: HistogramVec,
-    pub heartbeats: IntCounterVec,
-    pub retransmits: IntCounterVec,
-    pub idempotent_drops: IntCounterVec,
-    pub queue_full: IntCounterVec,
-    pub queue_bytes: IntGaugeVec,
-    pub resumptions: IntCounterVec,
-    pub resume_frames: IntCounterVec,
-    pub canary_percent: prometheus::Gauge,
-    pub canary_effective_percent: prometheus::Gauge,
-    pub config_reloads: IntCounterVec,
-    pub config_restart_required: IntGauge,
-    pub rehomes: IntCounterVec,
-    pub shadow_comparisons: IntCounterVec,
-    pub shadow_lost: IntCounterVec,
-    pub mirror_dropped_bytes: prometheus::IntCounter,
-    pub ready: IntGauge,
-    pub draining: IntGauge,
+    ack_received: IntCounterVec,
+    ack_latency: HistogramVec,
+    replies: IntCounterVec,
+    reply_latency: HistogramVec,
+    heartbeats: IntCounterVec,
+    retransmits: IntCounterVec,
+    idempotent_drops: IntCounterVec,
+    queue_full: IntCounterVec,
+    queue_bytes: IntGaugeVec,
+    resumptions: IntCounterVec,
+    resume_frames: IntCounterVec,
+    canary_percent: prometheus::Gauge,
+    canary_effective_percent: prometheus::Gauge,
+    config_reloads: IntCounterVec,
+    config_restart_required: IntGauge,
+    rehomes: IntCounterVec,
+    shadow_comparisons: IntCounterVec,
+    shadow_lost: IntCounterVec,
+    mirror_dropped_bytes: prometheus::IntCounter,
+    ready: IntGauge,
+    draining: IntGauge,
 }
 
 /// Registers `c`, noting its family names (families without series are not rendered, and the
@@ -168,55 +156,55 @@ impl Metrics {
             &["transport"]
         };
         let connections_active = IntGaugeVec::new(
-            Opts::new("tcp_comm_connections_active", "Device connections open now"),
+            Opts::new(names::CONNECTIONS_ACTIVE, "Device connections open now"),
             &["transport"],
         )?;
         register(&r, &mut names, Box::new(connections_active.clone()))?;
-        let ready = IntGauge::new("tcp_comm_ready", "1 while /readyz reports ready")?;
+        let ready = IntGauge::new(names::READY, "1 while /readyz reports ready")?;
         register(&r, &mut names, Box::new(ready.clone()))?;
-        let draining = IntGauge::new("tcp_comm_draining", "1 while shutting down")?;
+        let draining = IntGauge::new(names::DRAINING, "1 while shutting down")?;
         register(&r, &mut names, Box::new(draining.clone()))?;
         let queue_bytes = IntGaugeVec::new(
             Opts::new(
-                "tcp_comm_queue_bytes",
+                names::QUEUE_BYTES,
                 "Bytes queued inside the gateway, summed over connections",
             ),
             &["transport", "direction"],
         )?;
         register(&r, &mut names, Box::new(queue_bytes.clone()))?;
         let canary_percent = prometheus::Gauge::new(
-            "tcp_comm_canary_percentage",
+            names::CANARY_PERCENTAGE,
             "Configured share of devices routed to the new path (percent)",
         )?;
         register(&r, &mut names, Box::new(canary_percent.clone()))?;
         let canary_effective_percent = prometheus::Gauge::new(
-            "tcp_comm_canary_effective_percentage",
+            names::CANARY_EFFECTIVE_PERCENTAGE,
             "Share of devices routed to the new path now: the configured one, or 0 while the rollback latch is set",
         )?;
         register(&r, &mut names, Box::new(canary_effective_percent.clone()))?;
         let config_restart_required = IntGauge::new(
-            "tcp_comm_config_restart_required",
+            names::CONFIG_RESTART_REQUIRED,
             "1 while the config file changes settings that only a restart applies",
         )?;
         register(&r, &mut names, Box::new(config_restart_required.clone()))?;
         let mirror_dropped_bytes = prometheus::IntCounter::new(
-            "tcp_comm_mirror_dropped_bytes_total",
+            names::MIRROR_DROPPED_BYTES_TOTAL,
             "Dark launch (mirror): bytes of device reads not replayed to the shadow upstream (queue full, or waiting for a frame boundary after that)",
         )?;
         register(&r, &mut names, Box::new(mirror_dropped_bytes.clone()))?;
         let build = IntGaugeVec::new(
-            Opts::new("tcp_comm_build_info", "Build information; always 1"),
+            Opts::new(names::BUILD_INFO, "Build information; always 1"),
             &["version"],
         )?;
         register(&r, &mut names, Box::new(build.clone()))?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         let device_series_evicted = prometheus::IntCounter::new(
-            "tcp_comm_device_series_evicted_total",
+            names::DEVICE_SERIES_EVICTED_TOTAL,
             "Devices whose per-device series were removed (metrics.per_device_max reached, or unseen for metrics.per_device_idle)",
         )?;
         register(&r, &mut names, Box::new(device_series_evicted.clone()))?;
         let http_rejected = prometheus::IntCounter::new(
-            "tcp_comm_http_rejected_total",
+            names::HTTP_REJECTED_TOTAL,
             "HTTP connections to /metrics, /healthz, /readyz closed at accept because listen.http_max_connections were open",
         )?;
         register(&r, &mut names, Box::new(http_rejected.clone()))?;
@@ -236,147 +224,147 @@ impl Metrics {
             connections_total: counter(
                 &r,
                 &mut names,
-                "tcp_comm_connections_total",
+                names::CONNECTIONS_TOTAL,
                 "Device connections routed, by path",
                 &["transport"],
             )?,
             connections_rejected: counter(
                 &r,
                 &mut names,
-                "tcp_comm_connections_rejected_total",
+                names::CONNECTIONS_REJECTED_TOTAL,
                 "Device connections refused before routing",
                 &["reason"],
             )?,
             connection_closes: counter(
                 &r,
                 &mut names,
-                "tcp_comm_connection_closes_total",
+                names::CONNECTION_CLOSES_TOTAL,
                 "Device connections ended, by why",
                 &["transport", "reason"],
             )?,
             bytes: counter(
                 &r,
                 &mut names,
-                "tcp_comm_bytes_total",
+                names::BYTES_TOTAL,
                 "Bytes forwarded",
                 &["transport", "direction"],
             )?,
             packets: counter(
                 &r,
                 &mut names,
-                "tcp_comm_packets_total",
+                names::PACKETS_TOTAL,
                 "Packets decoded from forwarded traffic",
                 &["transport", "direction", "packet_type"],
             )?,
             decode_errors: counter(
                 &r,
                 &mut names,
-                "tcp_comm_decode_errors_total",
+                names::DECODE_ERRORS_TOTAL,
                 "Frames the decoder rejected (still forwarded on the legacy path)",
                 &["transport", "direction", "reason"],
             )?,
             unframed_bytes: counter(
                 &r,
                 &mut names,
-                "tcp_comm_unframed_bytes_total",
+                names::UNFRAMED_BYTES_TOTAL,
                 "Bytes that could not be framed (stray bytes, junk headers, frames cut short), forwarded verbatim",
                 &["transport", "direction"],
             )?,
             close_dropped_bytes: counter(
                 &r,
                 &mut names,
-                "tcp_comm_close_dropped_bytes_total",
+                names::CLOSE_DROPPED_BYTES_TOTAL,
                 "Bytes read from one side but not delivered to the other because the pair closed",
                 &["transport", "direction"],
             )?,
             retries_skipped: counter(
                 &r,
                 &mut names,
-                "tcp_comm_retries_skipped_total",
+                names::RETRIES_SKIPPED_TOTAL,
                 "Command retries that were due but not sent, by why",
                 &["transport", "reason"],
             )?,
             routing_decisions: counter(
                 &r,
                 &mut names,
-                "tcp_comm_routing_decisions_total",
+                names::ROUTING_DECISIONS_TOTAL,
                 "Routing decisions, by path and reason",
                 &["transport", "reason"],
             )?,
             upstream_connect_errors: counter(
                 &r,
                 &mut names,
-                "tcp_comm_upstream_connect_errors_total",
+                names::UPSTREAM_CONNECT_ERRORS_TOTAL,
                 "Failed upstream connects",
                 &["transport", "reason"],
             )?,
             packet_sent: counter(
                 &r,
                 &mut names,
-                "tcp_comm_packet_sent_total",
+                names::PACKET_SENT_TOTAL,
                 "Commands (srv->dev 0x73 f8) by outcome",
                 cmd_labels,
             )?,
             packet_latency: histogram(
                 &r,
                 &mut names,
-                "tcp_comm_packet_latency_seconds",
+                names::PACKET_LATENCY_SECONDS,
                 "Command latency: first forward to the device's f9 reply",
                 lat_labels,
             )?,
             ack_received: counter(
                 &r,
                 &mut names,
-                "tcp_comm_ack_received_total",
+                names::ACK_RECEIVED_TOTAL,
                 "0x7b acknowledgements of srv->dev 0x73, by outcome",
                 &["transport", "outcome"],
             )?,
             ack_latency: histogram(
                 &r,
                 &mut names,
-                "tcp_comm_ack_latency_seconds",
+                names::ACK_LATENCY_SECONDS,
                 "srv->dev 0x73 to the device's 0x7b",
                 &["transport"],
             )?,
             replies: counter(
                 &r,
                 &mut names,
-                "tcp_comm_replies_total",
+                names::REPLIES_TOTAL,
                 "Request/reply pairs by request type and outcome",
                 &["transport", "request_type", "outcome"],
             )?,
             reply_latency: histogram(
                 &r,
                 &mut names,
-                "tcp_comm_reply_latency_seconds",
+                names::REPLY_LATENCY_SECONDS,
                 "Request to reply latency by request type",
                 &["transport", "request_type"],
             )?,
             heartbeats: counter(
                 &r,
                 &mut names,
-                "tcp_comm_heartbeats_total",
+                names::HEARTBEATS_TOTAL,
                 "Device heartbeats (0xd3) by outcome",
                 &["transport", "outcome"],
             )?,
             retransmits: counter(
                 &r,
                 &mut names,
-                "tcp_comm_packet_retransmit_total",
+                names::PACKET_RETRANSMIT_TOTAL,
                 "Commands re-sent to the device because no reply came within ack_timeout",
                 &["transport"],
             )?,
             idempotent_drops: counter(
                 &r,
                 &mut names,
-                "tcp_comm_idempotent_drops_total",
+                names::IDEMPOTENT_DROPS_TOTAL,
                 "Device frames not forwarded because upstream already had one for that command",
                 &["transport", "packet_type", "reason"],
             )?,
             queue_full: counter(
                 &r,
                 &mut names,
-                "tcp_comm_queue_full_total",
+                names::QUEUE_FULL_TOTAL,
                 "Frames that met a full queue, by what was done about it",
                 &["transport", "direction", "action"],
             )?,
@@ -384,14 +372,14 @@ impl Metrics {
             resumptions: counter(
                 &r,
                 &mut names,
-                "tcp_comm_resumptions_total",
+                names::RESUMPTIONS_TOTAL,
                 "Upstream connections lost under a live device, by how resuming ended",
                 &["transport", "outcome"],
             )?,
             resume_frames: counter(
                 &r,
                 &mut names,
-                "tcp_comm_resume_frames_total",
+                names::RESUME_FRAMES_TOTAL,
                 "Frames the session handled itself around an upstream resumption",
                 &["transport", "action"],
             )?,
@@ -400,7 +388,7 @@ impl Metrics {
             config_reloads: counter(
                 &r,
                 &mut names,
-                "tcp_comm_config_reloads_total",
+                names::CONFIG_RELOADS_TOTAL,
                 "Configuration reloads by result",
                 &["result"],
             )?,
@@ -408,21 +396,21 @@ impl Metrics {
             rehomes: counter(
                 &r,
                 &mut names,
-                "tcp_comm_rehomes_total",
+                names::REHOMES_TOTAL,
                 "Open connections closed so the device redials onto its new path",
                 &["from", "to"],
             )?,
             shadow_comparisons: counter(
                 &r,
                 &mut names,
-                "tcp_comm_shadow_comparisons_total",
+                names::SHADOW_COMPARISONS_TOTAL,
                 "Dark launch (mirror): the shadow upstream's replies compared with the legacy upstream's",
                 &["result", "packet_type"],
             )?,
             shadow_lost: counter(
                 &r,
                 &mut names,
-                "tcp_comm_shadow_upstream_lost_total",
+                names::SHADOW_UPSTREAM_LOST_TOTAL,
                 "Dark launch (mirror): shadow upstream connections lost, by why",
                 &["reason"],
             )?,
@@ -497,20 +485,56 @@ impl Metrics {
             .dec();
     }
 
-    pub fn packet(&self, t: Transport, dir: Direction, ptype: PacketType) {
+    /// A device connection closed before it was routed.
+    pub fn rejected(&self, why: Reject) {
+        self.connections_rejected
+            .with_label_values(&[why.label()])
+            .inc();
+    }
+
+    /// A connection was routed to `t` for `reason` (a `RouteReason`).
+    pub fn routed(&self, t: Transport, reason: impl Label) {
+        self.routing_decisions
+            .with_label_values(&[t.label(), reason.label()])
+            .inc();
+    }
+
+    /// A routed connection ended (`reason`: a `CloseReason`).
+    pub fn closed(&self, t: Transport, reason: impl Label) {
+        self.connection_closes
+            .with_label_values(&[t.label(), reason.label()])
+            .inc();
+    }
+
+    /// A dial of an upstream failed (`reason`: a `DialError`).
+    pub fn upstream_connect_error(&self, t: Transport, reason: impl Label) {
+        self.upstream_connect_errors
+            .with_label_values(&[t.label(), reason.label()])
+            .inc();
+    }
+
+    /// Bytes forwarded (or, for a shadow, observed) in `dir`.
+    pub fn bytes(&self, t: Transport, dir: Direction, n: usize) {
+        self.bytes
+            .with_label_values(&[t.label(), dir.label()])
+            .inc_by(n as u64);
+    }
+
+    pub fn packet(&self, t: Transport, dir: Direction, ptype: impl Label) {
         self.packets
             .with_label_values(&[t.label(), dir.label(), ptype.label()])
             .inc();
     }
 
-    pub fn decode_error(&self, t: Transport, dir: Direction, e: &DecodeError) {
+    /// A frame the decoder rejected (`e`: a `DecodeError`).
+    pub fn decode_error(&self, t: Transport, dir: Direction, e: impl Label) {
         self.decode_errors
-            .with_label_values(&[t.label(), dir.label(), e.reason()])
+            .with_label_values(&[t.label(), dir.label(), e.label()])
             .inc();
     }
 
     /// Bytes that could not be framed: one decode error for the run, and its size.
-    pub fn unframed(&self, t: Transport, dir: Direction, bytes: usize, reason: &DecodeError) {
+    pub fn unframed(&self, t: Transport, dir: Direction, bytes: usize, reason: impl Label) {
         self.decode_error(t, dir, reason);
         self.unframed_bytes
             .with_label_values(&[t.label(), dir.label()])
@@ -558,6 +582,142 @@ impl Metrics {
         }
     }
 
+    /// A device's 0x7b for a server 0x73.
+    pub fn ack(&self, t: Transport, outcome: AckOutcome, latency: Option<std::time::Duration>) {
+        self.ack_received
+            .with_label_values(&[t.label(), outcome.label()])
+            .inc();
+        if let Some(l) = latency {
+            self.ack_latency
+                .with_label_values(&[t.label()])
+                .observe(l.as_secs_f64());
+        }
+    }
+
+    /// A request/reply pair (`request`: its `PacketType`).
+    pub fn reply(
+        &self,
+        t: Transport,
+        request: impl Label,
+        outcome: ReplyOutcome,
+        latency: Option<std::time::Duration>,
+    ) {
+        self.replies
+            .with_label_values(&[t.label(), request.label(), outcome.label()])
+            .inc();
+        if let Some(l) = latency {
+            self.reply_latency
+                .with_label_values(&[t.label(), request.label()])
+                .observe(l.as_secs_f64());
+        }
+    }
+
+    pub fn heartbeat(&self, t: Transport, outcome: HeartbeatOutcome) {
+        self.heartbeats
+            .with_label_values(&[t.label(), outcome.label()])
+            .inc();
+    }
+
+    /// A command re-sent to the device.
+    pub fn retransmit(&self, t: Transport) {
+        self.retransmits.with_label_values(&[t.label()]).inc();
+    }
+
+    /// `n` due retries not sent.
+    pub fn retries_skipped(&self, t: Transport, why: RetrySkip, n: u32) {
+        if n > 0 {
+            self.retries_skipped
+                .with_label_values(&[t.label(), why.label()])
+                .inc_by(u64::from(n));
+        }
+    }
+
+    /// A device frame of type `ptype` not forwarded.
+    pub fn idempotent_drop(&self, t: Transport, ptype: impl Label, why: DropReason) {
+        self.idempotent_drops
+            .with_label_values(&[t.label(), ptype.label(), why.label()])
+            .inc();
+    }
+
+    /// `n` frames met a full `queue` and this was done about them.
+    pub fn queue_full(&self, t: Transport, queue: Queue, action: QueueAction, n: usize) {
+        self.queue_full
+            .with_label_values(&[t.label(), queue.label(), action.label()])
+            .inc_by(n as u64);
+    }
+
+    /// The depth gauge of one kind of queue, summed over connections; a queue adds and
+    /// removes its own bytes.
+    pub fn queue_gauge(&self, t: Transport, queue: Queue) -> IntGauge {
+        self.queue_bytes
+            .with_label_values(&[t.label(), queue.label()])
+    }
+
+    pub fn resumption(&self, t: Transport, outcome: ResumeOutcome) {
+        self.resumptions
+            .with_label_values(&[t.label(), outcome.label()])
+            .inc();
+    }
+
+    pub fn resume_frame(&self, t: Transport, action: ResumeFrame) {
+        self.resume_frames
+            .with_label_values(&[t.label(), action.label()])
+            .inc();
+    }
+
+    /// The routing gauges: the configured canary percentage and the one in force.
+    pub fn canary(&self, configured: f64, effective: f64) {
+        self.canary_percent.set(configured);
+        self.canary_effective_percent.set(effective);
+    }
+
+    pub fn config_reload(&self, result: ReloadResult) {
+        self.config_reloads
+            .with_label_values(&[result.label()])
+            .inc();
+    }
+
+    /// Whether the file on disk changes settings only a restart applies.
+    pub fn restart_required(&self, needed: bool) {
+        self.config_restart_required.set(i64::from(needed));
+    }
+
+    /// An open connection asked to close so its device redials onto `to`.
+    pub fn rehomed(&self, from: Transport, to: Transport) {
+        self.rehomes
+            .with_label_values(&[from.label(), to.label()])
+            .inc();
+    }
+
+    /// One mirror comparison (`result`: a `Comparison`) of a reply of type `ptype`.
+    pub fn shadow_comparison(&self, result: impl Label, ptype: impl Label) {
+        self.shadow_comparisons
+            .with_label_values(&[result.label(), ptype.label()])
+            .inc();
+    }
+
+    pub fn shadow_lost(&self, why: ShadowLoss) {
+        self.shadow_lost.with_label_values(&[why.label()]).inc();
+    }
+
+    /// Bytes of a device read the mirror did not replay.
+    pub fn mirror_dropped(&self, bytes: usize) {
+        self.mirror_dropped_bytes.inc_by(bytes as u64);
+    }
+
+    /// An HTTP connection closed at accept (all slots taken).
+    pub fn http_rejected(&self) {
+        self.http_rejected.inc();
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.set(i64::from(draining));
+    }
+
     /// Keeps `d`'s series within the limits: refreshes it, makes room by evicting the least
     /// recently seen device, and at most once a minute drops devices unseen for too long.
     fn device_seen(&self, d: DeviceId) {
@@ -601,56 +761,6 @@ impl Metrics {
                 let _ = self.packet_latency.remove_label_values(&[t.label(), &hex]);
             }
             self.device_series_evicted.inc();
-        }
-    }
-
-    /// Records what a [`crate::transactions::Tracker`] concluded.
-    pub fn record(&self, t: Transport, device: Option<DeviceId>, events: &[Event]) {
-        for e in events {
-            match e {
-                Event::Command {
-                    outcome, latency, ..
-                } => self.command(t, *outcome, *latency, device),
-                Event::Reply {
-                    request,
-                    outcome,
-                    latency,
-                } => {
-                    if *request == PacketType::Data {
-                        let label = match outcome {
-                            ReplyOutcome::Matched | ReplyOutcome::Local => "received",
-                            ReplyOutcome::Timeout => "timeout",
-                            ReplyOutcome::Unmatched => "unmatched",
-                        };
-                        self.ack_received
-                            .with_label_values(&[t.label(), label])
-                            .inc();
-                        if let Some(l) = latency {
-                            self.ack_latency
-                                .with_label_values(&[t.label()])
-                                .observe(l.as_secs_f64());
-                        }
-                        continue;
-                    }
-                    self.replies
-                        .with_label_values(&[t.label(), request.label(), outcome.label()])
-                        .inc();
-                    if let Some(l) = latency {
-                        self.reply_latency
-                            .with_label_values(&[t.label(), request.label()])
-                            .observe(l.as_secs_f64());
-                    }
-                    if *request == PacketType::Heartbeat {
-                        let label = match outcome {
-                            ReplyOutcome::Matched => "acked",
-                            ReplyOutcome::Local => "local",
-                            ReplyOutcome::Timeout => "missed",
-                            ReplyOutcome::Unmatched => "unmatched",
-                        };
-                        self.heartbeats.with_label_values(&[t.label(), label]).inc();
-                    }
-                }
-            }
         }
     }
 }

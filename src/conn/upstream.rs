@@ -14,9 +14,11 @@ use thiserror::Error;
 use tokio::net::TcpStream;
 
 use crate::config::Upstream;
-use crate::tls::{self, Stream, TlsError};
+use crate::conn::tls::{self, Stream, TlsError};
 
-#[derive(Debug, Error)]
+/// Why a dial failed; its derived label is the `reason` of `tcp_comm_upstream_connect_errors_total`.
+#[derive(Debug, Error, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum DialError {
     #[error("resolving {addr}: {source}")]
     Resolve {
@@ -32,18 +34,6 @@ pub enum DialError {
     Timeout { addr: String, after: Duration },
     #[error("TLS to {addr}: {source}")]
     Tls { addr: String, source: TlsError },
-}
-
-impl DialError {
-    /// Metric label.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Resolve { .. } => "resolve",
-            Self::Connect { .. } => "connect",
-            Self::Timeout { .. } => "timeout",
-            Self::Tls { .. } => "tls",
-        }
-    }
 }
 
 /// Turns on TCP keepalive with `idle` before the first probe (then probes every quarter of it,

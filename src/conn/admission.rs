@@ -1,0 +1,126 @@
+//! Admission: the two connection budgets a device connection must fit in.
+//!
+//! Invariants:
+//! - From accept until its hello a connection holds a pre-hello slot ([`PendingSlot`]:
+//!   `listen.max_pending`, at most `max_pending_per_source` per source address), so a flood of
+//!   stalled handshakes cannot take the slots devices need; once routed it holds one of
+//!   `listen.max_connections` for its whole life. Slots are released on drop, however the
+//!   handler ends.
+//! - A refused connection is closed at once, counted by reason, and logged at most once per
+//!   [`LIMIT_LOG_EVERY`], with how many were refused meanwhile.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tracing::warn;
+
+use crate::telemetry::labels::{Label, Reject};
+use crate::telemetry::metrics::Metrics;
+
+/// Minimum spacing of "connection limit reached" warnings.
+pub const LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The admission budgets: routed connections, and the smaller pre-hello budget (overall and
+/// per source address) that a connection holds from accept until its hello has been read.
+pub struct Admission {
+    routed: Arc<Semaphore>,
+    pending: Arc<Semaphore>,
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+    max_per_source: usize,
+    /// Refusals since the last warning, and when that was.
+    refused: Mutex<(u64, Option<Instant>)>,
+}
+
+/// A pre-hello slot: one of `max_pending`, and one of its source's. Released on drop.
+pub struct PendingSlot {
+    admission: Arc<Admission>,
+    source: IpAddr,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .admission
+            .per_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.source);
+            }
+        }
+    }
+}
+
+impl Admission {
+    pub fn new(listen: &crate::config::Listen) -> Arc<Admission> {
+        Arc::new(Admission {
+            routed: Arc::new(Semaphore::new(listen.max_connections)),
+            pending: Arc::new(Semaphore::new(listen.max_pending)),
+            per_source: Mutex::new(HashMap::new()),
+            max_per_source: listen.max_pending_per_source,
+            refused: Mutex::new((0, None)),
+        })
+    }
+
+    /// A pre-hello slot for a connection from `source`, or why there is none.
+    pub fn pending(self: &Arc<Self>, source: IpAddr) -> Result<PendingSlot, Reject> {
+        let mut map = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(source).or_insert(0);
+        if *n >= self.max_per_source {
+            if *n == 0 {
+                map.remove(&source);
+            }
+            return Err(Reject::SourceLimit);
+        }
+        let permit = self
+            .pending
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Reject::PendingLimit)?;
+        *n += 1;
+        Ok(PendingSlot {
+            admission: self.clone(),
+            source,
+            _permit: permit,
+        })
+    }
+
+    /// A routed slot, held for the connection's life; `None` when all are taken.
+    pub fn routed(&self) -> Option<OwnedSemaphorePermit> {
+        self.routed.clone().try_acquire_owned().ok()
+    }
+
+    /// Pre-hello slots free now.
+    pub fn pending_free(&self) -> usize {
+        self.pending.available_permits()
+    }
+
+    /// Routed slots free now.
+    pub fn routed_free(&self) -> usize {
+        self.routed.available_permits()
+    }
+
+    /// Counts a refusal and warns at most every [`LIMIT_LOG_EVERY`], with how many were
+    /// refused meanwhile.
+    pub fn refuse(&self, metrics: &Metrics, reason: Reject, peer: SocketAddr) {
+        metrics.rejected(reason);
+        let mut r = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        r.0 += 1;
+        if r.1.map_or(true, |t| t.elapsed() >= LIMIT_LOG_EVERY) {
+            warn!(
+                %peer,
+                reason = reason.label(),
+                refused = r.0,
+                "refusing new device connections: a connection budget is full (listen.max_connections, max_pending, max_pending_per_source)"
+            );
+            *r = (0, Some(Instant::now()));
+        }
+    }
+}

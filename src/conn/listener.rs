@@ -1,0 +1,77 @@
+//! The device-facing accept loop: accepts, takes a pre-hello slot for the connection (or
+//! refuses it), and hands it to a [`Handler`] on the shutdown task tracker.
+//!
+//! Invariants:
+//! - The listener is handed in already bound (tests bind port 0).
+//! - Accept errors (out of file descriptors, say) never end the loop: they are logged and
+//!   retried with a short backoff.
+//! - On shutdown the accept loop stops at once (the listening socket closes) while accepted
+//!   connections drain on their own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::telemetry::tasks::Tasks;
+use tokio::net::TcpListener;
+use tracing::{debug, field, warn, Instrument};
+
+use super::handler::{ConnContext, Handler};
+
+pub struct Listener {
+    listener: TcpListener,
+    ctx: Arc<ConnContext>,
+    tasks: Tasks,
+}
+
+impl Listener {
+    pub fn new(listener: TcpListener, ctx: Arc<ConnContext>, tasks: Tasks) -> Listener {
+        Listener {
+            listener,
+            ctx,
+            tasks,
+        }
+    }
+
+    /// Accepts until shutdown. Accept errors (e.g. out of file descriptors) are logged and
+    /// retried with a short backoff rather than ending the daemon.
+    pub async fn run(self) {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let accepted = tokio::select! {
+                _ = self.ctx.shutdown.cancelled() => break,
+                r = self.listener.accept() => r,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(x) => {
+                    backoff = Duration::from_millis(10);
+                    x
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept failed; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let slot = match self.ctx.admission.pending(peer.ip()) {
+                Ok(s) => s,
+                Err(reason) => {
+                    self.ctx.admission.refuse(&self.ctx.metrics, reason, peer);
+                    drop(tcp);
+                    continue;
+                }
+            };
+            let ctx = self.ctx.clone();
+            let span = tracing::info_span!(
+                "conn",
+                %peer,
+                device = field::Empty,
+                route = field::Empty
+            );
+            self.tasks
+                .tracker()
+                .spawn(Handler::new(ctx, peer).run(tcp, slot).instrument(span));
+        }
+        debug!("device listener stopped accepting");
+    }
+}

@@ -1,0 +1,397 @@
+//! The new path's I/O shell: runs one device connection's [`Core`] over real sockets — a
+//! device reader, a device writer, and an upstream reader/writer pair that is replaced when
+//! the upstream is resumed.
+//!
+//! Invariants (design decision 7):
+//! - The device socket is always being read, whatever the upstream does.
+//! - Every decision is the core's; this file only moves bytes and sleeps until the core's
+//!   next deadline.
+//! - Closing is never abrupt when it can be clean: a device FIN is passed upstream once what it
+//!   sent is written, and what the upstream still sends is delivered (half-close, as on
+//!   legacy); a drain or re-home closes upstream first. Whatever is still queued when the pair
+//!   ends is counted in `tcp_comm_close_dropped_bytes_total`.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Future;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::core::{Core, ReadPermit, SessionCtx, READ_BUF};
+use super::resume::{self, Loss};
+use crate::config::Config;
+use crate::conn::close::{is_reset, CLOSE_GRACE};
+use crate::conn::pair::{Pair, Path};
+use crate::conn::stop::{ConnStop, Finishing};
+use crate::conn::tls::Stream;
+use crate::conn::{CloseReason, Transport};
+use crate::protocol::{header_data_len, DeviceId};
+use crate::telemetry::labels::ResumeOutcome;
+
+struct Shared {
+    core: Mutex<Core>,
+    /// Something was queued for the upstream (or the upstream's FIN is due).
+    to_up: Notify,
+    /// Something was queued for the device (or the device's FIN is due).
+    to_dev: Notify,
+    /// The device queue has room again.
+    room: Notify,
+    /// A timer was added (a command to retry): the session loop recomputes its wake-up.
+    rearm: Notify,
+}
+
+impl Shared {
+    fn core(&self) -> MutexGuard<'_, Core> {
+        // A poisoned lock only means a panic elsewhere mid-update; keep the pair going.
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Debug)]
+enum DevEnd {
+    Eof,
+    Failed(io::Error),
+    Close(CloseReason),
+}
+
+async fn read_device<R: AsyncRead + Unpin>(mut r: R, sh: &Shared) -> DevEnd {
+    let mut buf = vec![0u8; READ_BUF];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) => return DevEnd::Eof,
+            Ok(n) => n,
+            Err(e) => return DevEnd::Failed(e),
+        };
+        let res = sh.core().device_read(&buf[..n], Instant::now());
+        sh.to_up.notify_one();
+        sh.to_dev.notify_one();
+        // A reply may have made an older command's copy due at once.
+        sh.rearm.notify_one();
+        if let Err(reason) = res {
+            return DevEnd::Close(reason);
+        }
+    }
+}
+
+/// How the device writer ended: it passed the FIN on after the last bytes, or a write failed.
+enum DevWriteEnd {
+    Finished,
+    Failed(io::Error),
+}
+
+async fn write_device<W: AsyncWrite + Unpin>(mut w: W, sh: &Shared) -> DevWriteEnd {
+    loop {
+        let chunk = loop {
+            let (next, done) = {
+                let mut core = sh.core();
+                let next = core.take_for_device(Instant::now());
+                (next, core.device_write_done())
+            };
+            if let Some(b) = next {
+                break b;
+            }
+            if done {
+                let _ = w.shutdown().await;
+                return DevWriteEnd::Finished;
+            }
+            sh.to_dev.notified().await;
+        };
+        sh.room.notify_one();
+        // The stuck-device deadline may now be the session's next wake-up.
+        sh.rearm.notify_one();
+        if let Err(e) = w.write_all(&chunk).await {
+            return DevWriteEnd::Failed(e);
+        }
+        if let Err(e) = w.flush().await {
+            return DevWriteEnd::Failed(e);
+        }
+        sh.core().device_written();
+    }
+}
+
+async fn write_upstream<W: AsyncWrite + Unpin>(
+    mut w: W,
+    replay: Option<Bytes>,
+    sh: &Shared,
+) -> io::Error {
+    if let Some(preamble) = replay {
+        if let Err(e) = w.write_all(&preamble).await {
+            return e;
+        }
+    }
+    loop {
+        if let Err(e) = w.flush().await {
+            return e;
+        }
+        let batch = loop {
+            let (next, done) = {
+                let mut core = sh.core();
+                let next = core.take_for_upstream(Instant::now());
+                (next, core.upstream_write_done())
+            };
+            if let Some(b) = next {
+                break b;
+            }
+            if done {
+                // Everything the device sent is written: pass its FIN (or ours) on, and let
+                // the reader carry what the upstream still sends.
+                let _ = w.shutdown().await;
+                return std::future::pending().await;
+            }
+            sh.to_up.notified().await;
+        };
+        // One device read, one write (protocol §14.5).
+        if let Err(e) = w.write_all(&batch).await {
+            return e;
+        }
+        sh.core().upstream_written();
+    }
+}
+
+async fn read_upstream<R: AsyncRead + Unpin>(mut r: R, sh: &Shared) -> io::Error {
+    let mut buf = vec![0u8; READ_BUF];
+    loop {
+        let limit = loop {
+            let permit = sh.core().upstream_read_permit(Instant::now());
+            match permit {
+                ReadPermit::Read(n) => break n,
+                ReadPermit::WaitUntil(t) => {
+                    tokio::select! {
+                        _ = sh.room.notified() => {}
+                        _ = tokio::time::sleep_until(t) => {}
+                    }
+                }
+            }
+        };
+        if sh.core().rejecting() {
+            // Reading only to reject: let the session's timers (the stuck-device limit among
+            // them) run between reads, however fast the add-on writes.
+            tokio::task::yield_now().await;
+        }
+        let n = match r.read(&mut buf[..limit]).await {
+            Ok(0) => return io::ErrorKind::UnexpectedEof.into(),
+            Ok(n) => n,
+            Err(e) => return e,
+        };
+        let rearm = sh.core().upstream_read(&buf[..n], Instant::now());
+        sh.to_dev.notify_one();
+        if rearm {
+            sh.rearm.notify_one();
+        }
+    }
+}
+
+/// Runs one upstream connection until it fails either way; the session then resumes.
+async fn upstream_io(stream: Stream, replay: Option<Bytes>, sh: &Shared) -> io::Error {
+    let (r, w) = tokio::io::split(stream);
+    tokio::select! {
+        e = write_upstream(w, replay, sh) => e,
+        e = read_upstream(r, sh) => e,
+    }
+}
+
+type UpFuture<'a> = Pin<Box<dyn Future<Output = io::Error> + Send + 'a>>;
+type RedialFuture<'a> = Pin<
+    Box<dyn Future<Output = (Result<Stream, crate::conn::upstream::DialError>, u32)> + Send + 'a>,
+>;
+
+/// The close reason for an upstream that ended with `e` where legacy would have closed the
+/// device side too.
+fn upstream_end_reason(e: &io::Error) -> CloseReason {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        CloseReason::UpstreamClosed
+    } else if is_reset(e) {
+        CloseReason::UpstreamReset
+    } else {
+        CloseReason::UpstreamError
+    }
+}
+
+/// Runs the session until the device leaves, the pair is closed, or a drain completes.
+/// `first` holds the bytes already read from the device (starting with its 0x23).
+pub async fn serve(
+    ctx: &SessionCtx,
+    cfg: Arc<Config>,
+    device_id: DeviceId,
+    device: Stream,
+    upstream: Stream,
+    first: Bytes,
+    stop: &ConnStop,
+) -> CloseReason {
+    let hello_len = header_data_len(&first).map_or(first.len(), |d| (5 + d).min(first.len()));
+    let half_close = cfg.protocol.half_close_timeout;
+    let now = Instant::now();
+    let mut core = Core::new(
+        Transport::New,
+        ctx,
+        cfg,
+        device_id,
+        first.slice(..hello_len),
+        now,
+    );
+    if let Err(reason) = core.device_read(&first, now) {
+        core.close(now);
+        return reason;
+    }
+    let sh = Shared {
+        core: Mutex::new(core),
+        to_up: Notify::new(),
+        to_dev: Notify::new(),
+        room: Notify::new(),
+        rearm: Notify::new(),
+    };
+    let (dev_r, dev_w) = tokio::io::split(device);
+    let dev_read = read_device(dev_r, &sh);
+    let dev_write = write_device(dev_w, &sh);
+    tokio::pin!(dev_read, dev_write);
+    let mut up: Option<UpFuture<'_>> = Some(Box::pin(upstream_io(upstream, None, &sh)));
+    let mut redial: Option<RedialFuture<'_>> = None;
+    let mut finishing = Finishing::new(stop);
+    // Once the pair is finishing: the reason it will close with, and by when at the latest.
+    let mut finish: Option<(CloseReason, Instant)> = None;
+    let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
+    let mut device_eof = false;
+    let mut closing = false;
+    // This device's redial spread, 0.8-1.2, the same at every outage.
+    let spread = 0.8 + f64::from(u32::from_be_bytes(device_id.0) % 401) / 1000.0;
+
+    let reason = loop {
+        let wake = sh.core().next_wake();
+        let finish_by = finish.map(|(_, t)| t);
+        tokio::select! {
+            end = &mut dev_read, if !device_eof => match end {
+                DevEnd::Eof => {
+                    device_eof = true;
+                    if up.is_none() {
+                        break finish.map_or(CloseReason::DeviceClosed, |(r, _)| r);
+                    }
+                    sh.core().device_finished();
+                    sh.to_up.notify_one();
+                    if finish.is_none() {
+                        finish = Some((CloseReason::DeviceClosed, Instant::now() + half_close));
+                    }
+                }
+                DevEnd::Failed(e) if is_reset(&e) => break CloseReason::DeviceReset,
+                DevEnd::Failed(_) => break CloseReason::DeviceError,
+                DevEnd::Close(r) => break r,
+            },
+            end = &mut dev_write => match end {
+                DevWriteEnd::Finished => break finish.map_or(CloseReason::UpstreamClosed, |(r, _)| r),
+                DevWriteEnd::Failed(e) if is_reset(&e) => break CloseReason::DeviceReset,
+                DevWriteEnd::Failed(_) => break CloseReason::DeviceError,
+            },
+            e = async { match up.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if up.is_some() => {
+                up = None;
+                if finish.is_some() {
+                    // Finishing: the upstream answered the FIN (or failed); the device gets
+                    // what is queued, then its FIN.
+                    sh.core().upstream_finished();
+                    sh.to_dev.notify_one();
+                    continue;
+                }
+                let loss = sh.core().upstream_lost(Instant::now());
+                sh.to_dev.notify_one();
+                match loss {
+                    Loss::Resume { attempts, within } => {
+                        info!(error = %e, "upstream lost under a live device; resuming");
+                        redial = Some(Box::pin(resume::redial(&ctx.dialer, attempts, within, spread)));
+                    }
+                    Loss::NotEstablished => {
+                        sh.core().resumption(ResumeOutcome::NotEstablished);
+                        debug!(error = %e, "upstream closed before it answered the hello; closing the device connection");
+                        break upstream_end_reason(&e);
+                    }
+                    Loss::Kicked => {
+                        sh.core().resumption(ResumeOutcome::Kicked);
+                        info!(error = %e, "upstream closed the connection again right after a resumption (on purpose); closing the device connection");
+                        break upstream_end_reason(&e);
+                    }
+                    Loss::Exhausted => {
+                        sh.core().resumption(ResumeOutcome::Failed);
+                        break CloseReason::ResumeFailed;
+                    }
+                }
+            }
+            r = async { match redial.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if redial.is_some() => {
+                redial = None;
+                match r {
+                    (Ok(stream), used) => {
+                        let replay = sh.core().upstream_redialed(used, Instant::now());
+                        up = Some(Box::pin(upstream_io(stream, Some(replay), &sh)));
+                    }
+                    (Err(e), used) => {
+                        sh.core().redial_failed(used);
+                        warn!(error = %e, "upstream resumption failed; closing the device connection");
+                        ctx.metrics.upstream_connect_error(Transport::New, &e);
+                        sh.core().resumption(ResumeOutcome::Failed);
+                        break CloseReason::ResumeFailed;
+                    }
+                }
+            }
+            _ = sh.rearm.notified() => {}
+            _ = tokio::time::sleep_until(wake) => {
+                let r = sh.core().tick(Instant::now());
+                sh.to_dev.notify_one();
+                if let Err(reason) = r {
+                    break reason;
+                }
+            }
+            _ = async {
+                match finish_by {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some((r, _)) = finish {
+                    break if r == CloseReason::DeviceClosed { CloseReason::HalfCloseTimeout } else { r };
+                }
+            }
+            _ = drain_tick.tick(), if finishing.requested() && !closing => {
+                let pending = sh.core().pending_commands();
+                if let Some(r) = finishing.check(pending, Instant::now()) {
+                    // Already half-closed, or no upstream to close first: close now.
+                    if up.is_none() || finish.is_some() { break r; }
+                    closing = true;
+                    sh.core().begin_close();
+                    sh.to_up.notify_one();
+                    finish = Some((r, Instant::now() + CLOSE_GRACE));
+                }
+            }
+            _ = stop.token().cancelled(), if !finishing.requested() => {
+                let pending = sh.core().pending_commands();
+                if let Some(r) = finishing.begin(pending, Instant::now()) {
+                    if up.is_none() || finish.is_some() { break r; }
+                    closing = true;
+                    sh.core().begin_close();
+                    sh.to_up.notify_one();
+                    finish = Some((r, Instant::now() + CLOSE_GRACE));
+                }
+            }
+        }
+    };
+    sh.core().close(Instant::now());
+    reason
+}
+
+impl Path for SessionCtx {
+    type Id = DeviceId;
+
+    async fn run(&self, pair: Pair<DeviceId>) -> CloseReason {
+        serve(
+            self,
+            pair.cfg,
+            pair.device_id,
+            pair.device,
+            pair.upstream,
+            pair.first,
+            &pair.stop,
+        )
+        .await
+    }
+}

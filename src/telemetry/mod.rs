@@ -1,0 +1,17 @@
+//! Telemetry: what the gateway tells its operators.
+//!
+//! - [`labels`]: the label vocabulary shared by every layer above (path, direction, outcomes),
+//!   spelled once by a derive.
+//! - [`metrics`]: every Prometheus family, its name in one place, and typed record methods so a
+//!   call site cannot get a label's arity or spelling wrong.
+//! - [`logging`]: tracing output and rate-limited warnings.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//!
+//! Imports only [`crate::protocol`] and [`crate::config`].
+
+pub mod http;
+pub mod labels;
+pub mod logging;
+pub mod metrics;
+pub mod names;
+pub mod tasks;

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as README.md and .ci/run give it. Installs what the tests need when it
 # is missing (OpenSSL headers for the openssl crate, pkg-config), then checks formatting, lints
-# and runs every test. Long soaks and benchmarks are not here: see docs/benchmarks.md.
+# (clippy.toml bans the std clocks in favour of tokio's; `incompatible_msrv` holds the code to
+# Cargo.toml's rust-version, and tests/msrv.rs the locked dependencies), the docs, and runs
+# every test (tests/layers.rs keeps the layer rule). Long soaks and benchmarks are not here: see docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,5 +26,7 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo doc (warnings are errors: broken intra-doc links, links to private items)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked --quiet
 echo "== cargo test"
 cargo test --all-targets --locked

@@ -4,7 +4,7 @@
 //! Invariants:
 //! - Readers take a snapshot ([`Live::config`]: an `ArcSwap` load, no lock) and keep it for
 //!   the one connection or decision they make; nothing caches it beyond that.
-//! - One writer: [`Live::store`] and [`Live::set_latch`] are visible only inside the control
+//! - One writer: `Live::store` and `Live::set_latch` are visible only inside the control
 //!   plane, and only its control task ([`super::apply`]) calls them, so every change goes
 //!   through one place (the one the audit log hangs on).
 //! - Every change of either bumps a generation on a watch channel ([`Live::subscribe`]).

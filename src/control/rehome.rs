@@ -1,10 +1,10 @@
 //! Re-homing (design decision 4): open connections follow a routing change.
 //!
-//! Every routed connection with a device id is in the data plane's
-//! [`Registry`](crate::conn::registry::Registry). When the configuration or the rollback latch
-//! changes, [`run`] finds the connections whose route now differs and asks them, one after
-//! another, to finish (the data plane's [`Finishing`](crate::conn::Finishing) closes them
-//! between frames, paced by the close pacer). The device redials and is routed afresh.
+//! Every routed connection with a device id is in the data plane's [`Registry`]. When the
+//! configuration or the rollback latch changes, [`run`] finds the connections whose route now
+//! differs and asks them, one after another, to finish (the data plane's
+//! [`Finishing`](crate::conn::Finishing) closes them between frames, paced by the close
+//! pacer). The device redials and is routed afresh.
 //!
 //! Invariants:
 //! - A connection whose route did not change is never touched; each candidate is checked

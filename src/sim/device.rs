@@ -61,7 +61,7 @@ pub struct DeviceConfig {
     pub index: u32,
     /// Idle time before a heartbeat; real devices use 21 s.
     pub heartbeat: Duration,
-    /// Send a 0xc3 after the hello, as every device in [C1] did.
+    /// Send a 0xc3 after the hello, as every device in capture C1 did.
     pub time_request: bool,
     /// Send a timestamp TLV 0x43 and a firmware-report pair after connecting.
     pub startup_reports: bool,

@@ -289,7 +289,7 @@ fn modules(src: &Path) -> BTreeMap<Module, PathBuf> {
                 }
                 continue;
             }
-            if p.extension().map_or(true, |x| x != "rs") {
+            if p.extension().is_none_or(|x| x != "rs") {
                 continue;
             }
             let rel = p.strip_prefix(src).expect("under src");

@@ -327,3 +327,34 @@ async fn an_addon_that_replaces_a_devices_older_connection_is_not_resumed_into_a
         gw.shutdown(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_an_upstream_sends_before_it_refuses_a_device_reaches_the_device_on_both_paths() {
+    let hello = vector("handshake_0x23");
+    // Thirty frames and three stray bytes, then the add-on closes without answering the hello.
+    let mut last = Vec::new();
+    for _ in 0..30 {
+        last.extend_from_slice(&build::info_ack());
+    }
+    last.extend_from_slice(&[0x00, 0x01, 0x02]);
+    for path in ["legacy", "new"] {
+        let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let gw = gateway_on(up.local_addr().expect("addr"), path, "").await;
+        let mut d = TcpStream::connect(gw.device_addr).await.expect("connect");
+        d.write_all(&hello).await.expect("hello");
+        let (mut u, _) = tokio::time::timeout(DEADLINE, up.accept())
+            .await
+            .expect("dialled")
+            .expect("accept");
+        read_n(&mut u, hello.len()).await;
+        u.write_all(&last).await.expect("write");
+        drop(u);
+        let got = read_to_eof(&mut d).await;
+        assert_eq!(got, last, "{path}: every byte, then the FIN");
+        if path == "new" {
+            let m = scrape(gw.metrics_addr).await;
+            assert_eq!(resumptions(&m, "not_established"), 1.0);
+        }
+        gw.shutdown(Duration::from_millis(200)).await;
+    }
+}

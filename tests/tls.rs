@@ -12,7 +12,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use cync_gateway::config::Config;
 use cync_gateway::conn::tls::{self, Stream};

@@ -72,11 +72,9 @@ impl Admission {
     /// A pre-hello slot for a connection from `source`, or why there is none.
     pub fn pending(self: &Arc<Self>, source: IpAddr) -> Result<PendingSlot, Reject> {
         let mut map = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(source).or_insert(0);
-        if *n >= self.max_per_source {
-            if *n == 0 {
-                map.remove(&source);
-            }
+        // Checked without inserting: a refused source must leave no entry behind (a flood
+        // from many addresses would otherwise grow the map while the budget is full).
+        if map.get(&source).is_some_and(|n| *n >= self.max_per_source) {
             return Err(Reject::SourceLimit);
         }
         let permit = self
@@ -84,12 +82,20 @@ impl Admission {
             .clone()
             .try_acquire_owned()
             .map_err(|_| Reject::PendingLimit)?;
-        *n += 1;
+        *map.entry(source).or_insert(0) += 1;
         Ok(PendingSlot {
             admission: self.clone(),
             source,
             _permit: permit,
         })
+    }
+
+    /// Source addresses holding pre-hello slots now.
+    pub fn pending_sources(&self) -> usize {
+        self.per_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// A routed slot, held for the connection's life; `None` when all are taken.
@@ -113,7 +119,7 @@ impl Admission {
         metrics.rejected(reason);
         let mut r = self.refused.lock().unwrap_or_else(|e| e.into_inner());
         r.0 += 1;
-        if r.1.map_or(true, |t| t.elapsed() >= LIMIT_LOG_EVERY) {
+        if r.1.is_none_or(|t| t.elapsed() >= LIMIT_LOG_EVERY) {
             warn!(
                 %peer,
                 reason = reason.label(),
@@ -122,5 +128,39 @@ impl Admission {
             );
             *r = (0, Some(Instant::now()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission(max_pending: usize, per_source: usize) -> Arc<Admission> {
+        let text = format!(
+            "[listen]\nmax_pending = {max_pending}\nmax_pending_per_source = {per_source}\n\
+             [upstream.legacy]\naddress = \"127.0.0.1:1\"\n"
+        );
+        let cfg = crate::config::Config::parse(&text).expect("config");
+        Admission::new(&cfg.listen)
+    }
+
+    fn ip(n: u32) -> IpAddr {
+        IpAddr::from(n.to_be_bytes())
+    }
+
+    #[test]
+    fn refusals_leave_no_per_source_entries_behind() {
+        let a = admission(2, 1);
+        let held: Vec<PendingSlot> = (0..2).map(|n| a.pending(ip(n)).expect("slot")).collect();
+        assert_eq!(a.pending_sources(), 2);
+        // The budget is full: 100 more sources are refused and remembered by none.
+        for n in 2..102 {
+            assert!(matches!(a.pending(ip(n)), Err(Reject::PendingLimit)));
+        }
+        assert!(matches!(a.pending(ip(0)), Err(Reject::SourceLimit)));
+        assert_eq!(a.pending_sources(), 2);
+        drop(held);
+        assert_eq!(a.pending_sources(), 0);
+        assert_eq!(a.pending_free(), 2);
     }
 }

@@ -650,7 +650,7 @@ impl Packet {
                 return Some(InfoBody::Tlv(items));
             }
         }
-        if body.len() % 19 == 0 {
+        if body.len().is_multiple_of(19) {
             let records = body
                 .chunks_exact(19)
                 .map(|c| InfoRecord {

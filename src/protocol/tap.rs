@@ -142,7 +142,7 @@ fn cut_short_at(buf: &[u8], max_data_len: usize) -> bool {
     if buf.is_empty() || implausible(buf, max_data_len).is_some() {
         return false;
     }
-    header_data_len(buf).map_or(true, |d| HEADER_LEN + d > buf.len())
+    header_data_len(buf).is_none_or(|d| HEADER_LEN + d > buf.len())
 }
 
 /// Splits the reads of one direction into [`Segment`]s.

@@ -163,7 +163,17 @@ label_enum! {
 label_enum! {
     /// How an upstream loss under a live device ended; the `outcome` of
     /// `tcp_comm_resumptions_total`.
-    ResumeOutcome { Success, Failed, HelloTimeout, NotEstablished, Kicked }
+    ResumeOutcome {
+        Success,
+        Failed,
+        HelloTimeout,
+        NotEstablished,
+        Kicked,
+        /// Redialled upstreams closed twice before answering the replayed hello.
+        Refused,
+        /// Lost while the device had part of a frame: not resumable.
+        MidFrame,
+    }
 }
 
 label_enum! {
@@ -178,7 +188,12 @@ label_enum! {
 
 label_enum! {
     /// Why a dark-launch mirror lost its shadow upstream; the `reason` label.
-    ShadowLoss { ConnectFailed, Closed, ReadFailed, WriteFailed }
+    ShadowLoss {
+        ConnectFailed,
+        Closed,
+        ReadFailed,
+        WriteFailed,
+    }
 }
 
 label_enum! {
@@ -223,7 +238,9 @@ mod tests {
                 "failed",
                 "hello_timeout",
                 "not_established",
-                "kicked"
+                "kicked",
+                "refused",
+                "mid_frame"
             ]
         );
         assert_eq!(

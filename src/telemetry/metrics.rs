@@ -536,6 +536,11 @@ impl Metrics {
     /// Bytes that could not be framed: one decode error for the run, and its size.
     pub fn unframed(&self, t: Transport, dir: Direction, bytes: usize, reason: impl Label) {
         self.decode_error(t, dir, reason);
+        self.unframed_bytes(t, dir, bytes);
+    }
+
+    /// More bytes of an unframed run already counted as one decode error.
+    pub fn unframed_bytes(&self, t: Transport, dir: Direction, bytes: usize) {
         self.unframed_bytes
             .with_label_values(&[t.label(), dir.label()])
             .inc_by(bytes as u64);
@@ -730,7 +735,7 @@ impl Metrics {
                     evict.push(old);
                 }
             }
-            let sweep = ds.last_sweep.map_or(true, |t| {
+            let sweep = ds.last_sweep.is_none_or(|t| {
                 now.saturating_duration_since(t) >= std::time::Duration::from_secs(60)
             });
             if sweep {

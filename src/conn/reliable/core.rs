@@ -39,9 +39,11 @@ use crate::config::Config;
 use crate::conn::transactions::{record, Event, Tracker};
 use crate::conn::upstream::Dialer;
 use crate::conn::{CloseReason, Direction, Transport};
-use crate::protocol::{build, DeviceId, FrameClass, Packet, PacketType, Segment, Tap};
+use crate::protocol::{
+    build, header_data_len, DeviceId, FrameClass, Packet, PacketType, Segment, Tap, HEADER_LEN,
+};
 use crate::telemetry::labels::{
-    DropReason, Queue, QueueAction, ResumeFrame, ResumeOutcome, RetrySkip,
+    DropReason, Label, Queue, QueueAction, ResumeFrame, ResumeOutcome, RetrySkip,
 };
 use crate::telemetry::metrics::Metrics;
 
@@ -88,6 +90,40 @@ impl SessionCtx {
     }
 }
 
+/// The start of an upstream frame the device has been given only part of.
+#[derive(Debug, Clone)]
+struct MidFrame {
+    /// Its first bytes, up to a whole header (its length is there).
+    head: Vec<u8>,
+    /// Bytes of it the device has been given.
+    given: usize,
+}
+
+impl MidFrame {
+    fn new(flushed: &[u8]) -> MidFrame {
+        MidFrame {
+            head: flushed[..flushed.len().min(HEADER_LEN)].to_vec(),
+            given: flushed.len(),
+        }
+    }
+
+    /// How many of the next `read` bytes still belong to the frame (all of them while its
+    /// header is incomplete).
+    fn owed(&mut self, read: &[u8]) -> usize {
+        let missing = HEADER_LEN.saturating_sub(self.head.len());
+        self.head
+            .extend_from_slice(&read[..missing.min(read.len())]);
+        match header_data_len(&self.head) {
+            Some(d) => (HEADER_LEN + d).saturating_sub(self.given).min(read.len()),
+            None => read.len(),
+        }
+    }
+
+    fn done(&self) -> bool {
+        header_data_len(&self.head).is_some_and(|d| self.given >= HEADER_LEN + d)
+    }
+}
+
 /// Whether the upstream reader may read, and how much.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadPermit {
@@ -112,6 +148,10 @@ pub struct Core {
     srv_tap: Tap,
     /// Since when the upstream tap has held a frame cut short.
     srv_held_since: Option<Instant>,
+    /// A frame cut short went to the device as it was ([`HOLD_LIMIT`]): the device's parser is
+    /// inside it until the upstream has sent as many bytes as its header declared. Until then
+    /// nothing is inserted (no copy, no local answer) and nothing is taken out.
+    dev_mid_frame: Option<MidFrame>,
     cmds: Outstanding,
     to_up: BoundedQueue,
     to_dev: BoundedQueue,
@@ -165,6 +205,7 @@ impl Core {
             dev_tap: Tap::new(cfg.protocol.max_frame_len),
             srv_tap: Tap::new(cfg.protocol.max_frame_len),
             srv_held_since: None,
+            dev_mid_frame: None,
             cmds: Outstanding::new(
                 Policy {
                     settings: r.clone(),
@@ -230,12 +271,15 @@ impl Core {
     }
 
     /// Decides one whole device frame; true = forward it.
-    fn device_frame(&mut self, p: &Packet, now: Instant) -> bool {
+    /// Decides one whole device frame; true = forward it. A frame that is not `cuttable` (it
+    /// began in an earlier read, already forwarded) is forwarded whatever the verdict, and
+    /// then measured as forwarded.
+    fn device_frame(&mut self, p: &Packet, now: Instant, cuttable: bool) -> bool {
         let keep = match p.ptype() {
             PacketType::Data => match p.inner().filter(|f| f.class() == FrameClass::Reply) {
                 Some(f) => {
                     let v = self.cmds.on_reply(f.seq, self.epoch, p.raw(), now);
-                    self.verdict(v, p.ptype(), || {
+                    self.verdict(v, p.ptype(), cuttable, || {
                         self.dedup.late_reply(self.device, f.seq, now)
                     })
                 }
@@ -244,7 +288,7 @@ impl Core {
             PacketType::DataAck => match (p.id(), p.acks_msg_id()) {
                 (Some(id), Some(m)) => {
                     let v = self.cmds.on_ack((id, m), self.epoch, now);
-                    self.verdict(v, p.ptype(), || {
+                    self.verdict(v, p.ptype(), cuttable, || {
                         self.dedup.late_ack(self.device, (id, m), now)
                     })
                 }
@@ -266,23 +310,30 @@ impl Core {
         keep
     }
 
-    fn verdict(&self, v: Verdict, ptype: PacketType, late: impl FnOnce() -> bool) -> bool {
-        match v {
-            Verdict::Forward => true,
-            Verdict::Duplicate => {
-                self.drop_frame(ptype, DropReason::Duplicate);
-                false
-            }
-            Verdict::Stale => {
-                self.drop_frame(ptype, DropReason::Stale);
-                false
-            }
-            Verdict::Unknown if late() => {
-                self.drop_frame(ptype, DropReason::Duplicate);
-                false
-            }
-            Verdict::Unknown => true,
+    fn verdict(
+        &self,
+        v: Verdict,
+        ptype: PacketType,
+        cuttable: bool,
+        late: impl FnOnce() -> bool,
+    ) -> bool {
+        let why = match v {
+            Verdict::Forward => return true,
+            Verdict::Duplicate => DropReason::Duplicate,
+            Verdict::Stale => DropReason::Stale,
+            Verdict::Unknown if late() => DropReason::Duplicate,
+            Verdict::Unknown => return true,
+        };
+        if !cuttable {
+            debug!(
+                packet_type = ptype.label(),
+                reason = why.label(),
+                "a frame to drop began in an earlier read, already forwarded; forwarding it whole"
+            );
+            return true;
         }
+        self.drop_frame(ptype, why);
+        false
     }
 
     /// Answers the oldest pending heartbeat with a local 0xd8; false if it could not be queued.
@@ -332,7 +383,7 @@ impl Core {
                     Ok(p) => {
                         self.metrics.packet(self.transport, dir, p.ptype());
                         sheddable &= matches!(p.ptype(), PacketType::Status | PacketType::Info);
-                        self.device_frame(p, now)
+                        self.device_frame(p, now, start >= 0)
                     }
                     Err(e) => {
                         self.metrics.decode_error(self.transport, dir, e);
@@ -442,6 +493,20 @@ impl Core {
         let mut commands = false;
         let dir = Direction::SrvToDev;
         self.metrics.bytes(self.transport, dir, read.len());
+        // Inside a frame the device was given part of (see `dev_mid_frame`), nothing is taken
+        // out of the stream either: the device counts these bytes toward that frame.
+        let mid = match self.dev_mid_frame.as_mut() {
+            Some(mf) => {
+                mf.given += mf.owed(read);
+                if mf.done() {
+                    self.dev_mid_frame = None;
+                    // Copies held back for the frame's end may be due now.
+                    commands = true;
+                }
+                true
+            }
+            None => false,
+        };
         let out = self.srv_tap.feed(read);
         let was_holding = self.srv_held_since.is_some();
         self.srv_held_since = if self.srv_tap.pending() == 0 {
@@ -472,7 +537,7 @@ impl Core {
                 }
             };
             self.metrics.packet(self.transport, dir, p.ptype());
-            if self.swallow(p, now) {
+            if !mid && self.swallow(p, now) {
                 continue;
             }
             if p.ptype() == PacketType::Data {
@@ -514,7 +579,13 @@ impl Core {
     /// the idle limit.
     pub fn tick(&mut self, now: Instant) -> Result<(), CloseReason> {
         let to_dev = &self.to_dev;
-        let due = self.cmds.due(now, &mut self.rng, |raw| to_dev.holds(raw));
+        // A copy goes between frames only: while the device is inside one, copies wait for
+        // its end (the upstream read that completes it wakes the session).
+        let due = if self.dev_mid_frame.is_some() {
+            Default::default()
+        } else {
+            self.cmds.due(now, &mut self.rng, |raw| to_dev.holds(raw))
+        };
         let t = self.transport;
         self.metrics
             .retries_skipped(t, RetrySkip::Budget, due.over_budget);
@@ -537,6 +608,7 @@ impl Core {
             if let Some((bytes, reason)) = self.srv_tap.take_pending() {
                 self.metrics
                     .unframed(self.transport, Direction::SrvToDev, bytes.len(), &reason);
+                self.dev_mid_frame = Some(MidFrame::new(&bytes));
                 self.push_to_device(bytes, PacketType::Data);
             }
         }
@@ -593,7 +665,7 @@ impl Core {
         if let (Some(t), Transport::New) = (self.writing_since, self.transport) {
             at = at.min(t + self.cfg.reliable.stuck_timeout);
         }
-        if let Some(r) = self.cmds.next_due() {
+        if let (Some(r), None) = (self.cmds.next_due(), &self.dev_mid_frame) {
             at = at.min(r);
         }
         at
@@ -601,7 +673,10 @@ impl Core {
 
     /// The upstream connection dropped under a live device: what happens next.
     pub fn upstream_lost(&mut self, now: Instant) -> Loss {
-        let loss = self.resume.lost(now);
+        let mut loss = self.resume.lost(now);
+        if self.dev_mid_frame.take().is_some() && matches!(loss, Loss::Resume { .. }) {
+            loss = Loss::MidFrame;
+        }
         self.epoch = self.epoch.wrapping_add(1);
         // Half a frame from the dead upstream can never be completed, and the next upstream's
         // stream starts on a frame boundary: the device never gets it.
@@ -1120,5 +1195,90 @@ mod tests {
             }
         }
         assert_eq!(closed, Some(CloseReason::QueueFull));
+    }
+
+    fn to_device(c: &mut Core) -> Vec<u8> {
+        let mut v = Vec::new();
+        while let Some(b) = c.pop_for_device() {
+            v.extend_from_slice(&b);
+        }
+        v
+    }
+
+    /// A command sent and acknowledged, then (at 1.85 s) the first 10 bytes of the next
+    /// command, given to the device as they are 100 ms later.
+    async fn device_inside_a_frame(c: &mut Core) -> (Bytes, Bytes) {
+        let a = build::power_command(DEV, ZERO, 5, 10, true);
+        c.upstream_read(&a, Instant::now());
+        to_device(c);
+        c.device_read(&build::data_ack(DEV, ZERO), Instant::now())
+            .expect("queued");
+        c.pop_for_upstream(Instant::now());
+        tokio::time::advance(Duration::from_millis(1850)).await;
+        let p = build::brightness_command(DEV, ZERO, 6, 10, 55);
+        c.upstream_read(&p[..10], Instant::now());
+        tokio::time::advance(HOLD_LIMIT).await;
+        c.tick(Instant::now()).expect("tick");
+        assert_eq!(to_device(c), p[..10].to_vec(), "given as it was");
+        (a, p)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_inserted_inside_a_frame_the_device_has_begun() {
+        let ctx = ctx("jitter = 0");
+        let mut c = core(&ctx);
+        let (a, p) = device_inside_a_frame(&mut c).await;
+        // A's copy comes due while the device is inside P: it waits.
+        tokio::time::advance(Duration::from_millis(300)).await;
+        c.tick(Instant::now()).expect("tick");
+        assert!(to_device(&mut c).is_empty(), "no copy inside P");
+        assert!(
+            c.next_wake() > Instant::now(),
+            "and the session does not spin meanwhile"
+        );
+        // P's rest: it passes as it came, then the copy follows, between frames.
+        assert!(
+            c.upstream_read(&p[10..], Instant::now()),
+            "copies may be due"
+        );
+        c.tick(Instant::now()).expect("tick");
+        assert_eq!(to_device(&mut c), cat(&[p.slice(10..), a]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_lost_while_the_device_is_inside_a_frame_is_not_resumed() {
+        let ctx = ctx("jitter = 0");
+        let mut c = core(&ctx);
+        device_inside_a_frame(&mut c).await;
+        assert_eq!(c.upstream_lost(Instant::now()), Loss::MidFrame);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_duplicate_answer_that_began_in_an_earlier_read_is_forwarded_and_not_counted_dropped()
+    {
+        let ctx = ctx("jitter = 0");
+        let mut c = core(&ctx);
+        let a = build::power_command(DEV, ZERO, 1, 10, true);
+        c.upstream_read(&a, Instant::now());
+        to_device(&mut c);
+        c.device_read(&build::data_ack(DEV, ZERO), Instant::now())
+            .expect("queued");
+        c.pop_for_upstream(Instant::now());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        c.tick(Instant::now()).expect("tick");
+        assert_eq!(to_device(&mut c), a.to_vec(), "copied");
+        let r1 = build::command_reply(DEV, MsgId([0, 2, 0]), 1, 0xd0);
+        let r2 = build::command_reply(DEV, MsgId([0, 3, 0]), 1, 0xd0);
+        c.device_read(&r1, Instant::now()).expect("queued");
+        assert_eq!(c.pop_for_upstream(Instant::now()), Some(r1));
+        // The copy's answer split across two reads: its first half is already upstream.
+        c.device_read(&r2[..10], Instant::now()).expect("queued");
+        c.device_read(&r2[10..], Instant::now()).expect("queued");
+        let mut up = Vec::new();
+        while let Some(b) = c.pop_for_upstream(Instant::now()) {
+            up.extend_from_slice(&b);
+        }
+        assert_eq!(up, r2.to_vec(), "forwarded whole");
+        assert_eq!(total(&ctx, "tcp_comm_idempotent_drops_total", &[]), 0.0);
     }
 }

@@ -130,7 +130,7 @@ impl DedupStore {
         }
         let due = {
             let mut last = self.last_sweep.lock().unwrap_or_else(|e| e.into_inner());
-            let due = last.map_or(true, |t| now.saturating_duration_since(t) >= SWEEP_EVERY);
+            let due = last.is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_EVERY);
             if due {
                 *last = Some(now);
             }

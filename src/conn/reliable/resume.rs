@@ -54,6 +54,12 @@ pub enum Loss {
     NotEstablished,
     /// Closed again right after a resumption: on purpose. Close the device side.
     Kicked,
+    /// Redialled twice in this outage, and both times closed before it answered the replayed
+    /// hello: the add-on is refusing this device. Close the device side.
+    Refused,
+    /// The device was given part of a frame the lost upstream never finished: whatever a
+    /// new upstream sends would be read as its rest. Close the device side, as legacy would.
+    MidFrame,
     /// The outage's attempts or time are spent (or resumption is off).
     Exhausted,
 }
@@ -76,6 +82,8 @@ pub struct Resume {
     stable_after: Duration,
     /// Attempts used in the current outage.
     used: u32,
+    /// Redialled upstreams that closed before answering the replayed hello, this outage.
+    refusals: u32,
     outage_started: Option<Instant>,
     /// When the last resumption completed.
     resumed_at: Option<Instant>,
@@ -98,6 +106,7 @@ impl Resume {
             hello_timeout,
             stable_after,
             used: 0,
+            refusals: 0,
             outage_started: None,
             resumed_at: None,
             owed: VecDeque::new(),
@@ -126,9 +135,18 @@ impl Resume {
                     return Loss::Kicked;
                 }
                 self.used = 0;
+                self.refusals = 0;
                 self.outage_started = Some(now);
             }
-            Phase::Redialing | Phase::AwaitingHelloAck(_) => {}
+            Phase::AwaitingHelloAck(_) => {
+                // Accepted, then closed without a 0x28: once may be the add-on still starting;
+                // twice is its answer.
+                self.refusals += 1;
+                if self.refusals >= 2 {
+                    return Loss::Refused;
+                }
+            }
+            Phase::Redialing => {}
         }
         let started = *self.outage_started.get_or_insert(now);
         self.phase = Phase::Redialing;
@@ -408,6 +426,35 @@ mod tests {
         let mut off = Resume::new(0, secs(30), secs(5), secs(10), secs(10));
         off.take_hello_ack(Instant::now());
         assert_eq!(off.lost(Instant::now()), Loss::Exhausted);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closed_twice_before_answering_the_replayed_hello_is_a_refusal() {
+        let mut r = resume();
+        r.take_hello_ack(Instant::now());
+        assert!(matches!(r.lost(Instant::now()), Loss::Resume { .. }));
+        for expect_refused in [false, true] {
+            r.spent(1);
+            r.redialed(Instant::now(), &[]);
+            tokio::time::advance(ms(100)).await;
+            let loss = r.lost(Instant::now());
+            assert_eq!(loss == Loss::Refused, expect_refused, "{loss:?}");
+        }
+        // A new outage starts counting afresh.
+        let mut r = resume();
+        r.take_hello_ack(Instant::now());
+        r.lost(Instant::now());
+        r.spent(1);
+        r.redialed(Instant::now(), &[]);
+        assert!(matches!(r.lost(Instant::now()), Loss::Resume { .. }));
+        r.spent(1);
+        r.redialed(Instant::now(), &[]);
+        r.take_hello_ack(Instant::now());
+        tokio::time::advance(secs(10)).await;
+        assert!(matches!(r.lost(Instant::now()), Loss::Resume { .. }));
+        r.spent(1);
+        r.redialed(Instant::now(), &[]);
+        assert!(matches!(r.lost(Instant::now()), Loss::Resume { .. }));
     }
 
     #[tokio::test(start_paused = true)]

@@ -97,17 +97,32 @@ struct Cmd {
     next_at: Option<Instant>,
     /// Its copy is due but waits for a sign that its reply is missing, not late.
     waiting_for_evidence: bool,
-    acked: bool,
+    /// 0x7b acknowledgements taken: one is owed for each send, so a copy's 0x7b is not
+    /// credited to the next command (every add-on command has the same key). At `sends` or
+    /// more the ack window is closed.
+    acks: u32,
     /// Hashes of the reply frames forwarded for this command (a reply may come in several
     /// frames). Hashes, not the frames: those are slices of whole read buffers, and a table
     /// kept for minutes must not keep 16 KiB alive per entry.
     replies: Vec<u64>,
 }
 
+/// Where a 0x73's msg_id sits: the device numbers each frame it sends, so two answers to two
+/// copies of a command differ there and only there.
+const MSG_ID: std::ops::Range<usize> = 9..12;
+
+/// A reply frame's identity without its msg_id: the answer to a copy has the same one as the
+/// answer to the original; the next frame of a multi-frame answer does not.
 fn digest(raw: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    raw.hash(&mut h);
+    match (raw.get(..MSG_ID.start), raw.get(MSG_ID.end..)) {
+        (Some(head), Some(tail)) => {
+            head.hash(&mut h);
+            tail.hash(&mut h);
+        }
+        _ => raw.hash(&mut h),
+    }
     h.finish()
 }
 
@@ -208,44 +223,48 @@ impl Outstanding {
             slots: 1,
             next_at,
             waiting_for_evidence: false,
-            acked: false,
+            acks: 0,
             replies: Vec::new(),
         });
     }
 
     /// The device sent an `f9` reply frame `raw` with inner seq `seq`.
     ///
-    /// The first reply is forwarded. Later ones are duplicates when the command was re-sent
-    /// (the device answered each copy) or when they repeat a forwarded frame byte for byte (a
-    /// duplicated packet); a *different* frame for a command sent once is forwarded, since a
-    /// device may answer in several frames (a large mesh reply).
+    /// The first reply is forwarded. A later one is a duplicate when it repeats a forwarded
+    /// frame but for its msg_id (the device answered a copy, or the packet was duplicated);
+    /// a *different* frame is forwarded, since a device may answer in several frames (a large
+    /// mesh reply), copied command or not.
     pub fn on_reply(&mut self, seq: u8, epoch: u32, raw: &Bytes, now: Instant) -> Verdict {
         let Some(c) = self.cmds.iter_mut().find(|c| c.seq == seq) else {
             return Verdict::Unknown;
         };
         let d = digest(raw);
-        if !c.replies.is_empty() && (c.sends > 1 || c.replies.contains(&d)) {
+        if c.replies.contains(&d) {
+            return Verdict::Duplicate;
+        }
+        if c.replies.len() >= MAX_REPLY_FRAMES {
+            // More frames than any real answer has: treat the rest as repeats.
             return Verdict::Duplicate;
         }
         if c.replies.is_empty() && c.sends == 1 && c.epoch == epoch {
             // Karn's rule: only a command sent once says how long this device takes.
             self.rtt.sample(now.saturating_duration_since(c.first_sent));
         }
-        if c.replies.len() < MAX_REPLY_FRAMES {
-            c.replies.push(d);
-        }
+        c.replies.push(d);
         c.next_at = None;
         c.waiting_for_evidence = false;
         let (sent, stale) = (c.first_sent, c.epoch != epoch);
         if stale {
             return Verdict::Stale;
         }
-        if self.newest_answered.map_or(true, |t| sent > t) {
+        if self.newest_answered.is_none_or(|t| sent > t) {
             self.newest_answered = Some(sent);
-            // Older commands still unanswered are now known to be missing: their copies,
-            // held back for want of that, are due.
+            // Older commands of this upstream still unanswered are now known to be missing:
+            // their copies, held back for want of that, are due (an acknowledged one keeps
+            // its own wait, set by its 0x7b).
             for o in self.cmds.iter_mut() {
-                if o.waiting_for_evidence && o.first_sent < sent {
+                if o.waiting_for_evidence && o.first_sent < sent && o.epoch == epoch && o.acks == 0
+                {
                     o.waiting_for_evidence = false;
                     o.next_at = Some(now);
                 }
@@ -255,26 +274,40 @@ impl Outstanding {
     }
 
     /// The device sent a 0x7b echoing `key`. With the add-on every command has the same key,
-    /// so the oldest unacknowledged command with that key takes it (FIFO).
+    /// so the oldest command with that key still owed a 0x7b takes it (FIFO), one per send: the
+    /// 0x7b for a copy belongs to the copied command (and is a duplicate upstream), not to the
+    /// next one.
     pub fn on_ack(&mut self, key: AckKey, epoch: u32, now: Instant) -> Verdict {
         let stop = self.policy.settings.retry_until == RetryUntil::Ack;
         let patience = self.rtt.rto() * 2;
         let current = self
             .cmds
             .iter_mut()
-            .find(|c| c.key == key && !c.acked && c.epoch == epoch);
+            .find(|c| c.key == key && c.acks < c.sends && c.epoch == epoch);
         if let Some(c) = current {
-            c.acked = true;
+            c.acks += 1;
+            if c.acks > 1 {
+                return Verdict::Duplicate;
+            }
+            let held_back = std::mem::take(&mut c.waiting_for_evidence);
             if stop {
                 c.next_at = None;
+            } else if held_back {
+                // The copy that waited for evidence has it: the command was received, so its
+                // reply is missing, or slow — which a copy rarely helps sooner than this.
+                c.next_at = Some(now + patience);
             } else {
-                // Received: only its reply can be missing, which a copy rarely helps sooner.
                 c.next_at = c.next_at.map(|t| t.max(now + patience));
             }
             return Verdict::Forward;
         }
-        if let Some(c) = self.cmds.iter_mut().find(|c| c.key == key && !c.acked) {
-            c.acked = true;
+        if let Some(c) = self
+            .cmds
+            .iter_mut()
+            .find(|c| c.key == key && c.acks < c.sends)
+        {
+            c.acks = c.sends;
+            c.waiting_for_evidence = false;
             c.next_at = None;
             return Verdict::Stale;
         }
@@ -319,7 +352,7 @@ impl Outstanding {
             // answered a later command, or acknowledged this one — or a silence about this
             // command of several timeouts (which, once the device has been seen slow, are
             // long: see `RttEstimator`).
-            let missing = c.acked || self.newest_answered.is_some_and(|t| t > c.first_sent);
+            let missing = c.acks > 0 || self.newest_answered.is_some_and(|t| t > c.first_sent);
             let blind_at = c.first_sent + (c.rto * BLIND_FACTOR).max(deadline / 2);
             if !missing && now < blind_at {
                 c.waiting_for_evidence = true;
@@ -356,8 +389,9 @@ impl Outstanding {
         let deadline = self.policy.command_deadline;
         for c in self.cmds.iter_mut() {
             if now.saturating_duration_since(c.first_sent) >= deadline {
-                c.acked = true;
+                c.acks = c.acks.max(c.sends);
                 c.next_at = None;
+                c.waiting_for_evidence = false;
             }
         }
         let keep = self.keep;
@@ -370,6 +404,7 @@ impl Outstanding {
     pub fn end_epoch(&mut self) {
         for c in self.cmds.iter_mut() {
             c.next_at = None;
+            c.waiting_for_evidence = false;
         }
     }
 }
@@ -413,6 +448,12 @@ mod tests {
 
     fn reply(n: u8) -> Bytes {
         Bytes::from(vec![0x73, 0xf9, n])
+    }
+
+    /// A real `f9` reply frame to seq 5 under the device's msg_id `msg`; `part` tells the
+    /// frames of one answer apart.
+    fn answer(msg: u8, part: u8) -> Bytes {
+        crate::protocol::build::command_reply(KEY.0, crate::protocol::MsgId([0, msg, 0]), 5, part)
     }
 
     fn ms(n: u64) -> Duration {
@@ -542,13 +583,18 @@ mod tests {
         assert_eq!(r.len(), 1);
         assert_eq!(o.on_ack(KEY, 0, Instant::now()), Verdict::Duplicate);
         assert_eq!(
-            o.on_reply(5, 0, &reply(1), Instant::now()),
+            o.on_reply(5, 0, &answer(1, 0xd0), Instant::now()),
             Verdict::Forward
         );
-        // Re-sent, so any further reply is the device answering the copy.
+        // The device answering the copy: the same frame under its next msg_id.
         assert_eq!(
-            o.on_reply(5, 0, &reply(2), Instant::now()),
+            o.on_reply(5, 0, &answer(2, 0xd0), Instant::now()),
             Verdict::Duplicate
+        );
+        // Another frame of a multi-frame answer still reaches the add-on, copy or not.
+        assert_eq!(
+            o.on_reply(5, 0, &answer(3, 0xd1), Instant::now()),
+            Verdict::Forward
         );
         assert_eq!(o.next_due(), None);
         assert_eq!(
@@ -761,5 +807,111 @@ mod tests {
         let due = o.due(Instant::now(), &mut rng, |_| false);
         assert_eq!((due.resend.len(), due.too_late), (0, 1));
         assert_eq!(o.next_due(), None);
+    }
+
+    /// Advances to `o`'s first due time (or by `limit` if none is due sooner) and returns what
+    /// is re-sent then.
+    async fn due_within(o: &mut Outstanding, rng: &mut SmallRng, limit: Duration) -> Vec<Resend> {
+        let end = Instant::now() + limit;
+        let at = o.next_due().map_or(end, |t| t.min(end));
+        tokio::time::sleep_until(at).await;
+        o.due(Instant::now(), rng, |_| false).resend
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_ack_mode_an_acknowledged_command_is_never_copied_even_when_a_later_one_is_answered()
+    {
+        let mut o = outstanding("retry_until = \"ack\"");
+        let mut rng = SmallRng::seed_from_u64(1);
+        warm(&mut o, &mut rng).await;
+        o.on_command(cmd(1), 1, KEY, 0, Instant::now(), &mut rng);
+        // Its copy comes due with no evidence yet: held back.
+        assert!(next_retry(&mut o, &mut rng).await.is_empty());
+        assert_eq!(o.on_ack(KEY, 0, Instant::now()), Verdict::Forward);
+        answer_a_later_one(&mut o, &mut rng, 2).await;
+        assert!(
+            due_within(&mut o, &mut rng, Duration::from_secs(5))
+                .await
+                .is_empty(),
+            "received: retry_until = ack is satisfied"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_its_0x7b_a_command_waits_twice_the_timeout_whatever_evidence_comes_later() {
+        let mut o = outstanding("jitter = 0");
+        let mut rng = SmallRng::seed_from_u64(1);
+        warm(&mut o, &mut rng).await;
+        o.on_command(cmd(1), 1, KEY, 0, Instant::now(), &mut rng);
+        assert!(next_retry(&mut o, &mut rng).await.is_empty(), "held back");
+        let acked = Instant::now();
+        assert_eq!(o.on_ack(KEY, 0, acked), Verdict::Forward);
+        answer_a_later_one(&mut o, &mut rng, 2).await;
+        let r = due_within(&mut o, &mut rng, Duration::from_secs(5)).await;
+        assert_eq!(r.len(), 1);
+        assert!(
+            Instant::now() - acked >= ms(800),
+            "copied {:?} after its 0x7b",
+            Instant::now() - acked
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_command_of_a_dead_upstream_is_not_copied_on_the_next_one() {
+        let mut o = outstanding("");
+        let mut rng = SmallRng::seed_from_u64(1);
+        warm(&mut o, &mut rng).await;
+        o.on_command(cmd(1), 1, KEY, 0, Instant::now(), &mut rng);
+        assert!(next_retry(&mut o, &mut rng).await.is_empty(), "held back");
+        o.end_epoch();
+        // The next upstream's own command, answered at once.
+        tokio::time::advance(ms(1)).await;
+        o.on_command(cmd(2), 2, KEY, 1, Instant::now(), &mut rng);
+        assert_eq!(
+            o.on_reply(2, 1, &reply(2), Instant::now()),
+            Verdict::Forward
+        );
+        assert!(due_within(&mut o, &mut rng, Duration::from_secs(5))
+            .await
+            .is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_copys_0x7b_belongs_to_the_copied_command_not_to_the_next() {
+        let mut o = outstanding("");
+        let mut rng = SmallRng::seed_from_u64(1);
+        warm(&mut o, &mut rng).await;
+        o.on_command(cmd(1), 1, KEY, 0, Instant::now(), &mut rng);
+        assert_eq!(o.on_ack(KEY, 0, Instant::now()), Verdict::Forward);
+        answer_a_later_one(&mut o, &mut rng, 2).await;
+        assert_eq!(next_retry(&mut o, &mut rng).await.len(), 1, "copied");
+        o.on_command(cmd(3), 3, KEY, 0, Instant::now(), &mut rng);
+        // The device acknowledges the copy, then the next command.
+        assert_eq!(o.on_ack(KEY, 0, Instant::now()), Verdict::Duplicate);
+        assert_eq!(
+            o.on_ack(KEY, 0, Instant::now()),
+            Verdict::Forward,
+            "the next command's own 0x7b reaches the add-on"
+        );
+    }
+
+    #[test]
+    fn an_expired_command_is_no_longer_waiting_for_evidence() {
+        // Remembered (for duplicate suppression) well past its deadline.
+        let mut o = outstanding("dedup_ttl = \"60s\"");
+        let mut rng = SmallRng::seed_from_u64(1);
+        let t0 = Instant::now();
+        o.on_command(cmd(1), 1, KEY, 0, t0, &mut rng);
+        let due = o.due(t0 + ms(1200), &mut rng, |_| false);
+        assert!(due.resend.is_empty(), "no evidence yet");
+        assert!(o.next_due().is_some(), "waiting for evidence");
+        o.expire(t0 + Duration::from_secs(5));
+        assert_eq!(o.next_due(), None);
+        // A later command answered: nothing is woken for the expired one.
+        o.on_command(cmd(2), 2, KEY, 0, t0 + Duration::from_secs(6), &mut rng);
+        o.on_reply(2, 0, &reply(2), t0 + Duration::from_secs(6));
+        let due = o.due(t0 + Duration::from_secs(6), &mut rng, |_| false);
+        assert_eq!(due.too_late, 0, "{due:?}");
+        assert!(due.resend.is_empty());
     }
 }

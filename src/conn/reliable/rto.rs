@@ -63,7 +63,7 @@ impl RttEstimator {
                 self.rttvar = rtt / 2;
             }
             Some(srtt) => {
-                let err = if srtt > rtt { srtt - rtt } else { rtt - srtt };
+                let err = srtt.abs_diff(rtt);
                 self.rttvar = self.rttvar.mul_f64(0.75) + err.mul_f64(0.25);
                 self.srtt = Some(srtt.mul_f64(0.875) + rtt.mul_f64(0.125));
             }

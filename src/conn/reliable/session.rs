@@ -302,19 +302,31 @@ pub async fn serve(
                         info!(error = %e, "upstream lost under a live device; resuming");
                         redial = Some(Box::pin(resume::redial(&ctx.dialer, attempts, within, spread)));
                     }
-                    Loss::NotEstablished => {
-                        sh.core().resumption(ResumeOutcome::NotEstablished);
-                        debug!(error = %e, "upstream closed before it answered the hello; closing the device connection");
-                        break upstream_end_reason(&e);
-                    }
-                    Loss::Kicked => {
-                        sh.core().resumption(ResumeOutcome::Kicked);
-                        info!(error = %e, "upstream closed the connection again right after a resumption (on purpose); closing the device connection");
-                        break upstream_end_reason(&e);
-                    }
-                    Loss::Exhausted => {
-                        sh.core().resumption(ResumeOutcome::Failed);
-                        break CloseReason::ResumeFailed;
+                    ended => {
+                        let (outcome, reason) = match ended {
+                            Loss::NotEstablished => {
+                                debug!(error = %e, "upstream closed before it answered the hello; closing the device connection");
+                                (ResumeOutcome::NotEstablished, upstream_end_reason(&e))
+                            }
+                            Loss::Kicked => {
+                                info!(error = %e, "upstream closed the connection again right after a resumption (on purpose); closing the device connection");
+                                (ResumeOutcome::Kicked, upstream_end_reason(&e))
+                            }
+                            Loss::Refused => {
+                                info!(error = %e, "redialled upstreams closed twice before answering the replayed hello; closing the device connection");
+                                (ResumeOutcome::Refused, upstream_end_reason(&e))
+                            }
+                            Loss::MidFrame => {
+                                info!(error = %e, "upstream lost while the device had part of a frame; closing the device connection");
+                                (ResumeOutcome::MidFrame, upstream_end_reason(&e))
+                            }
+                            _ => (ResumeOutcome::Failed, CloseReason::ResumeFailed),
+                        };
+                        sh.core().resumption(outcome);
+                        // As on legacy: what the upstream sent reaches the device, then the FIN.
+                        sh.core().upstream_finished();
+                        sh.to_dev.notify_one();
+                        finish = Some((reason, Instant::now() + CLOSE_GRACE));
                     }
                 }
             }

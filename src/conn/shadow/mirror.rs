@@ -53,8 +53,6 @@ pub(super) struct Mirror {
     pub(super) alive: AtomicBool,
     /// Ended for good (dial failed or the shadow upstream went away).
     pub(super) dead: AtomicBool,
-    /// Reads are being dropped until one starts on a frame boundary with room to spare.
-    pub(super) skipping: AtomicBool,
     pub(super) cmp: Mutex<Comparator>,
     pub(super) stop: CancellationToken,
 }
@@ -72,12 +70,21 @@ pub(super) struct MirrorTask {
 
 /// Why a mirror's shadow upstream went away; the `reason` label.
 fn lost(t: &MirrorTask, reason: ShadowLoss) {
-    t.m.dead.store(true, Ordering::SeqCst);
-    t.metrics.shadow_lost(reason);
+    end(&t.m, &t.metrics, &t.log, reason);
+}
+
+/// Ends a mirror for good: counted by `reason`, logged (rate-limited), its pending comparisons
+/// concluded, its task stopped.
+fn end(m: &Mirror, metrics: &Metrics, log: &LogLimit, reason: ShadowLoss) {
+    if m.dead.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    m.stop.cancel();
+    metrics.shadow_lost(reason);
     let mut out = Vec::new();
-    lock(&t.m.cmp).shadow_gone(&mut out);
-    record(&t.metrics, &mut out);
-    if t.log.allow(Instant::now(), LOSS_LOG_EVERY) {
+    lock(&m.cmp).shadow_gone(&mut out);
+    record(metrics, &mut out);
+    if log.allow(Instant::now(), LOSS_LOG_EVERY) {
         warn!(
             reason = reason.label(),
             "shadow upstream lost; mirroring stopped for this connection (replies it cannot compare are counted uncompared)"

@@ -15,18 +15,20 @@
 //! - The legacy path never waits on the shadow: a device read is offered to a bounded queue
 //!   that drops on full, and a slow, failed or dead shadow upstream only stops the mirror of
 //!   that connection.
-//! - Nothing vanishes unseen: every read not mirrored is counted (reads and bytes); mirroring
-//!   resumes at the next read that starts on a frame boundary once the queue has room, so the
-//!   shadow is only ever sent whole frames. A shadow upstream that dies is counted and logged
-//!   (at most every [`mirror::LOSS_LOG_EVERY`]), and every legacy reply that could then not be compared
-//!   is counted `uncompared`. `connections_active{transport="shadow"}` counts shadows alive:
+//! - The shadow is only ever sent whole frames (and unframeable bytes as the tap cut them):
+//!   the mirror is fed the frames each read completes, not the read, so a frame cut short by a
+//!   read waits for its rest and a full queue drops whole frames only.
+//! - Nothing vanishes unseen: what a live mirror does not replay is counted (reads and
+//!   bytes). A shadow upstream that dies is counted and logged (at most every
+//!   [`mirror::LOSS_LOG_EVERY`]), and every legacy reply that could then not be compared is
+//!   counted `uncompared`. `connections_active{transport="shadow"}` counts shadows alive:
 //!   observe cores, and mirrors whose shadow upstream is connected.
 //! - The comparator is pure and takes `now`; its memory is bounded by `compare_window`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -41,7 +43,7 @@ use crate::conn::reliable::queue::{BoundedQueue, Item, Pushed};
 use crate::conn::reliable::SessionCtx;
 use crate::conn::upstream::Dialer;
 use crate::conn::{Direction, Transport};
-use crate::protocol::{DeviceId, TapOutput};
+use crate::protocol::{DeviceId, Segment, TapOutput};
 use crate::telemetry::labels::{Queue, QueueAction};
 use crate::telemetry::logging::LogLimit;
 use crate::telemetry::metrics::Metrics;
@@ -93,7 +95,6 @@ impl Shadow {
                     ready: Notify::new(),
                     alive: AtomicBool::new(false),
                     dead: AtomicBool::new(false),
-                    skipping: AtomicBool::new(false),
                     cmp: Mutex::new(Comparator::new(cfg.dark_launch.compare_window)),
                     stop: CancellationToken::new(),
                 });
@@ -148,7 +149,7 @@ impl Shadow {
         }
         let Some(m) = &self.mirror else { return };
         match dir {
-            Direction::DevToSrv => self.mirror_read(m, read, tapped),
+            Direction::DevToSrv => self.mirror_read(m, tapped),
             Direction::SrvToDev => {
                 let mut out = Vec::new();
                 let compared = !m.dead.load(Ordering::SeqCst);
@@ -166,28 +167,30 @@ impl Shadow {
         }
     }
 
-    /// Offers one device read to the mirror queue.
-    fn mirror_read(&self, m: &Mirror, read: &[u8], tapped: &TapOutput) {
+    /// Offers the whole frames one device read completed to the mirror queue. Frames, not
+    /// the read: a read may end inside a frame, and a queue full at the next read would then
+    /// leave the shadow with half a frame that whatever follows is read as the rest of. A
+    /// frame cut short waits in the tap for its rest; what the queue has no room for is
+    /// dropped whole and counted.
+    fn mirror_read(&self, m: &Mirror, tapped: &TapOutput) {
         if m.dead.load(Ordering::SeqCst) {
             return;
         }
-        let drop_it = |why: &str| {
-            self.metrics
-                .queue_full(SHADOW, Queue::Mirror, QueueAction::Drop, 1);
-            self.metrics.mirror_dropped(read.len());
-            debug!(why, bytes = read.len(), "device read not mirrored");
-        };
-        // After a drop, the shadow's stream may only go on from a frame boundary.
-        if m.skipping.load(Ordering::SeqCst) && tapped.held_before > 0 {
-            drop_it("after a dropped read, mid-frame");
+        let len: usize = tapped.segments.iter().map(Segment::len).sum();
+        if len == 0 {
             return;
         }
-        let pushed = lock(&m.queue).push(Item::frames(Bytes::copy_from_slice(read)));
+        let mut whole = BytesMut::with_capacity(len);
+        for seg in &tapped.segments {
+            whole.extend_from_slice(seg.raw());
+        }
+        let pushed = lock(&m.queue).push(Item::frames(whole.freeze()));
         if pushed == Pushed::Full {
-            m.skipping.store(true, Ordering::SeqCst);
-            drop_it("mirror queue full");
+            self.metrics
+                .queue_full(SHADOW, Queue::Mirror, QueueAction::Drop, 1);
+            self.metrics.mirror_dropped(len);
+            debug!(bytes = len, "mirror queue full; frames not mirrored");
         } else {
-            m.skipping.store(false, Ordering::SeqCst);
             m.ready.notify_one();
         }
     }
@@ -245,6 +248,7 @@ impl Drop for Shadow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{build, Tap};
     use std::time::Duration;
 
     async fn until(what: &str, f: impl Fn() -> bool) {
@@ -299,5 +303,82 @@ mod tests {
             0.0,
             "stopped, not lost"
         );
+    }
+
+    #[tokio::test]
+    async fn a_queue_full_in_the_middle_of_a_frame_drops_whole_frames_and_the_shadow_stays_aligned()
+    {
+        let shadow_up = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = shadow_up.local_addr().expect("addr");
+        let cfg = Arc::new(
+            Config::parse(&format!(
+                "[upstream.legacy]\naddress = \"127.0.0.1:1\"\ntls = false\n[upstream.shadow]\naddress = \"{addr}\"\ntls = false\n[dark_launch]\nmode = \"mirror\"\npercent = 100\nmirror_queue_bytes = 4096\n"
+            ))
+            .expect("config"),
+        );
+        let metrics = Arc::new(Metrics::new(false).expect("metrics"));
+        let ctx = SessionCtx::new(
+            metrics.clone(),
+            Dialer::new(&cfg.upstream_legacy).expect("dialer"),
+            &cfg,
+        );
+        let sctx = ShadowCtx {
+            dialer: Some(
+                Dialer::new(cfg.upstream_shadow.as_ref().expect("shadow")).expect("dialer"),
+            ),
+            tasks: Tasks::default(),
+            log: Arc::new(LogLimit::default()),
+        };
+        let dev = DeviceId([1, 2, 3, 4]);
+        let shadow = Shadow::start(&ctx, &sctx, cfg.clone(), dev);
+        let mut tap = Tap::new(cfg.protocol.max_frame_len);
+        let now = Instant::now();
+        let record = build::MeshDevice {
+            mesh_id: 1,
+            kind: 2,
+            state: 1,
+            brightness: 50,
+            temp: 0,
+            rgb: [0; 3],
+        };
+        let frame = build::mesh_reply(dev, crate::protocol::MsgId([0, 1, 0]), 1, &[record; 20]);
+        let half = frame.len() / 2;
+        // The mirror task does not run between these calls (one thread, no await), so the
+        // queue fills exactly as written here. Read 1: seven frames and half of the eighth.
+        let mut reads = vec![[&frame[..]; 7].concat()];
+        reads[0].extend_from_slice(&frame[..half]);
+        // Read 2: the eighth's rest and three more, which do not fit; read 3: one frame.
+        reads.push([&frame[half..], &frame[..], &frame[..], &frame[..]].concat());
+        reads.push(frame.to_vec());
+        for r in &reads {
+            let t = tap.feed(r);
+            shadow.observe(Direction::DevToSrv, r, &t, now);
+        }
+        let dropped = metrics.total("tcp_comm_mirror_dropped_bytes_total", &[]);
+        assert_eq!(
+            dropped,
+            (4 * frame.len()) as f64,
+            "four whole frames dropped"
+        );
+        // The shadow gets the seven frames, then the last one: whole frames, in order.
+        let (mut peer, _) = tokio::time::timeout(Duration::from_secs(10), shadow_up.accept())
+            .await
+            .expect("the mirror dials")
+            .expect("accept");
+        let want = [&frame[..]; 8].concat();
+        let mut got = vec![0u8; want.len()];
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read_exact(&mut peer, &mut got),
+        )
+        .await
+        .expect("in time")
+        .expect("read");
+        assert_eq!(got, want);
+        drop(shadow);
+        sctx.tasks.close();
+        sctx.tasks.wait().await;
     }
 }

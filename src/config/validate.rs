@@ -1,0 +1,699 @@
+//! Validation: the raw file ([`super::raw`]) into a typed [`Config`], collecting every
+//! problem before failing.
+//!
+//! Invariants:
+//! - A problem never stops the checking of other keys: each check records its problem and
+//!   returns the default, so one pass lists everything wrong with a file.
+//! - Enumerated string keys go through one table-driven helper ([`Validator::choice`]): the
+//!   accepted spellings and the error message come from the same table.
+//! - Defaults live here, once, and are documented key by key in `config/gateway.toml`.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::raw::*;
+use super::types::*;
+use crate::protocol::{DeviceId, DEFAULT_MAX_DATA_LEN};
+
+pub(super) struct Validator<'a> {
+    pub(super) problems: &'a mut Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, key: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// An enumerated string key: one of the names in `table`, or `default` when absent. The
+    /// accepted spellings and the message for any other come from the one table.
+    fn choice<T: Copy>(
+        &mut self,
+        key: &str,
+        raw: Option<&str>,
+        default: T,
+        table: &[(&str, T)],
+    ) -> T {
+        let Some(text) = raw else { return default };
+        if let Some((_, v)) = table.iter().find(|(name, _)| *name == text) {
+            return *v;
+        }
+        let names: Vec<String> = table.iter().map(|(n, _)| format!("{n:?}")).collect();
+        self.problem(key, format!("{text:?} is not one of {}", names.join(", ")));
+        default
+    }
+
+    fn socket_addr(&mut self, key: &str, raw: Option<String>, default: &str) -> SocketAddr {
+        let text = raw.unwrap_or_else(|| default.to_string());
+        match text.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                self.problem(
+                    key,
+                    format!("{text:?} is not an IP:port address (e.g. \"0.0.0.0:23779\")"),
+                );
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            }
+        }
+    }
+
+    fn host_port(&mut self, key: &str, raw: Option<String>) -> String {
+        let Some(text) = raw else {
+            self.problem(key, "required (host:port of the add-on)");
+            return String::new();
+        };
+        let ok = match text.rsplit_once(':') {
+            Some((host, port)) => {
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                !host.is_empty()
+                    && !host.contains(char::is_whitespace)
+                    && port.parse::<u16>().is_ok_and(|p| p != 0)
+            }
+            None => false,
+        };
+        if !ok {
+            self.problem(
+                key,
+                format!("{text:?} is not a host:port address with a port 1-65535"),
+            );
+        }
+        text
+    }
+
+    fn duration(&mut self, key: &str, raw: Option<RawDuration>, default: Duration) -> Duration {
+        let Some(raw) = raw else { return default };
+        let parsed = match raw {
+            RawDuration::Seconds(s) if s < 0.0 || s.is_nan() => Err("must not be negative".into()),
+            RawDuration::Seconds(s) if s > 1e9 => Err("is too large".into()),
+            RawDuration::Seconds(s) => Ok(Duration::from_secs_f64(s)),
+            RawDuration::Text(t) if t.trim_start().starts_with('-') => {
+                Err("must not be negative".into())
+            }
+            RawDuration::Text(t) => humantime::parse_duration(t.trim())
+                .map_err(|e| format!("{t:?} is not a duration like \"10s\" or \"250ms\": {e}")),
+        };
+        match parsed {
+            // A year is far beyond any sensible timeout, and keeps every `Instant + d` and
+            // backoff product far from overflow.
+            Ok(d) if d > MAX_DURATION => {
+                self.problem(key, "is too large (at most a year)");
+                default
+            }
+            Ok(d) => d,
+            Err(msg) => {
+                self.problem(key, msg);
+                default
+            }
+        }
+    }
+
+    fn positive_duration(
+        &mut self,
+        key: &str,
+        raw: Option<RawDuration>,
+        default: Duration,
+    ) -> Duration {
+        let before = self.problems.len();
+        let d = self.duration(key, raw, default);
+        if d.is_zero() && self.problems.len() == before {
+            self.problem(key, "must be greater than zero");
+        }
+        d
+    }
+
+    fn int_in(&mut self, key: &str, raw: Option<i64>, default: usize, lo: i64, hi: i64) -> usize {
+        let Some(v) = raw else { return default };
+        if v < lo || v > hi {
+            self.problem(key, format!("{v} is out of range {lo}..={hi}"));
+            return default;
+        }
+        usize::try_from(v).unwrap_or(default)
+    }
+
+    pub(super) fn config(&mut self, raw: RawConfig) -> Config {
+        let listen = Listen {
+            devices: self.socket_addr("listen.devices", raw.listen.devices, "0.0.0.0:23779"),
+            metrics: self.socket_addr("listen.metrics", raw.listen.metrics, "127.0.0.1:9400"),
+            max_connections: self.int_in(
+                "listen.max_connections",
+                raw.listen.max_connections,
+                20_000,
+                1,
+                1_000_000,
+            ),
+            handshake_timeout: self.positive_duration(
+                "listen.handshake_timeout",
+                raw.listen.handshake_timeout,
+                Duration::from_secs(10),
+            ),
+            tls_handshake_timeout: self.positive_duration(
+                "listen.tls_handshake_timeout",
+                raw.listen.tls_handshake_timeout,
+                Duration::from_secs(5),
+            ),
+            max_pending: self.int_in(
+                "listen.max_pending",
+                raw.listen.max_pending,
+                1024,
+                1,
+                1_000_000,
+            ),
+            max_pending_per_source: self.int_in(
+                "listen.max_pending_per_source",
+                raw.listen.max_pending_per_source,
+                64,
+                1,
+                1_000_000,
+            ),
+            tcp_keepalive: self.duration(
+                "listen.tcp_keepalive",
+                raw.listen.tcp_keepalive,
+                Duration::from_secs(60),
+            ),
+            http_header_timeout: self.positive_duration(
+                "listen.http_header_timeout",
+                raw.listen.http_header_timeout,
+                Duration::from_secs(10),
+            ),
+            http_max_connections: self.int_in(
+                "listen.http_max_connections",
+                raw.listen.http_max_connections,
+                64,
+                1,
+                100_000,
+            ),
+        };
+        if listen.max_pending_per_source > listen.max_pending {
+            self.problem(
+                "listen.max_pending_per_source",
+                format!(
+                    "{} is above listen.max_pending ({})",
+                    listen.max_pending_per_source, listen.max_pending
+                ),
+            );
+        }
+        let device_tls = self.device_tls(raw.device_tls);
+        let upstream_legacy = match raw.upstream.legacy {
+            Some(u) => self.upstream("upstream.legacy", u),
+            None => {
+                self.problem(
+                    "upstream.legacy",
+                    "required: [upstream.legacy] address = \"host:port\"",
+                );
+                self.upstream(
+                    "upstream.legacy",
+                    RawUpstream {
+                        address: Some("invalid:1".into()),
+                        ..RawUpstream::default()
+                    },
+                )
+            }
+        };
+        let protocol = Protocol {
+            max_frame_len: self.int_in(
+                "protocol.max_frame_len",
+                raw.protocol.max_frame_len,
+                DEFAULT_MAX_DATA_LEN,
+                1024,
+                65_535,
+            ),
+            command_deadline: self.positive_duration(
+                "protocol.command_deadline",
+                raw.protocol.command_deadline,
+                Duration::from_secs(5),
+            ),
+            reply_timeout: self.positive_duration(
+                "protocol.reply_timeout",
+                raw.protocol.reply_timeout,
+                Duration::from_secs(10),
+            ),
+            half_close_timeout: self.positive_duration(
+                "protocol.half_close_timeout",
+                raw.protocol.half_close_timeout,
+                Duration::from_secs(30),
+            ),
+        };
+        let protocol_deadline = protocol.command_deadline;
+        let protocol_frame_len = protocol.max_frame_len;
+        let shutdown = Shutdown {
+            drain_timeout: self.duration(
+                "shutdown.drain_timeout",
+                raw.shutdown.drain_timeout,
+                Duration::from_secs(30),
+            ),
+        };
+        let logging = self.logging(raw.logging);
+        Config {
+            listen,
+            device_tls,
+            upstream_legacy,
+            protocol,
+            shutdown,
+            logging,
+            metrics: MetricsConfig {
+                per_device: raw.metrics.per_device.unwrap_or(false),
+                per_device_max: self.int_in(
+                    "metrics.per_device_max",
+                    raw.metrics.per_device_max,
+                    256,
+                    1,
+                    100_000,
+                ),
+                per_device_idle: self.positive_duration(
+                    "metrics.per_device_idle",
+                    raw.metrics.per_device_idle,
+                    Duration::from_secs(3600),
+                ),
+            },
+            legacy: LegacyPath {
+                idle_timeout: self.positive_duration(
+                    "legacy.idle_timeout",
+                    raw.legacy.idle_timeout,
+                    Duration::from_secs(90),
+                ),
+            },
+            routing: self.routing(raw.routing),
+            dark_launch: self.dark_launch(raw.dark_launch, raw.upstream.shadow.is_some()),
+            upstream_shadow: raw
+                .upstream
+                .shadow
+                .map(|u| self.upstream("upstream.shadow", u)),
+            reload: Reload {
+                poll_interval: self.duration(
+                    "reload.poll_interval",
+                    raw.reload.poll_interval,
+                    Duration::from_secs(1),
+                ),
+            },
+            reliable: self.reliable(raw.reliable, &protocol_deadline, protocol_frame_len),
+        }
+    }
+
+    fn percent(&mut self, key: &str, raw: Option<f64>) -> f64 {
+        let p = raw.unwrap_or(0.0);
+        if !(0.0..=100.0).contains(&p) || p.is_nan() {
+            self.problem(key, format!("{p} is out of range 0..=100"));
+            0.0
+        } else if ((p * 100.0).round() - p * 100.0).abs() > 1e-6 {
+            self.problem(
+                key,
+                format!("{p} has more than two decimals (steps are 0.01 %)"),
+            );
+            0.0
+        } else {
+            p
+        }
+    }
+
+    fn device_ids(&mut self, key: &str, raw: Option<Vec<String>>) -> BTreeSet<DeviceId> {
+        let mut out = BTreeSet::new();
+        for text in raw.unwrap_or_default() {
+            match DeviceId::from_hex(text.trim()) {
+                Some(id) => {
+                    out.insert(id);
+                }
+                None => self.problem(
+                    key,
+                    format!("{text:?} is not a device id (8 hex digits, as in logs and metrics)"),
+                ),
+            }
+        }
+        out
+    }
+
+    fn routing(&mut self, raw: RawRouting) -> Routing {
+        let canary_percent = self.percent("routing.canary_percent", raw.canary_percent);
+        let force_new = self.device_ids("routing.force_new", raw.force_new);
+        let force_legacy = self.device_ids("routing.force_legacy", raw.force_legacy);
+        let rehome = self.choice(
+            "routing.rehome",
+            raw.rehome.as_deref(),
+            Rehome::Auto,
+            &[("auto", Rehome::Auto), ("never", Rehome::Never)],
+        );
+        let rehome_rate = match raw.rehome_rate {
+            None => 5.0,
+            Some(r) if r > 0.0 && r <= 10_000.0 => r,
+            Some(r) => {
+                self.problem(
+                    "routing.rehome_rate",
+                    format!("{r} is out of range (0, 10000] connections per second"),
+                );
+                5.0
+            }
+        };
+        Routing {
+            canary_percent,
+            force_new,
+            force_legacy,
+            rehome,
+            rehome_rate,
+            drain_grace: self.duration(
+                "routing.drain_grace",
+                raw.drain_grace,
+                Duration::from_secs(5),
+            ),
+        }
+    }
+
+    fn dark_launch(&mut self, raw: RawDarkLaunch, shadow: bool) -> DarkLaunch {
+        let mode = self.choice(
+            "dark_launch.mode",
+            raw.mode.as_deref(),
+            DarkMode::Off,
+            &[
+                ("off", DarkMode::Off),
+                ("observe", DarkMode::Observe),
+                ("mirror", DarkMode::Mirror),
+            ],
+        );
+        if mode == DarkMode::Mirror && !shadow {
+            self.problem(
+                "upstream.shadow",
+                "required when dark_launch.mode = \"mirror\": [upstream.shadow] address = \"host:port\"",
+            );
+        }
+        DarkLaunch {
+            mode,
+            percent: self.percent("dark_launch.percent", raw.percent),
+            compare_window: self.positive_duration(
+                "dark_launch.compare_window",
+                raw.compare_window,
+                Duration::from_secs(2),
+            ),
+            mirror_queue_bytes: self.int_in(
+                "dark_launch.mirror_queue_bytes",
+                raw.mirror_queue_bytes,
+                64 * 1024,
+                4096,
+                64 * 1024 * 1024,
+            ),
+        }
+    }
+
+    fn reliable(
+        &mut self,
+        raw: RawReliable,
+        command_deadline: &Duration,
+        max_frame_len: usize,
+    ) -> Reliable {
+        let retry_until = self.choice(
+            "reliable.retry_until",
+            raw.retry_until.as_deref(),
+            RetryUntil::Reply,
+            &[("reply", RetryUntil::Reply), ("ack", RetryUntil::Ack)],
+        );
+        let backoff_multiplier = match raw.backoff_multiplier {
+            None => 2.0,
+            Some(m) if (1.0..=10.0).contains(&m) => m,
+            Some(m) => {
+                self.problem(
+                    "reliable.backoff_multiplier",
+                    format!("{m} is out of range 1..=10"),
+                );
+                2.0
+            }
+        };
+        let r = Reliable {
+            ack_timeout: self.positive_duration(
+                "reliable.ack_timeout",
+                raw.ack_timeout,
+                Duration::from_millis(400),
+            ),
+            max_attempts: self.int_in("reliable.max_attempts", raw.max_attempts, 4, 1, 10) as u32,
+            backoff_multiplier,
+            jitter: self.duration("reliable.jitter", raw.jitter, Duration::from_millis(100)),
+            retry_until,
+            dedup_capacity: self.int_in(
+                "reliable.dedup_capacity",
+                raw.dedup_capacity,
+                1000,
+                1,
+                1_000_000,
+            ),
+            dedup_ttl: self.positive_duration(
+                "reliable.dedup_ttl",
+                raw.dedup_ttl,
+                Duration::from_secs(300),
+            ),
+            device_queue_bytes: self.int_in(
+                "reliable.device_queue_bytes",
+                raw.device_queue_bytes,
+                64 * 1024,
+                // One device read (16 KiB) must always fit.
+                16 * 1024,
+                64 * 1024 * 1024,
+            ),
+            upstream_queue_bytes: self.int_in(
+                "reliable.upstream_queue_bytes",
+                raw.upstream_queue_bytes,
+                64 * 1024,
+                4096,
+                64 * 1024 * 1024,
+            ),
+            backpressure_timeout: self.duration(
+                "reliable.backpressure_timeout",
+                raw.backpressure_timeout,
+                Duration::from_secs(2),
+            ),
+            stuck_timeout: self.positive_duration(
+                "reliable.stuck_timeout",
+                raw.stuck_timeout,
+                Duration::from_secs(30),
+            ),
+            resume_attempts: self.int_in(
+                "reliable.resume_attempts",
+                raw.resume_attempts,
+                20,
+                0,
+                100,
+            ) as u32,
+            resume_window: self.positive_duration(
+                "reliable.resume_window",
+                raw.resume_window,
+                Duration::from_secs(30),
+            ),
+            resume_hello_timeout: self.positive_duration(
+                "reliable.resume_hello_timeout",
+                raw.resume_hello_timeout,
+                Duration::from_secs(5),
+            ),
+            resume_stable_after: self.duration(
+                "reliable.resume_stable_after",
+                raw.resume_stable_after,
+                Duration::from_secs(10),
+            ),
+            retry_budget_ratio: match raw.retry_budget_ratio {
+                None => 0.1,
+                Some(r) if (0.0..=1.0).contains(&r) => r,
+                Some(r) => {
+                    self.problem(
+                        "reliable.retry_budget_ratio",
+                        format!("{r} is out of range 0..=1 (retries per command)"),
+                    );
+                    0.1
+                }
+            },
+            retry_budget_min: self.int_in(
+                "reliable.retry_budget_min",
+                raw.retry_budget_min,
+                10,
+                0,
+                1_000_000,
+            ) as u32,
+            retry_budget_window: self.positive_duration(
+                "reliable.retry_budget_window",
+                raw.retry_budget_window,
+                Duration::from_secs(10),
+            ),
+            idle_timeout: self.positive_duration(
+                "reliable.idle_timeout",
+                raw.idle_timeout,
+                Duration::from_secs(90),
+            ),
+        };
+        let frame_max = max_frame_len + 5;
+        if r.upstream_queue_bytes < 2 * frame_max {
+            self.problem(
+                "reliable.upstream_queue_bytes",
+                format!("{} is below two of the largest frames protocol.max_frame_len allows ({} bytes)", r.upstream_queue_bytes, 2 * frame_max),
+            );
+        }
+        // The whole retry budget must end inside the add-on's own wait, with one ack_timeout
+        // left for the last attempt's reply; otherwise retries would only add load.
+        let last = r.last_attempt_at();
+        if last + r.ack_timeout > *command_deadline {
+            self.problem(
+                "reliable.max_attempts",
+                format!(
+                    "the last attempt can go out {:.2} s after the first; with ack_timeout {:.2} s that ends after protocol.command_deadline ({:.2} s); lower max_attempts, ack_timeout, backoff_multiplier or jitter",
+                    last.as_secs_f64(),
+                    r.ack_timeout.as_secs_f64(),
+                    command_deadline.as_secs_f64()
+                ),
+            );
+        }
+        r
+    }
+
+    fn device_tls(&mut self, raw: RawDeviceTls) -> DeviceTls {
+        let mode = self.choice(
+            "device_tls.mode",
+            raw.mode.as_deref(),
+            DeviceTlsMode::Tls,
+            &[("tls", DeviceTlsMode::Tls), ("plain", DeviceTlsMode::Plain)],
+        );
+        if raw.cert_file.is_some() != raw.key_file.is_some() {
+            self.problem(
+                "device_tls.cert_file",
+                "cert_file and key_file must be given together (or both left out to generate a self-signed certificate)",
+            );
+        }
+        let ciphers = raw
+            .ciphers
+            .unwrap_or_else(|| DEFAULT_DEVICE_CIPHERS.to_string());
+        if ciphers.trim().is_empty() {
+            self.problem("device_tls.ciphers", "must not be empty");
+        }
+        let min_version =
+            self.tls_version("device_tls.min_version", raw.min_version, TlsVersion::Tls12);
+        let max_version =
+            self.tls_version("device_tls.max_version", raw.max_version, TlsVersion::Tls13);
+        if max_version < min_version {
+            self.problem("device_tls.max_version", "is below device_tls.min_version");
+        }
+        DeviceTls {
+            mode,
+            cert_file: raw.cert_file,
+            key_file: raw.key_file,
+            ciphers,
+            min_version,
+            max_version,
+        }
+    }
+
+    fn tls_version(&mut self, key: &str, raw: Option<String>, default: TlsVersion) -> TlsVersion {
+        self.choice(
+            key,
+            raw.as_deref(),
+            default,
+            &[
+                ("tls1.0", TlsVersion::Tls10),
+                ("tls1.1", TlsVersion::Tls11),
+                ("tls1.2", TlsVersion::Tls12),
+                ("tls1.3", TlsVersion::Tls13),
+            ],
+        )
+    }
+
+    fn upstream(&mut self, prefix: &str, raw: RawUpstream) -> Upstream {
+        let address = self.host_port(&format!("{prefix}.address"), raw.address);
+        #[derive(Clone, Copy)]
+        enum Verify {
+            None,
+            Ca,
+            Fingerprint,
+        }
+        let kind = self.choice(
+            &format!("{prefix}.verify"),
+            raw.verify.as_deref(),
+            Verify::None,
+            &[
+                ("none", Verify::None),
+                ("ca", Verify::Ca),
+                ("fingerprint", Verify::Fingerprint),
+            ],
+        );
+        let verify = match kind {
+            Verify::None => UpstreamVerify::None,
+            Verify::Ca => match raw.ca_file.clone() {
+                Some(p) => UpstreamVerify::Ca(p),
+                None => {
+                    self.problem(
+                        &format!("{prefix}.ca_file"),
+                        "required when verify = \"ca\"",
+                    );
+                    UpstreamVerify::None
+                }
+            },
+            Verify::Fingerprint => match raw.fingerprint_sha256.as_deref().map(parse_fingerprint) {
+                Some(Ok(fp)) => UpstreamVerify::Fingerprint(fp),
+                Some(Err(msg)) => {
+                    self.problem(&format!("{prefix}.fingerprint_sha256"), msg);
+                    UpstreamVerify::None
+                }
+                None => {
+                    self.problem(
+                        &format!("{prefix}.fingerprint_sha256"),
+                        "required when verify = \"fingerprint\"",
+                    );
+                    UpstreamVerify::None
+                }
+            },
+        };
+        Upstream {
+            address,
+            tls: raw.tls.unwrap_or(true),
+            verify,
+            connect_timeout: self.positive_duration(
+                &format!("{prefix}.connect_timeout"),
+                raw.connect_timeout,
+                Duration::from_secs(3),
+            ),
+            tcp_keepalive: self.duration(
+                &format!("{prefix}.tcp_keepalive"),
+                raw.tcp_keepalive,
+                Duration::from_secs(60),
+            ),
+        }
+    }
+
+    fn logging(&mut self, raw: RawLogging) -> Logging {
+        let format = self.choice(
+            "logging.format",
+            raw.format.as_deref(),
+            LogFormat::Auto,
+            &[
+                ("auto", LogFormat::Auto),
+                ("json", LogFormat::Json),
+                ("text", LogFormat::Text),
+            ],
+        );
+        let level = raw.level.unwrap_or_else(|| "info".into());
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            self.problem(
+                "logging.level",
+                format!("{level:?} is not a level or filter directive"),
+            );
+        }
+        let file_rotation = self.choice(
+            "logging.file_rotation",
+            raw.file_rotation.as_deref(),
+            Rotation::Daily,
+            &[
+                ("hourly", Rotation::Hourly),
+                ("daily", Rotation::Daily),
+                ("never", Rotation::Never),
+            ],
+        );
+        Logging {
+            format,
+            level,
+            file_dir: raw.file_dir,
+            file_prefix: raw.file_prefix.unwrap_or_else(|| "cync-gateway.log".into()),
+            file_rotation,
+        }
+    }
+}
+
+fn parse_fingerprint(text: &str) -> Result<[u8; 32], String> {
+    let cleaned: String = text.chars().filter(|c| *c != ':').collect();
+    let bytes = hex::decode(&cleaned)
+        .map_err(|_| format!("{text:?} is not hex (64 digits, colons allowed)"))?;
+    bytes
+        .try_into()
+        .map_err(|_| format!("{text:?} is not 32 bytes (a SHA-256 fingerprint)"))
+}

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Mutation testing of the pure cores: does each plausible bug (a changed operator, a function
 # that returns a constant, a deleted statement) make a test fail? Not part of the README's test
-# command (it rebuilds the crate once per mutant, about an hour on a 2-core machine); run it
+# command (it rebuilds the crate once per mutant, about two hours on a 2-core machine); run it
 # before calling a change to these files done, and compare with docs/testing.md.
 #
 #   bash scripts/mutants.sh                   every core file
-#   bash scripts/mutants.sh src/router.rs     one file (or several)
+#   bash scripts/mutants.sh src/control/router.rs     one file (or several)
 #
 # Installs cargo-mutants when missing. Results: mutants.out/ (caught.txt, missed.txt, ...),
 # and a caught / missed / unviable summary per file printed at the end.
@@ -24,11 +24,11 @@ export CYNC_CAPTURES
 files=("$@")
 if [ ${#files[@]} -eq 0 ]; then
   files=(
-    src/router.rs
+    src/control/router.rs
     src/protocol/codec.rs src/protocol/packet.rs src/protocol/tap.rs
-    src/transactions.rs
-    src/reliable/retry.rs src/reliable/rto.rs src/reliable/budget.rs
-    src/reliable/dedup.rs src/reliable/queue.rs
+    src/conn/transactions.rs
+    src/conn/reliable/retry.rs src/conn/reliable/rto.rs src/conn/reliable/budget.rs
+    src/conn/reliable/dedup.rs src/conn/reliable/queue.rs
   )
 fi
 args=()

@@ -27,22 +27,25 @@ async fn commands(a: &Arc<Addon>, n: u64, seed: u64) -> HarnessReport {
     a.report()
 }
 
+/// Every legacy device mirrored to `shadow` (plain TCP).
+fn mirror_to(legacy: std::net::SocketAddr, shadow: std::net::SocketAddr) -> TestGateway {
+    TestGateway::new(legacy)
+        .set("dark_launch.mode", "mirror")
+        .set("dark_launch.percent", 100)
+        .set("upstream.shadow.address", shadow.to_string())
+        .set("upstream.shadow.tls", false)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_counts_the_shadows_differences_and_a_dead_shadow_changes_nothing() {
     let legacy = start_addon(fast_addon()).await;
     let shadow = start_addon(fast_addon()).await;
     // The shadow add-on answers everything but status reports.
     shadow.set_mode(Mode::NoStatusAck);
-    let gw = start_gateway(&config_text(
-        legacy.addr(),
-        &format!(
-            "[device_tls]\nmode = \"plain\"\n\
-             [dark_launch]\nmode = \"mirror\"\npercent = 100\ncompare_window = \"1s\"\n\
-             [upstream.shadow]\naddress = \"{}\"\ntls = false\n",
-            shadow.addr()
-        ),
-    ))
-    .await;
+    let gw = mirror_to(legacy.addr(), shadow.addr())
+        .set("dark_launch.compare_window", "1s")
+        .start()
+        .await;
     let stop = CancellationToken::new();
     let stats: Vec<Arc<DeviceStats>> = (0..10)
         .map(|i| {
@@ -192,15 +195,10 @@ async fn every_read_the_mirror_drops_is_counted_and_mirroring_resumes_on_a_frame
     let shadow_addr = shadow_l.local_addr().expect("addr");
     let go = Arc::new(tokio::sync::Notify::new());
     let shadow_got = stalled_shadow(shadow_l, go.clone()).await;
-    let gw = start_gateway(&config_text(
-        up.local_addr().expect("addr"),
-        &format!(
-            "[device_tls]\nmode = \"plain\"\n\
-             [dark_launch]\nmode = \"mirror\"\npercent = 100\nmirror_queue_bytes = 4096\n\
-             [upstream.shadow]\naddress = \"{shadow_addr}\"\ntls = false\n"
-        ),
-    ))
-    .await;
+    let gw = mirror_to(up.local_addr().expect("addr"), shadow_addr)
+        .set("dark_launch.mirror_queue_bytes", 4096)
+        .start()
+        .await;
     let hello = vector("handshake_0x23");
     let (mut dev, mut upc) = scripted_pair(gw.device_addr, &up, &hello).await;
     // 3,000 device reads of a 1,024-byte 0xab each: far more than the stalled shadow's socket
@@ -255,16 +253,10 @@ async fn the_legacy_upstreams_0x78_notices_are_compared_too() {
     let up = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let gw = start_gateway(&config_text(
-        up.local_addr().expect("addr"),
-        &format!(
-            "[device_tls]\nmode = \"plain\"\n\
-             [dark_launch]\nmode = \"mirror\"\npercent = 100\ncompare_window = \"500ms\"\n\
-             [upstream.shadow]\naddress = \"{}\"\ntls = false\n",
-            shadow.addr()
-        ),
-    ))
-    .await;
+    let gw = mirror_to(up.local_addr().expect("addr"), shadow.addr())
+        .set("dark_launch.compare_window", "500ms")
+        .start()
+        .await;
     let hello = vector("handshake_0x23");
     let (mut dev, mut upc) = scripted_pair(gw.device_addr, &up, &hello).await;
     // The real cloud answers a device 0x7b with a 0x78 notice; the add-on never does.

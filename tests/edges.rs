@@ -26,17 +26,18 @@ fn closes(m: &str, path: &str, reason: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_resumption_runs_out_the_device_is_closed_with_its_reason() {
     let hello = vector("handshake_0x23");
-    for (extra, why) in [
-        ("resume_window = \"1s\"\n", "redials refused for a second"),
-        ("resume_attempts = 0\n", "resumption off"),
-    ] {
+    let cases: [(Configure, &str); 2] = [
+        (
+            |c| c.set("reliable.resume_window", "1s"),
+            "redials refused for a second",
+        ),
+        (|c| c.set("reliable.resume_attempts", 0), "resumption off"),
+    ];
+    for (configure, why) in cases {
         let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let gw = gateway_on(
-            up.local_addr().expect("addr"),
-            "new",
-            &format!("[reliable]\n{extra}"),
-        )
-        .await;
+        let gw = configure(TestGateway::new(up.local_addr().expect("addr")).path("new"))
+            .start()
+            .await;
         let (mut d, u) = scripted_pair(gw.device_addr, &up, &hello).await;
         // The add-on goes away for good.
         drop(u);
@@ -67,7 +68,10 @@ async fn when_resumption_runs_out_the_device_is_closed_with_its_reason() {
 async fn a_drain_on_the_new_path_waits_for_the_command_in_flight_not_for_the_deadline() {
     let hello = vector("handshake_0x23");
     let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let gw = gateway_on(up.local_addr().expect("addr"), "new", "").await;
+    let gw = TestGateway::new(up.local_addr().expect("addr"))
+        .path("new")
+        .start()
+        .await;
     let (mut d, mut u) = scripted_pair(gw.device_addr, &up, &hello).await;
     let cmd = vector("legacy_power_on_0x73");
     u.write_all(&cmd).await.expect("command");
@@ -97,7 +101,10 @@ async fn a_drain_on_the_new_path_waits_for_the_command_in_flight_not_for_the_dea
 async fn bulk_random_bytes_pass_byte_exact_both_ways_in_reads_that_fill_the_buffer() {
     let hello = vector("handshake_0x23");
     let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let gw = gateway_on(up.local_addr().expect("addr"), "legacy", "").await;
+    let gw = TestGateway::new(up.local_addr().expect("addr"))
+        .path("legacy")
+        .start()
+        .await;
     let (d, u) = scripted_pair(gw.device_addr, &up, &hello).await;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
     // 256 KiB each way in 64 KiB writes (every gateway read fills its 16 KiB buffer), with a
@@ -150,7 +157,10 @@ async fn bulk_random_bytes_pass_byte_exact_both_ways_in_reads_that_fill_the_buff
 async fn an_upstream_reset_reaches_the_device_as_a_reset() {
     let hello = vector("handshake_0x23");
     let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let gw = gateway_on(up.local_addr().expect("addr"), "legacy", "").await;
+    let gw = TestGateway::new(up.local_addr().expect("addr"))
+        .path("legacy")
+        .start()
+        .await;
     let (mut d, u) = scripted_pair(gw.device_addr, &up, &hello).await;
     socket2::SockRef::from(&u)
         .set_linger(Some(Duration::ZERO))
@@ -178,12 +188,11 @@ async fn a_half_closed_pair_is_closed_at_the_half_close_timeout_on_both_paths() 
     let hello = vector("handshake_0x23");
     for path in ["legacy", "new"] {
         let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let gw = gateway_on(
-            up.local_addr().expect("addr"),
-            path,
-            "[protocol]\nhalf_close_timeout = \"1s\"\n",
-        )
-        .await;
+        let gw = TestGateway::new(up.local_addr().expect("addr"))
+            .path(path)
+            .set("protocol.half_close_timeout", "1s")
+            .start()
+            .await;
         let (mut d, mut u) = scripted_pair(gw.device_addr, &up, &hello).await;
         d.shutdown().await.expect("device FIN");
         assert!(
@@ -221,10 +230,10 @@ async fn an_upstream_tls_failure_closes_the_device_and_is_counted() {
             });
         }
     });
-    let gw = start_gateway(
-        &config_text(addr, "[device_tls]\nmode = \"plain\"\n").replace("tls = false", "tls = true"),
-    )
-    .await;
+    let gw = TestGateway::new(addr)
+        .set("upstream.legacy.tls", true)
+        .start()
+        .await;
     let mut d = TcpStream::connect(gw.device_addr).await.expect("connect");
     d.write_all(&vector("handshake_0x23")).await.expect("hello");
     assert!(read_to_eof(&mut d).await.is_empty());
@@ -246,15 +255,12 @@ async fn a_configured_device_certificate_is_the_one_devices_get() {
     std::fs::write(&cert_path, cert.cert.to_pem().expect("pem")).expect("write");
     std::fs::write(&key_path, cert.key.private_key_to_pem_pkcs8().expect("pem")).expect("write");
     let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let gw = start_gateway(&config_text(
-        up.local_addr().expect("addr"),
-        &format!(
-            "[device_tls]\nmode = \"tls\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-            cert_path.display(),
-            key_path.display()
-        ),
-    ))
-    .await;
+    let gw = TestGateway::new(up.local_addr().expect("addr"))
+        .set("device_tls.mode", "tls")
+        .set("device_tls.cert_file", cert_path.display().to_string())
+        .set("device_tls.key_file", key_path.display().to_string())
+        .start()
+        .await;
     assert!(gw.generated_cert.is_none(), "nothing generated");
     let mut b = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls_client())
         .expect("builder");
@@ -295,10 +301,10 @@ async fn a_reload_of_reliable_and_protocol_reaches_new_connections_only() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("gw.toml");
     let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let base = config_text(
-        up.local_addr().expect("addr"),
-        "[device_tls]\nmode = \"plain\"\n[routing]\ncanary_percent = 100\n[reload]\npoll_interval = 0\n",
-    );
+    let base = TestGateway::new(up.local_addr().expect("addr"))
+        .path("new")
+        .set("reload.poll_interval", 0)
+        .text();
     std::fs::write(&path, &base).expect("write");
     let gw = start_watching(&path).await;
     let hello = vector("handshake_0x23");
@@ -337,12 +343,11 @@ async fn a_reload_of_reliable_and_protocol_reaches_new_connections_only() {
 async fn retry_until_ack_stops_copying_on_the_0x7b_end_to_end() {
     let hello = vector("handshake_0x23");
     let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let gw = gateway_on(
-        up.local_addr().expect("addr"),
-        "new",
-        "[reliable]\nretry_until = \"ack\"\n",
-    )
-    .await;
+    let gw = TestGateway::new(up.local_addr().expect("addr"))
+        .path("new")
+        .set("reliable.retry_until", "ack")
+        .start()
+        .await;
     let (mut d, mut u) = scripted_pair(gw.device_addr, &up, &hello).await;
     let cmd = vector("legacy_power_on_0x73");
     u.write_all(&cmd).await.expect("command");

@@ -59,11 +59,13 @@ async fn real_device(gw: SocketAddr) -> TcpStream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_are_closed_without_an_addon_connection_and_free_their_slots() {
     let (up, accepted) = counting_upstream().await;
-    let gw = start_gateway(&config_text(
-        up,
-        "max_connections = 100\nmax_pending = 1000\nmax_pending_per_source = 1000\nhandshake_timeout = \"300ms\"\n[device_tls]\nmode = \"plain\"\n",
-    ))
-    .await;
+    let gw = TestGateway::new(up)
+        .set("listen.max_connections", 100)
+        .set("listen.max_pending", 1000)
+        .set("listen.max_pending_per_source", 1000)
+        .set("listen.handshake_timeout", "300ms")
+        .start()
+        .await;
     let t0 = Instant::now();
     let mut silent = Vec::new();
     for _ in 0..200 {
@@ -89,11 +91,10 @@ async fn silent_connections_are_closed_without_an_addon_connection_and_free_thei
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_legacy_device_that_goes_quiet_is_closed_after_the_idle_timeout() {
     let (up, _) = counting_upstream().await;
-    let gw = start_gateway(&config_text(
-        up,
-        "[device_tls]\nmode = \"plain\"\n[legacy]\nidle_timeout = \"1s\"\n",
-    ))
-    .await;
+    let gw = TestGateway::new(up)
+        .set("legacy.idle_timeout", "1s")
+        .start()
+        .await;
     let mut d = real_device(gw.device_addr).await;
     let t0 = Instant::now();
     assert!(read_to_eof(&mut d).await.is_empty());
@@ -121,11 +122,12 @@ async fn connect_from(ip: [u8; 4], to: SocketAddr) -> TcpStream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_handshakes_fill_only_the_pre_hello_budget_and_one_source_only_its_share() {
     let (up, _) = counting_upstream().await;
-    let gw = start_gateway(&config_text(
-        up,
-        "max_connections = 5\nmax_pending = 20\nmax_pending_per_source = 10\n[device_tls]\nmode = \"plain\"\n",
-    ))
-    .await;
+    let gw = TestGateway::new(up)
+        .set("listen.max_connections", 5)
+        .set("listen.max_pending", 20)
+        .set("listen.max_pending_per_source", 10)
+        .start()
+        .await;
     // One address opens 15 connections and sends half a hello on each: 10 are held, 5 refused.
     let hello = vector("handshake_0x23");
     let mut held = Vec::new();
@@ -178,11 +180,12 @@ async fn stalled_handshakes_fill_only_the_pre_hello_budget_and_one_source_only_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_tls_handshake_is_dropped_at_the_tls_timeout_not_the_hello_timeout() {
     let (up, _) = counting_upstream().await;
-    let gw = start_gateway(&config_text(
-        up,
-        "handshake_timeout = \"10s\"\ntls_handshake_timeout = \"300ms\"\n",
-    ))
-    .await;
+    let gw = TestGateway::new(up)
+        .set("device_tls.mode", "tls")
+        .set("listen.handshake_timeout", "10s")
+        .set("listen.tls_handshake_timeout", "300ms")
+        .start()
+        .await;
     let t0 = Instant::now();
     let mut s = TcpStream::connect(gw.device_addr).await.expect("connect");
     // Half a ClientHello record header, then nothing.
@@ -198,11 +201,11 @@ async fn a_stalled_tls_handshake_is_dropped_at_the_tls_timeout_not_the_hello_tim
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_http_requests_cannot_hold_the_endpoint() {
     let (up, _) = counting_upstream().await;
-    let gw = start_gateway(&config_text(
-        up,
-        "http_max_connections = 4\nhttp_header_timeout = \"500ms\"\n[device_tls]\nmode = \"plain\"\n",
-    ))
-    .await;
+    let gw = TestGateway::new(up)
+        .set("listen.http_max_connections", 4)
+        .set("listen.http_header_timeout", "500ms")
+        .start()
+        .await;
     let t0 = Instant::now();
     let mut slow = Vec::new();
     for _ in 0..4 {
@@ -239,12 +242,13 @@ async fn half_sent_http_requests_cannot_hold_the_endpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_path_device_that_never_reads_is_closed_once_stuck() {
     let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let gw = gateway_on(
-        up.local_addr().expect("addr"),
-        "new",
-        "[reliable]\nupstream_queue_bytes = 16384\nbackpressure_timeout = \"200ms\"\nstuck_timeout = \"1s\"\n",
-    )
-    .await;
+    let gw = TestGateway::new(up.local_addr().expect("addr"))
+        .path("new")
+        .set("reliable.upstream_queue_bytes", 16384)
+        .set("reliable.backpressure_timeout", "200ms")
+        .set("reliable.stuck_timeout", "1s")
+        .start()
+        .await;
     let hello = vector("handshake_0x23");
     let (dev, mut upc) = scripted_pair(gw.device_addr, &up, &hello).await;
     // The device reads nothing more; the add-on floods it.
@@ -272,12 +276,12 @@ async fn a_new_path_device_that_never_reads_is_closed_once_stuck() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn made_up_device_ids_cannot_grow_the_per_device_series_without_bound() {
     let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let gw = gateway_on(
-        up.local_addr().expect("addr"),
-        "legacy",
-        "[metrics]\nper_device = true\nper_device_max = 20\n",
-    )
-    .await;
+    let gw = TestGateway::new(up.local_addr().expect("addr"))
+        .path("legacy")
+        .set("metrics.per_device", true)
+        .set("metrics.per_device_max", 20)
+        .start()
+        .await;
     for i in 0..50u32 {
         let id = DeviceId((0x5000_0000 + i).to_be_bytes());
         let hello = build::hello(id, b"0123456789abcdef");

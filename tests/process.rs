@@ -118,7 +118,7 @@ impl Daemon {
 fn daemon_config(upstream: SocketAddr, drain: &str, extra: &str) -> String {
     format!(
         "{}[shutdown]\ndrain_timeout = \"{drain}\"\n[logging]\nformat = \"json\"\n{extra}",
-        config_text(upstream, "[device_tls]\nmode = \"plain\"\n")
+        TestGateway::new(upstream).text()
     )
 }
 
@@ -542,10 +542,9 @@ fn a_low_open_file_limit_is_refused_with_strict_and_warned_about_without() {
         &path,
         format!(
             "{}[logging]\nformat = \"json\"\n",
-            config_text(
-                "127.0.0.1:1".parse().expect("addr"),
-                "max_connections = 20000\n[device_tls]\nmode = \"plain\"\n"
-            )
+            TestGateway::new("127.0.0.1:1".parse().expect("addr"))
+                .set("listen.max_connections", 20000)
+                .text()
         ),
     )
     .expect("write");

@@ -20,13 +20,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// A plain-TCP gateway in front of `upstream` with every device on `path`.
-async fn gateway(upstream: SocketAddr, path: &str, extra: &str) -> Gateway {
-    let percent = if path == "new" { 100 } else { 0 };
-    start_gateway(&config_text(
-        upstream,
-        &format!("[device_tls]\nmode = \"plain\"\n[routing]\ncanary_percent = {percent}\n{extra}"),
-    ))
-    .await
+async fn gateway(upstream: SocketAddr, path: &str) -> Gateway {
+    TestGateway::new(upstream).path(path).start().await
 }
 
 fn get(c: &AtomicU64) -> u64 {
@@ -101,7 +96,7 @@ async fn metrics(gw: &Gateway) -> String {
 /// device → chaos (drop 3 % of 0x73 and 0x7b each way) → gateway on `path` → add-on.
 async fn lossy_run(path: &'static str, commands: u64) -> (HarnessReport, String, u64) {
     let a = start_addon(fast_addon()).await;
-    let gw = gateway(a.addr(), path, "").await;
+    let gw = gateway(a.addr(), path).await;
     let plan = Plan::parse(
         "seed = 3\n\
          [[rules]]\ndirection = \"dev_to_srv\"\nfault = \"drop\"\ntypes = [\"0x73\", \"0x7b\"]\nprobability = 0.03\n\
@@ -186,7 +181,7 @@ async fn three_percent_loss_hurts_legacy_and_the_new_path_still_succeeds() {
 /// executed (mesh acks aside), and the metrics.
 async fn delayed_run(path: &'static str, commands: u64) -> (HarnessReport, u64, String) {
     let a = start_addon(fast_addon()).await;
-    let gw = gateway(a.addr(), path, "").await;
+    let gw = gateway(a.addr(), path).await;
     let plan = Plan::parse(
         "seed = 17\n\
          [[rules]]\ndirection = \"dev_to_srv\"\nfault = \"delay\"\ntypes = [\"0x73\"]\nclass = \"f9\"\nprobability = 0.1\ndelay_ms = 700\n",
@@ -263,7 +258,7 @@ async fn delayed_replies_do_not_make_the_new_path_retry_itself_into_failure() {
 /// device → chaos (duplicate 10 % of device frames) → gateway on `path` → add-on.
 async fn duplicating_run(path: &'static str) -> (HarnessReport, u64, u64, String) {
     let a = start_addon(fast_addon()).await;
-    let gw = gateway(a.addr(), path, "").await;
+    let gw = gateway(a.addr(), path).await;
     let chaos = Chaos::start(
         TcpListener::bind("127.0.0.1:0").await.expect("bind"),
         gw.device_addr,
@@ -322,8 +317,8 @@ async fn addon_restart_keeps_new_path_devices_connected_and_reconnects_legacy_on
     // Real add-on timing: 0xa3 at +0.5 s, receive loop blocked until the mesh query at +2 s.
     let a_new = start_addon(AddonConfig::default()).await;
     let a_legacy = start_addon(AddonConfig::default()).await;
-    let gw_new = gateway(a_new.addr(), "new", "").await;
-    let gw_legacy = gateway(a_legacy.addr(), "legacy", "").await;
+    let gw_new = gateway(a_new.addr(), "new").await;
+    let gw_legacy = gateway(a_legacy.addr(), "legacy").await;
     let new_fleet = Fleet::start(gw_new.device_addr, 50, 31);
     let legacy_fleet = Fleet::start(gw_legacy.device_addr, 50, 32);
     wait_ready(&a_new, 50).await;
@@ -383,7 +378,10 @@ async fn addon_restart_keeps_new_path_devices_connected_and_reconnects_legacy_on
     assert_eq!(
         new_fleet.sum(|s| &s.disconnects),
         0,
-        "zero device disconnects"
+        "zero device disconnects; resumptions by outcome: {:?}",
+        m.lines()
+            .filter(|l| l.starts_with("tcp_comm_resumptions_total{"))
+            .collect::<Vec<_>>()
     );
     assert_eq!(new_fleet.sum(|s| &s.connects), new_connects);
     assert_eq!(
@@ -473,12 +471,11 @@ async fn a_device_that_stops_reading_is_bounded_and_does_not_slow_the_others() {
         written.clone(),
         stop.clone(),
     ));
-    let gw = gateway(
-        upstream,
-        "new",
-        "[reliable]\nbackpressure_timeout = \"500ms\"\n",
-    )
-    .await;
+    let gw = TestGateway::new(upstream)
+        .path("new")
+        .set("reliable.backpressure_timeout", "500ms")
+        .start()
+        .await;
     let fleet = Fleet::start(gw.device_addr, 10, 41);
     wait_ready(&a, 10).await;
     let before = drive(&a, 300, 150.0, 1).await;
@@ -592,7 +589,7 @@ async fn copies_of(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unanswered_commands_are_copied_on_schedule_only_with_evidence_then_time_out() {
     let up_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let gw = gateway(up_listener.local_addr().expect("addr"), "new", "").await;
+    let gw = gateway(up_listener.local_addr().expect("addr"), "new").await;
     let (id, auth) = device::identity(5, 5);
     let hello = build::hello(id, &auth);
     let (mut dev, mut up) = scripted_pair(gw.device_addr, &up_listener, &hello).await;

@@ -49,8 +49,8 @@ fn fleet(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_four_second_addon_outage_is_covered_and_the_addon_relearns_every_device() {
     let a = start_addon(fast_addon()).await;
-    let new = gateway_on(a.addr(), "new", "").await;
-    let legacy = gateway_on(a.addr(), "legacy", "").await;
+    let new = TestGateway::new(a.addr()).path("new").start().await;
+    let legacy = TestGateway::new(a.addr()).path("legacy").start().await;
     let stop = CancellationToken::new();
     let on_new = fleet(new.device_addr, 10, 41, &stop);
     let on_legacy = fleet(legacy.device_addr, 10, 42, &stop);
@@ -126,7 +126,10 @@ async fn the_replayed_preamble_is_what_the_device_sent_and_its_answers_are_swall
     let dev = DeviceId([0x38, 0xe8, 0xcf, 0x46]);
     let hello = vector("handshake_0x23");
     let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let gw = gateway_on(up.local_addr().expect("addr"), "new", "").await;
+    let gw = TestGateway::new(up.local_addr().expect("addr"))
+        .path("new")
+        .start()
+        .await;
     let (mut d, mut u) = scripted_pair(gw.device_addr, &up, &hello).await;
     let fw_net = build::firmware_report(dev, MsgId([0, 6, 0]), false, "0");
     let fw_dev = build::firmware_report(dev, MsgId([0, 7, 0]), true, "11158");
@@ -192,12 +195,11 @@ async fn the_replayed_preamble_is_what_the_device_sent_and_its_answers_are_swall
 async fn a_redialled_upstream_that_never_answers_the_hello_closes_the_device() {
     let hello = vector("handshake_0x23");
     let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let gw = gateway_on(
-        up.local_addr().expect("addr"),
-        "new",
-        "[reliable]\nresume_hello_timeout = \"1s\"\n",
-    )
-    .await;
+    let gw = TestGateway::new(up.local_addr().expect("addr"))
+        .path("new")
+        .set("reliable.resume_hello_timeout", "1s")
+        .start()
+        .await;
     let (mut d, u) = scripted_pair(gw.device_addr, &up, &hello).await;
     drop(u);
     let (mut u2, _) = up.accept().await.expect("redialled");
@@ -234,7 +236,7 @@ async fn an_addon_at_its_connection_limit_closes_the_device_on_both_paths_withou
     .await;
     let hello = vector("handshake_0x23");
     for path in ["legacy", "new"] {
-        let gw = gateway_on(a.addr(), path, "").await;
+        let gw = TestGateway::new(a.addr()).path(path).start().await;
         let mut d = TcpStream::connect(gw.device_addr).await.expect("connect");
         d.write_all(&hello).await.expect("hello");
         let t0 = Instant::now();
@@ -272,7 +274,7 @@ async fn an_addon_that_replaces_a_devices_older_connection_is_not_resumed_into_a
             ..fast_addon()
         })
         .await;
-        let gw = gateway_on(a.addr(), path, "").await;
+        let gw = TestGateway::new(a.addr()).path(path).start().await;
         // An old connection of the device: it said hello, then went quiet (its Wi-Fi is gone).
         let mut old = TcpStream::connect(gw.device_addr).await.expect("connect");
         old.write_all(&hello).await.expect("hello");
@@ -305,7 +307,9 @@ async fn an_addon_that_replaces_a_devices_older_connection_is_not_resumed_into_a
             kicked,
             "{path}: sessions still replacing each other"
         );
-        assert!(kicked <= 3, "{path}: {kicked} replacements");
+        // Two strikes per connection before it counts as kicked (one may be an add-on that
+        // was still shutting down when it took a redial): old, new, old, new, old.
+        assert!(kicked <= 5, "{path}: {kicked} replacements");
         // The new connection works: its heartbeat is answered by the add-on.
         new_conn
             .write_all(&build::heartbeat())
@@ -339,7 +343,10 @@ async fn what_an_upstream_sends_before_it_refuses_a_device_reaches_the_device_on
     last.extend_from_slice(&[0x00, 0x01, 0x02]);
     for path in ["legacy", "new"] {
         let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let gw = gateway_on(up.local_addr().expect("addr"), path, "").await;
+        let gw = TestGateway::new(up.local_addr().expect("addr"))
+            .path(path)
+            .start()
+            .await;
         let mut d = TcpStream::connect(gw.device_addr).await.expect("connect");
         d.write_all(&hello).await.expect("hello");
         let (mut u, _) = tokio::time::timeout(DEADLINE, up.accept())

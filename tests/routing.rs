@@ -22,13 +22,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 fn gateway_text(upstream: SocketAddr, devices: &str, routing: &str) -> String {
-    format!(
-        "[listen]\ndevices = \"{devices}\"\nmetrics = \"127.0.0.1:0\"\n\
-         [device_tls]\nmode = \"plain\"\n\
-         [reload]\npoll_interval = \"200ms\"\n\
-         [upstream.legacy]\naddress = \"{upstream}\"\ntls = false\n\
-         [routing]\n{routing}\n"
-    )
+    TestGateway::new(upstream)
+        .set("listen.devices", devices)
+        .set("reload.poll_interval", "200ms")
+        .raw(&format!("[routing]\n{routing}"))
+        .text()
 }
 
 fn on_path(gw: &Gateway, t: Transport) -> BTreeSet<DeviceId> {

@@ -401,7 +401,7 @@ async fn chaos_reset_and_stall() {
 /// device -> chaos (drops 5 % of f9 replies) -> gateway (legacy) -> fake add-on.
 async fn legacy_run_with_f9_drops(seed: u64) -> (u64, u64, u64) {
     let a = start_addon(fast_addon()).await;
-    let gw = start_gateway(&config_text(a.addr(), "[device_tls]\nmode = \"plain\"\n")).await;
+    let gw = TestGateway::new(a.addr()).start().await;
     let chaos = Chaos::start(
         TcpListener::bind("127.0.0.1:0").await.expect("bind"),
         gw.device_addr,
@@ -564,11 +564,10 @@ async fn addon_slow_and_no_status_ack_modes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_reports_progress_percentiles_and_each_path() {
     let a = start_addon(fast_addon()).await;
-    let gw = start_gateway(&config_text(
-        a.addr(),
-        "[device_tls]\nmode = \"plain\"\n[routing]\ncanary_percent = 50\n",
-    ))
-    .await;
+    let gw = TestGateway::new(a.addr())
+        .set("routing.canary_percent", 50)
+        .start()
+        .await;
     let cfg = cync_gateway::sim::load::LoadConfig {
         target: gw.device_addr,
         tls: false,

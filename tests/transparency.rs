@@ -47,7 +47,10 @@ async fn stray_bytes_and_junk_from_the_upstream_reach_the_device_as_they_came_on
     assert_eq!(after_junk.len(), 43);
     for path in PATHS {
         let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let gw = gateway_on(up.local_addr().expect("addr"), path, "").await;
+        let gw = TestGateway::new(up.local_addr().expect("addr"))
+            .path(path)
+            .start()
+            .await;
         let (mut dev, mut upc) = scripted_pair(gw.device_addr, &up, &hello).await;
         assert_eq!(
             pass(&mut upc, &mut dev, &short).await,
@@ -100,7 +103,10 @@ async fn a_stray_byte_from_the_device_desynchronises_neither_decoder() {
     let dev_id = DeviceId([0x38, 0xe8, 0xcf, 0x46]);
     for path in PATHS {
         let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let gw = gateway_on(up.local_addr().expect("addr"), path, "").await;
+        let gw = TestGateway::new(up.local_addr().expect("addr"))
+            .path(path)
+            .start()
+            .await;
         let (mut dev, mut upc) = scripted_pair(gw.device_addr, &up, &hello).await;
         let short = one_byte_short_status(dev_id, 9);
         assert_eq!(pass(&mut dev, &mut upc, &short).await, short);
@@ -168,7 +174,10 @@ async fn after_the_device_half_closes_the_upstreams_reply_still_reaches_it_on_bo
         .collect();
     for path in PATHS {
         let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let gw = gateway_on(up.local_addr().expect("addr"), path, "").await;
+        let gw = TestGateway::new(up.local_addr().expect("addr"))
+            .path(path)
+            .start()
+            .await;
         let (mut dev, mut upc) = scripted_pair(gw.device_addr, &up, &hello).await;
         let last = build::heartbeat();
         dev.write_all(&last).await.expect("write");
@@ -320,7 +329,10 @@ async fn random_streams_with_junk_at_read_boundaries_stay_byte_exact_and_decoded
     for path in PATHS {
         let started = tokio::time::Instant::now();
         let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let gw = gateway_on(up.local_addr().expect("addr"), path, "").await;
+        let gw = TestGateway::new(up.local_addr().expect("addr"))
+            .path(path)
+            .start()
+            .await;
         let mut want = Counts::default();
         for seed in 0..STREAMS {
             let mut rng = SmallRng::seed_from_u64(seed);

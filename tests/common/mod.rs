@@ -2,6 +2,12 @@
 //! deadline polling. Tests never sleep to wait; they poll with a deadline.
 #![allow(dead_code)]
 
+pub mod gateway;
+pub mod replay;
+
+#[allow(unused_imports)]
+pub use gateway::{Configure, TestGateway};
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -69,18 +75,6 @@ pub fn vector(name: &str) -> Vec<u8> {
         }
     }
     panic!("no vector {name}");
-}
-
-/// Config text for an in-process gateway on ephemeral loopback ports.
-pub fn config_text(upstream: SocketAddr, extra: &str) -> String {
-    format!(
-        "[listen]\ndevices = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\n{extra}\n[upstream.legacy]\naddress = \"{upstream}\"\ntls = false\n"
-    )
-}
-
-pub async fn start_gateway(text: &str) -> Gateway {
-    let cfg = Config::parse(text).unwrap_or_else(|e| panic!("test config invalid: {e}"));
-    Gateway::start(cfg).await.expect("gateway starts")
 }
 
 /// GET a path over plain HTTP/1.1; returns (status, body).
@@ -186,17 +180,6 @@ pub async fn sighup(gw: &Gateway) {
         })
         .await
         .expect("control task running");
-}
-
-/// A plain-TCP in-process gateway in front of `upstream` with every device on `path`
-/// (`"legacy"` or `"new"`), plus `extra` config lines.
-pub async fn gateway_on(upstream: SocketAddr, path: &str, extra: &str) -> Gateway {
-    let percent = if path == "new" { 100 } else { 0 };
-    start_gateway(&config_text(
-        upstream,
-        &format!("[device_tls]\nmode = \"plain\"\n[routing]\ncanary_percent = {percent}\n{extra}"),
-    ))
-    .await
 }
 
 /// Reads exactly `n` bytes, or panics after the deadline.

@@ -52,7 +52,9 @@ pub enum Loss {
     Resume { attempts: u32, within: Duration },
     /// The upstream never accepted the device: close the device side, as legacy would.
     NotEstablished,
-    /// Closed again right after a resumption: on purpose. Close the device side.
+    /// Closed again right after a resumption, twice running: on purpose (the add-on keeps one
+    /// session per device, say). Close the device side. Once alone may be an add-on that was
+    /// still shutting down when it took the redial.
     Kicked,
     /// Redialled twice in this outage, and both times closed before it answered the replayed
     /// hello: the add-on is refusing this device. Close the device side.
@@ -84,6 +86,8 @@ pub struct Resume {
     used: u32,
     /// Redialled upstreams that closed before answering the replayed hello, this outage.
     refusals: u32,
+    /// Resumed upstreams closed again within `stable_after`, in a row.
+    kicks: u32,
     outage_started: Option<Instant>,
     /// When the last resumption completed.
     resumed_at: Option<Instant>,
@@ -107,6 +111,7 @@ impl Resume {
             stable_after,
             used: 0,
             refusals: 0,
+            kicks: 0,
             outage_started: None,
             resumed_at: None,
             owed: VecDeque::new(),
@@ -128,10 +133,11 @@ impl Resume {
         match self.phase {
             Phase::Establishing => return Loss::NotEstablished,
             Phase::Connected => {
-                if self
+                let recent = self
                     .resumed_at
-                    .is_some_and(|t| now.saturating_duration_since(t) < self.stable_after)
-                {
+                    .is_some_and(|t| now.saturating_duration_since(t) < self.stable_after);
+                self.kicks = if recent { self.kicks + 1 } else { 0 };
+                if self.kicks >= 2 {
                     return Loss::Kicked;
                 }
                 self.used = 0;
@@ -384,7 +390,17 @@ mod tests {
         r.redialed(Instant::now(), &[]);
         r.take_hello_ack(Instant::now());
         tokio::time::advance(ms(9999)).await;
-        assert_eq!(r.lost(Instant::now()), Loss::Kicked);
+        // Once may be an add-on still shutting down when it took the redial: resumed again.
+        assert!(matches!(r.lost(Instant::now()), Loss::Resume { .. }));
+        r.spent(1);
+        r.redialed(Instant::now(), &[]);
+        r.take_hello_ack(Instant::now());
+        tokio::time::advance(ms(9999)).await;
+        assert_eq!(
+            r.lost(Instant::now()),
+            Loss::Kicked,
+            "twice running is a kick"
+        );
         // Stable for long enough: a new loss is a new outage with the whole budget.
         let mut r = resume();
         r.take_hello_ack(Instant::now());

@@ -1147,3 +1147,212 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Accessors and edges the vectors do not reach (each found by a mutation that survived)
+// ---------------------------------------------------------------------------------------------
+
+mod accessors {
+    use super::*;
+    use cync_gateway::protocol::{build, header_data_len_checked, DeviceId, HEADER_LEN};
+
+    const DEV: DeviceId = DeviceId([0x38, 0xe8, 0xcf, 0x46]);
+
+    fn parse(b: Bytes) -> Packet {
+        Packet::parse(b, MAX).expect("valid")
+    }
+
+    #[test]
+    fn the_checked_header_length_is_none_until_five_bytes_and_refuses_only_above_the_limit() {
+        assert_eq!(header_data_len_checked(&[0x73, 0, 0, 0], 100), None);
+        let header = [0x73, 0, 0, 0x00, 0x20];
+        assert_eq!(header_data_len_checked(&header, 0x20), Some(Ok(5 + 0x20)));
+        assert_eq!(header_data_len_checked(&header, 0x40), Some(Ok(37)));
+        assert_eq!(header_data_len_checked(&header, 0x1f), Some(Err(())));
+        assert_eq!(
+            header_data_len_checked(&[0xd3, 0, 0, 0, 0], 0),
+            Some(Ok(HEADER_LEN))
+        );
+    }
+
+    #[test]
+    fn a_frame_exactly_at_the_limit_parses_and_trailing_bytes_are_counted_exactly() {
+        // A heartbeat has no data: a limit of zero admits it, and split_packets agrees.
+        assert!(Packet::parse(build::heartbeat(), 0).is_ok());
+        let (frames, rest) = split_packets(&build::heartbeat(), 0);
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].1.is_ok() && rest.is_empty());
+        let mut long = build::heartbeat().to_vec();
+        long.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(
+            Packet::parse(Bytes::from(long), MAX).err(),
+            Some(DecodeError::TrailingBytes { extra: 3 })
+        );
+    }
+
+    #[test]
+    fn commands_and_command_replies_are_told_apart() {
+        let cmd = parse(build::power_command(DEV, MsgId([0, 0, 0]), 1, 10, true));
+        let reply = parse(build::command_reply(DEV, MsgId([0, 1, 0]), 1, 0xd0));
+        let status = parse(build::mesh_status(
+            DEV,
+            MsgId([0, 2, 0]),
+            5,
+            1,
+            10,
+            1,
+            50,
+            0,
+        ));
+        assert!(cmd.is_command() && !cmd.is_command_reply());
+        assert!(reply.is_command_reply() && !reply.is_command());
+        assert!(!status.is_command() && !status.is_command_reply());
+        // A 0x83 whose inner frame says f8 is still not a command: only 0x73s are.
+        let f8_status = parse(build::framed(
+            0x83,
+            DEV,
+            MsgId([0, 3, 0]),
+            0x7e,
+            1,
+            [0, 0, 0],
+            0xf8,
+            0xd0,
+            &[0, 0],
+        ));
+        assert!(!f8_status.is_command());
+        let f9_status = parse(build::framed(
+            0x83,
+            DEV,
+            MsgId([0, 3, 0]),
+            0x7e,
+            1,
+            [0, 0, 0],
+            0xf9,
+            0xd0,
+            &[0, 0],
+        ));
+        assert!(!f9_status.is_command_reply());
+    }
+
+    /// A brightness command with byte 31 and byte 32 replaced (checksum fixed).
+    fn brightness_with(b31: u8, b32: u8) -> Packet {
+        let mut raw = build::brightness_command(DEV, MsgId([0, 0, 0]), 2, 10, 55).to_vec();
+        raw[31] = b31;
+        raw[32] = b32;
+        let at = raw.len() - 2;
+        raw[at] = inner_checksum(&raw).expect("checksum");
+        parse(Bytes::from(raw))
+    }
+
+    #[test]
+    fn brightness_is_read_only_from_a_well_formed_command() {
+        assert!(matches!(
+            brightness_with(0x01, 100).command(),
+            Some(Command::Brightness { percent: 100, .. })
+        ));
+        assert!(matches!(
+            brightness_with(0x01, 101).command(),
+            Some(Command::Other { .. })
+        ));
+        assert!(matches!(
+            brightness_with(0x02, 50).command(),
+            Some(Command::Other { .. })
+        ));
+    }
+
+    #[test]
+    fn mesh_status_and_firmware_are_read_only_from_the_reports_that_carry_them() {
+        let status = build::mesh_status(DEV, MsgId([0, 2, 0]), 5, 1, 10, 1, 50, 0);
+        assert!(parse(status.clone()).mesh_status().is_some());
+        // The same inner frame in a 0x73, or with another opcode or class, is not one.
+        let body = &status[20..status.len() - 2];
+        let as_data = parse(build::framed(
+            0x73,
+            DEV,
+            MsgId([0, 2, 0]),
+            0x7e,
+            status[13],
+            [0, 0, 0],
+            0xfa,
+            0xdb,
+            body,
+        ));
+        assert_eq!(as_data.mesh_status(), None);
+        let other_opcode = parse(build::framed(
+            0x83,
+            DEV,
+            MsgId([0, 2, 0]),
+            0x7e,
+            status[13],
+            [0, 0, 0],
+            0xfa,
+            0xdc,
+            body,
+        ));
+        assert_eq!(other_opcode.mesh_status(), None);
+        let other_class = parse(build::framed(
+            0x83,
+            DEV,
+            MsgId([0, 2, 0]),
+            0x7e,
+            status[13],
+            [0, 0, 0],
+            0xf9,
+            0xdb,
+            body,
+        ));
+        assert_eq!(other_class.mesh_status(), None);
+        let fw = build::firmware_report(DEV, MsgId([0, 6, 0]), true, "11158");
+        assert_eq!(
+            parse(fw.clone()).firmware().map(|f| f.1),
+            Some("11158".into())
+        );
+        // A 0x73 with the same bytes, or a 0x83 whose inner frame starts with 0x7e, is not.
+        let mut as_data = fw.to_vec();
+        as_data[0] = 0x73;
+        if let Ok(p) = Packet::parse(Bytes::from(as_data), MAX) {
+            assert_eq!(p.firmware(), None);
+        }
+        let mut framed_start = fw.to_vec();
+        framed_start[12] = 0x7e;
+        if let Ok(p) = Packet::parse(Bytes::from(framed_start), MAX) {
+            assert_eq!(p.firmware(), None);
+        }
+    }
+
+    #[test]
+    fn every_tlv_item_keeps_its_own_value() {
+        let info = parse(build::info_tlv(
+            DEV,
+            &[(0xc790, b"first"), (0xc791, b"second"), (0xc792, b"3")],
+        ));
+        let Some(InfoBody::Tlv(items)) = info.info_body() else {
+            panic!("a TLV body");
+        };
+        let got: Vec<(u16, &[u8])> = items.iter().map(|t| (t.tag, &t.value[..])).collect();
+        assert_eq!(
+            got,
+            [
+                (0xc790, &b"first"[..]),
+                (0xc791, &b"second"[..]),
+                (0xc792, &b"3"[..])
+            ]
+        );
+    }
+
+    #[test]
+    fn ids_print_as_hex_and_auth_codes_never_print() {
+        assert_eq!(DEV.to_string(), "38e8cf46");
+        assert_eq!(format!("{DEV:?}"), "DeviceId(38e8cf46)");
+        assert_eq!(MsgId([0, 9, 0x1f]).to_string(), "00091f");
+        assert_eq!(format!("{:?}", MsgId([0, 9, 0x1f])), "MsgId(00091f)");
+        assert_eq!(PacketType::Data.to_string(), "0x73");
+        let hello = parse(build::hello(DEV, b"0123456789abcdef"));
+        let (_, auth, _) = hello.hello().expect("a hello");
+        assert_eq!(auth.to_string(), "<redacted>");
+        assert_eq!(format!("{auth:?}"), "AuthCode(<redacted>)");
+        let shown = format!("{hello:?}");
+        assert!(shown.contains("Hello") && shown.contains("len"), "{shown}");
+        assert!(!shown.contains("0123456789abcdef") && !shown.contains("3031"));
+    }
+}

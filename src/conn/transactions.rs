@@ -612,4 +612,153 @@ mod tests {
             "command timeout and its missing 0x7b: {out:?}"
         );
     }
+
+    use crate::protocol::build;
+    use crate::protocol::MsgId;
+
+    const DEV: DeviceId = DeviceId([0x38, 0xe8, 0xcf, 0x46]);
+
+    fn matched(out: &[Event]) -> Vec<PacketType> {
+        out.iter()
+            .filter_map(|e| match e {
+                Event::Reply {
+                    request,
+                    outcome: ReplyOutcome::Matched,
+                    ..
+                } => Some(*request),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn parse(b: Bytes) -> Packet {
+        Packet::parse(b, 4096).expect("valid")
+    }
+
+    #[test]
+    fn each_request_is_answered_by_its_own_reply_in_the_other_direction() {
+        use Direction::*;
+        let m = MsgId([0, 7, 0]);
+        let cases = [
+            (
+                DevToSrv,
+                build::hello(DEV, &[1; 16]),
+                build::hello_ack(),
+                PacketType::Hello,
+            ),
+            (
+                DevToSrv,
+                build::info_empty(DEV),
+                build::info_ack(),
+                PacketType::Info,
+            ),
+            (
+                DevToSrv,
+                build::time_request(),
+                build::time_reply_stale(),
+                PacketType::TimeRequest,
+            ),
+            (
+                SrvToDev,
+                build::channel_open(DEV, m),
+                build::channel_reply(DEV, m),
+                PacketType::ChannelOpen,
+            ),
+            // A device 0x73 and the server's 0x7b for it.
+            (
+                DevToSrv,
+                build::command_reply(DEV, m, 9, 0xd0),
+                build::data_ack(DEV, m),
+                PacketType::Data,
+            ),
+        ];
+        for (dir, request, reply, ptype) in cases {
+            let back = if dir == DevToSrv { SrvToDev } else { DevToSrv };
+            let mut t = tracker();
+            let mut out = Vec::new();
+            let now = Instant::now();
+            t.on_packet(dir, &parse(request.clone()), now, &mut out);
+            // The reply sent the same way as the request answers nothing.
+            t.on_packet(dir, &parse(reply.clone()), now, &mut out);
+            assert!(matched(&out).is_empty(), "{ptype:?}: {out:?}");
+            t.on_packet(back, &parse(reply), now, &mut out);
+            assert_eq!(matched(&out), [ptype], "{ptype:?}: {out:?}");
+        }
+    }
+
+    #[test]
+    fn a_server_0x7b_for_no_device_0x73_is_not_reported() {
+        let mut t = tracker();
+        let mut out = Vec::new();
+        let now = Instant::now();
+        t.on_packet(
+            Direction::DevToSrv,
+            &parse(build::command_reply(DEV, MsgId([0, 7, 0]), 9, 0xd0)),
+            now,
+            &mut out,
+        );
+        t.on_packet(
+            Direction::SrvToDev,
+            &parse(build::data_ack(DEV, MsgId([0, 8, 0]))),
+            now,
+            &mut out,
+        );
+        assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn commands_and_device_reports_in_flight_together_do_not_push_each_other_out() {
+        let mut t = tracker();
+        let mut out = Vec::new();
+        let now = Instant::now();
+        for seq in 1..=3 {
+            t.on_packet(
+                Direction::SrvToDev,
+                &parse(build::power_command(DEV, MsgId([0, 0, 0]), seq, 10, true)),
+                now,
+                &mut out,
+            );
+            t.on_packet(
+                Direction::DevToSrv,
+                &parse(build::command_reply(
+                    DEV,
+                    MsgId([0, seq, 0]),
+                    100 + seq,
+                    0xd0,
+                )),
+                now,
+                &mut out,
+            );
+        }
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(t.pending_commands(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_request_times_out_exactly_at_the_reply_timeout() {
+        let mut t = tracker();
+        let mut out = Vec::new();
+        t.on_packet(
+            Direction::DevToSrv,
+            &parse(build::time_request()),
+            Instant::now(),
+            &mut out,
+        );
+        tokio::time::advance(Duration::from_millis(9999)).await;
+        t.expire(Instant::now(), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        t.expire(Instant::now(), &mut out);
+        assert!(
+            matches!(
+                out.as_slice(),
+                [Event::Reply {
+                    request: PacketType::TimeRequest,
+                    outcome: ReplyOutcome::Timeout,
+                    ..
+                }]
+            ),
+            "{out:?}"
+        );
+    }
 }

@@ -410,4 +410,56 @@ mod tests {
         let out = Tap::new(MAX).feed(&read);
         assert_eq!(shape(&out), vec![Err("checksum_mismatch"), Ok(0xd3)]);
     }
+
+    #[test]
+    fn a_header_is_implausible_when_either_reserved_byte_is_set_and_only_above_the_limit() {
+        for reserved in [[0, 1], [1, 0]] {
+            let mut frame = build::heartbeat().to_vec();
+            frame[1..3].copy_from_slice(&reserved);
+            let out = Tap::new(MAX).feed(&frame);
+            assert_eq!(shape(&out), vec![Err("reserved_nonzero")], "{reserved:?}");
+        }
+        // data_len exactly at the limit is a frame; one above is junk.
+        let ack = build::status_ack(MsgId([0, 1, 0]));
+        assert_eq!(shape(&Tap::new(3).feed(&ack)), vec![Ok(0x88)]);
+        assert_eq!(
+            shape(&Tap::new(2).feed(&ack)),
+            vec![Err("length_too_large")]
+        );
+        // A partial whose declared end is exactly the bytes held is no longer cut short.
+        let mut tap = Tap::new(3);
+        assert!(tap.feed(&ack[..7]).segments.is_empty(), "held");
+        assert_eq!(shape(&tap.feed(&ack[7..])), vec![Ok(0x88)]);
+    }
+
+    #[test]
+    fn a_partial_given_up_says_how_much_was_missing() {
+        let mut tap = Tap::new(MAX);
+        let ack = build::status_ack(MsgId([0, 1, 0]));
+        tap.feed(&ack[..5]);
+        let (bytes, reason) = tap.take_pending().expect("held");
+        assert_eq!(bytes.len(), 5);
+        assert_eq!(reason, DecodeError::Truncated { need: 8, have: 5 });
+        tap.feed(&ack[..4]);
+        let (_, reason) = tap.take_pending().expect("held");
+        assert_eq!(reason, DecodeError::TruncatedHeader { have: 4 });
+        assert_eq!(tap.take_pending(), None);
+    }
+
+    #[test]
+    fn each_output_says_how_much_of_it_was_held_before() {
+        let mut tap = Tap::new(MAX);
+        let ack = build::status_ack(MsgId([0, 1, 0]));
+        let out = tap.feed(&ack[..6]);
+        assert_eq!((out.held_before, out.carried), (0, 0));
+        let out = tap.feed(&ack[6..]);
+        assert_eq!((out.held_before, out.carried), (6, 6));
+        assert!(out.segments.iter().all(|s| !s.is_empty()));
+        assert_eq!(out.segments[0].len(), ack.len());
+        let tap_text = format!("{tap:?}");
+        assert!(
+            tap_text.contains("held: 0") && tap_text.contains("4096"),
+            "{tap_text}"
+        );
+    }
 }

@@ -68,7 +68,7 @@ async fn mirror_counts_the_shadows_differences_and_a_dead_shadow_changes_nothing
     };
     let m = eventually("status acks reported missing from the shadow", || async {
         let m = http_get(gw.metrics_addr, "/metrics").await.1;
-        (sample(&m, &series("missing", "0x88")) >= 200.0).then_some(m)
+        (sample_or_zero(&m, &series("missing", "0x88")) >= 200.0).then_some(m)
     })
     .await;
     println!(
@@ -98,7 +98,7 @@ async fn mirror_counts_the_shadows_differences_and_a_dead_shadow_changes_nothing
     let t0 = Instant::now();
     eventually("mirror queues empty", || async {
         let m = http_get(gw.metrics_addr, "/metrics").await.1;
-        (sample(
+        (sample_or_zero(
             &m,
             "tcp_comm_queue_bytes{direction=\"mirror\",transport=\"shadow\"}",
         ) == 0.0)
@@ -125,7 +125,7 @@ async fn mirror_counts_the_shadows_differences_and_a_dead_shadow_changes_nothing
         "the legacy replies after the loss counted uncompared",
         || async {
             let m = http_get(gw.metrics_addr, "/metrics").await.1;
-            (sample(&m, &series("uncompared", "0x88")) >= 200.0).then_some(m)
+            (sample_or_zero(&m, &series("uncompared", "0x88")) >= 200.0).then_some(m)
         },
     )
     .await;

@@ -125,7 +125,7 @@ async fn a_stray_byte_from_the_device_desynchronises_neither_decoder() {
         assert_eq!(pass(&mut dev, &mut upc, &answer).await, answer);
         let m = eventually("the command counted", || async {
             let m = scrape(gw.metrics_addr).await;
-            let ok = sample(
+            let ok = sample_or_zero(
                 &m,
                 &series(
                     path,

@@ -15,11 +15,15 @@
 //! - One writer: every change to [`live::Live`] is made by the control task, in event order.
 
 pub mod apply;
+pub mod audit;
 pub mod event;
+pub mod judge;
 pub mod live;
 pub mod rehome;
 pub mod reload;
 pub mod router;
+pub mod state;
+pub mod webhook;
 
 use std::sync::Arc;
 

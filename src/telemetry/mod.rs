@@ -15,3 +15,4 @@ pub mod logging;
 pub mod metrics;
 pub mod names;
 pub mod tasks;
+pub mod slo;

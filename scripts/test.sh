@@ -29,4 +29,6 @@ cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo doc (warnings are errors: broken intra-doc links, links to private items)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked --quiet
 echo "== cargo test"
+# Test gateways keep their state (latch, SLO state, audit log) here until the next run.
+rm -rf target/tmp/gw-state
 cargo test --all-targets --locked

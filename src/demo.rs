@@ -25,6 +25,8 @@ use crate::telemetry::metrics::Metrics;
 pub enum DemoError {
     #[error("starting the fake add-on: {0}")]
     Addon(std::io::Error),
+    #[error("making the demo's state directory: {0}")]
+    StateDir(std::io::Error),
     #[error("demo configuration: {0}")]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
@@ -105,11 +107,18 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary, DemoError> {
         },
     )
     .map_err(DemoError::Addon)?;
+    // The demo's latch, SLO state and audit log live and die with it.
+    let state = tempfile::Builder::new()
+        .prefix("cync-gateway-demo-")
+        .tempdir()
+        .map_err(DemoError::StateDir)?;
     let cfg = Config::parse(&format!(
-        "[listen]\ndevices = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\n\
+        "state_dir = {:?}\n\
+         [listen]\ndevices = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\n\
          [device_tls]\nmode = \"tls\"\n\
          [routing]\ncanary_percent = {}\n\
          [upstream.legacy]\naddress = \"{}\"\ntls = true\nverify = \"none\"\n",
+        state.path().display().to_string(),
         opts.canary_percent,
         addon.addr()
     ))?;

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -28,14 +29,20 @@ use crate::conn::reliable::SessionCtx;
 use crate::conn::shadow::ShadowCtx;
 use crate::conn::tls::{self, TlsError};
 use crate::conn::upstream::Dialer;
-use crate::control::apply::ControlTask;
+use crate::control::apply::{ControlTask, Effects};
+use crate::control::audit::AuditLog;
+use crate::control::latch;
 use crate::control::reload::{self, Reloader};
+use crate::control::rollback::{Controller, LastCheckCell};
+use crate::control::slo_task::SloService;
+use crate::control::webhook::{Notifier, Webhook};
 use crate::control::{event, rehome, ControlPlane, ControlTx, Live};
 use crate::shutdown::{DrainOutcome, Shutdown};
 use crate::telemetry::http::{self, Health};
 use crate::telemetry::logging::LogLimit;
 use crate::telemetry::metrics::{Metrics, MetricsError};
 use crate::telemetry::tasks::Tasks;
+use crate::telemetry::wallclock::WallClock;
 
 #[derive(Debug, Error)]
 pub enum GatewayError {
@@ -53,6 +60,18 @@ pub enum GatewayError {
     Metrics(#[from] MetricsError),
     #[error("reading a bound address: {0}")]
     LocalAddr(std::io::Error),
+    #[error("state_dir {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("rollback.webhook_url: {0}")]
+    Webhook(String),
+    #[error("rollback.webhook_token_file {path}: {source}")]
+    WebhookToken {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// File descriptors a configuration may need at once: two per routed connection (device and
@@ -70,6 +89,73 @@ pub fn fd_limit() -> Option<u64> {
         .map(|(soft, _)| soft)
 }
 
+/// Creates `state_dir` (mode 0700) if it is missing: the latch must be writable before the
+/// gateway routes anything to the new path.
+async fn ensure_state_dir(dir: &Path) -> Result<(), GatewayError> {
+    let d = dir.to_path_buf();
+    let res = tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&d)
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    res.map_err(|source| GatewayError::StateDir {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// The webhook's sender task, when one is configured (its token read once, here).
+async fn webhook_notifier(
+    cfg: &Config,
+    metrics: &Arc<Metrics>,
+    tasks: &Tasks,
+) -> Result<Option<Notifier>, GatewayError> {
+    let r = &cfg.rollback;
+    let Some(url) = &r.webhook_url else {
+        return Ok(None);
+    };
+    let token = match &r.webhook_token_file {
+        None => None,
+        Some(path) => {
+            let p = path.clone();
+            let text = tokio::task::spawn_blocking(move || std::fs::read_to_string(p))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+                .map_err(|source| GatewayError::WebhookToken {
+                    path: path.clone(),
+                    source,
+                })?;
+            Some(text.trim().to_string())
+        }
+    };
+    let hook = Webhook::new(url, token).map_err(|e| GatewayError::Webhook(e.to_string()))?;
+    let m = metrics.clone();
+    let (notifier, worker) = Notifier::new(
+        hook,
+        16,
+        r.webhook_attempts,
+        r.webhook_timeout,
+        Duration::from_secs(1),
+        move |d| m.webhook_delivery(<&'static str>::from(d)),
+    );
+    tasks.spawn("webhook", worker);
+    Ok(Some(notifier))
+}
+
+/// This host's name, for webhook bodies.
+async fn instance_name() -> String {
+    tokio::fs::read_to_string("/proc/sys/kernel/hostname")
+        .await
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "cync-gateway".into())
+}
+
 pub struct Gateway {
     pub device_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
@@ -84,6 +170,10 @@ pub struct Gateway {
     pub registry: Arc<Registry>,
     /// The connection budgets (for tests and diagnostics).
     pub admission: Arc<Admission>,
+    /// The SLO engine and its state.
+    pub slo: Arc<SloService>,
+    /// The rollback controller's last check.
+    pub last_check: LastCheckCell,
     control: ControlTx,
     shutdown: Shutdown,
     /// The HTTP server's tasks: they outlive the drain, so /metrics answers until the end.
@@ -194,8 +284,16 @@ impl Gateway {
         let reliable = SessionCtx::new(metrics.clone(), dialer.clone(), &config);
         let registry = Arc::new(Registry::new(config.routing.rehome_rate));
         let poll_every = config.reload.poll_interval;
-        let live = Live::new(config);
+        let clock = WallClock::start();
+        let state_dir = config.state_dir.clone();
+        ensure_state_dir(&state_dir).await?;
+        let latched = latch::load(&state_dir, &metrics, clock.rfc3339(Instant::now())).await;
+        let notifier = webhook_notifier(&config, &metrics, &tasks).await?;
+        let audit = AuditLog::new(&state_dir, config.audit.max_bytes, config.audit.keep);
+        let live = Live::starting(config, latched);
+        metrics.set_rollback_active(latched);
         reload::publish(&metrics, &live);
+        let slo = SloService::start(live.clone(), metrics.clone(), clock).await;
 
         // The control plane: one channel, one task that applies what arrives on it.
         let (control, control_rx) = event::channel();
@@ -211,8 +309,18 @@ impl Gateway {
         tasks.spawn(
             "control",
             ControlTask::new(live.clone(), metrics.clone(), reloader)
+                .with_effects(Effects {
+                    slo: slo.clone(),
+                    audit,
+                    notifier,
+                    instance: instance_name().await,
+                })
                 .run(control_rx, shutdown.token()),
         );
+        let controller =
+            Controller::new(slo.clone(), live.clone(), metrics.clone(), control.clone());
+        let last_check = controller.last_check();
+        tasks.spawn("rollback-controller", controller.run(shutdown.token()));
         tasks.spawn(
             "rehome",
             rehome::run(
@@ -265,6 +373,9 @@ impl Gateway {
                 http_stop.clone(),
             ),
         );
+        // The SLO task outlives the drain (on the HTTP tracker), so its last write holds the
+        // drained connections' commands.
+        http_tasks.spawn("slo", slo.clone().run(http_stop.clone()));
         health.set_ready();
         metrics.set_ready(true);
         Ok(Gateway {
@@ -276,6 +387,8 @@ impl Gateway {
             live,
             registry,
             admission,
+            slo,
+            last_check,
             control,
             shutdown,
             http_tasks,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use cync_gateway::conn::Transport;
-use cync_gateway::control::{Control, Origin};
+use cync_gateway::control::{Control, Origin, RollbackCause};
 use cync_gateway::gateway::Gateway;
 use cync_gateway::protocol::{build, DeviceId, MsgId};
 use cync_gateway::sim::device::{self, DeviceConfig, DeviceStats};
@@ -540,6 +540,7 @@ async fn the_rollback_latch_sends_everyone_to_legacy_and_rehomes_the_new_path() 
     gw.control()
         .send(Control::Rollback {
             origin: Origin::Operator,
+            cause: RollbackCause::Operator,
             reason: "test".into(),
         })
         .await

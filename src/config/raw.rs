@@ -20,6 +20,7 @@ pub(super) enum RawDuration {
 
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct RawConfig {
+    pub(super) state_dir: Option<PathBuf>,
     #[serde(default)]
     pub(super) listen: RawListen,
     #[serde(default)]
@@ -44,6 +45,48 @@ pub(super) struct RawConfig {
     pub(super) reload: RawReload,
     #[serde(default)]
     pub(super) legacy: RawLegacy,
+    #[serde(default)]
+    pub(super) slo: RawSlo,
+    #[serde(default)]
+    pub(super) rollback: RawRollback,
+    #[serde(default)]
+    pub(super) audit: RawAudit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawSlo {
+    pub(super) success_target: Option<f64>,
+    pub(super) latency_threshold: Option<RawDuration>,
+    pub(super) latency_target: Option<f64>,
+    pub(super) decode_error_max: Option<f64>,
+    pub(super) queue_full_max: Option<f64>,
+    pub(super) retransmit_max: Option<f64>,
+    pub(super) churn_max_per_device_hour: Option<f64>,
+    pub(super) persist_interval: Option<RawDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawRollback {
+    pub(super) enabled: Option<bool>,
+    pub(super) check_interval: Option<RawDuration>,
+    pub(super) window: Option<RawDuration>,
+    pub(super) min_events: Option<i64>,
+    pub(super) max_violations: Option<i64>,
+    pub(super) success_floor: Option<f64>,
+    pub(super) latency_floor: Option<f64>,
+    pub(super) max_burn_rate: Option<f64>,
+    pub(super) compare_to_legacy: Option<bool>,
+    pub(super) confidence: Option<f64>,
+    pub(super) webhook_url: Option<String>,
+    pub(super) webhook_token_file: Option<PathBuf>,
+    pub(super) webhook_timeout: Option<RawDuration>,
+    pub(super) webhook_attempts: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawAudit {
+    pub(super) max_bytes: Option<i64>,
+    pub(super) keep: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

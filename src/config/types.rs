@@ -61,6 +61,9 @@ fn list(problems: &[Problem]) -> String {
 // ---------------------------------------------------------------------------------------------
 
 /// Upper bound of every duration setting.
+/// Where state lives unless `state_dir` says otherwise (systemd's `StateDirectory=`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/cync-gateway";
+
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The default device-side cipher list. The first four are the only suites every captured
@@ -86,6 +89,53 @@ pub struct Config {
     pub upstream_shadow: Option<Upstream>,
     pub reload: Reload,
     pub legacy: LegacyPath,
+    /// Where the SLO state, the rollback latch and the audit log live.
+    pub state_dir: PathBuf,
+    pub slo: SloConfig,
+    pub rollback: RollbackConfig,
+    pub audit: AuditConfig,
+}
+
+/// `[slo]`: the objectives each path is measured against.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SloConfig {
+    /// Share of commands answered within `protocol.command_deadline`.
+    pub success_target: f64,
+    pub latency_threshold: Duration,
+    /// Share of answered commands answered within `latency_threshold`.
+    pub latency_target: f64,
+    pub decode_error_max: f64,
+    pub queue_full_max: f64,
+    pub retransmit_max: f64,
+    pub churn_max_per_device_hour: f64,
+    /// How often the SLO state is written to `state_dir` (and always at shutdown).
+    pub persist_interval: Duration,
+}
+
+/// `[rollback]`: the automatic rollback controller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RollbackConfig {
+    pub enabled: bool,
+    pub check_interval: Duration,
+    pub window: Duration,
+    pub min_events: u64,
+    pub max_violations: u32,
+    pub success_floor: f64,
+    pub latency_floor: f64,
+    pub max_burn_rate: f64,
+    pub compare_to_legacy: bool,
+    pub confidence: f64,
+    pub webhook_url: Option<String>,
+    pub webhook_token_file: Option<PathBuf>,
+    pub webhook_timeout: Duration,
+    pub webhook_attempts: u32,
+}
+
+/// `[audit]`: the audit log's size bound.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditConfig {
+    pub max_bytes: u64,
+    pub keep: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -289,6 +289,181 @@ impl Validator<'_> {
                 ),
             },
             reliable: self.reliable(raw.reliable, &protocol_deadline, protocol_frame_len),
+            state_dir: self.state_dir(raw.state_dir),
+            slo: self.slo(raw.slo),
+            rollback: self.rollback(raw.rollback),
+            audit: AuditConfig {
+                max_bytes: self.int_in(
+                    "audit.max_bytes",
+                    raw.audit.max_bytes,
+                    10 * 1024 * 1024,
+                    4096,
+                    1 << 40,
+                ) as u64,
+                keep: self.int_in("audit.keep", raw.audit.keep, 5, 0, 100),
+            },
+        }
+    }
+
+    fn state_dir(&mut self, raw: Option<std::path::PathBuf>) -> std::path::PathBuf {
+        let dir = raw.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        if dir.as_os_str().is_empty() {
+            self.problem("state_dir", "must not be empty");
+        }
+        dir
+    }
+
+    /// A number in `lo..=hi` (NaN is never in range).
+    fn float_in(&mut self, key: &str, raw: Option<f64>, default: f64, lo: f64, hi: f64) -> f64 {
+        let Some(v) = raw else { return default };
+        if !(lo..=hi).contains(&v) {
+            self.problem(key, format!("{v} is out of range {lo}..={hi}"));
+            return default;
+        }
+        v
+    }
+
+    fn slo(&mut self, raw: RawSlo) -> SloConfig {
+        SloConfig {
+            success_target: self.float_in(
+                "slo.success_target",
+                raw.success_target,
+                0.999,
+                0.5,
+                0.99999,
+            ),
+            latency_threshold: self.positive_duration(
+                "slo.latency_threshold",
+                raw.latency_threshold,
+                Duration::from_millis(1500),
+            ),
+            latency_target: self.float_in(
+                "slo.latency_target",
+                raw.latency_target,
+                0.99,
+                0.5,
+                0.99999,
+            ),
+            decode_error_max: self.float_in(
+                "slo.decode_error_max",
+                raw.decode_error_max,
+                0.001,
+                0.00001,
+                0.5,
+            ),
+            queue_full_max: self.float_in(
+                "slo.queue_full_max",
+                raw.queue_full_max,
+                0.01,
+                0.00001,
+                0.5,
+            ),
+            retransmit_max: self.float_in(
+                "slo.retransmit_max",
+                raw.retransmit_max,
+                0.01,
+                0.00001,
+                0.5,
+            ),
+            churn_max_per_device_hour: self.float_in(
+                "slo.churn_max_per_device_hour",
+                raw.churn_max_per_device_hour,
+                0.5,
+                0.001,
+                1000.0,
+            ),
+            persist_interval: {
+                let d = self.positive_duration(
+                    "slo.persist_interval",
+                    raw.persist_interval,
+                    Duration::from_secs(60),
+                );
+                if d < Duration::from_millis(10) {
+                    self.problem("slo.persist_interval", "must be at least 10ms");
+                }
+                d
+            },
+        }
+    }
+
+    fn rollback(&mut self, raw: RawRollback) -> RollbackConfig {
+        let check_interval = self.positive_duration(
+            "rollback.check_interval",
+            raw.check_interval,
+            Duration::from_secs(60),
+        );
+        let window =
+            self.positive_duration("rollback.window", raw.window, Duration::from_secs(600));
+        if window < check_interval {
+            self.problem(
+                "rollback.window",
+                format!(
+                    "{} is shorter than rollback.check_interval ({}): checks would not see every event",
+                    humantime::format_duration(window),
+                    humantime::format_duration(check_interval)
+                ),
+            );
+        }
+        let webhook_url = raw.webhook_url.filter(|u| !u.is_empty());
+        if let Some(u) = &webhook_url {
+            if !u.starts_with("http://") {
+                self.problem(
+                    "rollback.webhook_url",
+                    format!("{u:?} is not an http:// URL (https is not supported yet)"),
+                );
+            }
+        }
+        if raw.webhook_token_file.is_some() && webhook_url.is_none() {
+            self.problem(
+                "rollback.webhook_token_file",
+                "set without rollback.webhook_url",
+            );
+        }
+        RollbackConfig {
+            enabled: raw.enabled.unwrap_or(true),
+            check_interval,
+            window,
+            min_events: self.int_in("rollback.min_events", raw.min_events, 100, 1, 1_000_000_000)
+                as u64,
+            max_violations: self.int_in("rollback.max_violations", raw.max_violations, 3, 1, 1000)
+                as u32,
+            success_floor: self.float_in(
+                "rollback.success_floor",
+                raw.success_floor,
+                0.995,
+                0.0,
+                1.0,
+            ),
+            latency_floor: self.float_in(
+                "rollback.latency_floor",
+                raw.latency_floor,
+                0.99,
+                0.0,
+                1.0,
+            ),
+            max_burn_rate: self.float_in(
+                "rollback.max_burn_rate",
+                raw.max_burn_rate,
+                14.4,
+                1.0,
+                1000.0,
+            ),
+            compare_to_legacy: raw.compare_to_legacy.unwrap_or(true),
+            confidence: self.float_in("rollback.confidence", raw.confidence, 0.99, 0.5, 0.9999),
+            webhook_url,
+            webhook_token_file: raw.webhook_token_file,
+            webhook_timeout: self.positive_duration(
+                "rollback.webhook_timeout",
+                raw.webhook_timeout,
+                Duration::from_secs(5),
+            ),
+            webhook_attempts: self.int_in(
+                "rollback.webhook_attempts",
+                raw.webhook_attempts,
+                4,
+                1,
+                20,
+            ) as u32,
         }
     }
 

@@ -53,6 +53,13 @@ pub enum Side {
 }
 
 impl CloseReason {
+    /// Whether the gateway asked for this close on purpose (a drain, a re-home): such closes
+    /// are not churn. Every other close — the gateway's own limits included — is a device
+    /// connection lost, counted against the path's churn SLO.
+    pub fn requested_by_gateway(self) -> bool {
+        matches!(self, Self::Drained | Self::Rehomed)
+    }
+
     pub fn side(self) -> Side {
         match self {
             Self::DeviceClosed

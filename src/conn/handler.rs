@@ -171,9 +171,11 @@ impl Handler {
         };
         let Some(upstream) = self.dial(routed.route.transport).await else {
             drop(active);
-            self.ctx
-                .metrics
-                .closed(routed.route.transport, CloseReason::UpstreamConnectFailed);
+            self.ctx.metrics.closed(
+                routed.route.transport,
+                CloseReason::UpstreamConnectFailed,
+                false,
+            );
             return;
         };
         debug!(
@@ -186,7 +188,9 @@ impl Handler {
         let reason = self.run_path(routed, device, upstream, first).await;
         // No longer active by the time the close is counted, so a scrape never sees both.
         drop(active);
-        self.ctx.metrics.closed(transport, reason);
+        self.ctx
+            .metrics
+            .closed(transport, reason, reason.requested_by_gateway());
         info!(
             reason = reason.label(),
             duration_s = started.elapsed().as_secs_f64(),

@@ -31,6 +31,24 @@ pub enum Origin {
     Controller,
 }
 
+/// Why the rollback latch was set; the `reason` label of `tcp_comm_rollbacks_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
+#[strum(serialize_all = "snake_case")]
+pub enum RollbackCause {
+    /// The controller: the new path's command success fell below the floor.
+    Success,
+    /// The controller: too few commands answered within the latency threshold.
+    Latency,
+    DecodeErrors,
+    QueueFull,
+    /// The controller: the success budget burnt faster than `rollback.max_burn_rate`.
+    BurnRate,
+    /// A person asked for it.
+    Operator,
+    /// The latch file existed at start but could not be read: set, to fail safe.
+    LatchUnreadable,
+}
+
 /// A change to what runs.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -40,7 +58,12 @@ pub enum Control {
     Reload { origin: Origin },
     /// Set the rollback latch: every device routes to legacy and new-path connections are
     /// re-homed, whatever the configured percentage, until [`Control::Resume`].
-    Rollback { origin: Origin, reason: String },
+    Rollback {
+        origin: Origin,
+        cause: RollbackCause,
+        /// What a person reads in the log, the audit entry and the webhook.
+        reason: String,
+    },
     /// Clear the rollback latch: the configured percentage is in force again.
     Resume { origin: Origin },
 }

@@ -26,10 +26,15 @@ pub struct Live {
 
 impl Live {
     pub fn new(config: Config) -> Arc<Live> {
+        Self::starting(config, false)
+    }
+
+    /// As the gateway starts: with the latch as its file says ([`super::latch::load`]).
+    pub fn starting(config: Config, latched: bool) -> Arc<Live> {
         let (generation, _) = watch::channel(0);
         Arc::new(Live {
             config: ArcSwap::from_pointee(config),
-            latched: AtomicBool::new(false),
+            latched: AtomicBool::new(latched),
             generation,
         })
     }

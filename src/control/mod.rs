@@ -18,16 +18,19 @@ pub mod apply;
 pub mod audit;
 pub mod event;
 pub mod judge;
+pub mod latch;
 pub mod live;
 pub mod rehome;
 pub mod reload;
+pub mod rollback;
 pub mod router;
+pub mod slo_task;
 pub mod state;
 pub mod webhook;
 
 use std::sync::Arc;
 
-pub use event::{Control, ControlTx, Origin};
+pub use event::{Control, ControlTx, Origin, RollbackCause};
 pub use live::Live;
 
 use crate::config::Config;

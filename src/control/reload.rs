@@ -9,7 +9,7 @@
 //! - A file is validated whole with the same loader as start-up and `check-config`; if it is
 //!   invalid nothing changes (the problems are logged and counted).
 //! - Non-reloadable settings (listen addresses, TLS, upstreams, logging, metrics, shutdown,
-//!   reload, and the gateway-wide `reliable.dedup_capacity`, `dedup_ttl` and
+//!   reload, `state_dir`, `[audit]`, and the gateway-wide `reliable.dedup_capacity`, `dedup_ttl` and
 //!   `retry_budget_window`) keep their running values; each one the file changes is reported as needing a
 //!   restart, and `tcp_comm_config_restart_required` says so until the file matches again.
 //! - The poll reloads only when the content's SHA-256 changes, read through the path on every
@@ -24,14 +24,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::audit::Change;
 use super::event::{Control, ControlTx, Origin};
 use super::live::Live;
 use super::router;
-use crate::config::{Config, DarkMode, Problem};
+use crate::config::{Config, DarkMode, Problem, Rehome};
 use crate::telemetry::labels::{Label, ReloadResult};
 use crate::telemetry::metrics::Metrics;
 
@@ -60,7 +62,11 @@ pub enum Outcome {
     /// A poll saw new content; it is applied if it reads the same again after [`SETTLE`].
     Settling,
     /// The new configuration is in force; these sections changed but need a restart.
-    Applied { restart_needed: Vec<&'static str> },
+    Applied {
+        restart_needed: Vec<&'static str>,
+        /// The routing keys that changed, old → new (what the audit log records).
+        changes: Vec<Change>,
+    },
     /// Kept the running configuration.
     Rejected(Vec<Problem>),
 }
@@ -88,6 +94,8 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<&'static str>) {
     check("metrics", running.metrics == new.metrics);
     check("shutdown", running.shutdown == new.shutdown);
     check("reload", running.reload == new.reload);
+    check("state_dir", running.state_dir == new.state_dir);
+    check("audit", running.audit == new.audit);
     // Gateway-wide state built once at start: the shared dedup store and the retry budget's
     // ring. The rest of [reliable] reaches new connections.
     let (r, n) = (&running.reliable, &new.reliable);
@@ -116,9 +124,70 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<&'static str>) {
         metrics: running.metrics.clone(),
         shutdown: running.shutdown.clone(),
         reload: running.reload.clone(),
+        state_dir: running.state_dir.clone(),
+        audit: running.audit.clone(),
         ..new
     };
     (effective, restart)
+}
+
+/// The routing keys whose values differ between `old` and `new`, as the audit log records
+/// them: routing and dark launch only (other reloadable settings are not routing changes).
+pub fn routing_changes(old: &Config, new: &Config) -> Vec<Change> {
+    let mut out = Vec::new();
+    let mut diff = |key: &str, a: Value, b: Value| {
+        if a != b {
+            out.push(Change {
+                key: key.into(),
+                old: a,
+                new: b,
+            });
+        }
+    };
+    let ids = |s: &std::collections::BTreeSet<crate::protocol::DeviceId>| {
+        json!(s.iter().map(|d| d.to_hex()).collect::<Vec<_>>())
+    };
+    let dur = |d: Duration| json!(humantime::format_duration(d).to_string());
+    let (a, b) = (&old.routing, &new.routing);
+    diff(
+        "routing.canary_percent",
+        json!(a.canary_percent),
+        json!(b.canary_percent),
+    );
+    diff("routing.force_new", ids(&a.force_new), ids(&b.force_new));
+    diff(
+        "routing.force_legacy",
+        ids(&a.force_legacy),
+        ids(&b.force_legacy),
+    );
+    let rehome = |r: Rehome| match r {
+        Rehome::Auto => "auto",
+        Rehome::Never => "never",
+    };
+    diff(
+        "routing.rehome",
+        json!(rehome(a.rehome)),
+        json!(rehome(b.rehome)),
+    );
+    diff(
+        "routing.rehome_rate",
+        json!(a.rehome_rate),
+        json!(b.rehome_rate),
+    );
+    diff(
+        "routing.drain_grace",
+        dur(a.drain_grace),
+        dur(b.drain_grace),
+    );
+    let mode = |m: DarkMode| match m {
+        DarkMode::Off => "off",
+        DarkMode::Observe => "observe",
+        DarkMode::Mirror => "mirror",
+    };
+    let (a, b) = (&old.dark_launch, &new.dark_launch);
+    diff("dark_launch.mode", json!(mode(a.mode)), json!(mode(b.mode)));
+    diff("dark_launch.percent", json!(a.percent), json!(b.percent));
+    out
 }
 
 fn sha(bytes: &[u8]) -> [u8; 32] {
@@ -266,10 +335,14 @@ impl Reloader {
             dark_launch = ?effective.dark_launch.mode,
             "reload: configuration applied"
         );
+        let changes = routing_changes(&running, &effective);
         self.live.store(effective);
         publish(&self.metrics, &self.live);
         self.count(ReloadResult::Applied);
-        Outcome::Applied { restart_needed }
+        Outcome::Applied {
+            restart_needed,
+            changes,
+        }
     }
 
     fn reject(&mut self, trigger: Trigger, problems: Vec<Problem>) -> Outcome {
@@ -342,7 +415,12 @@ mod tests {
         assert_eq!(
             settled(&mut r).await,
             Outcome::Applied {
-                restart_needed: vec![]
+                restart_needed: vec![],
+                changes: vec![Change {
+                    key: "routing.canary_percent".into(),
+                    old: json!(0.0),
+                    new: json!(25.0),
+                }],
             }
         );
         assert_eq!(live.config().routing.canary_percent, 25.0);
@@ -401,7 +479,12 @@ mod tests {
         assert_eq!(
             settled(&mut r).await,
             Outcome::Applied {
-                restart_needed: vec!["listen", "upstream.legacy"]
+                restart_needed: vec!["listen", "upstream.legacy"],
+                changes: vec![Change {
+                    key: "routing.canary_percent".into(),
+                    old: json!(0.0),
+                    new: json!(5.0),
+                }],
             }
         );
         let c = live.config();
@@ -468,7 +551,8 @@ mod tests {
         assert_eq!(
             settled(&mut r).await,
             Outcome::Applied {
-                restart_needed: vec!["reliable.dedup_ttl"]
+                restart_needed: vec!["reliable.dedup_ttl"],
+                changes: vec![],
             }
         );
         let c = live.config();

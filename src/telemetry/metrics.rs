@@ -24,6 +24,7 @@ use super::labels::{
     Transport,
 };
 use super::names;
+use super::slo_feed::Feeds;
 use crate::protocol::DeviceId;
 
 #[derive(Debug, Error)]
@@ -89,6 +90,30 @@ pub struct Metrics {
     mirror_dropped_bytes: prometheus::IntCounter,
     ready: IntGauge,
     draining: IntGauge,
+    /// The SLO engine's feed, bumped by the same record methods (one sink).
+    feeds: Feeds,
+    slo_sli: prometheus::GaugeVec,
+    slo_budget: prometheus::GaugeVec,
+    slo_burn: prometheus::GaugeVec,
+    slo_target: prometheus::GaugeVec,
+    rollback_checks: IntCounterVec,
+    rollbacks: IntCounterVec,
+    rollback_active: IntGauge,
+    state_errors: IntCounterVec,
+    webhook_deliveries: IntCounterVec,
+    audit_entries: IntCounterVec,
+}
+
+fn gauge(
+    r: &Registry,
+    names: &mut Vec<String>,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<prometheus::GaugeVec, MetricsError> {
+    let g = prometheus::GaugeVec::new(Opts::new(name, help), labels)?;
+    register(r, names, Box::new(g.clone()))?;
+    Ok(g)
 }
 
 /// Registers `c`, noting its family names (families without series are not rendered, and the
@@ -417,6 +442,78 @@ impl Metrics {
             mirror_dropped_bytes,
             ready,
             draining,
+            feeds: Feeds::default(),
+            slo_sli: gauge(
+                &r,
+                &mut names,
+                names::SLO_SLI,
+                "Service level indicator over a window: the good share (churn: closes per device-hour); NaN with no events",
+                &["transport", "slo", "window"],
+            )?,
+            slo_budget: gauge(
+                &r,
+                &mut names,
+                names::SLO_ERROR_BUDGET_REMAINING,
+                "Share of the error budget left over the SLO's period, 0-1",
+                &["transport", "slo"],
+            )?,
+            slo_burn: gauge(
+                &r,
+                &mut names,
+                names::SLO_BURN_RATE,
+                "Error budget burn rate over a window (1 = spending exactly the budget)",
+                &["transport", "slo", "window"],
+            )?,
+            slo_target: gauge(
+                &r,
+                &mut names,
+                names::SLO_TARGET,
+                "Each SLO's target (churn: the most closes per device-hour)",
+                &["slo"],
+            )?,
+            rollback_checks: counter(
+                &r,
+                &mut names,
+                names::ROLLBACK_CHECKS_TOTAL,
+                "Rollback controller checks of the new path, by result",
+                &["result"],
+            )?,
+            rollbacks: counter(
+                &r,
+                &mut names,
+                names::ROLLBACKS_TOTAL,
+                "Times the rollback latch was set, by reason",
+                &["reason"],
+            )?,
+            rollback_active: {
+                let g = IntGauge::new(
+                    names::ROLLBACK_ACTIVE,
+                    "1 while the rollback latch is set (every device on legacy)",
+                )?;
+                register(&r, &mut names, Box::new(g.clone()))?;
+                g
+            },
+            state_errors: counter(
+                &r,
+                &mut names,
+                names::STATE_ERRORS_TOTAL,
+                "Problems with the files in state_dir, by file and error",
+                &["file", "error"],
+            )?,
+            webhook_deliveries: counter(
+                &r,
+                &mut names,
+                names::WEBHOOK_DELIVERIES_TOTAL,
+                "Rollback webhook deliveries, by result",
+                &["result"],
+            )?,
+            audit_entries: counter(
+                &r,
+                &mut names,
+                names::AUDIT_ENTRIES_TOTAL,
+                "Entries appended to the audit log, by action",
+                &["action"],
+            )?,
             registry: r,
             names,
         };
@@ -473,13 +570,20 @@ impl Metrics {
 
     /// A connection started on `t`: counted, and active until [`Metrics::connection_ended`].
     pub fn connection_started(&self, t: Transport) {
+        self.feeds.path(t).connection(true);
         self.connections_total.with_label_values(&[t.label()]).inc();
         self.connections_active
             .with_label_values(&[t.label()])
             .inc();
     }
 
+    /// Device connections open now on `t` (the exposure the churn SLO integrates).
+    pub fn active(&self, t: Transport) -> u64 {
+        self.feeds.path(t).active()
+    }
+
     pub fn connection_ended(&self, t: Transport) {
+        self.feeds.path(t).connection(false);
         self.connections_active
             .with_label_values(&[t.label()])
             .dec();
@@ -500,7 +604,10 @@ impl Metrics {
     }
 
     /// A routed connection ended (`reason`: a `CloseReason`).
-    pub fn closed(&self, t: Transport, reason: impl Label) {
+    pub fn closed(&self, t: Transport, reason: impl Label, requested: bool) {
+        if !requested {
+            self.feeds.path(t).churn_close();
+        }
         self.connection_closes
             .with_label_values(&[t.label(), reason.label()])
             .inc();
@@ -521,6 +628,7 @@ impl Metrics {
     }
 
     pub fn packet(&self, t: Transport, dir: Direction, ptype: impl Label) {
+        self.feeds.path(t).frame();
         self.packets
             .with_label_values(&[t.label(), dir.label(), ptype.label()])
             .inc();
@@ -528,6 +636,7 @@ impl Metrics {
 
     /// A frame the decoder rejected (`e`: a `DecodeError`).
     pub fn decode_error(&self, t: Transport, dir: Direction, e: impl Label) {
+        self.feeds.path(t).decode_error();
         self.decode_errors
             .with_label_values(&[t.label(), dir.label(), e.label()])
             .inc();
@@ -562,6 +671,9 @@ impl Metrics {
         latency: Option<std::time::Duration>,
         device: Option<DeviceId>,
     ) {
+        let success = outcome == CommandOutcome::Success;
+        let fast = latency.is_some_and(|l| self.feeds.within_latency(l));
+        self.feeds.path(t).command(success, fast);
         let dev = device.map(|d| d.to_hex()).unwrap_or_default();
         if self.per_device {
             if let Some(d) = device {
@@ -625,6 +737,7 @@ impl Metrics {
 
     /// A command re-sent to the device.
     pub fn retransmit(&self, t: Transport) {
+        self.feeds.path(t).retransmit();
         self.retransmits.with_label_values(&[t.label()]).inc();
     }
 
@@ -646,6 +759,7 @@ impl Metrics {
 
     /// `n` frames met a full `queue` and this was done about them.
     pub fn queue_full(&self, t: Transport, queue: Queue, action: QueueAction, n: usize) {
+        self.feeds.path(t).queue_full(n as u64);
         self.queue_full
             .with_label_values(&[t.label(), queue.label(), action.label()])
             .inc_by(n as u64);
@@ -713,6 +827,69 @@ impl Metrics {
     /// An HTTP connection closed at accept (all slots taken).
     pub fn http_rejected(&self) {
         self.http_rejected.inc();
+    }
+
+    /// The SLO engine's feed (read by the sampler; the latency threshold set on reload).
+    pub fn feeds(&self) -> &Feeds {
+        &self.feeds
+    }
+
+    /// One SLI over `window` (a label like `5m`).
+    pub fn slo_sli(&self, t: Transport, slo: impl Label, window: &str, v: f64) {
+        self.slo_sli
+            .with_label_values(&[t.label(), slo.label(), window])
+            .set(v);
+    }
+
+    pub fn slo_budget(&self, t: Transport, slo: impl Label, v: f64) {
+        self.slo_budget
+            .with_label_values(&[t.label(), slo.label()])
+            .set(v);
+    }
+
+    pub fn slo_burn(&self, t: Transport, slo: impl Label, window: &str, v: f64) {
+        self.slo_burn
+            .with_label_values(&[t.label(), slo.label(), window])
+            .set(v);
+    }
+
+    pub fn slo_target(&self, slo: impl Label, v: f64) {
+        self.slo_target.with_label_values(&[slo.label()]).set(v);
+    }
+
+    /// One rollback check (`result`: a `CheckResult`).
+    pub fn rollback_check(&self, result: impl Label) {
+        self.rollback_checks
+            .with_label_values(&[result.label()])
+            .inc();
+    }
+
+    /// The latch was set (`reason`: a `RollbackReason`).
+    pub fn rollback(&self, reason: impl Label) {
+        self.rollbacks.with_label_values(&[reason.label()]).inc();
+    }
+
+    pub fn set_rollback_active(&self, on: bool) {
+        self.rollback_active.set(i64::from(on));
+    }
+
+    /// A problem with a file in `state_dir` (`file`: a `StateFile`, `error`: a `StateProblem`).
+    pub fn state_error(&self, file: impl Label, error: impl Label) {
+        self.state_errors
+            .with_label_values(&[file.label(), error.label()])
+            .inc();
+    }
+
+    /// A webhook delivery ended (`result`: a `Delivery`'s label).
+    pub fn webhook_delivery(&self, result: impl Label) {
+        self.webhook_deliveries
+            .with_label_values(&[result.label()])
+            .inc();
+    }
+
+    /// An audit entry written (`action`: its action label).
+    pub fn audit_entry(&self, action: &'static str) {
+        self.audit_entries.with_label_values(&[action]).inc();
     }
 
     pub fn set_ready(&self, ready: bool) {

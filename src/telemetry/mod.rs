@@ -14,5 +14,7 @@ pub mod labels;
 pub mod logging;
 pub mod metrics;
 pub mod names;
-pub mod tasks;
 pub mod slo;
+pub mod slo_feed;
+pub mod tasks;
+pub mod wallclock;

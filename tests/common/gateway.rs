@@ -19,11 +19,42 @@ pub struct TestGateway {
     doc: DocumentMut,
 }
 
+/// A fresh state directory for one gateway, so no test sees another's rollback latch or SLO
+/// state (the default, `/var/lib/cync-gateway`, is shared by every process on the machine).
+/// Not created here: the gateway creates it when it starts. All of them are under one parent
+/// in this checkout's target directory, which the test command empties before each run, and are kept until then, so a failed test's
+/// latch, SLO state and audit log can be looked at.
+pub fn fresh_state_dir() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("gw-state")
+        .join(format!(
+            "{}-{}-{:016x}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u64>()
+        ));
+    dir.to_string_lossy().into_owned()
+}
+
+/// `text` with its own `state_dir` when it names none (a top-level key, so it goes first).
+pub fn with_own_state_dir(text: &str) -> String {
+    if text
+        .lines()
+        .any(|l| l.trim_start().starts_with("state_dir"))
+    {
+        return text.to_string();
+    }
+    format!("state_dir = {:?}\n{text}", fresh_state_dir())
+}
+
 impl TestGateway {
     pub fn new(upstream: SocketAddr) -> TestGateway {
         TestGateway {
             doc: DocumentMut::new(),
         }
+        .set("state_dir", fresh_state_dir())
         .set("listen.devices", "127.0.0.1:0")
         .set("listen.metrics", "127.0.0.1:0")
         .set("device_tls.mode", "plain")

@@ -163,7 +163,13 @@ pub async fn wait_metric(addr: SocketAddr, series: &str, want: f64) -> String {
 
 /// Starts a gateway from the configuration file at `path`, reloading from it (on
 /// [`sighup`], and by polling per its `reload.poll_interval`).
+/// A file without a `state_dir` gets one of its own first (see [`gateway::fresh_state_dir`]).
 pub async fn start_watching(path: &std::path::Path) -> Gateway {
+    let text = std::fs::read_to_string(path).expect("test config");
+    let own = gateway::with_own_state_dir(&text);
+    if own != text {
+        std::fs::write(path, own).expect("test config");
+    }
     let cfg = Config::load(path).unwrap_or_else(|e| panic!("test config invalid: {e}"));
     Gateway::builder(cfg)
         .config_file(path)

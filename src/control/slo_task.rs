@@ -1,0 +1,302 @@
+//! The SLO service: owns the running [`Engine`], feeds it from the metrics' counters every
+//! second, exports its SLIs, budgets and burn rates as gauges, and keeps its state in
+//! `state_dir` across restarts.
+//!
+//! Invariants:
+//! - The engine is fed only from [`crate::telemetry::slo_feed`] (the record methods' own
+//!   counters), so the windows and the exported counters agree.
+//! - The state is written atomically every `slo.persist_interval` and once more when the task
+//!   stops (after the drain, so the last commands are in it); at start a missing file means a
+//!   fresh engine, and a corrupt or foreign one is moved aside, logged and counted — the daemon
+//!   always starts.
+//! - File I/O runs on the blocking pool, never on a runtime thread.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use strum::IntoEnumIterator;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::live::Live;
+use super::state::{self, Loaded, SLO_FILE};
+use crate::config::SloConfig;
+use crate::telemetry::labels::{Label, Transport};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::slo::{Counts, Engine, Objectives, Persisted, Slo, STATE_VERSION};
+use crate::telemetry::wallclock::WallClock;
+
+/// The burn-rate windows exported (the SRE Workbook's multiwindow pairs: 5 m with 1 h, 30 m
+/// with 6 h), with their label.
+pub const WINDOWS: [(&str, Duration); 4] = [
+    ("5m", Duration::from_secs(300)),
+    ("30m", Duration::from_secs(1800)),
+    ("1h", Duration::from_secs(3600)),
+    ("6h", Duration::from_secs(6 * 3600)),
+];
+
+/// How often the counters are folded into the engine and the gauges refreshed.
+pub const TICK: Duration = Duration::from_secs(1);
+
+/// Which file a state problem concerns; the `file` label of `tcp_comm_state_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum StateFile {
+    Slo,
+    Latch,
+    Audit,
+}
+
+/// What went wrong with it; the `error` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum StateProblem {
+    /// Not parseable, or another version: moved aside, started fresh.
+    Corrupt,
+    /// Exists but could not be read (the latch: treated as set).
+    Unreadable,
+    /// Could not be written.
+    Write,
+}
+
+/// The objectives as the engine wants them.
+pub fn objectives(c: &SloConfig) -> Objectives {
+    Objectives {
+        success: c.success_target,
+        latency: c.latency_target,
+        latency_threshold: c.latency_threshold,
+        decode_errors: c.decode_error_max,
+        queue_full: c.queue_full_max,
+        retransmits: c.retransmit_max,
+        churn_per_device_hour: c.churn_max_per_device_hour,
+        ..Objectives::default()
+    }
+}
+
+/// The running SLO engine and what it needs to feed, export and persist itself.
+pub struct SloService {
+    engine: Mutex<Engine>,
+    metrics: Arc<Metrics>,
+    live: Arc<Live>,
+    clock: WallClock,
+    dir: PathBuf,
+}
+
+impl SloService {
+    /// Restores the engine from `state_dir` (or starts fresh) and returns the service.
+    pub async fn start(live: Arc<Live>, metrics: Arc<Metrics>, clock: WallClock) -> Arc<Self> {
+        let cfg = live.config();
+        let dir = cfg.state_dir.clone();
+        let (base, base_ms) = clock.base();
+        let now_ms = clock.unix_ms(Instant::now());
+        let read_dir = dir.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            state::read_json::<Persisted>(&read_dir, SLO_FILE, STATE_VERSION, now_ms)
+        })
+        .await
+        .unwrap_or_else(|e| Loaded::Corrupt {
+            error: format!("reading task failed: {e}"),
+            moved_to: None,
+        });
+        let engine = match loaded {
+            Loaded::Missing => {
+                info!(dir = %dir.display(), "no SLO state yet; starting fresh");
+                Engine::new(base, base_ms)
+            }
+            Loaded::Ok(p) => match Engine::restore(p, base, base_ms) {
+                Ok(e) => {
+                    info!(dir = %dir.display(), "SLO state restored");
+                    e
+                }
+                Err(e) => {
+                    set_aside(&dir, now_ms).await;
+                    error!(dir = %dir.display(), error = %e, "SLO state does not fit this version; moved aside, starting fresh");
+                    metrics.state_error(StateFile::Slo, StateProblem::Corrupt);
+                    Engine::new(base, base_ms)
+                }
+            },
+            Loaded::Corrupt { error, moved_to } => {
+                error!(
+                    dir = %dir.display(),
+                    error,
+                    moved_to = ?moved_to,
+                    "SLO state unreadable; moved aside, starting fresh"
+                );
+                metrics.state_error(StateFile::Slo, StateProblem::Corrupt);
+                Engine::new(base, base_ms)
+            }
+        };
+        metrics
+            .feeds()
+            .set_latency_threshold(cfg.slo.latency_threshold);
+        let objectives = objectives(&cfg.slo);
+        for slo in Slo::iter() {
+            metrics.slo_target(slo, objectives.target(slo));
+        }
+        Arc::new(SloService {
+            engine: Mutex::new(engine),
+            metrics,
+            live,
+            clock,
+            dir,
+        })
+    }
+
+    fn engine(&self) -> MutexGuard<'_, Engine> {
+        // A panic while holding the lock cannot leave the rings inconsistent in a way that
+        // matters more than losing the SLO figures would; keep going.
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Folds the counters so far into the engine.
+    pub fn observe(&self, now: Instant) {
+        let mut e = self.engine();
+        for t in Transport::iter() {
+            let feed = self.metrics.feeds().path(t);
+            e.observe(now, t, feed.counts(), self.metrics.active(t));
+        }
+    }
+
+    /// The counts of `t` over the last `window`.
+    pub fn window(&self, now: Instant, t: Transport, window: Duration) -> Counts {
+        self.engine().window(now, t, window)
+    }
+
+    /// Refreshes every SLO gauge.
+    pub fn export(&self, now: Instant) {
+        let cfg = self.live.config();
+        self.metrics
+            .feeds()
+            .set_latency_threshold(cfg.slo.latency_threshold);
+        let obj = objectives(&cfg.slo);
+        let e = self.engine();
+        for t in Transport::iter() {
+            for slo in Slo::iter() {
+                for (label, w) in WINDOWS {
+                    self.metrics.slo_sli(t, slo, label, e.sli(now, t, slo, w));
+                    self.metrics
+                        .slo_burn(t, slo, label, e.burn_rate(now, t, slo, &obj, w));
+                }
+                self.metrics
+                    .slo_budget(t, slo, e.budget_remaining(now, t, slo, &obj));
+            }
+        }
+        for slo in Slo::iter() {
+            self.metrics.slo_target(slo, obj.target(slo));
+        }
+    }
+
+    /// What the audit log, the webhook and the rollback log line carry: per path, each SLI
+    /// over `window` (the rollback window) and its budget left.
+    pub fn snapshot(&self, now: Instant, window: Duration) -> Value {
+        let obj = objectives(&self.live.config().slo);
+        let e = self.engine();
+        let mut out = serde_json::Map::new();
+        for t in [Transport::New, Transport::Legacy] {
+            let c = e.window(now, t, window);
+            let mut slos = serde_json::Map::new();
+            for slo in Slo::iter() {
+                let sli = e.sli(now, t, slo, window);
+                slos.insert(
+                    slo.label().to_string(),
+                    json!({
+                        "sli": finite(sli),
+                        "target": obj.target(slo),
+                        "budget_remaining": finite(e.budget_remaining(now, t, slo, &obj)),
+                    }),
+                );
+            }
+            out.insert(
+                t.label().to_string(),
+                json!({ "window_s": window.as_secs(), "commands": c.commands, "slos": slos }),
+            );
+        }
+        Value::Object(out)
+    }
+
+    /// Writes the state now.
+    pub async fn persist(&self, now: Instant) {
+        let bytes = {
+            let p = self.engine().snapshot(now);
+            match serde_json::to_vec(&p) {
+                Ok(b) => b,
+                Err(e) => {
+                    error!(error = %e, "SLO state: cannot serialise");
+                    return;
+                }
+            }
+        };
+        let dir = self.dir.clone();
+        let res =
+            tokio::task::spawn_blocking(move || state::write_atomic(&dir, SLO_FILE, &bytes)).await;
+        match res {
+            Ok(Ok(())) => debug!("SLO state written"),
+            Ok(Err(e)) => {
+                warn!(error = %e, "SLO state: write failed; the running figures are kept");
+                self.metrics
+                    .state_error(StateFile::Slo, StateProblem::Write);
+            }
+            Err(e) => {
+                warn!(error = %e, "SLO state: write task failed");
+                self.metrics
+                    .state_error(StateFile::Slo, StateProblem::Write);
+            }
+        }
+    }
+
+    /// Ticks until `stop`, then folds, exports and persists one last time.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_persist = Instant::now() + self.live.config().slo.persist_interval;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+                _ = tokio::time::sleep_until(next_persist) => {}
+            }
+            let now = Instant::now();
+            self.observe(now);
+            self.export(now);
+            if now >= next_persist {
+                self.persist(now).await;
+                next_persist = Instant::now() + self.live.config().slo.persist_interval;
+            }
+        }
+        let now = Instant::now();
+        self.observe(now);
+        self.export(now);
+        self.persist(now).await;
+    }
+
+    /// The wall clock the service stamps with.
+    pub fn clock(&self) -> WallClock {
+        self.clock
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// JSON has no NaN: an SLI over no events is `null`.
+fn finite(v: f64) -> Value {
+    if v.is_finite() {
+        json!(v)
+    } else {
+        Value::Null
+    }
+}
+
+/// Moves the state file aside when it parsed but does not fit (another ring shape).
+async fn set_aside(dir: &Path, now_ms: u64) {
+    let from = dir.join(SLO_FILE);
+    let to = dir.join(format!("{SLO_FILE}.corrupt-{now_ms}"));
+    let moved = tokio::task::spawn_blocking(move || std::fs::rename(from, to)).await;
+    if !matches!(moved, Ok(Ok(()))) {
+        warn!(dir = %dir.display(), "could not move the SLO state aside; it will be overwritten");
+    }
+}

@@ -1,0 +1,143 @@
+//! The SLO engine's feed: cumulative per-path counts bumped by the same record methods that
+//! count the Prometheus families ([`super::metrics::Metrics`]), read as [`Counts`] by the
+//! sampler that feeds [`super::slo::Engine`].
+//!
+//! Invariants:
+//! - One sink: nothing records an SLI event except a `Metrics` record method, so the SLO
+//!   windows and the exported families can never disagree about what happened.
+//! - Lock-free and allocation-free on the hot path (relaxed atomic adds); a reader may see one
+//!   event's fields half-updated across counters (a success counted before its command), which
+//!   the next read corrects — the windows are seconds wide, an event is nanoseconds.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::labels::Transport;
+use super::slo::Counts;
+
+/// Cumulative counts of one path.
+#[derive(Debug, Default)]
+pub struct Feed {
+    commands: AtomicU64,
+    successes: AtomicU64,
+    within_latency: AtomicU64,
+    frames: AtomicU64,
+    decode_errors: AtomicU64,
+    queue_full: AtomicU64,
+    retransmits: AtomicU64,
+    churn_closes: AtomicU64,
+    /// Connections open now (signed: an end may be seen before its start by a racing reader).
+    active: std::sync::atomic::AtomicI64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Feed {
+    pub fn command(&self, success: bool, within_latency: bool) {
+        bump(&self.commands, 1);
+        if success {
+            bump(&self.successes, 1);
+            if within_latency {
+                bump(&self.within_latency, 1);
+            }
+        }
+    }
+    pub fn frame(&self) {
+        bump(&self.frames, 1);
+    }
+    pub fn decode_error(&self) {
+        bump(&self.decode_errors, 1);
+    }
+    pub fn queue_full(&self, n: u64) {
+        bump(&self.queue_full, n);
+    }
+    pub fn retransmit(&self) {
+        bump(&self.retransmits, 1);
+    }
+    pub fn churn_close(&self) {
+        bump(&self.churn_closes, 1);
+    }
+
+    pub fn connection(&self, started: bool) {
+        self.active
+            .fetch_add(if started { 1 } else { -1 }, Ordering::Relaxed);
+    }
+
+    /// Connections open now.
+    pub fn active(&self) -> u64 {
+        u64::try_from(self.active.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
+    /// The totals so far; `device_ms` is the engine's to integrate, so it is 0 here.
+    pub fn counts(&self) -> Counts {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Counts {
+            commands: r(&self.commands),
+            successes: r(&self.successes),
+            within_latency: r(&self.within_latency),
+            frames: r(&self.frames),
+            decode_errors: r(&self.decode_errors),
+            queue_full: r(&self.queue_full),
+            retransmits: r(&self.retransmits),
+            churn_closes: r(&self.churn_closes),
+            device_ms: 0,
+        }
+    }
+}
+
+/// One [`Feed`] per path, and the latency threshold the within-latency count uses.
+#[derive(Debug)]
+pub struct Feeds {
+    paths: [Feed; 3],
+    /// `slo.latency_threshold` in nanoseconds; set at start and on reload.
+    latency_threshold_ns: AtomicU64,
+}
+
+impl Default for Feeds {
+    fn default() -> Self {
+        Feeds {
+            paths: Default::default(),
+            latency_threshold_ns: AtomicU64::new(1_500_000_000),
+        }
+    }
+}
+
+impl Feeds {
+    pub fn path(&self, t: Transport) -> &Feed {
+        &self.paths[match t {
+            Transport::Legacy => 0,
+            Transport::New => 1,
+            Transport::Shadow => 2,
+        }]
+    }
+
+    pub fn set_latency_threshold(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.latency_threshold_ns.store(ns, Ordering::Relaxed);
+    }
+
+    pub fn within_latency(&self, latency: Duration) -> bool {
+        let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        ns <= self.latency_threshold_ns.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_counts_toward_success_and_latency_only_when_answered() {
+        let f = Feeds::default();
+        f.set_latency_threshold(Duration::from_millis(100));
+        let p = f.path(Transport::New);
+        p.command(true, f.within_latency(Duration::from_millis(100)));
+        p.command(true, f.within_latency(Duration::from_millis(101)));
+        p.command(false, true);
+        let c = p.counts();
+        assert_eq!((c.commands, c.successes, c.within_latency), (3, 2, 1));
+        assert_eq!(f.path(Transport::Legacy).counts(), Counts::default());
+    }
+}

@@ -167,6 +167,14 @@ impl Tracker {
         self.commands.len()
     }
 
+    /// When the oldest unanswered command times out: the moment its failure is known, so a
+    /// caller that wakes then counts it on time (commands are kept in the order sent).
+    pub fn next_command_deadline(&self) -> Option<Instant> {
+        self.commands
+            .front()
+            .map(|c| c.sent + self.command_deadline)
+    }
+
     /// Records one packet seen travelling in `dir` at `now`; appends conclusions to `out`.
     pub fn on_packet(&mut self, dir: Direction, pkt: &Packet, now: Instant, out: &mut Vec<Event>) {
         use Direction::*;
@@ -479,6 +487,24 @@ mod tests {
             latency: None
         }));
         assert_eq!(t.pending_commands(), 0);
+    }
+
+    #[test]
+    fn the_next_command_deadline_is_the_oldest_pending_commands() {
+        let mut t = tracker();
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        assert_eq!(t.next_command_deadline(), None);
+        t.on_packet(Direction::SrvToDev, &pkt(CMD), t0, &mut out);
+        // tracker(): a 5 s command deadline.
+        assert_eq!(t.next_command_deadline(), Some(t0 + Duration::from_secs(5)));
+        t.on_packet(
+            Direction::DevToSrv,
+            &f9(1),
+            t0 + Duration::from_millis(10),
+            &mut out,
+        );
+        assert_eq!(t.next_command_deadline(), None);
     }
 
     #[test]

@@ -612,7 +612,11 @@ impl Core {
                 self.push_to_device(bytes, PacketType::Data);
             }
         }
-        if now >= self.next_expire {
+        let command_due = self
+            .tracker
+            .next_command_deadline()
+            .is_some_and(|t| now >= t);
+        if now >= self.next_expire || command_due {
             self.next_expire = now + EXPIRE_EVERY;
             self.tracker.expire(now, &mut self.events);
             self.cmds.expire(now);
@@ -653,6 +657,10 @@ impl Core {
     /// When [`Core::tick`] next has work.
     pub fn next_wake(&self) -> Instant {
         let mut at = self.next_expire;
+        // A command's timeout is an SLI event: counted when it happens, not up to a tick later.
+        if let Some(t) = self.tracker.next_command_deadline() {
+            at = at.min(t);
+        }
         if self.transport == Transport::New {
             at = at.min(self.last_device_bytes + self.cfg.reliable.idle_timeout);
             if let Some(t) = self.resume.hello_deadline() {
@@ -969,6 +977,33 @@ mod tests {
         tokio::time::advance(Duration::from_secs(4)).await;
         c.tick(Instant::now()).expect("alive");
         assert_eq!(c.pop_for_device(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_command_times_out_at_its_deadline_not_a_tick_later() {
+        // A 1.3 s deadline is not a multiple of the 1 s expiry tick: the failure must be
+        // counted at 1.3 s (an SLI the rollback judge reads), not at the 2 s tick.
+        let text = "[upstream.legacy]\naddress = \"127.0.0.1:1\"\ntls = false\n\
+                    [protocol]\ncommand_deadline = \"1300ms\"\n[reliable]\nmax_attempts = 1\n";
+        let config = Arc::new(Config::parse(text).expect("config"));
+        let metrics = Arc::new(Metrics::new(false).expect("metrics"));
+        let dialer = Dialer::new(&config.upstream_legacy).expect("dialer");
+        let ctx = (SessionCtx::new(metrics, dialer, &config), config);
+        let mut c = core(&ctx);
+        let t0 = Instant::now();
+        let cmd = build::power_command(DEV, ZERO, 4, 10, true);
+        c.upstream_read(&cmd, t0);
+        assert_eq!(c.pop_for_device(), Some(cmd));
+        assert!(c.next_wake() <= t0 + Duration::from_millis(1300));
+        let timeouts = |c: &(SessionCtx, Arc<Config>)| {
+            total(c, "tcp_comm_packet_sent_total", &[("outcome", "timeout")])
+        };
+        tokio::time::advance(Duration::from_millis(1299)).await;
+        c.tick(Instant::now()).expect("alive");
+        assert_eq!(timeouts(&ctx), 0.0);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        c.tick(Instant::now()).expect("alive");
+        assert_eq!(timeouts(&ctx), 1.0);
     }
 
     #[tokio::test(start_paused = true)]

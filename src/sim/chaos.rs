@@ -205,6 +205,8 @@ pub struct Chaos {
     addr: SocketAddr,
     pub stats: Arc<ChaosStats>,
     stop: CancellationToken,
+    /// Set by [`Chaos::heal_new_connections`].
+    healed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Chaos {
@@ -214,7 +216,12 @@ impl Chaos {
         let stats = Arc::new(ChaosStats::default());
         let stop = CancellationToken::new();
         let plan = Arc::new(plan);
-        let (s, st) = (stats.clone(), stop.clone());
+        let clean = Arc::new(Plan {
+            seed: plan.seed,
+            rules: Vec::new(),
+        });
+        let healed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, st, h) = (stats.clone(), stop.clone(), healed.clone());
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -222,7 +229,12 @@ impl Chaos {
                     r = listener.accept() => r,
                 };
                 let Ok((client, _)) = accepted else { continue };
-                let (plan, s, st) = (plan.clone(), s.clone(), st.clone());
+                let plan = if h.load(std::sync::atomic::Ordering::SeqCst) {
+                    clean.clone()
+                } else {
+                    plan.clone()
+                };
+                let (s, st) = (s.clone(), st.clone());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
@@ -231,7 +243,19 @@ impl Chaos {
                 });
             }
         });
-        Ok(Chaos { addr, stats, stop })
+        Ok(Chaos {
+            addr,
+            stats,
+            stop,
+            healed,
+        })
+    }
+
+    /// Connections accepted from now on are forwarded untouched; open ones keep their faults.
+    /// (A fault that belongs to the connections a device had, not to the device: once a
+    /// device redials, it is healthy.)
+    pub fn heal_new_connections(&self) {
+        self.healed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -31,10 +31,14 @@ fn base() -> Doc {
     d
 }
 
+/// The section `""` holds top-level keys (`state_dir`): it sorts first and gets no header, so
+/// its keys come before any table, where TOML wants them.
 fn render(d: &Doc) -> String {
     let mut out = String::new();
     for (section, keys) in d {
-        out.push_str(&format!("[{section}]\n"));
+        if !section.is_empty() {
+            out.push_str(&format!("[{section}]\n"));
+        }
         for (k, v) in keys {
             out.push_str(&format!("{k} = {v}\n"));
         }
@@ -322,6 +326,134 @@ const BAD: &[(&str, &str, &str, &str)] = &[
         "reliable.retry_budget_window",
     ),
     ("reliable", "idle_timeout", "0", "reliable.idle_timeout"),
+    ("", "state_dir", "\"\"", "state_dir"),
+    ("slo", "success_target", "0.49", "slo.success_target"),
+    ("slo", "success_target", "1.0", "slo.success_target"),
+    ("slo", "success_target", "nan", "slo.success_target"),
+    ("slo", "latency_threshold", "0", "slo.latency_threshold"),
+    (
+        "slo",
+        "latency_threshold",
+        "\"-1s\"",
+        "slo.latency_threshold",
+    ),
+    ("slo", "latency_target", "0.49", "slo.latency_target"),
+    ("slo", "latency_target", "1.0", "slo.latency_target"),
+    ("slo", "decode_error_max", "0", "slo.decode_error_max"),
+    ("slo", "decode_error_max", "0.51", "slo.decode_error_max"),
+    ("slo", "queue_full_max", "0.000009", "slo.queue_full_max"),
+    ("slo", "queue_full_max", "0.51", "slo.queue_full_max"),
+    ("slo", "retransmit_max", "0.000009", "slo.retransmit_max"),
+    ("slo", "retransmit_max", "0.51", "slo.retransmit_max"),
+    (
+        "slo",
+        "churn_max_per_device_hour",
+        "0.0009",
+        "slo.churn_max_per_device_hour",
+    ),
+    (
+        "slo",
+        "churn_max_per_device_hour",
+        "1000.1",
+        "slo.churn_max_per_device_hour",
+    ),
+    ("slo", "persist_interval", "0", "slo.persist_interval"),
+    ("slo", "persist_interval", "\"5ms\"", "slo.persist_interval"),
+    ("slo", "colour", "\"blue\"", "slo.colour"),
+    ("rollback", "check_interval", "0", "rollback.check_interval"),
+    ("rollback", "window", "0", "rollback.window"),
+    ("rollback", "min_events", "0", "rollback.min_events"),
+    (
+        "rollback",
+        "min_events",
+        "1000000001",
+        "rollback.min_events",
+    ),
+    ("rollback", "max_violations", "0", "rollback.max_violations"),
+    (
+        "rollback",
+        "max_violations",
+        "1001",
+        "rollback.max_violations",
+    ),
+    (
+        "rollback",
+        "success_floor",
+        "-0.01",
+        "rollback.success_floor",
+    ),
+    (
+        "rollback",
+        "success_floor",
+        "1.01",
+        "rollback.success_floor",
+    ),
+    (
+        "rollback",
+        "latency_floor",
+        "-0.01",
+        "rollback.latency_floor",
+    ),
+    (
+        "rollback",
+        "latency_floor",
+        "1.01",
+        "rollback.latency_floor",
+    ),
+    (
+        "rollback",
+        "max_burn_rate",
+        "0.99",
+        "rollback.max_burn_rate",
+    ),
+    (
+        "rollback",
+        "max_burn_rate",
+        "1000.1",
+        "rollback.max_burn_rate",
+    ),
+    ("rollback", "confidence", "0.49", "rollback.confidence"),
+    ("rollback", "confidence", "0.99991", "rollback.confidence"),
+    (
+        "rollback",
+        "webhook_url",
+        "\"https://x\"",
+        "rollback.webhook_url",
+    ),
+    (
+        "rollback",
+        "webhook_url",
+        "\"ftp://x\"",
+        "rollback.webhook_url",
+    ),
+    (
+        "rollback",
+        "webhook_token_file",
+        "\"/x\"",
+        "rollback.webhook_token_file",
+    ),
+    (
+        "rollback",
+        "webhook_timeout",
+        "0",
+        "rollback.webhook_timeout",
+    ),
+    (
+        "rollback",
+        "webhook_attempts",
+        "0",
+        "rollback.webhook_attempts",
+    ),
+    (
+        "rollback",
+        "webhook_attempts",
+        "21",
+        "rollback.webhook_attempts",
+    ),
+    ("audit", "max_bytes", "4095", "audit.max_bytes"),
+    ("audit", "max_bytes", "1099511627777", "audit.max_bytes"),
+    ("audit", "keep", "-1", "audit.keep"),
+    ("audit", "keep", "101", "audit.keep"),
 ];
 
 #[test]
@@ -377,6 +509,60 @@ fn rules_that_span_keys_are_enforced() {
     );
     // upstream.legacy is required, and alone the missing one is the only problem.
     assert_eq!(problems(""), Some(vec!["upstream.legacy".to_string()]));
+    // A rollback window shorter than the check interval would leave events between checks
+    // unjudged; one as long is enough.
+    let mut d = base();
+    let r = d.entry("rollback".into()).or_default();
+    r.insert("check_interval".into(), "\"2m\"".into());
+    r.insert("window".into(), "\"119s\"".into());
+    assert_eq!(
+        problems(&render(&d)),
+        Some(vec!["rollback.window".to_string()])
+    );
+    d.get_mut("rollback")
+        .expect("rollback")
+        .insert("window".into(), "\"2m\"".into());
+    assert_eq!(problems(&render(&d)), None);
+    // Against the default check interval (60 s) too.
+    assert_eq!(
+        problems(&with("rollback", "window", "\"30s\"")),
+        Some(vec!["rollback.window".to_string()])
+    );
+    // A webhook token needs a webhook; with one it is fine (the file is read at start, not
+    // here). An empty URL is no webhook.
+    let mut d = base();
+    let r = d.entry("rollback".into()).or_default();
+    r.insert("webhook_token_file".into(), "\"/x\"".into());
+    r.insert("webhook_url".into(), "\"\"".into());
+    assert_eq!(
+        problems(&render(&d)),
+        Some(vec!["rollback.webhook_token_file".to_string()])
+    );
+    d.get_mut("rollback")
+        .expect("rollback")
+        .insert("webhook_url".into(), "\"http://127.0.0.1:9/hook\"".into());
+    assert_eq!(problems(&render(&d)), None);
+}
+
+#[test]
+fn state_dir_is_a_top_level_key() {
+    let legacy = "[upstream.legacy]\naddress = \"h:1\"\n";
+    let parse = |text: &str| Config::parse(text).map_err(|e| e.problems());
+    // Default, and set before the first table.
+    let c = parse(legacy).expect("minimal");
+    assert_eq!(c.state_dir, std::path::Path::new("/var/lib/cync-gateway"));
+    let c = parse(&format!("state_dir = \"/srv/gw\"\n{legacy}")).expect("state_dir set");
+    assert_eq!(c.state_dir, std::path::Path::new("/srv/gw"));
+    // Empty is refused, naming the key.
+    assert_eq!(
+        problems(&format!("state_dir = \"\"\n{legacy}")),
+        Some(vec!["state_dir".to_string()])
+    );
+    // Written after a table header it belongs to that table, where it is unknown.
+    assert_eq!(
+        problems(&format!("{legacy}state_dir = \"/srv/gw\"\n")),
+        Some(vec!["upstream.legacy.state_dir".to_string()])
+    );
 }
 
 /// `# Range: lo..hi` lines of the reference file and the key each stands above.
@@ -419,7 +605,7 @@ fn stated_ranges() -> Vec<(String, String, String, String, bool)> {
 #[test]
 fn the_ranges_the_reference_states_are_the_ones_enforced() {
     let ranges = stated_ranges();
-    assert!(ranges.len() >= 17, "{ranges:?}");
+    assert!(ranges.len() >= 32, "{ranges:?}");
     let mut wrong = Vec::new();
     for (section, key, lo, hi, float) in &ranges {
         let step = |v: &str, by: f64| {

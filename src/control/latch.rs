@@ -13,6 +13,7 @@ use std::path::Path;
 
 use tracing::{error, warn};
 
+use super::event::RollbackCause;
 use super::slo_task::{StateFile, StateProblem};
 use super::state::{self, LatchFile, LatchLoad, StateError, LATCH_VERSION};
 use crate::telemetry::metrics::Metrics;
@@ -43,6 +44,7 @@ pub async fn load(dir: &Path, metrics: &Metrics, at: String) -> bool {
                 "the rollback latch file exists but cannot be read; treating it as set (fail safe)"
             );
             metrics.state_error(StateFile::Latch, StateProblem::Unreadable);
+            metrics.rollback(RollbackCause::LatchUnreadable);
             let file = LatchFile {
                 version: LATCH_VERSION,
                 latched: true,

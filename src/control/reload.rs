@@ -9,7 +9,7 @@
 //! - A file is validated whole with the same loader as start-up and `check-config`; if it is
 //!   invalid nothing changes (the problems are logged and counted).
 //! - Non-reloadable settings (listen addresses, TLS, upstreams, logging, metrics, shutdown,
-//!   reload, `state_dir`, `[audit]`, and the gateway-wide `reliable.dedup_capacity`, `dedup_ttl` and
+//!   reload, `state_dir`, `[audit]`, the `rollback.webhook_*` keys, and the gateway-wide `reliable.dedup_capacity`, `dedup_ttl` and
 //!   `retry_budget_window`) keep their running values; each one the file changes is reported as needing a
 //!   restart, and `tcp_comm_config_restart_required` says so until the file matches again.
 //! - The poll reloads only when the content's SHA-256 changes, read through the path on every
@@ -108,6 +108,29 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<&'static str>) {
         "reliable.retry_budget_window",
         r.retry_budget_window == n.retry_budget_window,
     );
+    // The webhook's sender is built once, at start.
+    let (w, v) = (&running.rollback, &new.rollback);
+    check(
+        "rollback.webhook",
+        (
+            &w.webhook_url,
+            &w.webhook_token_file,
+            w.webhook_timeout,
+            w.webhook_attempts,
+        ) == (
+            &v.webhook_url,
+            &v.webhook_token_file,
+            v.webhook_timeout,
+            v.webhook_attempts,
+        ),
+    );
+    let rollback = crate::config::RollbackConfig {
+        webhook_url: w.webhook_url.clone(),
+        webhook_token_file: w.webhook_token_file.clone(),
+        webhook_timeout: w.webhook_timeout,
+        webhook_attempts: w.webhook_attempts,
+        ..new.rollback.clone()
+    };
     let reliable = crate::config::Reliable {
         dedup_capacity: r.dedup_capacity,
         dedup_ttl: r.dedup_ttl,
@@ -116,6 +139,7 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<&'static str>) {
     };
     let effective = Config {
         reliable,
+        rollback,
         listen: running.listen.clone(),
         device_tls: running.device_tls.clone(),
         upstream_legacy: running.upstream_legacy.clone(),

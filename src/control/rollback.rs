@@ -172,3 +172,200 @@ impl Controller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::control::event::{self, ControlRx};
+    use crate::control::judge::Comparison;
+    use crate::telemetry::labels::CommandOutcome;
+    use crate::telemetry::wallclock::WallClock;
+
+    struct Rig {
+        controller: Controller,
+        metrics: Arc<Metrics>,
+        live: Arc<Live>,
+        _rx: ControlRx,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A controller over a 2 s window, 20 commands at the least, three strikes.
+    async fn rig(extra: &str) -> Rig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = format!(
+            "state_dir = {:?}\n[upstream.legacy]\naddress = \"127.0.0.1:1\"\n\
+             [rollback]\nwindow = \"2s\"\ncheck_interval = \"1s\"\nmin_events = 20\nmax_violations = 3\n{extra}",
+            dir.path().display().to_string()
+        );
+        let live = Live::new(Config::parse(&text).expect("config"));
+        let metrics = Arc::new(Metrics::new(false).expect("metrics"));
+        let clock = WallClock::at(Instant::now(), 1_796_083_200_000);
+        let slo = SloService::start(live.clone(), metrics.clone(), clock).await;
+        let (tx, rx) = event::channel();
+        Rig {
+            controller: Controller::new(slo, live.clone(), metrics.clone(), tx),
+            metrics,
+            live,
+            _rx: rx,
+            _dir: dir,
+        }
+    }
+
+    /// `ok` answered and `failed` timed-out commands on `t`.
+    fn feed(m: &Metrics, t: Transport, ok: u32, failed: u32) {
+        for _ in 0..ok {
+            m.command(
+                t,
+                CommandOutcome::Success,
+                Some(Duration::from_millis(20)),
+                None,
+            );
+        }
+        for _ in 0..failed {
+            m.command(t, CommandOutcome::Timeout, None, None);
+        }
+    }
+
+    /// One window later (so windows never overlap), after `new` and `legacy` traffic.
+    async fn round(r: &mut Rig, new: (u32, u32), legacy: (u32, u32)) -> Option<Control> {
+        tokio::time::advance(Duration::from_secs(3)).await;
+        feed(&r.metrics, Transport::New, new.0, new.1);
+        feed(&r.metrics, Transport::Legacy, legacy.0, legacy.1);
+        r.controller.check(Instant::now())
+    }
+
+    fn checks(r: &Rig, result: &str) -> f64 {
+        r.metrics
+            .total("tcp_comm_rollback_checks_total", &[("result", result)])
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn three_failed_checks_in_a_row_ask_for_a_rollback_naming_the_success_floor() {
+        let mut r = rig("").await;
+        // New path: 70 of 100 answered; legacy: all 100.
+        assert_eq!(round(&mut r, (70, 30), (100, 0)).await, None);
+        assert_eq!(round(&mut r, (70, 30), (100, 0)).await, None);
+        let Some(Control::Rollback {
+            origin,
+            cause,
+            reason,
+        }) = round(&mut r, (70, 30), (100, 0)).await
+        else {
+            panic!("no rollback after three failed checks");
+        };
+        assert_eq!(origin, Origin::Controller);
+        assert_eq!(cause, RollbackCause::Success);
+        assert!(
+            reason.starts_with("3 failed rollback checks in a row over 2s"),
+            "{reason}"
+        );
+        assert!(reason.contains("success 70.00% < floor 99.50%"), "{reason}");
+        assert_eq!(checks(&r, "fail"), 3.0);
+        let last = r.controller.last_check().lock().expect("lock").clone();
+        let last = last.expect("a last check");
+        assert_eq!(last.streak, 3);
+        assert_eq!(last.verdict.compared, Comparison::Compared);
+        // The streak starts again after asking.
+        assert_eq!(round(&mut r, (70, 30), (100, 0)).await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_passing_check_between_failures_restarts_the_streak() {
+        let mut r = rig("").await;
+        assert_eq!(round(&mut r, (70, 30), (100, 0)).await, None);
+        assert_eq!(round(&mut r, (70, 30), (100, 0)).await, None);
+        assert_eq!(round(&mut r, (100, 0), (100, 0)).await, None);
+        assert_eq!(checks(&r, "pass"), 1.0);
+        assert_eq!(round(&mut r, (70, 30), (100, 0)).await, None);
+        assert_eq!(round(&mut r, (70, 30), (100, 0)).await, None);
+        assert!(round(&mut r, (70, 30), (100, 0)).await.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_same_failure_rate_on_legacy_is_not_the_canarys_fault() {
+        let mut r = rig("").await;
+        for _ in 0..10 {
+            assert_eq!(round(&mut r, (70, 30), (700, 300)).await, None);
+        }
+        assert_eq!(checks(&r, "pass"), 10.0);
+        assert_eq!(checks(&r, "fail"), 0.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn too_few_commands_are_inconclusive_and_never_add_up_to_a_rollback() {
+        let mut r = rig("").await;
+        // 19 commands a window, every one failed: below min_events (20).
+        for _ in 0..10 {
+            assert_eq!(round(&mut r, (0, 19), (100, 0)).await, None);
+        }
+        assert_eq!(checks(&r, "inconclusive"), 10.0);
+        // Thin traffic between failures breaks the streak too.
+        assert_eq!(round(&mut r, (70, 30), (100, 0)).await, None);
+        assert_eq!(round(&mut r, (70, 30), (100, 0)).await, None);
+        assert_eq!(round(&mut r, (0, 5), (100, 0)).await, None);
+        assert_eq!(round(&mut r, (70, 30), (100, 0)).await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_legacy_too_small_to_compare_the_thresholds_alone_decide() {
+        let mut r = rig("").await;
+        // At 100 % canary legacy has nothing to compare with.
+        assert_eq!(round(&mut r, (70, 30), (3, 0)).await, None);
+        let last = r.controller.last_check().lock().expect("lock").clone();
+        assert_eq!(
+            last.expect("a check").verdict.compared,
+            Comparison::ThresholdsOnly { legacy_commands: 3 }
+        );
+        assert_eq!(round(&mut r, (70, 30), (3, 0)).await, None);
+        assert!(round(&mut r, (70, 30), (3, 0)).await.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_judged_while_disabled() {
+        let mut r = rig("enabled = false\n").await;
+        for _ in 0..5 {
+            assert_eq!(round(&mut r, (0, 100), (100, 0)).await, None);
+        }
+        assert_eq!(r.metrics.total("tcp_comm_rollback_checks_total", &[]), 0.0);
+        assert!(!r.live.latched());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_latency_breach_names_latency() {
+        let mut r = rig("").await;
+        let slow = |m: &Metrics, n: u32| {
+            for _ in 0..n {
+                m.command(
+                    Transport::New,
+                    CommandOutcome::Success,
+                    Some(Duration::from_secs(2)),
+                    None,
+                );
+            }
+        };
+        for k in 0..3 {
+            tokio::time::advance(Duration::from_secs(3)).await;
+            // All answered, 40 of 100 slower than the 1.5 s threshold.
+            feed(&r.metrics, Transport::New, 60, 0);
+            slow(&r.metrics, 40);
+            feed(&r.metrics, Transport::Legacy, 100, 0);
+            let ev = r.controller.check(Instant::now());
+            if k < 2 {
+                assert_eq!(ev, None);
+            } else {
+                assert!(
+                    matches!(
+                        ev,
+                        Some(Control::Rollback {
+                            cause: RollbackCause::Latency,
+                            ..
+                        })
+                    ),
+                    "{ev:?}"
+                );
+            }
+        }
+    }
+}

@@ -270,3 +270,168 @@ impl ControlTask {
 enum WebhookQueue {
     Dropped,
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::control::audit;
+    use crate::control::state;
+    use crate::telemetry::wallclock::WallClock;
+
+    struct Rig {
+        task: ControlTask,
+        live: Arc<Live>,
+        metrics: Arc<Metrics>,
+        file: PathBuf,
+        dir: tempfile::TempDir,
+    }
+
+    fn text(dir: &Path, routing: &str) -> String {
+        format!(
+            "state_dir = {:?}\n[upstream.legacy]\naddress = \"127.0.0.1:1\"\n[routing]\n{routing}\n",
+            dir.display().to_string()
+        )
+    }
+
+    async fn rig() -> Rig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(&file, text(dir.path(), "canary_percent = 10")).expect("write");
+        let live = Live::new(Config::load(&file).expect("config"));
+        let metrics = Arc::new(Metrics::new(false).expect("metrics"));
+        let slo = SloService::start(
+            live.clone(),
+            metrics.clone(),
+            WallClock::at(Instant::now(), 1_796_083_200_000),
+        )
+        .await;
+        let reloader = Reloader::new(&file, live.clone(), metrics.clone());
+        let task =
+            ControlTask::new(live.clone(), metrics.clone(), Some(reloader)).with_effects(Effects {
+                slo,
+                audit: AuditLog::new(dir.path(), 1 << 20, 2),
+                notifier: None,
+                instance: "test".into(),
+            });
+        Rig {
+            task,
+            live,
+            metrics,
+            file,
+            dir,
+        }
+    }
+
+    fn entries(r: &Rig) -> Vec<audit::Entry> {
+        audit::read(r.dir.path(), None).expect("audit").entries
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_changes_routing_is_audited_with_its_old_and_new_values() {
+        let mut r = rig().await;
+        std::fs::write(&r.file, text(r.dir.path(), "canary_percent = 25")).expect("write");
+        r.task
+            .apply(Control::Reload {
+                origin: Origin::Signal,
+            })
+            .await;
+        assert_eq!(r.live.config().routing.canary_percent, 25.0);
+        let e = entries(&r);
+        assert_eq!(e.len(), 1);
+        assert_eq!(
+            (e[0].actor.as_str(), e[0].action.as_str()),
+            ("signal", "reload")
+        );
+        assert_eq!(
+            e[0].changes,
+            vec![Change {
+                key: "routing.canary_percent".into(),
+                old: json!(10.0),
+                new: json!(25.0),
+            }]
+        );
+        assert_eq!(e[0].time, "2026-12-01T00:00:00.000Z");
+        assert!(e[0].slo["new"].is_object(), "{}", e[0].slo);
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_reload_and_a_non_routing_change_write_nothing() {
+        let mut r = rig().await;
+        r.task
+            .apply(Control::Reload {
+                origin: Origin::Signal,
+            })
+            .await;
+        let t = format!(
+            "{}[reliable]\nmax_attempts = 2\n",
+            text(r.dir.path(), "canary_percent = 10")
+        );
+        std::fs::write(&r.file, t).expect("write");
+        r.task
+            .apply(Control::Reload {
+                origin: Origin::Signal,
+            })
+            .await;
+        assert_eq!(r.live.config().reliable.max_attempts, 2, "applied");
+        assert!(entries(&r).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_rollback_writes_the_latch_then_the_audit_entry_and_a_second_one_changes_nothing() {
+        let mut r = rig().await;
+        let rollback = Control::Rollback {
+            origin: Origin::Controller,
+            cause: RollbackCause::Success,
+            reason: "3 failed checks".into(),
+        };
+        r.task.apply(rollback.clone()).await;
+        assert!(r.live.latched());
+        let latch = state::load_latch(r.dir.path());
+        assert!(
+            matches!(&latch, state::LatchLoad::Set(f) if f.actor == "controller" && f.reason == "3 failed checks"),
+            "{latch:?}"
+        );
+        let e = entries(&r);
+        assert_eq!(e.len(), 1);
+        assert_eq!(
+            (e[0].actor.as_str(), e[0].action.as_str()),
+            ("controller", "rollback")
+        );
+        assert_eq!(e[0].changes[0].key, "rollback.latched");
+        assert_eq!(
+            (e[0].changes[1].old.clone(), e[0].changes[1].new.clone()),
+            (json!(10.0), json!(0.0)),
+            "the effective canary percentage"
+        );
+        assert_eq!(
+            r.metrics
+                .total("tcp_comm_rollbacks_total", &[("reason", "success")]),
+            1.0
+        );
+        assert_eq!(r.metrics.total("tcp_comm_rollback_active", &[]), 1.0);
+
+        r.task.apply(rollback).await;
+        assert_eq!(entries(&r).len(), 1, "already latched: nothing written");
+        assert_eq!(r.metrics.total("tcp_comm_rollbacks_total", &[]), 1.0);
+
+        r.task
+            .apply(Control::Resume {
+                origin: Origin::Operator,
+            })
+            .await;
+        assert!(!r.live.latched());
+        assert!(matches!(
+            state::load_latch(r.dir.path()),
+            state::LatchLoad::Clear(_)
+        ));
+        let e = entries(&r);
+        assert_eq!(
+            (e[1].actor.as_str(), e[1].action.as_str()),
+            ("admin", "resume")
+        );
+        assert_eq!(r.metrics.total("tcp_comm_rollback_active", &[]), 0.0);
+    }
+}

@@ -73,3 +73,53 @@ pub async fn save(dir: &Path, file: LatchFile) -> Result<(), StateError> {
             })
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unreadable_latch_file_sets_the_latch_and_is_rewritten_as_set() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(state::LATCH_FILE), b"\x00garbage").expect("write");
+        let m = Metrics::new(false).expect("metrics");
+        assert!(load(dir.path(), &m, "2026-12-01T00:00:00.000Z".into()).await);
+        assert_eq!(
+            m.total(
+                "tcp_comm_state_errors_total",
+                &[("file", "latch"), ("error", "unreadable")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            m.total(
+                "tcp_comm_rollbacks_total",
+                &[("reason", "latch_unreadable")]
+            ),
+            1.0
+        );
+        // The next start reads a proper, set latch.
+        let again = Metrics::new(false).expect("metrics");
+        assert!(load(dir.path(), &again, "later".into()).await);
+        assert_eq!(again.total("tcp_comm_state_errors_total", &[]), 0.0);
+    }
+
+    #[tokio::test]
+    async fn no_latch_file_starts_clear_and_a_saved_one_is_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = Metrics::new(false).expect("metrics");
+        assert!(!load(dir.path(), &m, "t".into()).await);
+        let set = |on: bool| LatchFile {
+            version: LATCH_VERSION,
+            latched: on,
+            reason: "r".into(),
+            actor: "controller".into(),
+            at: "t".into(),
+        };
+        save(dir.path(), set(true)).await.expect("save");
+        assert!(load(dir.path(), &m, "t".into()).await);
+        save(dir.path(), set(false)).await.expect("save");
+        assert!(!load(dir.path(), &m, "t".into()).await);
+        assert_eq!(m.total("tcp_comm_state_errors_total", &[]), 0.0);
+    }
+}

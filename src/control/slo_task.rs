@@ -300,3 +300,112 @@ async fn set_aside(dir: &Path, now_ms: u64) {
         warn!(dir = %dir.display(), "could not move the SLO state aside; it will be overwritten");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::telemetry::labels::CommandOutcome;
+
+    fn live(dir: &Path) -> Arc<Live> {
+        Live::new(
+            Config::parse(&format!(
+                "state_dir = {:?}\n[upstream.legacy]\naddress = \"127.0.0.1:1\"\n",
+                dir.display().to_string()
+            ))
+            .expect("config"),
+        )
+    }
+
+    const T0_MS: u64 = 1_796_083_200_000;
+
+    async fn service(dir: &Path, metrics: &Arc<Metrics>) -> Arc<SloService> {
+        let clock = WallClock::at(Instant::now(), T0_MS);
+        SloService::start(live(dir), metrics.clone(), clock).await
+    }
+
+    fn budget(m: &Metrics) -> f64 {
+        m.total(
+            "tcp_comm_slo_error_budget_remaining",
+            &[("transport", "new"), ("slo", "success")],
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_keeps_the_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = Arc::new(Metrics::new(false).expect("metrics"));
+        let s = service(dir.path(), &m).await;
+        // 10 000 commands, 5 failed, target 99.9 %: half the budget spent, 0.5 left.
+        for i in 0..10_000 {
+            let outcome = if i < 5 {
+                CommandOutcome::Timeout
+            } else {
+                CommandOutcome::Success
+            };
+            m.command(
+                Transport::New,
+                outcome,
+                Some(Duration::from_millis(5)),
+                None,
+            );
+        }
+        let now = Instant::now();
+        s.observe(now);
+        s.export(now);
+        assert!((budget(&m) - 0.5).abs() < 1e-9, "{}", budget(&m));
+        s.persist(now).await;
+
+        // A new process: new metrics, the same state_dir, a minute later.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let m2 = Arc::new(Metrics::new(false).expect("metrics"));
+        let s2 = service(dir.path(), &m2).await;
+        let now = Instant::now();
+        s2.observe(now);
+        s2.export(now);
+        assert!((budget(&m2) - 0.5).abs() < 1e-9, "{}", budget(&m2));
+        assert_eq!(m2.total("tcp_comm_state_errors_total", &[]), 0.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_corrupt_state_file_is_set_aside_counted_and_the_engine_starts_fresh() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(SLO_FILE), b"{\"version\": 1, \"transp").expect("write");
+        let m = Arc::new(Metrics::new(false).expect("metrics"));
+        let s = service(dir.path(), &m).await;
+        assert_eq!(
+            m.total(
+                "tcp_comm_state_errors_total",
+                &[("file", "slo"), ("error", "corrupt")]
+            ),
+            1.0
+        );
+        let aside: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("slo.json.corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        let now = Instant::now();
+        s.export(now);
+        assert_eq!(budget(&m), 1.0, "fresh: nothing spent");
+        // And the next write is a good file again.
+        s.persist(now).await;
+        let text = std::fs::read_to_string(dir.path().join(SLO_FILE)).expect("state");
+        let v: Value = serde_json::from_str(&text).expect("JSON");
+        assert_eq!(v["version"], STATE_VERSION);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_engines_state_file_is_small() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = Arc::new(Metrics::new(false).expect("metrics"));
+        let s = service(dir.path(), &m).await;
+        s.persist(Instant::now()).await;
+        let len = std::fs::metadata(dir.path().join(SLO_FILE))
+            .expect("state")
+            .len();
+        // 9 rings of up to 720 buckets, none filled: headers only.
+        assert!(len < 2048, "{len} bytes");
+    }
+}

@@ -4,17 +4,15 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cync-gateway");
+use common::daemon::{Daemon, BIN};
 
 #[test]
 fn check_config_names_every_problem_and_exits_64() {
@@ -91,30 +89,6 @@ fn missing_config_file_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/gateway.toml"));
 }
 
-struct Daemon {
-    child: Child,
-    devices: SocketAddr,
-    metrics: SocketAddr,
-    path: std::path::PathBuf,
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn signal(&self, sig: Signal) {
-        let pid = Pid::from_raw(i32::try_from(self.child.id().expect("pid")).expect("pid fits"));
-        kill(pid, sig).expect("signal");
-    }
-
-    fn logged(&self, needle: &str) -> bool {
-        self.log
-            .lock()
-            .expect("log")
-            .iter()
-            .any(|l| l.contains(needle))
-    }
-}
-
 fn daemon_config(upstream: SocketAddr, drain: &str, extra: &str) -> String {
     format!(
         "{}[shutdown]\ndrain_timeout = \"{drain}\"\n[logging]\nformat = \"json\"\n{extra}",
@@ -130,63 +104,8 @@ async fn start_daemon(upstream: SocketAddr, drain: &str) -> Daemon {
 async fn start_daemon_with(upstream: SocketAddr, drain: &str, extra: &str) -> Daemon {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("gw.toml");
-    let text = daemon_config(upstream, drain, extra);
-    std::fs::write(&path, text).expect("write config");
-    let mut child = Command::new(BIN)
-        .arg("run")
-        .arg("--config")
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn daemon");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let (devices, metrics) = tokio::time::timeout(DEADLINE, async {
-        loop {
-            let line = lines
-                .next_line()
-                .await
-                .expect("read log")
-                .expect("daemon exited before listening");
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            let f = &v["fields"];
-            if f["message"] == "cync-gateway listening" {
-                let d = f["devices"]
-                    .as_str()
-                    .expect("devices")
-                    .parse()
-                    .expect("addr");
-                let m = f["metrics"]
-                    .as_str()
-                    .expect("metrics")
-                    .parse()
-                    .expect("addr");
-                return (d, m);
-            }
-        }
-    })
-    .await
-    .expect("daemon logs its addresses");
-    // Keep draining stderr so the daemon never blocks on a full pipe; keep it for asserts.
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let l = log.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            l.lock().expect("log").push(line);
-        }
-    });
-    Daemon {
-        child,
-        devices,
-        metrics,
-        path,
-        log,
-        _dir: dir,
-    }
+    std::fs::write(&path, daemon_config(upstream, drain, extra)).expect("write config");
+    Daemon::start(path, Some(dir)).await
 }
 
 /// What the add-on does with a connection the gateway closes: reads to its EOF, then closes.

@@ -2,6 +2,7 @@
 //! deadline polling. Tests never sleep to wait; they poll with a deadline.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod gateway;
 pub mod replay;
 

@@ -29,6 +29,7 @@ if [ ${#files[@]} -eq 0 ]; then
     src/conn/transactions.rs
     src/conn/reliable/retry.rs src/conn/reliable/rto.rs src/conn/reliable/budget.rs
     src/conn/reliable/dedup.rs src/conn/reliable/queue.rs
+    src/telemetry/slo.rs src/control/judge.rs
   )
 fi
 args=()
@@ -36,7 +37,7 @@ for f in "${files[@]}"; do args+=(--file "$f"); done
 
 # The unit tests of these pure modules, plus the protocol vectors and the config table (fast,
 # no sockets); the socket-level suites would multiply the run time by ten for little more.
-cargo mutants "${args[@]}" --timeout 120 --output . \
+cargo mutants "${args[@]}" --profile mutants --timeout 120 --output . \
   -- --lib --test protocol_vectors --test config_validation || true
 
 echo

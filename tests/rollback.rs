@@ -392,3 +392,58 @@ async fn the_same_fault_on_both_paths_rolls_nothing_back() {
     stop.cancel();
     gw.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fewer_commands_than_min_events_roll_nothing_back_however_bad() {
+    let addon = start_addon(fast_addon()).await;
+    let gw = gateway(&addon, 1)
+        .set("rollback.min_events", 1000)
+        .start()
+        .await;
+    // Every f9 of the new-path device lost.
+    let chaos = chaos_to(&gw, f9_loss(1.0)).await;
+    let stop = CancellationToken::new();
+    devices(chaos.addr(), 0..1, &stop);
+    devices(gw.device_addr, 1..2, &stop);
+    eventually("both devices ready", || async {
+        (addon.connections().1 == 2).then_some(())
+    })
+    .await;
+    let pumping = CancellationToken::new();
+    pump(addon.clone(), Duration::from_millis(20), pumping.clone());
+    let m = eventually("five checks", || async {
+        let m = metrics_of(&gw).await;
+        (sample_or_zero(
+            &m,
+            "tcp_comm_rollback_checks_total{result=\"inconclusive\"}",
+        ) >= 5.0)
+            .then_some(m)
+    })
+    .await;
+    pumping.cancel();
+    let failed = sample_or_zero(
+        &m,
+        "tcp_comm_packet_sent_total{outcome=\"timeout\",transport=\"new\"}",
+    );
+    assert!(failed >= 20.0, "the new path did fail: {failed} timeouts");
+    assert_eq!(
+        sample_or_zero(&m, "tcp_comm_rollback_checks_total{result=\"fail\"}"),
+        0.0
+    );
+    assert_eq!(sample(&m, "tcp_comm_rollback_active"), 0.0);
+    let last = gw
+        .last_check
+        .lock()
+        .expect("lock")
+        .clone()
+        .expect("a check");
+    assert!(
+        last.verdict
+            .to_string()
+            .contains("too few new-path commands"),
+        "{}",
+        last.verdict
+    );
+    stop.cancel();
+    gw.shutdown(Duration::from_secs(1)).await;
+}

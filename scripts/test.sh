@@ -29,6 +29,7 @@ cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo doc (warnings are errors: broken intra-doc links, links to private items)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked --quiet
 echo "== cargo test"
-# Test gateways keep their state (latch, SLO state, audit log) here until the next run.
-rm -rf target/tmp/gw-state
+# Test gateways keep their state (latch, SLO state, audit log) here until the next run
+# (tests/common/gateway.rs, fresh_state_dir).
+rm -rf "${TMPDIR:-/tmp}/cgw-$(printf %s "$PWD" | sha256sum | cut -c1-8)"
 cargo test --all-targets --locked

@@ -29,6 +29,7 @@ use crate::conn::reliable::SessionCtx;
 use crate::conn::shadow::ShadowCtx;
 use crate::conn::tls::{self, TlsError};
 use crate::conn::upstream::Dialer;
+use crate::control::admin::{self, Admin, AdminError};
 use crate::control::apply::{ControlTask, Effects};
 use crate::control::audit::AuditLog;
 use crate::control::latch;
@@ -65,6 +66,8 @@ pub enum GatewayError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Admin(#[from] AdminError),
     #[error("rollback.webhook_url: {0}")]
     Webhook(String),
     #[error("rollback.webhook_token_file {path}: {source}")]
@@ -174,6 +177,8 @@ pub struct Gateway {
     pub slo: Arc<SloService>,
     /// The rollback controller's last check.
     pub last_check: LastCheckCell,
+    /// Where the admin API listens (removed at shutdown).
+    pub admin_socket: PathBuf,
     control: ControlTx,
     shutdown: Shutdown,
     /// The HTTP server's tasks: they outlive the drain, so /metrics answers until the end.
@@ -289,6 +294,8 @@ impl Gateway {
         ensure_state_dir(&state_dir).await?;
         let latched = latch::load(&state_dir, &metrics, clock.rfc3339(Instant::now())).await;
         let notifier = webhook_notifier(&config, &metrics, &tasks).await?;
+        let admin_socket = config.admin.socket.clone();
+        let admin_listener = admin::bind(&admin_socket).await?;
         let audit = AuditLog::new(&state_dir, config.audit.max_bytes, config.audit.keep);
         let live = Live::starting(config, latched);
         metrics.set_rollback_active(latched);
@@ -376,6 +383,19 @@ impl Gateway {
         // The SLO task outlives the drain (on the HTTP tracker), so its last write holds the
         // drained connections' commands.
         http_tasks.spawn("slo", slo.clone().run(http_stop.clone()));
+        // The admin API answers through the drain too (status while draining).
+        let admin = Arc::new(Admin {
+            live: live.clone(),
+            metrics: metrics.clone(),
+            slo: slo.clone(),
+            last_check: last_check.clone(),
+            control: control.clone(),
+        });
+        http_tasks.spawn(
+            "admin",
+            admin::serve(admin_listener, admin, http_tasks.clone(), http_stop.clone()),
+        );
+        info!(socket = %admin_socket.display(), "admin API listening");
         health.set_ready();
         metrics.set_ready(true);
         Ok(Gateway {
@@ -389,6 +409,7 @@ impl Gateway {
             admission,
             slo,
             last_check,
+            admin_socket,
             control,
             shutdown,
             http_tasks,
@@ -424,6 +445,9 @@ impl Gateway {
         self.http_stop.cancel();
         self.http_tasks.close();
         self.http_tasks.wait().await;
+        if let Err(e) = tokio::fs::remove_file(&self.admin_socket).await {
+            warn!(socket = %self.admin_socket.display(), error = %e, "could not remove the admin socket");
+        }
         outcome
     }
 }

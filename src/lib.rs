@@ -22,8 +22,8 @@
 //! | [`config`] | the TOML file: its serde shape, the typed configuration, every problem at once |
 //! | [`telemetry`] | metric names and families with typed record methods, logging, the HTTP endpoints |
 //! | [`conn`] | the data plane: accept, one handler per connection, the legacy and new paths, dark launch |
-//! | [`control`] | the control plane: the configuration in force, routing, reloads, re-homing, one event stream |
-//! | [`gateway`], [`shutdown`], [`demo`] | wiring, signals and drain, the demo |
+//! | [`control`] | the control plane: the configuration in force, routing, reloads, re-homing, one event stream, SLOs, the rollback controller, the admin API |
+//! | [`gateway`], [`shutdown`], [`demo`], [`runbook`] | wiring, signals and drain, the demo, the runbook commands' client |
 //! | [`sim`] | simulated devices and add-on; uses only [`protocol`] and the TLS helpers of [`conn::tls`] |
 
 #![forbid(unsafe_code)]
@@ -34,6 +34,7 @@ pub mod control;
 pub mod demo;
 pub mod gateway;
 pub mod protocol;
+pub mod runbook;
 pub mod shutdown;
 pub mod sim;
 pub mod telemetry;

@@ -1,8 +1,9 @@
 //! `cync-gateway`: the daemon and its operator commands. A thin layer: argument parsing and
 //! exit codes here, everything else in the library.
 //!
-//! Exit codes: 0 success; 1 runtime failure; 64 invalid configuration or usage; 130 second
-//! shutdown signal.
+//! Exit codes: 0 success; 1 runtime failure (or the daemon refused a runbook command); 64
+//! invalid configuration or usage; 69 the daemon cannot be reached (runbook commands); 130
+//! second shutdown signal.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,7 +34,7 @@ enum Cmd {
     /// Run the daemon.
     Run {
         /// Configuration file.
-        #[arg(long, short, default_value = "/etc/cync-gateway/gateway.toml")]
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Refuse to start when the file-descriptor limit is below what the configuration
         /// may need (by default that is only a warning).
@@ -60,13 +61,62 @@ enum Cmd {
         /// Configuration file.
         file: PathBuf,
     },
+    /// The running daemon: canary and latch, each path's devices, success and budget, the last
+    /// rollback check.
+    Status {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set the rollback latch now: every device routes to legacy, new-path connections are
+    /// re-homed. Audited with the reason.
+    Rollback {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Why (goes into the log, the audit log and the webhook).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Clear the rollback latch: the configured canary percentage is in force again.
+    Resume {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Why (goes into the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// The audit log: every routing change, who made it and why.
+    History {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Newest entries shown.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
 }
+
+const DEFAULT_CONFIG: &str = "/etc/cync-gateway/gateway.toml";
+
+use cync_gateway::runbook::Ask;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Cmd::CheckConfig { file } => check_config(&file),
         Cmd::Run { config, strict } => run(&config, strict),
+        Cmd::Status { config, json } => runbook(&config, Ask::Status { json }),
+        Cmd::Rollback { config, reason } => runbook(&config, Ask::Rollback { reason }),
+        Cmd::Resume { config, reason } => runbook(&config, Ask::Resume { reason }),
+        Cmd::History {
+            config,
+            limit,
+            json,
+        } => runbook(&config, Ask::History { limit, json }),
         Cmd::Demo {
             duration,
             devices,
@@ -98,6 +148,32 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 eprintln!("  - {p}");
             }
             ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// Runs one runbook command against the daemon the configuration names.
+fn runbook(config: &std::path::Path, ask: Ask) -> ExitCode {
+    use cync_gateway::runbook as rb;
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cync-gateway: starting the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let result = rt.block_on(rb::run(config, ask));
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cync-gateway: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }

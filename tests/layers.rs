@@ -29,6 +29,8 @@ fn layer(top: &str) -> Option<u8> {
         "shutdown" => 5,
         "gateway" => 6,
         "demo" => 7,
+        // The runbook commands: clients of the admin API the control plane serves.
+        "runbook" => 5,
         _ => return None,
     })
 }

@@ -51,6 +51,13 @@ pub(super) struct RawConfig {
     pub(super) rollback: RawRollback,
     #[serde(default)]
     pub(super) audit: RawAudit,
+    #[serde(default)]
+    pub(super) admin: RawAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawAdmin {
+    pub(super) socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -94,6 +94,14 @@ pub struct Config {
     pub slo: SloConfig,
     pub rollback: RollbackConfig,
     pub audit: AuditConfig,
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: where the runbook commands reach the daemon.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// The Unix socket (mode 0600: its permissions are the authentication).
+    pub socket: PathBuf,
 }
 
 /// `[slo]`: the objectives each path is measured against.

@@ -289,6 +289,7 @@ impl Validator<'_> {
                 ),
             },
             reliable: self.reliable(raw.reliable, &protocol_deadline, protocol_frame_len),
+            admin: self.admin(raw.admin, raw.state_dir.as_deref()),
             state_dir: self.state_dir(raw.state_dir),
             slo: self.slo(raw.slo),
             rollback: self.rollback(raw.rollback),
@@ -303,6 +304,26 @@ impl Validator<'_> {
                 keep: self.int_in("audit.keep", raw.audit.keep, 5, 0, 100),
             },
         }
+    }
+
+    fn admin(&mut self, raw: RawAdmin, state_dir: Option<&std::path::Path>) -> AdminConfig {
+        let socket = raw.socket.unwrap_or_else(|| {
+            state_dir
+                .unwrap_or(std::path::Path::new(DEFAULT_STATE_DIR))
+                .join("admin.sock")
+        });
+        // sun_path holds 108 bytes, the terminating NUL included.
+        if socket.as_os_str().len() > 107 {
+            self.problem(
+                "admin.socket",
+                format!(
+                    "{} is {} bytes long; a Unix socket path is at most 107 (set admin.socket to a shorter path)",
+                    socket.display(),
+                    socket.as_os_str().len()
+                ),
+            );
+        }
+        AdminConfig { socket }
     }
 
     fn state_dir(&mut self, raw: Option<std::path::PathBuf>) -> std::path::PathBuf {

@@ -122,10 +122,7 @@ impl ControlTask {
                 cause,
                 reason,
             } => self.latch(true, origin, Some(cause), reason).await,
-            Control::Resume { origin } => {
-                self.latch(false, origin, None, "resumed by an operator".into())
-                    .await
-            }
+            Control::Resume { origin, reason } => self.latch(false, origin, None, reason).await,
         }
     }
 
@@ -420,6 +417,7 @@ mod tests {
         r.task
             .apply(Control::Resume {
                 origin: Origin::Operator,
+                reason: "fixed".into(),
             })
             .await;
         assert!(!r.live.latched());

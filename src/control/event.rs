@@ -65,7 +65,11 @@ pub enum Control {
         reason: String,
     },
     /// Clear the rollback latch: the configured percentage is in force again.
-    Resume { origin: Origin },
+    Resume {
+        origin: Origin,
+        /// Why, for the log and the audit entry.
+        reason: String,
+    },
 }
 
 impl Control {
@@ -73,7 +77,7 @@ impl Control {
         match self {
             Control::Reload { origin }
             | Control::Rollback { origin, .. }
-            | Control::Resume { origin } => *origin,
+            | Control::Resume { origin, .. } => *origin,
         }
     }
 }

@@ -14,6 +14,7 @@
 //! - Imports go down only: to [`crate::conn`] and the layers below it, never to the top.
 //! - One writer: every change to [`live::Live`] is made by the control task, in event order.
 
+pub mod admin;
 pub mod apply;
 pub mod audit;
 pub mod event;

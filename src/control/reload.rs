@@ -96,6 +96,7 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<&'static str>) {
     check("reload", running.reload == new.reload);
     check("state_dir", running.state_dir == new.state_dir);
     check("audit", running.audit == new.audit);
+    check("admin", running.admin == new.admin);
     // Gateway-wide state built once at start: the shared dedup store and the retry budget's
     // ring. The rest of [reliable] reaches new connections.
     let (r, n) = (&running.reliable, &new.reliable);
@@ -150,6 +151,7 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<&'static str>) {
         reload: running.reload.clone(),
         state_dir: running.state_dir.clone(),
         audit: running.audit.clone(),
+        admin: running.admin.clone(),
         ..new
     };
     (effective, restart)

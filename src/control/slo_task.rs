@@ -165,6 +165,28 @@ impl SloService {
         self.engine().window(now, t, window)
     }
 
+    /// One SLI of `t` over `window` (NaN with no events).
+    pub fn sli(&self, now: Instant, t: Transport, slo: Slo, window: Duration) -> f64 {
+        self.engine().sli(now, t, slo, window)
+    }
+
+    /// The error budget of `slo` left on `t` over its period.
+    pub fn budget(&self, now: Instant, t: Transport, slo: Slo, obj: &Objectives) -> f64 {
+        self.engine().budget_remaining(now, t, slo, obj)
+    }
+
+    /// The burn rate of `slo` on `t` over `window`.
+    pub fn burn(
+        &self,
+        now: Instant,
+        t: Transport,
+        slo: Slo,
+        obj: &Objectives,
+        window: Duration,
+    ) -> f64 {
+        self.engine().burn_rate(now, t, slo, obj, window)
+    }
+
     /// Refreshes every SLO gauge.
     pub fn export(&self, now: Instant) {
         let cfg = self.live.config();

@@ -22,18 +22,22 @@ pub struct TestGateway {
 /// A fresh state directory for one gateway, so no test sees another's rollback latch or SLO
 /// state (the default, `/var/lib/cync-gateway`, is shared by every process on the machine).
 /// Not created here: the gateway creates it when it starts. All of them are under one parent
-/// in this checkout's target directory, which the test command empties before each run, and are kept until then, so a failed test's
-/// latch, SLO state and audit log can be looked at.
+/// per checkout, `/tmp/cgw-<first 8 hex of SHA-256 of the checkout's path>` (short, because the
+/// admin socket inside must fit a Unix socket path), which the test command empties before
+/// each run; they are kept until then, so a failed test's latch, SLO state and audit log can be
+/// looked at.
 pub fn fresh_state_dir() -> String {
+    use sha2::Digest;
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("gw-state")
+    let checkout = hex::encode(sha2::Sha256::digest(env!("CARGO_MANIFEST_DIR").as_bytes()));
+    let dir = std::env::temp_dir()
+        .join(format!("cgw-{}", &checkout[..8]))
         .join(format!(
-            "{}-{}-{:016x}",
+            "{}-{}-{:08x}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed),
-            rand::random::<u64>()
+            rand::random::<u32>()
         ));
     dir.to_string_lossy().into_owned()
 }

@@ -1,0 +1,293 @@
+//! The runbook commands' side of the admin API: `cync-gateway status`, `rollback`, `resume`,
+//! `history` and `reload` find the daemon through the configuration file (its `admin.socket`),
+//! ask it, and print what an operator on call reads — or JSON for scripts (`--json`).
+//!
+//! Invariants:
+//! - Every failure says what to do next: a daemon that is not running, a socket without
+//!   permission, a request the daemon refused (its message is shown as it gave it).
+//! - Plain words and aligned columns; nothing depends on a terminal (no colour).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use thiserror::Error;
+use tokio::net::UnixStream;
+
+use crate::config::{Config, ConfigError};
+use crate::control::admin::Status;
+use crate::control::audit::Entry;
+
+/// How long one request may take.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum RunbookError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot reach the gateway at {socket}: {source} (is `cync-gateway run` running with this configuration? is this the user it runs as?)")]
+    Unreachable {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the gateway did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("talking to the gateway: {0}")]
+    Http(String),
+    #[error("the gateway refused: {0}")]
+    Refused(String),
+    #[error("the gateway's answer is not what this version expects: {0}")]
+    Decode(String),
+}
+
+impl RunbookError {
+    /// The exit code: 69 (EX_UNAVAILABLE) when the daemon cannot be reached, 64 for a bad
+    /// configuration, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunbookError::Config(_) => 64,
+            RunbookError::Unreachable { .. } | RunbookError::Timeout(_) => 69,
+            _ => 1,
+        }
+    }
+}
+
+/// What a runbook command asks for.
+#[derive(Debug, Clone)]
+pub enum Ask {
+    Status { json: bool },
+    Rollback { reason: String },
+    Resume { reason: String },
+    History { limit: usize, json: bool },
+}
+
+/// Runs one runbook command against the daemon `config` names; what to print.
+pub async fn run(config: &Path, ask: Ask) -> Result<String, RunbookError> {
+    let socket = socket_of(config)?;
+    Ok(match ask {
+        Ask::Status { json } => {
+            let (s, raw) = status(&socket).await?;
+            if json {
+                format!("{raw:#}\n")
+            } else {
+                render_status(&s)
+            }
+        }
+        Ask::History { limit, json } => {
+            let (entries, raw) = history(&socket, limit).await?;
+            if json {
+                format!("{raw:#}\n")
+            } else {
+                render_history(&entries)
+            }
+        }
+        Ask::Rollback { reason } => {
+            let body = serde_json::json!({ "reason": reason });
+            request(&socket, hyper::Method::POST, "/rollback", Some(body)).await?;
+            "rollback requested: every device goes to legacy; see `cync-gateway status`\n".into()
+        }
+        Ask::Resume { reason } => {
+            let body = serde_json::json!({ "reason": reason });
+            request(&socket, hyper::Method::POST, "/resume", Some(body)).await?;
+            "resume requested: the configured percentage is in force again; see `cync-gateway status`\n"
+                .into()
+        }
+    })
+}
+
+/// The admin socket named by the configuration at `config`.
+pub fn socket_of(config: &Path) -> Result<PathBuf, RunbookError> {
+    Ok(Config::load(config)?.admin.socket)
+}
+
+/// One request to the admin API; the JSON answer of a 2xx, or the daemon's message.
+pub async fn request(
+    socket: &Path,
+    method: hyper::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, RunbookError> {
+    tokio::time::timeout(TIMEOUT, request_inner(socket, method, path, body))
+        .await
+        .map_err(|_| RunbookError::Timeout(TIMEOUT))?
+}
+
+async fn request_inner(
+    socket: &Path,
+    method: hyper::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, RunbookError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| RunbookError::Unreachable {
+            socket: socket.to_path_buf(),
+            source,
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| RunbookError::Http(e.to_string()))?;
+    let driver = tokio::spawn(conn);
+    let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "cync-gateway")
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(bytes)))
+        .map_err(|e| RunbookError::Http(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| RunbookError::Http(e.to_string()))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| RunbookError::Http(e.to_string()))?
+        .to_bytes();
+    driver.abort();
+    let v: Value =
+        serde_json::from_slice(&body).map_err(|e| RunbookError::Decode(e.to_string()))?;
+    if status.is_success() {
+        Ok(v)
+    } else {
+        let msg = v["error"].as_str().unwrap_or("no reason given").to_string();
+        Err(RunbookError::Refused(format!("{status}: {msg}")))
+    }
+}
+
+/// `status`: the daemon's [`Status`].
+pub async fn status(socket: &Path) -> Result<(Status, Value), RunbookError> {
+    let v = request(socket, hyper::Method::GET, "/status", None).await?;
+    let s = serde_json::from_value(v.clone()).map_err(|e| RunbookError::Decode(e.to_string()))?;
+    Ok((s, v))
+}
+
+fn pct(v: Option<f64>) -> String {
+    match v {
+        Some(x) => format!("{:.2}%", x * 100.0),
+        None => "-".into(),
+    }
+}
+
+/// `status` as a person reads it.
+pub fn render_status(s: &Status) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "canary        {:.2}% configured, {:.2}% in force",
+        s.configured_percent, s.effective_percent
+    );
+    if s.latch.latched {
+        let _ = writeln!(
+            o,
+            "latch         SET since {} by {}: {}",
+            s.latch.since.as_deref().unwrap_or("?"),
+            s.latch.actor.as_deref().unwrap_or("?"),
+            s.latch.reason.as_deref().unwrap_or("?")
+        );
+        let _ = writeln!(
+            o,
+            "              every device routes to legacy; `cync-gateway resume` clears it"
+        );
+    } else {
+        let _ = writeln!(o, "latch         clear");
+    }
+    let _ = writeln!(
+        o,
+        "rollback      {} (a check every {}s over {}s)",
+        if s.rollback_enabled {
+            "automatic"
+        } else {
+            "OFF (rollback.enabled = false)"
+        },
+        s.check_interval_s,
+        s.window_s
+    );
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{:<8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
+        "path", "devices", "cmds 5m", "ok 5m", "ok 1h", "ok 30d", "fast 1h", "budget ok", "burn 1h"
+    );
+    for p in &s.paths {
+        let w = |label: &str| p.windows.iter().find(|w| w.window == label);
+        let budget = p
+            .budget_remaining
+            .iter()
+            .find(|(k, _)| k == "success")
+            .map(|(_, v)| *v);
+        let _ = writeln!(
+            o,
+            "{:<8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9.2}",
+            p.transport,
+            p.connections,
+            w("5m").map(|w| w.commands).unwrap_or(0),
+            pct(w("5m").and_then(|w| w.success)),
+            pct(w("1h").and_then(|w| w.success)),
+            pct(w("30d").and_then(|w| w.success)),
+            pct(w("1h").and_then(|w| w.latency)),
+            pct(budget),
+            p.success_burn_1h
+        );
+    }
+    let _ = writeln!(o);
+    match &s.last_check {
+        Some(c) => {
+            let _ = writeln!(
+                o,
+                "last check    {} {} (failed {} of {} in a row needed)",
+                c.at, c.result, c.streak, c.max_violations
+            );
+            for line in c.summary.lines() {
+                let _ = writeln!(o, "              {line}");
+            }
+        }
+        None => {
+            let _ = writeln!(o, "last check    none yet");
+        }
+    }
+    o
+}
+
+/// `history`: the newest audit entries.
+pub async fn history(socket: &Path, limit: usize) -> Result<(Vec<Entry>, Value), RunbookError> {
+    let v = request(
+        socket,
+        hyper::Method::GET,
+        &format!("/history?limit={limit}"),
+        None,
+    )
+    .await?;
+    let entries = serde_json::from_value(v["entries"].clone())
+        .map_err(|e| RunbookError::Decode(e.to_string()))?;
+    Ok((entries, v))
+}
+
+/// `history` as a person reads it: one line per entry, its changes indented.
+pub fn render_history(entries: &[Entry]) -> String {
+    let mut o = String::new();
+    if entries.is_empty() {
+        let _ = writeln!(o, "no routing changes recorded yet");
+    }
+    for e in entries {
+        let _ = writeln!(
+            o,
+            "{}  {:<8} {:<10} {}",
+            e.time,
+            e.action,
+            e.actor,
+            e.reason.lines().next().unwrap_or("")
+        );
+        for c in &e.changes {
+            let _ = writeln!(o, "    {}: {} -> {}", c.key, c.old, c.new);
+        }
+    }
+    o
+}

@@ -273,29 +273,29 @@ struct Reason {
 }
 
 /// The reason in `body`; required for a rollback, so the audit log says why.
-fn reason(body: &[u8], required: bool) -> Result<String, Response<Full<Bytes>>> {
+fn reason(body: &[u8], required: bool) -> Result<String, Box<Response<Full<Bytes>>>> {
     let parsed: Reason = if body.iter().all(u8::is_ascii_whitespace) {
         Reason { reason: None }
     } else {
         serde_json::from_slice(body).map_err(|e| {
-            problem(
+            Box::new(problem(
                 StatusCode::BAD_REQUEST,
                 format!("the body must be JSON like {{\"reason\": \"why\"}}: {e}"),
-            )
+            ))
         })?
     };
     let text = parsed.reason.unwrap_or_default().trim().to_string();
     if text.is_empty() && required {
-        return Err(problem(
+        return Err(Box::new(problem(
             StatusCode::BAD_REQUEST,
             "a reason is required: {\"reason\": \"why\"} (it goes into the audit log)",
-        ));
+        )));
     }
     if text.chars().count() > MAX_REASON {
-        return Err(problem(
+        return Err(Box::new(problem(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("the reason is longer than {MAX_REASON} characters"),
-        ));
+        )));
     }
     Ok(text)
 }
@@ -363,7 +363,7 @@ async fn route(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Full<Bytes
                 };
                 send(&admin, event, "rollback").await
             }
-            Err(r) => r,
+            Err(r) => *r,
         },
         (&Method::POST, "/resume") => match reason(&body, false) {
             Ok(reason) => {
@@ -379,7 +379,7 @@ async fn route(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Full<Bytes
                 };
                 send(&admin, event, "resume").await
             }
-            Err(r) => r,
+            Err(r) => *r,
         },
         (&Method::POST, "/reload") => {
             let event = Control::Reload {

@@ -112,10 +112,13 @@ async fn ensure_state_dir(dir: &Path) -> Result<(), GatewayError> {
 }
 
 /// The webhook's sender task, when one is configured (its token read once, here).
+/// It runs on the HTTP tracker and stops with it: a dead webhook retrying never holds up the
+/// drain, and what is still queued at the very end is logged as abandoned.
 async fn webhook_notifier(
     cfg: &Config,
     metrics: &Arc<Metrics>,
     tasks: &Tasks,
+    stop: &CancellationToken,
 ) -> Result<Option<Notifier>, GatewayError> {
     let r = &cfg.rollback;
     let Some(url) = &r.webhook_url else {
@@ -145,7 +148,13 @@ async fn webhook_notifier(
         Duration::from_secs(1),
         move |d| m.webhook_delivery(<&'static str>::from(d)),
     );
-    tasks.spawn("webhook", worker);
+    let stop = stop.clone();
+    tasks.spawn("webhook", async move {
+        tokio::select! {
+            _ = worker => {}
+            _ = stop.cancelled() => info!("webhook sender stopped (deliveries still pending, if any, are abandoned)"),
+        }
+    });
     Ok(Some(notifier))
 }
 
@@ -279,6 +288,7 @@ impl Gateway {
         let tasks = shutdown.tasks();
         let health = Arc::new(Health::default());
         let http_stop = CancellationToken::new();
+        let http_tasks = Tasks::default();
         info!(
             devices = %device_addr,
             metrics = %metrics_addr,
@@ -293,7 +303,7 @@ impl Gateway {
         let state_dir = config.state_dir.clone();
         ensure_state_dir(&state_dir).await?;
         let latched = latch::load(&state_dir, &metrics, clock.rfc3339(Instant::now())).await;
-        let notifier = webhook_notifier(&config, &metrics, &tasks).await?;
+        let notifier = webhook_notifier(&config, &metrics, &http_tasks, &http_stop).await?;
         let admin_socket = config.admin.socket.clone();
         let admin_listener = admin::bind(&admin_socket).await?;
         let audit = AuditLog::new(&state_dir, config.audit.max_bytes, config.audit.keep);
@@ -368,7 +378,6 @@ impl Gateway {
             header_timeout: live.config().listen.http_header_timeout,
             max_connections: live.config().listen.http_max_connections,
         };
-        let http_tasks = Tasks::default();
         http_tasks.spawn(
             "http",
             http::serve_metrics(

@@ -226,10 +226,13 @@ impl Admin {
             .and_then(|c| c.clone())
             .map(|c| CheckView {
                 at: c.at,
-                result: c.verdict.result.label().into(),
+                result: c.result.label().into(),
                 streak: c.streak,
                 max_violations: cfg.rollback.max_violations,
-                summary: c.verdict.to_string(),
+                summary: match &c.note {
+                    Some(n) => format!("{}\n({n})", c.verdict),
+                    None => c.verdict.to_string(),
+                },
             });
         Status {
             configured_percent: cfg.routing.canary_percent,

@@ -158,6 +158,28 @@ impl ControlTask {
             return;
         }
         let before = router::effective_percent(&self.live.config().routing, !on);
+        let now = Instant::now();
+        // The file first: a crash between the two must not restart unlatched after a rollback
+        // it already acted on. A failed write still changes the latch in memory.
+        let at = match &self.effects {
+            Some(fx) => {
+                let at = fx.slo.clock().rfc3339(now);
+                let file = LatchFile {
+                    version: LATCH_VERSION,
+                    latched: on,
+                    reason: reason.clone(),
+                    actor: actor(origin).into(),
+                    at: at.clone(),
+                };
+                if let Err(e) = latch::save(fx.slo.dir(), file).await {
+                    error!(error = %e, "cannot write the latch file: the latch holds in memory, but a restart would not keep it");
+                    self.metrics
+                        .state_error(StateFile::Latch, StateProblem::Write);
+                }
+                at
+            }
+            None => String::new(),
+        };
         self.live.set_latch(on);
         reload::publish(&self.metrics, &self.live);
         self.metrics.set_rollback_active(on);
@@ -174,20 +196,8 @@ impl ControlTask {
                 "rollback latch cleared: the configured percentage is in force"
             );
         }
-        let Some(fx) = &self.effects else { return };
-        let now = Instant::now();
-        let at = fx.slo.clock().rfc3339(now);
-        let file = LatchFile {
-            version: LATCH_VERSION,
-            latched: on,
-            reason: reason.clone(),
-            actor: actor(origin).into(),
-            at: at.clone(),
-        };
-        if let Err(e) = latch::save(fx.slo.dir(), file).await {
-            error!(error = %e, "cannot write the latch file: the latch holds in memory, but a restart would not keep it");
-            self.metrics
-                .state_error(StateFile::Latch, StateProblem::Write);
+        if self.effects.is_none() {
+            return;
         }
         let after = router::effective_percent(&self.live.config().routing, on);
         let changes = vec![
@@ -353,6 +363,34 @@ mod tests {
         // The clock the task stamps with starts at 2026-12-01T00:00:00Z (real time runs on).
         assert!(e[0].time.starts_with("2026-12-01T00:00:"), "{}", e[0].time);
         assert!(e[0].slo["new"].is_object(), "{}", e[0].slo);
+    }
+
+    #[tokio::test]
+    async fn switching_the_automatic_rollback_off_is_audited() {
+        let mut r = rig().await;
+        let t = format!(
+            "{}[rollback]\nenabled = false\n",
+            text(r.dir.path(), "canary_percent = 10")
+        );
+        std::fs::write(&r.file, t).expect("write");
+        r.task
+            .apply(Control::Reload {
+                origin: Origin::FilePoll,
+            })
+            .await;
+        // A file poll settles first; the settled check applies it.
+        r.task.reload(Trigger::Poll, Origin::FilePoll).await;
+        let e = entries(&r);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].actor, "file");
+        assert_eq!(
+            e[0].changes,
+            vec![Change {
+                key: "rollback.enabled".into(),
+                old: json!(true),
+                new: json!(false),
+            }]
+        );
     }
 
     #[tokio::test]

@@ -11,7 +11,10 @@
 //!   never a pass or a fail.
 //! - When comparing to legacy (legacy has `min_events` commands too), a breach counts only when
 //!   the new path is *significantly* worse than legacy on that objective, so a bad add-on or a
-//!   bad network, which hurts both paths alike, never rolls the new path back.
+//!   bad network, which hurts both paths alike, never rolls the new path back — unless
+//!   legacy's sample is too small for any test to show a difference (even a legacy with no bad
+//!   events would not be significant): then the threshold alone decides that finding, so a
+//!   little legacy traffic cannot shield a failing canary.
 //! - When legacy cannot be compared (too little legacy traffic, e.g. a 100 % canary, or the
 //!   comparison is switched off), every breach counts: the thresholds alone decide.
 //! - The tests are the textbook ones, from `statrs` (normal, binomial and hypergeometric
@@ -265,6 +268,10 @@ pub struct Finding {
     pub test: Option<Test>,
     /// Whether this breach counts as a violation (makes the verdict a fail).
     pub counted: bool,
+    /// Compared, but legacy's sample is too small for any test to show the new path worse:
+    /// even a legacy with no bad events at all would not make the difference significant.
+    /// The threshold alone decides this finding.
+    pub legacy_too_small: bool,
 }
 
 fn pct(x: f64) -> String {
@@ -305,6 +312,10 @@ impl fmt::Display for Finding {
             (None, _) => {}
         }
         match (&self.test, self.counted) {
+            (Some(_), true) if self.legacy_too_small => write!(
+                f,
+                " — counted: legacy's sample is too small to show any difference, the threshold decides"
+            ),
             (_, true) => write!(f, " — counted"),
             (Some(t), false) => write!(
                 f,
@@ -458,16 +469,24 @@ pub fn judge(new: &Counts, legacy: &Counts, rules: &Rules) -> Verdict {
     }
 
     for (slo, check, value, limit, legacy_value) in breaches {
-        let (test, counted) = match compared {
+        let (test, counted, legacy_too_small) = match compared {
             Comparison::Compared => {
+                let (new_bad, new_total) = counts(slo.bad_total(new));
+                let (_, legacy_total) = counts(slo.bad_total(legacy));
                 let t = worse(
-                    counts(slo.bad_total(new)),
+                    (new_bad, new_total),
                     counts(slo.bad_total(legacy)),
                     rules.confidence,
                 );
-                (Some(t), t.significant)
+                // A legacy sample so small that even a flawless legacy would not make the new
+                // path significantly worse cannot clear it: without this a canary at 99 %
+                // (legacy a few hundred commands) would never be rolled back.
+                let too_small = !t.significant
+                    && !worse((new_bad, new_total), (0, legacy_total), rules.confidence)
+                        .significant;
+                (Some(t), t.significant || too_small, too_small)
             }
-            Comparison::ThresholdsOnly { .. } | Comparison::Disabled => (None, true),
+            Comparison::ThresholdsOnly { .. } | Comparison::Disabled => (None, true, false),
         };
         verdict.findings.push(Finding {
             slo,
@@ -477,6 +496,7 @@ pub fn judge(new: &Counts, legacy: &Counts, rules: &Rules) -> Verdict {
             legacy_value,
             test,
             counted,
+            legacy_too_small,
         });
     }
     verdict.result = if verdict.findings.iter().any(|x| x.counted) {
@@ -745,28 +765,53 @@ mod tests {
 
     #[test]
     fn judge_significance_boundary() {
-        // The boundary pair of `worse_significance_at_the_boundary`, through the judge: new
-        // success 99.085% (< 99.5% floor), burn 9.2 (< 14.4); legacy 99.5% (not below).
-        let legacy = window(10000, 50);
-        let fail = judge(&window(2185, 20), &legacy, &Rules::default());
+        // Legacy breaches the floor too (60 of 10000 failed: 99.4%), so only significance
+        // counts. New 30 of 2994 failed (98.998%, burn 10.0 < 14.4) is just significant, 30 of
+        // 2995 just not:
+        //   python3 -c "from statistics import NormalDist as N; import math
+        //   def p(a,n,b,m): q=(a+b)/(n+m); z=(a/n-b/m)/math.sqrt(q*(1-q)*(1/n+1/m)); return 1-N().cdf(z)
+        //   print(p(30,2994,60,10000), p(30,2995,60,10000))"
+        //   0.009990063881834432 0.010031380706314819
+        let legacy = window(10000, 60);
+        let fail = judge(&window(2994, 30), &legacy, &Rules::default());
         assert_eq!(fail.result, CheckResult::Fail, "{fail}");
-        let pass = judge(&window(2186, 20), &legacy, &Rules::default());
+        let pass = judge(&window(2995, 30), &legacy, &Rules::default());
         assert_eq!(pass.result, CheckResult::Pass, "{pass}");
         assert_eq!(pass.findings.len(), 1);
         assert!(!pass.findings[0].counted);
+        assert!(!pass.findings[0].legacy_too_small);
+    }
+
+    #[test]
+    fn a_legacy_sample_too_small_to_show_any_difference_leaves_the_threshold_to_decide() {
+        // The canary at ~99 %: 10 000 new-path commands, 2 % failed; legacy 0 of 150. Even a
+        // flawless legacy gives Fisher p = C(10000,200)/C(10150,200) ~ 0.05 > 0.01:
+        //   python3 -c "import math; print(math.comb(10000,200)/math.comb(10150,200))"
+        //   0.04941380340410645
+        let v = judge(&window(10_000, 200), &window(150, 0), &Rules::default());
+        assert_eq!(v.result, CheckResult::Fail, "{v}");
+        let f = &v.findings[0];
+        assert!(f.counted && f.legacy_too_small);
+        assert!(!f.test.expect("compared").significant);
+        // With a legacy sample large enough to tell (1500 commands, a few failed as the new
+        // path's), significance decides again: 2 % vs 1.8 % is no evidence.
+        let v = judge(&window(10_000, 200), &window(1_500, 27), &Rules::default());
+        assert_eq!(v.result, CheckResult::Pass, "{v}");
+        assert!(!v.findings[0].legacy_too_small);
     }
 
     #[test]
     fn judge_small_counts_use_fisher() {
         // 2 of 100 failed (98%, burn 20) vs 1 of 1000: breaches, but the exact test says
-        // p = 0.0231 (see `worse_uses_fisher_on_small_counts`), so nothing counts.
+        // p = 0.0231 (see `worse_uses_fisher_on_small_counts`), so nothing counts. (A flawless
+        // legacy of 1000 would give p = C(100,2)/C(1100,2) = 0.0082: legacy can tell.)
         let v = judge(&window(100, 2), &window(1000, 1), &Rules::default());
         assert_eq!(v.result, CheckResult::Pass, "{v}");
         assert_eq!(v.findings.len(), 2);
         for f in &v.findings {
             let t = f.test.unwrap_or_else(|| panic!("no test: {f:?}"));
             assert_eq!(t.method, Method::Fisher);
-            assert!(!f.counted);
+            assert!(!f.counted && !f.legacy_too_small);
         }
     }
 

@@ -21,6 +21,8 @@ use crate::config::Config;
 pub struct Live {
     config: ArcSwap<Config>,
     latched: AtomicBool,
+    /// When the latch was last cleared: what happened before it is not the resumed path's.
+    cleared_at: std::sync::Mutex<Option<tokio::time::Instant>>,
     generation: watch::Sender<u64>,
 }
 
@@ -35,6 +37,7 @@ impl Live {
         Arc::new(Live {
             config: ArcSwap::from_pointee(config),
             latched: AtomicBool::new(latched),
+            cleared_at: std::sync::Mutex::new(None),
             generation,
         })
     }
@@ -51,8 +54,17 @@ impl Live {
     /// Sets or clears the rollback latch; routing follows at once and open connections are
     /// re-homed. Only the control task calls this (through a [`super::Control`] event).
     pub(super) fn set_latch(&self, on: bool) {
+        if !on && self.latched() {
+            *self.cleared_at.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(tokio::time::Instant::now());
+        }
         self.latched.store(on, Ordering::SeqCst);
         self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// When the latch was last cleared, if it ever was in this process.
+    pub fn cleared_at(&self) -> Option<tokio::time::Instant> {
+        *self.cleared_at.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Bumps on every change of configuration or latch.

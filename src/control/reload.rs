@@ -157,8 +157,10 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<&'static str>) {
     (effective, restart)
 }
 
-/// The routing keys whose values differ between `old` and `new`, as the audit log records
-/// them: routing and dark launch only (other reloadable settings are not routing changes).
+/// The keys whose values differ between `old` and `new`, as the audit log records them: what
+/// decides where devices go — routing, dark launch — and what decides when they are sent back:
+/// the rollback policy and the SLO targets (loosening either is a routing decision too). Other
+/// reloadable settings are not audited.
 pub fn routing_changes(old: &Config, new: &Config) -> Vec<Change> {
     let mut out = Vec::new();
     let mut diff = |key: &str, a: Value, b: Value| {
@@ -213,6 +215,75 @@ pub fn routing_changes(old: &Config, new: &Config) -> Vec<Change> {
     let (a, b) = (&old.dark_launch, &new.dark_launch);
     diff("dark_launch.mode", json!(mode(a.mode)), json!(mode(b.mode)));
     diff("dark_launch.percent", json!(a.percent), json!(b.percent));
+    let (a, b) = (&old.rollback, &new.rollback);
+    diff("rollback.enabled", json!(a.enabled), json!(b.enabled));
+    diff(
+        "rollback.check_interval",
+        dur(a.check_interval),
+        dur(b.check_interval),
+    );
+    diff("rollback.window", dur(a.window), dur(b.window));
+    diff(
+        "rollback.min_events",
+        json!(a.min_events),
+        json!(b.min_events),
+    );
+    diff(
+        "rollback.max_violations",
+        json!(a.max_violations),
+        json!(b.max_violations),
+    );
+    diff(
+        "rollback.success_floor",
+        json!(a.success_floor),
+        json!(b.success_floor),
+    );
+    diff(
+        "rollback.latency_floor",
+        json!(a.latency_floor),
+        json!(b.latency_floor),
+    );
+    diff(
+        "rollback.max_burn_rate",
+        json!(a.max_burn_rate),
+        json!(b.max_burn_rate),
+    );
+    diff(
+        "rollback.compare_to_legacy",
+        json!(a.compare_to_legacy),
+        json!(b.compare_to_legacy),
+    );
+    diff(
+        "rollback.confidence",
+        json!(a.confidence),
+        json!(b.confidence),
+    );
+    let (a, b) = (&old.slo, &new.slo);
+    diff(
+        "slo.success_target",
+        json!(a.success_target),
+        json!(b.success_target),
+    );
+    diff(
+        "slo.latency_threshold",
+        dur(a.latency_threshold),
+        dur(b.latency_threshold),
+    );
+    diff(
+        "slo.latency_target",
+        json!(a.latency_target),
+        json!(b.latency_target),
+    );
+    diff(
+        "slo.decode_error_max",
+        json!(a.decode_error_max),
+        json!(b.decode_error_max),
+    );
+    diff(
+        "slo.queue_full_max",
+        json!(a.queue_full_max),
+        json!(b.queue_full_max),
+    );
     out
 }
 

@@ -7,6 +7,12 @@
 //!   follow from the one [`Control::Rollback`] event the control task applies.
 //! - A streak is consecutive *conclusive* failures: a pass resets it, and so does an
 //!   inconclusive check (too few commands), so thin traffic can never add up to a rollback.
+//! - Every strike needs fresh evidence: a failed window counts only if the new path also had a
+//!   bad event of a breached objective within the last `check_interval`. Windows overlap (10
+//!   minutes judged every minute), so without this one short burst would fail every check
+//!   that still holds it and roll back a path healthy for minutes.
+//! - After the latch is cleared only what happened since counts: the failures that caused the
+//!   rollback are still in the window, and must not roll the path back again.
 //! - While the latch is set, or with `rollback.enabled = false`, nothing is judged (the new
 //!   path has no traffic to judge) and the streak is zero.
 //! - Reads its settings from the configuration in force at every check: `[rollback]` is
@@ -47,6 +53,11 @@ pub fn rules(cfg: &Config) -> Rules {
 #[derive(Debug, Clone)]
 pub struct LastCheck {
     pub at: String,
+    /// What the check counted as: the verdict's, or inconclusive for a failure with no fresh
+    /// evidence.
+    pub result: CheckResult,
+    /// Why the result differs from the verdict's, when it does.
+    pub note: Option<String>,
     pub verdict: Verdict,
     /// Consecutive failures including this check.
     pub streak: u32,
@@ -101,22 +112,55 @@ impl Controller {
     /// One check at `now`: the event to send, if this check completes a streak.
     pub fn check(&mut self, now: Instant) -> Option<Control> {
         let cfg = self.live.config();
-        if !cfg.rollback.enabled || self.live.latched() {
+        if self.live.latched() {
+            self.streak = 0;
+            return None;
+        }
+        if !cfg.rollback.enabled {
             self.streak = 0;
             return None;
         }
         self.slo.observe(now);
-        let window = cfg.rollback.window;
+        let window = self.live.cleared_at().map_or(cfg.rollback.window, |t| {
+            cfg.rollback.window.min(now.saturating_duration_since(t))
+        });
         let new = self.slo.window(now, Transport::New, window);
         let legacy = self.slo.window(now, Transport::Legacy, window);
         let verdict = judge::judge(&new, &legacy, &rules(&cfg));
-        self.metrics.rollback_check(verdict.result);
-        self.streak = match verdict.result {
+        let (result, note) = match verdict.result {
+            CheckResult::Fail => {
+                let recent = self
+                    .slo
+                    .window(now, Transport::New, cfg.rollback.check_interval);
+                let fresh = verdict.findings.iter().filter(|f| f.counted).any(|f| {
+                    let slo = if f.check == Check::Burn {
+                        Slo::Success
+                    } else {
+                        f.slo
+                    };
+                    slo.bad_total(&recent).0 > 0.0
+                });
+                if fresh {
+                    (CheckResult::Fail, None)
+                } else {
+                    (
+                        CheckResult::Inconclusive,
+                        Some(format!(
+                            "the window fails, but the new path has had no such failure in the last {}: the breach is older",
+                            humantime::format_duration(cfg.rollback.check_interval)
+                        )),
+                    )
+                }
+            }
+            r => (r, None),
+        };
+        self.metrics.rollback_check(result);
+        self.streak = match result {
             CheckResult::Fail => self.streak + 1,
             CheckResult::Pass | CheckResult::Inconclusive => 0,
         };
         let streak = self.streak;
-        match verdict.result {
+        match result {
             CheckResult::Fail => warn!(
                 streak,
                 max_violations = cfg.rollback.max_violations,
@@ -124,7 +168,9 @@ impl Controller {
                 "rollback check failed"
             ),
             CheckResult::Pass => info!(verdict = %verdict, "rollback check passed"),
-            CheckResult::Inconclusive => info!(verdict = %verdict, "rollback check inconclusive"),
+            CheckResult::Inconclusive => {
+                info!(verdict = %verdict, note = note.as_deref().unwrap_or(""), "rollback check inconclusive")
+            }
         }
         let event = (streak >= cfg.rollback.max_violations).then(|| {
             let cause = cause(&verdict);
@@ -149,6 +195,8 @@ impl Controller {
         if let Ok(mut cell) = self.last.lock() {
             *cell = Some(LastCheck {
                 at: self.slo.clock().rfc3339(now),
+                result,
+                note,
                 verdict,
                 streak,
             });
@@ -193,10 +241,14 @@ mod tests {
 
     /// A controller over a 2 s window, 20 commands at the least, three strikes.
     async fn rig(extra: &str) -> Rig {
+        rig_over("2s", extra).await
+    }
+
+    async fn rig_over(window: &str, extra: &str) -> Rig {
         let dir = tempfile::tempdir().expect("tempdir");
         let text = format!(
             "state_dir = {:?}\n[upstream.legacy]\naddress = \"127.0.0.1:1\"\n\
-             [rollback]\nwindow = \"2s\"\ncheck_interval = \"1s\"\nmin_events = 20\nmax_violations = 3\n{extra}",
+             [rollback]\nwindow = \"{window}\"\ncheck_interval = \"1s\"\nmin_events = 20\nmax_violations = 3\n{extra}",
             dir.path().display().to_string()
         );
         let live = Live::new(Config::parse(&text).expect("config"));
@@ -330,6 +382,54 @@ mod tests {
         }
         assert_eq!(r.metrics.total("tcp_comm_rollback_checks_total", &[]), 0.0);
         assert!(!r.live.latched());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_that_has_ended_is_one_strike_not_three() {
+        // A 10 s window judged every second: a burst stays in it for ten checks.
+        let mut r = rig_over("10s", "").await;
+        let mut results = Vec::new();
+        for k in 0..10 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            let failed = if k == 0 { 30 } else { 0 };
+            feed(&r.metrics, Transport::New, 20, failed);
+            feed(&r.metrics, Transport::Legacy, 50, 0);
+            assert_eq!(r.controller.check(Instant::now()), None, "check {k}");
+            let last = r.controller.last_check().lock().expect("lock").clone();
+            results.push(last.expect("a check").result);
+        }
+        assert_eq!(results[0], CheckResult::Fail);
+        assert!(
+            results[1..].iter().all(|r| *r == CheckResult::Inconclusive),
+            "{results:?}"
+        );
+        // A fault that goes on strikes every time.
+        for k in 0..3 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            feed(&r.metrics, Transport::New, 20, 10);
+            feed(&r.metrics, Transport::Legacy, 50, 0);
+            let ev = r.controller.check(Instant::now());
+            assert_eq!(ev.is_some(), k == 2, "check {k}: {ev:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_resume_only_what_happened_since_is_judged() {
+        let mut r = rig_over("60s", "").await;
+        for _ in 0..2 {
+            assert_eq!(round(&mut r, (70, 30), (100, 0)).await, None);
+        }
+        assert!(round(&mut r, (70, 30), (100, 0)).await.is_some());
+        r.live.set_latch(true);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        r.live.set_latch(false);
+        // The failures before the rollback are still in the 60 s window; the path since the
+        // resume is healthy, and that is what is judged.
+        for _ in 0..5 {
+            assert_eq!(round(&mut r, (100, 0), (100, 0)).await, None);
+        }
+        assert_eq!(checks(&r, "fail"), 3.0);
+        assert_eq!(checks(&r, "pass"), 5.0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -106,7 +106,7 @@ impl SloService {
                 info!(dir = %dir.display(), "no SLO state yet; starting fresh");
                 Engine::new(base, base_ms)
             }
-            Loaded::Ok(p) => match Engine::restore(p, base, base_ms) {
+            Loaded::Ok(p) => match restore(p, base, base_ms, now_ms) {
                 Ok(e) => {
                     info!(dir = %dir.display(), "SLO state restored");
                     e
@@ -302,6 +302,25 @@ impl SloService {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// The engine from its saved state, warning about a clock behind the one that saved it.
+fn restore(
+    p: Persisted,
+    base: Instant,
+    base_ms: u64,
+    now_ms: u64,
+) -> Result<Engine, crate::telemetry::slo::RestoreError> {
+    if p.saved_unix_ms > now_ms.saturating_add(60_000) {
+        // A clock behind the one that wrote the state (a Raspberry Pi before NTP): the newest
+        // buckets are in this clock's future until it catches up.
+        warn!(
+            saved_unix_ms = p.saved_unix_ms,
+            now_unix_ms = now_ms,
+            "the SLO state was saved in this clock's future: is the system clock set? budgets are misdated until it is"
+        );
+    }
+    Engine::restore(p, base, base_ms)
 }
 
 /// JSON has no NaN: an SLI over no events is `null`.

@@ -93,13 +93,20 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Writes `bytes` to `dir/name` atomically and durably, creating `dir` (mode 0700) if it is
 /// missing.
 ///
-/// The bytes go to a temp file in the same directory (`.{name}.tmp-{pid}`), which is synced
+/// The bytes go to a new temp file in the same directory (`.{name}.tmp-{pid}-{random}`, made
+/// exclusively, so two processes on one directory — two containers are both PID 1 — never
+/// write the same one), which is synced
 /// and renamed over `name`, and then the directory is synced. On any error the temp file is
 /// removed and `name` is left as it was (unless only the final directory sync failed, in which
 /// case the new file is in place but may not survive a power cut).
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StateError> {
     create_dir(dir).map_err(io_err(dir))?;
-    let tmp = dir.join(format!("{}{}", temp_prefix(name), std::process::id()));
+    let tmp = dir.join(format!(
+        "{}{}-{:08x}",
+        temp_prefix(name),
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     let target = dir.join(name);
     let result = write_then_rename(&tmp, &target, bytes);
     if result.is_err() {
@@ -113,7 +120,7 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StateErr
 
 fn write_then_rename(tmp: &Path, target: &Path, bytes: &[u8]) -> Result<(), StateError> {
     let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -128,21 +135,28 @@ fn write_then_rename(tmp: &Path, target: &Path, bytes: &[u8]) -> Result<(), Stat
     fs::rename(tmp, target).map_err(io_err(target))
 }
 
-/// Removes temp files a process killed mid-write left behind. Our own process's temp file is
-/// spared: it may be a write in flight on another thread, and a failed write of ours has
-/// already removed its own.
+/// Removes temp files a process killed mid-write left behind. Our own process's are spared (a
+/// write in flight on another thread; a failed write of ours has removed its own), and so is
+/// any file changed in the last minute: another process on the same directory may be writing
+/// it right now.
 fn remove_stale_temps(dir: &Path, name: &str) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
     let prefix = temp_prefix(name);
-    let own = format!("{prefix}{}", std::process::id());
+    let own = format!("{prefix}{}-", std::process::id());
     for entry in entries.flatten() {
         let file_name = entry.file_name();
         let Some(file_name) = file_name.to_str() else {
             continue;
         };
-        if file_name.starts_with(&prefix) && file_name != own {
+        let recent = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age < std::time::Duration::from_secs(60));
+        if file_name.starts_with(&prefix) && !file_name.starts_with(&own) && !recent {
             match fs::remove_file(entry.path()) {
                 Ok(()) => tracing::info!(file = file_name, "removed a temp file left by a crash"),
                 Err(error) => tracing::warn!(
@@ -444,12 +458,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bytes = serde_json::to_vec(&doc("real")).unwrap();
         write_atomic(dir.path(), SLO_FILE, &bytes).unwrap();
-        // A process with another pid, killed halfway through its write.
-        let stale = dir.path().join(".slo.json.tmp-999999999");
+        // A process with another pid, killed halfway through its write, long ago (2023).
+        let stale = dir.path().join(".slo.json.tmp-999999999-0000abcd");
         fs::write(&stale, &bytes[..bytes.len() / 2]).unwrap();
+        let long_ago = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        fs::File::options()
+            .write(true)
+            .open(&stale)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        // Another one, just written: maybe a write in flight in another process; spared.
+        let fresh = dir.path().join(".slo.json.tmp-999999998-0000abcd");
+        fs::write(&fresh, b"{").unwrap();
         let loaded: Loaded<Doc> = read_json(dir.path(), SLO_FILE, 1, 5);
         assert_eq!(loaded, Loaded::Ok(doc("real")));
         assert!(!stale.exists());
+        assert!(fresh.exists());
+        fs::remove_file(&fresh).unwrap();
         assert_eq!(names(dir.path()), vec![SLO_FILE.to_string()]);
     }
 

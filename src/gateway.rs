@@ -266,6 +266,7 @@ impl Gateway {
             config.metrics.per_device_max,
             config.metrics.per_device_idle,
         )?);
+        let device_tls = config.device_tls.mode == DeviceTlsMode::Tls;
         let (acceptor, generated_cert) = match config.device_tls.mode {
             DeviceTlsMode::Plain => (None, None),
             DeviceTlsMode::Tls => {
@@ -289,13 +290,7 @@ impl Gateway {
         let health = Arc::new(Health::default());
         let http_stop = CancellationToken::new();
         let http_tasks = Tasks::default();
-        info!(
-            devices = %device_addr,
-            metrics = %metrics_addr,
-            legacy_upstream = dialer.address(),
-            device_tls = acceptor.is_some(),
-            "cync-gateway listening"
-        );
+
         let reliable = SessionCtx::new(metrics.clone(), dialer.clone(), &config);
         let registry = Arc::new(Registry::new(config.routing.rehome_rate));
         let poll_every = config.reload.poll_interval;
@@ -405,6 +400,15 @@ impl Gateway {
             admin::serve(admin_listener, admin, http_tasks.clone(), http_stop.clone()),
         );
         info!(socket = %admin_socket.display(), "admin API listening");
+        // Logged once everything answers (the device listener, /metrics, the admin socket):
+        // scripts and tests take the addresses from this line.
+        info!(
+            devices = %device_addr,
+            metrics = %metrics_addr,
+            legacy_upstream = live.config().upstream_legacy.address.as_str(),
+            device_tls,
+            "cync-gateway listening"
+        );
         health.set_ready();
         metrics.set_ready(true);
         Ok(Gateway {

@@ -454,6 +454,12 @@ const BAD: &[(&str, &str, &str, &str)] = &[
     ("audit", "max_bytes", "1099511627777", "audit.max_bytes"),
     ("audit", "keep", "-1", "audit.keep"),
     ("audit", "keep", "101", "audit.keep"),
+    (
+        "admin",
+        "socket",
+        "\"/var/lib/cync-gateway/a-path-far-too-long-for-a-unix-socket-because-sun-path-holds-only-108-bytes-with-its-nul/admin.sock\"",
+        "admin.socket",
+    ),
 ];
 
 #[test]

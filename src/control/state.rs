@@ -135,16 +135,14 @@ fn write_then_rename(tmp: &Path, target: &Path, bytes: &[u8]) -> Result<(), Stat
     fs::rename(tmp, target).map_err(io_err(target))
 }
 
-/// Removes temp files a process killed mid-write left behind. Our own process's are spared (a
-/// write in flight on another thread; a failed write of ours has removed its own), and so is
-/// any file changed in the last minute: another process on the same directory may be writing
-/// it right now.
+/// Removes temp files a process killed mid-write left behind. Any file changed in the last
+/// minute is spared: it may be a write in flight, on another thread of ours or in another
+/// process on the same directory. (Not by pid: in containers every gateway is PID 1.)
 fn remove_stale_temps(dir: &Path, name: &str) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
     let prefix = temp_prefix(name);
-    let own = format!("{prefix}{}-", std::process::id());
     for entry in entries.flatten() {
         let file_name = entry.file_name();
         let Some(file_name) = file_name.to_str() else {
@@ -156,7 +154,7 @@ fn remove_stale_temps(dir: &Path, name: &str) {
             .ok()
             .and_then(|t| t.elapsed().ok())
             .is_none_or(|age| age < std::time::Duration::from_secs(60));
-        if file_name.starts_with(&prefix) && !file_name.starts_with(&own) && !recent {
+        if file_name.starts_with(&prefix) && !recent {
             match fs::remove_file(entry.path()) {
                 Ok(()) => tracing::info!(file = file_name, "removed a temp file left by a crash"),
                 Err(error) => tracing::warn!(

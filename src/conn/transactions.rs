@@ -489,6 +489,79 @@ mod tests {
         assert_eq!(t.pending_commands(), 0);
     }
 
+    /// A device 0x73 (an f9 reply to seq 1) under message id `00 mm 00`.
+    fn device_data(mm: u8) -> Packet {
+        pkt(&format!(
+            "730000001338e8cf4600{mm:02x}007e01000000f9d0010000d17e"
+        ))
+    }
+
+    fn server_ack(mm: u8) -> Packet {
+        pkt(&format!("7b0000000738e8cf4600{mm:02x}00"))
+    }
+
+    fn data_replies(out: &[Event]) -> Vec<(ReplyOutcome, Option<Duration>)> {
+        out.iter()
+            .filter_map(|e| match e {
+                Event::Reply {
+                    request: PacketType::Data,
+                    outcome,
+                    latency,
+                } => Some((*outcome, *latency)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_server_0x7b_pairs_with_its_own_device_0x73_among_several_pending() {
+        let mut t = tracker();
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        t.on_packet(Direction::DevToSrv, &device_data(1), t0, &mut out);
+        t.on_packet(Direction::DevToSrv, &device_data(2), t0, &mut out);
+        let later = t0 + Duration::from_millis(30);
+        t.on_packet(Direction::SrvToDev, &server_ack(1), later, &mut out);
+        t.on_packet(Direction::SrvToDev, &server_ack(2), later, &mut out);
+        assert_eq!(
+            data_replies(&out),
+            vec![
+                (ReplyOutcome::Matched, Some(Duration::from_millis(30))),
+                (ReplyOutcome::Matched, Some(Duration::from_millis(30)))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_device_0x73_waits_for_its_0x7b_until_the_reply_timeout_and_no_longer() {
+        // tracker(): a 10 s reply timeout.
+        let mut t = tracker();
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        t.on_packet(Direction::DevToSrv, &device_data(1), t0, &mut out);
+        t.on_packet(Direction::DevToSrv, &device_data(2), t0, &mut out);
+        t.expire(t0 + Duration::from_secs(9), &mut out);
+        t.on_packet(
+            Direction::SrvToDev,
+            &server_ack(1),
+            t0 + Duration::from_secs(9),
+            &mut out,
+        );
+        assert_eq!(
+            data_replies(&out),
+            vec![(ReplyOutcome::Matched, Some(Duration::from_secs(9)))]
+        );
+        // Past the timeout the other is gone, silently (the add-on never acks device 0x73s).
+        t.expire(t0 + Duration::from_secs(10), &mut out);
+        t.on_packet(
+            Direction::SrvToDev,
+            &server_ack(2),
+            t0 + Duration::from_secs(10),
+            &mut out,
+        );
+        assert_eq!(data_replies(&out).len(), 1, "{out:?}");
+    }
+
     #[test]
     fn the_next_command_deadline_is_the_oldest_pending_commands() {
         let mut t = tracker();

@@ -37,8 +37,10 @@ for f in "${files[@]}"; do args+=(--file "$f"); done
 
 # The unit tests of these pure modules, plus the protocol vectors and the config table (fast,
 # no sockets); the socket-level suites would multiply the run time by ten for little more.
+# The targets go to every cargo call (-C), the build included: building the other twenty
+# integration suites for each mutant would triple the run for tests that are not run.
 cargo mutants "${args[@]}" --profile mutants --timeout 120 --output . \
-  -- --lib --test protocol_vectors --test config_validation || true
+  -C=--lib -C=--test=protocol_vectors -C=--test=config_validation || true
 
 echo
 echo "== summary per file (caught / missed / unviable / timeout)"

@@ -213,8 +213,16 @@ pub fn render_status(s: &Status) -> String {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "{:<8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
-        "path", "devices", "cmds 5m", "ok 5m", "ok 1h", "ok 30d", "fast 1h", "budget ok", "burn 1h"
+        "{:<8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9}",
+        "path",
+        "devices",
+        "cmds 5m",
+        "ok 5m",
+        "ok 1h",
+        "ok 30d",
+        "in time 1h",
+        "budget ok",
+        "burn 1h"
     );
     for p in &s.paths {
         let w = |label: &str| p.windows.iter().find(|w| w.window == label);
@@ -225,7 +233,7 @@ pub fn render_status(s: &Status) -> String {
             .map(|(_, v)| *v);
         let _ = writeln!(
             o,
-            "{:<8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9.2}",
+            "{:<8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9.2}",
             p.transport,
             p.connections,
             w("5m").map(|w| w.commands).unwrap_or(0),
@@ -237,6 +245,10 @@ pub fn render_status(s: &Status) -> String {
             p.success_burn_1h
         );
     }
+    let _ = writeln!(
+        o,
+        "(ok: answered within the command deadline; in time: answered within the latency threshold; budget: success error budget left over 30 d)"
+    );
     let _ = writeln!(o);
     match &s.last_check {
         Some(c) => {

@@ -40,7 +40,7 @@ impl Daemon {
             .expect("spawn daemon");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
-        let mut early = Vec::new();
+        let mut early: Vec<String> = Vec::new();
         let (devices, metrics) = tokio::time::timeout(DEADLINE, async {
             loop {
                 let line = lines
@@ -72,8 +72,9 @@ impl Daemon {
         })
         .await
         .expect("daemon logs its addresses");
-        // Keep draining stderr so the daemon never blocks on a full pipe; keep it for asserts.
-        let log = Arc::new(Mutex::new(Vec::new()));
+        // Keep draining stderr so the daemon never blocks on a full pipe; keep it all (the
+        // start-up lines included) for asserts.
+        let log = Arc::new(Mutex::new(early));
         let l = log.clone();
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {

@@ -65,20 +65,23 @@ async fn capture_replay_with_mirror_to_a_dead_shadow_is_byte_exact() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr")
     };
-    let m = replay_capture(false, false, "legacy", |c| {
-        c.set("dark_launch.mode", "mirror")
-            .set("dark_launch.percent", 100)
-            .set("upstream.shadow.address", dead.to_string())
-            .set("upstream.shadow.tls", false)
-    })
+    // The shadow is dialled beside the connection: its failure is counted when it happens,
+    // maybe after the replay; wait for it (exactly one: one connection, one dial).
+    let series = "tcp_comm_upstream_connect_errors_total{reason=\"connect\",transport=\"shadow\"}";
+    let m = replay_capture_until(
+        false,
+        false,
+        "legacy",
+        |c| {
+            c.set("dark_launch.mode", "mirror")
+                .set("dark_launch.percent", 100)
+                .set("upstream.shadow.address", dead.to_string())
+                .set("upstream.shadow.tls", false)
+        },
+        Some((series, 1.0)),
+    )
     .await;
-    assert_eq!(
-        sample(
-            &m,
-            "tcp_comm_upstream_connect_errors_total{reason=\"connect\",transport=\"shadow\"}"
-        ),
-        1.0
-    );
+    assert_eq!(sample(&m, series), 1.0);
 }
 
 const HELLO: &str = "handshake_0x23";

@@ -109,6 +109,18 @@ pub async fn replay_capture(
     transport: &str,
     configure: impl FnOnce(TestGateway) -> TestGateway,
 ) -> String {
+    replay_capture_until(device_tls, upstream_tls, transport, configure, None).await
+}
+
+/// As [`replay_capture`], and the metrics page returned once `series` reads `want` (for what
+/// the gateway records in the background, such as a shadow's failed dial).
+pub async fn replay_capture_until(
+    device_tls: bool,
+    upstream_tls: bool,
+    transport: &str,
+    configure: impl FnOnce(TestGateway) -> TestGateway,
+    until: Option<(&str, f64)>,
+) -> String {
     let reads = capture_reads("capture_20251106_082038.jsonl");
     let dev_reads: Vec<Vec<u8>> = reads
         .iter()
@@ -190,7 +202,7 @@ pub async fn replay_capture(
     assert_eq!(up.len(), expect_up.len());
     assert!(up == expect_up, "device->upstream bytes differ");
 
-    let m = wait_metric(
+    let mut m = wait_metric(
         gw.metrics_addr,
         &on(
             transport,
@@ -199,6 +211,9 @@ pub async fn replay_capture(
         1.0,
     )
     .await;
+    if let Some((series, want)) = until {
+        m = wait_metric(gw.metrics_addr, series, want).await;
+    }
     let pk = |dir: &str, t: &str| {
         tsample(transport,
             &m,

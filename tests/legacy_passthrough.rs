@@ -61,10 +61,7 @@ async fn capture_replay_with_observe_dark_launch_is_byte_exact_and_shadowed() {
 /// Mirror mode toward a shadow upstream that refuses connections: legacy is untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_replay_with_mirror_to_a_dead_shadow_is_byte_exact() {
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let (_reserved, dead) = refused_addr();
     // The shadow is dialled beside the connection: its failure is counted when it happens,
     // maybe after the replay; wait for it (exactly one: one connection, one dial).
     let series = "tcp_comm_upstream_connect_errors_total{reason=\"connect\",transport=\"shadow\"}";

@@ -7,6 +7,8 @@
 //! Upstream side: every verification policy of the dialer, plaintext, and the three ways a dial
 //! fails (TLS, connect, timeout).
 
+mod common;
+
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -566,10 +568,7 @@ async fn upstream_plaintext_dials_and_echoes() {
 
 #[tokio::test]
 async fn upstream_nothing_listening_is_connect_error() {
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind throwaway port");
-        l.local_addr().expect("throwaway address")
-    };
+    let (_reserved, addr) = common::refused_addr();
     let e = expect_dial_err(dial(&dialer(addr, "")).await, "connect");
     println!("nothing listening: {e}");
 }

@@ -414,9 +414,14 @@ mod tests {
     }
 
     /// A loopback port nothing listens on: bind one, then close it.
-    async fn closed_port() -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        listener.local_addr().unwrap()
+    /// A port nothing answers on, kept reserved while the socket lives (bound, never
+    /// listening): a dropped listener's port could be handed to another test meanwhile.
+    fn closed_port() -> (socket2::Socket, SocketAddr) {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        let addr = s.local_addr().unwrap().as_socket().unwrap();
+        (s, addr)
     }
 
     async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
@@ -508,7 +513,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_port_fails_after_every_attempt() {
-        let addr = closed_port().await;
+        let (_reserved, addr) = closed_port();
         let hook = Webhook::new(&format!("http://{addr}/"), None).unwrap();
         let e = hook.post_once(&json!({}), DEADLINE).await.unwrap_err();
         assert!(matches!(e, WebhookError::Connect(_)), "{e:?}");

@@ -257,3 +257,19 @@ pub fn reference_on_new(id: cync_gateway::protocol::DeviceId, percent: f64) -> b
 /// How late a timer may fire on a loaded 2-core machine running the suite twice over: upper
 /// bounds of timing checks are the mechanism's own time plus this, never a tight guess.
 pub const SLACK: Duration = Duration::from_secs(3);
+
+/// An address nothing answers on, reserved for as long as the returned socket lives: bound but
+/// never listening, so a connect is refused, and no other test — nor a second copy of the suite
+/// running alongside — can be given the port meanwhile (a listener bound and dropped frees it).
+pub fn refused_addr() -> (socket2::Socket, SocketAddr) {
+    let s =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    let addr = s
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("an IP address");
+    (s, addr)
+}

@@ -217,7 +217,7 @@ async fn delayed_replies_do_not_make_the_new_path_retry_itself_into_failure() {
     let (legacy, new) = tokio::join!(delayed_run("legacy", 2000), delayed_run("new", 2000));
     let (lr, lexec, _) = &legacy;
     let (nr, nexec, nm) = &new;
-    let retransmits = sample(nm, "tcp_comm_packet_retransmit_total{transport=\"new\"}");
+    let retransmits = sample_or_zero(nm, "tcp_comm_packet_retransmit_total{transport=\"new\"}");
     let over_budget = sample_or_zero(
         nm,
         "tcp_comm_retries_skipped_total{reason=\"budget\",transport=\"new\"}",

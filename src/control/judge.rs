@@ -604,6 +604,24 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_exact_test_takes_over_when_an_expected_count_is_below_five_and_not_at_five() {
+        // 5 of 10 vs 5 of 10: every expected count is exactly 5 (10 x 0.5): the z-test.
+        assert_eq!(worse((5, 10), (5, 10), 0.99).method, Method::ZTest);
+        // 19 of 20 vs 30 of 40 failed: pooled 49/60, so the new path's expected *good* count
+        // is 20 x 11/60 = 3.7 < 5 (its expected bad count, 16.3, is plenty): Fisher.
+        assert_eq!(worse((19, 20), (30, 40), 0.99).method, Method::Fisher);
+    }
+
+    #[test]
+    fn p_values_read_as_people_write_them() {
+        assert_eq!(fmt_p(0.5), "0.50");
+        assert_eq!(fmt_p(0.01), "0.01");
+        assert_eq!(fmt_p(0.0099), "0.0099");
+        assert_eq!(fmt_p(0.00002), "2e-5");
+        assert_eq!(fmt_p(0.0), "0");
+    }
+
     // ---- worse(): Fisher's exact test ----
 
     /// The one-sided Fisher p-value, by the definition:

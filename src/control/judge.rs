@@ -683,6 +683,40 @@ mod tests {
         let skew = rate_worse((12, 10.0), (8, 30.0), 0.99);
         assert!(close(skew.p_value, 0.000935391579332645, 1e-9), "{skew:?}");
         assert!(skew.significant);
+        // The z shown beside them, (k - n s) / sqrt(n s (1 - s)):
+        // python3 -c "import math; print((30-40*0.5)/math.sqrt(40*0.5*0.5),
+        //   (12-20*0.25)/math.sqrt(20*0.25*0.75))"  → 3.1622776601683795 3.6147844564602556
+        assert!(close(up.z, 3.1622776601683795, 1e-9), "{up:?}");
+        assert!(close(skew.z, 3.6147844564602556, 1e-9), "{skew:?}");
+    }
+
+    #[test]
+    fn a_value_exactly_at_its_limit_is_not_a_breach() {
+        // 995 of 1000 answered: exactly the 99.5 % floor.
+        let v = judge(&window(1000, 5), &window(1000, 0), &Rules::default());
+        assert!(v.findings.is_empty(), "{v}");
+        // Decode errors exactly 0.1 % of frames.
+        let at_max = Counts {
+            commands: 1000,
+            successes: 1000,
+            within_latency: 1000,
+            frames: 10_000,
+            decode_errors: 10,
+            ..Counts::default()
+        };
+        let v = judge(&at_max, &at_max, &Rules::default());
+        assert!(v.findings.is_empty(), "{v}");
+        // A burn of exactly the maximum: half failed against a 50 % target, at most 1x.
+        let rules = Rules {
+            success_target: 0.5,
+            success_floor: 0.0,
+            max_burn_rate: 1.0,
+            ..Rules::default()
+        };
+        let v = judge(&window(100, 50), &window(100, 50), &rules);
+        assert!(v.findings.is_empty(), "{v}");
+        let v = judge(&window(100, 51), &window(100, 51), &rules);
+        assert_eq!(v.findings.len(), 1, "{v}");
     }
 
     #[test]

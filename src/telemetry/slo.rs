@@ -682,6 +682,46 @@ mod tests {
     const HOUR: Duration = Duration::from_secs(3600);
 
     #[test]
+    fn counts_add_and_subtract_field_by_field() {
+        let a = Counts {
+            commands: 1,
+            successes: 2,
+            within_latency: 3,
+            frames: 4,
+            decode_errors: 5,
+            queue_full: 6,
+            retransmits: 7,
+            churn_closes: 8,
+            device_ms: 9,
+        };
+        let b = Counts {
+            commands: 10,
+            successes: 20,
+            within_latency: 30,
+            frames: 40,
+            decode_errors: 50,
+            queue_full: 60,
+            retransmits: 70,
+            churn_closes: 80,
+            device_ms: 90,
+        };
+        let sum = Counts {
+            commands: 11,
+            successes: 22,
+            within_latency: 33,
+            frames: 44,
+            decode_errors: 55,
+            queue_full: 66,
+            retransmits: 77,
+            churn_closes: 88,
+            device_ms: 99,
+        };
+        assert_eq!(a + b, sum);
+        assert_eq!(sum - a, b);
+        assert_eq!(a - b, Counts::default(), "saturates, never wraps");
+    }
+
+    #[test]
     fn memory_bound_in_header_matches_size_of_counts() {
         // 600 + 360 + 720 = 1680 buckets per transport.
         assert_eq!(RINGS.iter().map(|r| r.1).sum::<usize>(), 1680);

@@ -877,6 +877,33 @@ mod tests {
             e.budget_remaining(now, Transport::New, Slo::Churn, &o),
             0.0
         ));
+        // Three more closes in the next 720 s (2 more device-hours): 4 in 4 h = 1.0 per
+        // device-hour; a rate, not a share (a share would read 1 − 1.0 = 0).
+        let more = Counts {
+            churn_closes: 4,
+            ..Counts::default()
+        };
+        e.observe(at(s, 1440), Transport::New, more, 10);
+        assert!(close(
+            e.sli(at(s, 1440), Transport::New, Slo::Churn, HOUR),
+            1.0
+        ));
+    }
+
+    #[test]
+    fn each_targets_sli_is_the_share_of_good_events_or_the_churn_rate() {
+        let o = Objectives {
+            decode_errors: 0.002,
+            queue_full: 0.03,
+            retransmits: 0.04,
+            ..Objectives::default()
+        };
+        assert_eq!(o.target(Slo::Success), 0.999);
+        assert_eq!(o.target(Slo::Latency), 0.99);
+        assert!(close(o.target(Slo::DecodeErrors), 0.998));
+        assert!(close(o.target(Slo::QueueFull), 0.97));
+        assert!(close(o.target(Slo::Retransmits), 0.96));
+        assert_eq!(o.target(Slo::Churn), 0.5);
     }
 
     #[test]

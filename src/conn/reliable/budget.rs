@@ -114,6 +114,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn spent_retries_leave_the_window_too() {
+        // No commands, a floor of one: one retry per window.
+        let b = RetryBudget::new(0.1, 1, Duration::from_secs(10), Instant::now());
+        assert!(b.try_withdraw(Instant::now()));
+        assert!(!b.try_withdraw(Instant::now()));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!b.try_withdraw(Instant::now()), "still in the window");
+        // 11 s after it was spent, the spent retry is out of the window: one again.
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(b.try_withdraw(Instant::now()));
+        assert!(!b.try_withdraw(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_window_slides() {
         let b = RetryBudget::new(0.5, 0, Duration::from_secs(10), Instant::now());
         for _ in 0..10 {

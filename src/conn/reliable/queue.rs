@@ -258,6 +258,44 @@ mod tests {
     }
 
     #[test]
+    fn an_item_that_fits_exactly_is_queued_without_shedding() {
+        let mut q = BoundedQueue::new(100, gauge());
+        assert!(q.is_empty());
+        // As large as the whole queue: fits.
+        assert_eq!(q.push(item(100, true)), Pushed::Queued);
+        assert!(!q.is_empty());
+        assert_eq!(q.pop(), Some(item(100, true)));
+        assert!(q.is_empty());
+        // Filling the last byte exactly sheds nothing.
+        q.push(item(60, true));
+        assert_eq!(q.push(item(40, false)), Pushed::Queued);
+        assert_eq!(q.len(), 2);
+        // One byte too many: exactly the sheddable 60 must go, and is enough.
+        q.pop();
+        q.push(item(60, true));
+        assert_eq!(q.bytes(), 100);
+        assert_eq!(q.push(item(60, false)), Pushed::Shed(1));
+        assert_eq!(q.bytes(), 100);
+    }
+
+    #[test]
+    fn holds_means_this_very_buffer_not_an_equal_one() {
+        let mut q = BoundedQueue::new(100, gauge());
+        let queued = Bytes::from(vec![7u8; 10]);
+        q.push(Item::frames(queued.clone()));
+        assert!(q.holds(&queued));
+        assert!(!q.holds(&Bytes::from(vec![7u8; 10])), "an equal copy");
+        assert!(
+            !q.holds(&queued.slice(0..9)),
+            "a shorter view of the same bytes"
+        );
+        assert!(!q.holds(&queued.slice(1..10)), "a view starting elsewhere");
+        assert_eq!(q.items_mut().count(), 1);
+        q.pop();
+        assert!(!q.holds(&queued));
+    }
+
+    #[test]
     fn sheds_oldest_status_only_when_that_makes_room() {
         let g = gauge();
         let mut q = BoundedQueue::new(100, g.clone());

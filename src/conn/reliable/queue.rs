@@ -279,6 +279,17 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_of_small_items_does_not_leave_its_capacity_behind() {
+        let mut q = BoundedQueue::new(1 << 20, gauge());
+        for _ in 0..(SHRINK_ABOVE * 4) {
+            q.push(item(1, false));
+        }
+        assert!(q.items.capacity() > SHRINK_ABOVE);
+        while q.pop().is_some() {}
+        assert!(q.items.capacity() <= SHRINK_ABOVE, "{}", q.items.capacity());
+    }
+
+    #[test]
     fn holds_means_this_very_buffer_not_an_equal_one() {
         let mut q = BoundedQueue::new(100, gauge());
         let queued = Bytes::from(vec![7u8; 10]);

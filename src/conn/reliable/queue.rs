@@ -290,6 +290,23 @@ mod tests {
     }
 
     #[test]
+    fn a_coalesced_write_takes_items_up_to_exactly_its_limit() {
+        let mut q = BoundedQueue::new(1000, gauge());
+        for n in [40, 60, 10] {
+            q.push(item(n, false));
+        }
+        // 40 + 60 is exactly the limit: both; the 10 waits.
+        let out: Vec<usize> = q.pop_up_to(100).iter().map(|i| i.bytes.len()).collect();
+        assert_eq!(out, [40, 60]);
+        // A first item larger than the limit still goes, alone.
+        q.push(item(500, false));
+        let out: Vec<usize> = q.pop_up_to(5).iter().map(|i| i.bytes.len()).collect();
+        assert_eq!(out, [10]);
+        let out: Vec<usize> = q.pop_up_to(5).iter().map(|i| i.bytes.len()).collect();
+        assert_eq!(out, [500]);
+    }
+
+    #[test]
     fn holds_means_this_very_buffer_not_an_equal_one() {
         let mut q = BoundedQueue::new(100, gauge());
         let queued = Bytes::from(vec![7u8; 10]);

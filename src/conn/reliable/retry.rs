@@ -895,6 +895,150 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_device_slower_than_half_the_deadline_is_timed_at_half_the_deadline() {
+        // One attempt only, so every answer is a clean RTT sample (Karn's rule).
+        let mut o = outstanding("max_attempts = 1");
+        let mut rng = SmallRng::seed_from_u64(1);
+        for seq in 1..=20u8 {
+            o.on_command(cmd(seq), seq, KEY, 0, Instant::now(), &mut rng);
+            assert!(!o.is_empty());
+            tokio::time::advance(ms(4500)).await;
+            assert_eq!(
+                o.on_reply(seq, 0, &reply(seq), Instant::now()),
+                Verdict::Forward
+            );
+        }
+        // The default deadline is 5 s: a copy sent later than 2.5 s in could not be answered
+        // in time, so that is as long as the timeout grows.
+        assert_eq!(o.rto(), ms(2500));
+    }
+
+    #[test]
+    fn a_single_attempt_policy_schedules_no_copy() {
+        let mut o = outstanding("max_attempts = 1");
+        let mut rng = SmallRng::seed_from_u64(1);
+        o.on_command(cmd(1), 1, KEY, 0, Instant::now(), &mut rng);
+        assert_eq!(o.len(), 1);
+        assert_eq!(o.next_due(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_first_frame_of_a_once_sent_command_times_the_device() {
+        let mut o = outstanding("");
+        let mut rng = SmallRng::seed_from_u64(1);
+        warm(&mut o, &mut rng).await;
+        o.on_command(cmd(1), 1, KEY, 0, Instant::now(), &mut rng);
+        tokio::time::advance(ms(10)).await;
+        assert_eq!(
+            o.on_reply(1, 0, &reply(1), Instant::now()),
+            Verdict::Forward
+        );
+        // The second frame of the same answer, much later, says nothing about round trips.
+        tokio::time::advance(ms(3000)).await;
+        assert_eq!(
+            o.on_reply(1, 0, &reply(2), Instant::now()),
+            Verdict::Forward
+        );
+        assert_eq!(o.rto(), ms(400));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reply_to_a_copied_command_does_not_time_the_device() {
+        let mut o = outstanding("jitter = 0");
+        let mut rng = SmallRng::seed_from_u64(1);
+        warm(&mut o, &mut rng).await;
+        o.on_command(cmd(1), 1, KEY, 0, Instant::now(), &mut rng);
+        answer_a_later_one(&mut o, &mut rng, 2).await;
+        assert_eq!(next_retry(&mut o, &mut rng).await.len(), 1, "copied");
+        let rto_after_copy = o.rto();
+        // Answered 2 s in: whether to the original or the copy is unknown, so no sample.
+        tokio::time::advance(ms(1600)).await;
+        assert_eq!(
+            o.on_reply(1, 0, &reply(1), Instant::now()),
+            Verdict::Forward
+        );
+        assert_eq!(o.rto(), rto_after_copy);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn commands_sent_at_the_same_instant_are_no_evidence_about_each_other() {
+        // Two commands read from one segment share their send time: which the device took
+        // first cannot be told, so an answer to one does not make the other's copy due.
+        let mut o = outstanding("jitter = 0");
+        let mut rng = SmallRng::seed_from_u64(1);
+        warm(&mut o, &mut rng).await;
+        let t0 = Instant::now();
+        o.on_command(cmd(1), 1, KEY, 0, t0, &mut rng);
+        o.on_command(cmd(2), 2, KEY, 0, t0, &mut rng);
+        tokio::time::advance(ms(400)).await;
+        assert!(o.due(Instant::now(), &mut rng, |_| false).resend.is_empty());
+        assert_eq!(
+            o.on_reply(2, 0, &reply(2), Instant::now()),
+            Verdict::Forward
+        );
+        assert_eq!(o.next_due(), Some(t0 + ms(2500)), "still held back");
+        tokio::time::advance(ms(100)).await;
+        assert!(o.due(Instant::now(), &mut rng, |_| false).resend.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_due_exactly_one_ack_timeout_before_the_deadline_still_goes_out() {
+        let mut p = policy("max_attempts = 2\njitter = 0");
+        p.command_deadline = ms(800);
+        let mut o = Outstanding::new(p, open_budget());
+        let mut rng = SmallRng::seed_from_u64(3);
+        warm(&mut o, &mut rng).await;
+        let t0 = Instant::now();
+        o.on_command(cmd(1), 1, KEY, 0, t0, &mut rng);
+        tokio::time::advance(ms(1)).await;
+        o.on_command(cmd(2), 2, KEY, 0, Instant::now(), &mut rng);
+        assert_eq!(
+            o.on_reply(2, 0, &reply(2), Instant::now()),
+            Verdict::Forward
+        );
+        // Due at 400 ms with 400 ms (one ack_timeout) left: just in time.
+        tokio::time::sleep_until(t0 + ms(400)).await;
+        let due = o.due(Instant::now(), &mut rng, |_| false);
+        assert_eq!((due.resend.len(), due.too_late), (1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_devices_blind_copy_waits_three_of_its_timeouts() {
+        let mut p = policy("jitter = 0");
+        p.command_deadline = Duration::from_secs(60);
+        let mut o = Outstanding::new(p, open_budget());
+        let mut rng = SmallRng::seed_from_u64(3);
+        // Answered after 10 s each, sent once: its timeout grows well past 10 s.
+        for seq in 1..=30u8 {
+            o.on_command(cmd(seq), seq, KEY, 0, Instant::now(), &mut rng);
+            tokio::time::advance(Duration::from_secs(10)).await;
+            o.on_reply(seq, 0, &reply(seq), Instant::now());
+        }
+        let rto = o.rto();
+        assert!(rto > Duration::from_secs(10), "{rto:?}");
+        let t0 = Instant::now();
+        o.on_command(cmd(40), 40, KEY, 0, t0, &mut rng);
+        // No evidence: not before three timeouts, which here is later than half the deadline.
+        tokio::time::sleep_until(t0 + rto).await;
+        assert!(o.due(Instant::now(), &mut rng, |_| false).resend.is_empty());
+        assert_eq!(o.next_due(), Some(t0 + rto * BLIND_FACTOR));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_attempts_counts_the_first_send() {
+        let mut p = policy("max_attempts = 2\njitter = 0");
+        p.command_deadline = Duration::from_secs(60);
+        let mut o = Outstanding::new(p, open_budget());
+        let mut rng = SmallRng::seed_from_u64(3);
+        warm(&mut o, &mut rng).await;
+        o.on_command(cmd(1), 1, KEY, 0, Instant::now(), &mut rng);
+        answer_a_later_one(&mut o, &mut rng, 2).await;
+        let r = next_retry(&mut o, &mut rng).await;
+        assert_eq!(r.iter().map(|r| r.attempt).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(o.next_due(), None, "two sends in all");
+    }
+
     #[test]
     fn an_expired_command_is_no_longer_waiting_for_evidence() {
         // Remembered (for duplicate suppression) well past its deadline.

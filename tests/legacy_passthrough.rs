@@ -62,8 +62,9 @@ async fn capture_replay_with_observe_dark_launch_is_byte_exact_and_shadowed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_replay_with_mirror_to_a_dead_shadow_is_byte_exact() {
     let (_reserved, dead) = refused_addr();
-    // The shadow is dialled beside the connection: its failure is counted when it happens,
-    // maybe after the replay; wait for it (exactly one: one connection, one dial).
+    // The shadow is dialled beside the connection and the dial is cancelled when the
+    // connection ends, so the device holds its side open until the failure is counted
+    // (exactly one: one connection, one dial).
     let series = "tcp_comm_upstream_connect_errors_total{reason=\"connect\",transport=\"shadow\"}";
     let m = replay_capture_until(
         false,

@@ -432,7 +432,10 @@ impl Addon {
     pub fn expire(&self) {
         let now = Instant::now();
         let mut expired = Vec::new();
-        for c in lock(&self.shared.conns).values_mut() {
+        // Lock order conns → harness everywhere: a command leaves `waiting` and enters the
+        // harness counts under one lock, so a report never sees it in neither.
+        let mut conns = lock(&self.shared.conns);
+        for c in conns.values_mut() {
             let before = c.waiting.len();
             c.waiting
                 .retain(|_, sent| now.duration_since(*sent) < COMMAND_WAIT);
@@ -456,11 +459,10 @@ impl Addon {
 
     pub fn report(&self) -> HarnessReport {
         self.expire();
-        let in_flight: u64 = lock(&self.shared.conns)
-            .values()
-            .map(|c| c.waiting.len() as u64)
-            .sum();
+        let conns = lock(&self.shared.conns);
+        let in_flight: u64 = conns.values().map(|c| c.waiting.len() as u64).sum();
         let h = lock(&self.shared.harness);
+        drop(conns);
         let q = |p: f64| h.latency.value_at_quantile(p) as f64 / 1000.0;
         HarnessReport {
             sent: h.sent,
@@ -507,7 +509,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, gen: Cancellati
         tokio::spawn(async move {
             let id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
             let _ = serve(tcp, id, peer, &shared, gen).await;
-            if let Some(c) = lock(&shared.conns).remove(&id) {
+            let mut conns = lock(&shared.conns);
+            if let Some(c) = conns.remove(&id) {
                 let mut h = lock(&shared.harness);
                 h.lost += c.waiting.len() as u64;
                 h.finished(c.device, false, c.waiting.len() as u64);
@@ -675,7 +678,8 @@ async fn handle_read(
                         }
                         continue;
                     }
-                    let sent = lock(&shared.conns)
+                    let mut conns = lock(&shared.conns);
+                    let sent = conns
                         .get_mut(&id)
                         .and_then(|c| c.waiting.remove(&f.seq).map(|t| (t, c.device)));
                     if let Some((sent, device)) = sent {

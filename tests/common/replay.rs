@@ -112,8 +112,9 @@ pub async fn replay_capture(
     replay_capture_until(device_tls, upstream_tls, transport, configure, None).await
 }
 
-/// As [`replay_capture`], and the metrics page returned once `series` reads `want` (for what
-/// the gateway records in the background, such as a shadow's failed dial).
+/// As [`replay_capture`], and the device does not close its side until `series` reads `want`
+/// (for what the gateway does beside the connection, such as a shadow's failed dial, which a
+/// close before it would cancel).
 pub async fn replay_capture_until(
     device_tls: bool,
     upstream_tls: bool,
@@ -188,6 +189,11 @@ pub async fn replay_capture_until(
     let down = read_exactly(&mut dev, expect_down.len()).await;
     dev.write_all(&replies).await.expect("replies");
     dev.write_all(&junk).await.expect("junk");
+    // Waited for with the connection still open: what runs beside it (a shadow dial) ends
+    // with it, so after the close it may never happen.
+    if let Some((series, want)) = until {
+        wait_metric(gw.metrics_addr, series, want).await;
+    }
     dev.shutdown().await.expect("device FIN");
     let mut tail = Vec::new();
     tokio::time::timeout(DEADLINE, dev.read_to_end(&mut tail))
@@ -202,7 +208,7 @@ pub async fn replay_capture_until(
     assert_eq!(up.len(), expect_up.len());
     assert!(up == expect_up, "device->upstream bytes differ");
 
-    let mut m = wait_metric(
+    let m = wait_metric(
         gw.metrics_addr,
         &on(
             transport,
@@ -211,9 +217,6 @@ pub async fn replay_capture_until(
         1.0,
     )
     .await;
-    if let Some((series, want)) = until {
-        m = wait_metric(gw.metrics_addr, series, want).await;
-    }
     let pk = |dir: &str, t: &str| {
         tsample(transport,
             &m,

@@ -971,15 +971,24 @@ mod tests {
         let t0 = Instant::now();
         o.on_command(cmd(1), 1, KEY, 0, t0, &mut rng);
         o.on_command(cmd(2), 2, KEY, 0, t0, &mut rng);
-        tokio::time::advance(ms(400)).await;
-        assert!(o.due(Instant::now(), &mut rng, |_| false).resend.is_empty());
+        // Answered before seq 1's copy is first due...
+        tokio::time::advance(ms(10)).await;
         assert_eq!(
             o.on_reply(2, 0, &reply(2), Instant::now()),
             Verdict::Forward
         );
-        assert_eq!(o.next_due(), Some(t0 + ms(2500)), "still held back");
-        tokio::time::advance(ms(100)).await;
+        assert_eq!(o.next_due(), Some(t0 + ms(400)));
+        // ...and when it is due, that answer is no evidence: held back.
+        tokio::time::sleep_until(t0 + ms(400)).await;
         assert!(o.due(Instant::now(), &mut rng, |_| false).resend.is_empty());
+        assert_eq!(o.next_due(), Some(t0 + ms(2500)), "held back");
+        // Nor does an answer to a third sent at that instant wake it while it waits.
+        o.on_command(cmd(3), 3, KEY, 0, t0, &mut rng);
+        assert_eq!(
+            o.on_reply(3, 0, &reply(3), Instant::now()),
+            Verdict::Forward
+        );
+        assert_eq!(o.next_due(), Some(t0 + ms(2500)), "still held back");
     }
 
     #[tokio::test(start_paused = true)]

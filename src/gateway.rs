@@ -266,6 +266,7 @@ impl Gateway {
             config.metrics.per_device_max,
             config.metrics.per_device_idle,
         )?);
+        crate::control::series::zero(&metrics);
         let device_tls = config.device_tls.mode == DeviceTlsMode::Tls;
         let (acceptor, generated_cert) = match config.device_tls.mode {
             DeviceTlsMode::Plain => (None, None),
@@ -373,12 +374,23 @@ impl Gateway {
             header_timeout: live.config().listen.http_header_timeout,
             max_connections: live.config().listen.http_max_connections,
         };
+        // The admin API answers through the drain too (status while draining); the status
+        // page on the metrics address shows what its `status` does.
+        let admin = Arc::new(Admin {
+            live: live.clone(),
+            metrics: metrics.clone(),
+            slo: slo.clone(),
+            last_check: last_check.clone(),
+            control: control.clone(),
+        });
+        let page: Arc<dyn http::StatusPage> = admin.clone();
         http_tasks.spawn(
             "http",
             http::serve_metrics(
                 http,
                 metrics.clone(),
                 health.clone(),
+                Some(page),
                 limits,
                 http_tasks.clone(),
                 http_stop.clone(),
@@ -387,14 +399,6 @@ impl Gateway {
         // The SLO task outlives the drain (on the HTTP tracker), so its last write holds the
         // drained connections' commands.
         http_tasks.spawn("slo", slo.clone().run(http_stop.clone()));
-        // The admin API answers through the drain too (status while draining).
-        let admin = Arc::new(Admin {
-            live: live.clone(),
-            metrics: metrics.clone(),
-            slo: slo.clone(),
-            last_check: last_check.clone(),
-            control: control.clone(),
-        });
         http_tasks.spawn(
             "admin",
             admin::serve(admin_listener, admin, http_tasks.clone(), http_stop.clone()),

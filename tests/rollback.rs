@@ -17,57 +17,13 @@ use cync_gateway::gateway::Gateway;
 use cync_gateway::sim::addon::Addon;
 use cync_gateway::sim::chaos::{Chaos, Plan};
 use cync_gateway::sim::device::{self, DeviceConfig, DeviceStats};
-use http_body_util::BodyExt;
 use rand::SeedableRng;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 const SEED: u64 = 71;
 const CHECK: Duration = Duration::from_secs(1);
-
-/// One POST the test webhook received: its Authorization header and JSON body.
-type Received = (String, serde_json::Value);
-
-/// A real HTTP server (hyper) that records every POST and answers 200.
-async fn webhook_server() -> (SocketAddr, mpsc::UnboundedReceiver<Received>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let tx = tx.clone();
-                        async move {
-                            let auth = req
-                                .headers()
-                                .get("authorization")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("")
-                                .to_string();
-                            let body = req.into_body().collect().await?.to_bytes();
-                            let json =
-                                serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-                            let _ = tx.send((auth, json));
-                            Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(
-                                bytes::Bytes::new(),
-                            )))
-                        }
-                    },
-                );
-                let io = hyper_util::rt::TokioIo::new(s);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, svc)
-                    .await;
-            });
-        }
-    });
-    (addr, rx)
-}
 
 /// Drops the f9 reply of `share` of the commands through it (device → gateway).
 fn f9_loss(share: f64) -> Plan {

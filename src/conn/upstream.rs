@@ -17,7 +17,7 @@ use crate::config::Upstream;
 use crate::conn::tls::{self, Stream, TlsError};
 
 /// Why a dial failed; its derived label is the `reason` of `tcp_comm_upstream_connect_errors_total`.
-#[derive(Debug, Error, strum::IntoStaticStr)]
+#[derive(Debug, Error, strum::IntoStaticStr, strum::VariantNames)]
 #[strum(serialize_all = "snake_case")]
 pub enum DialError {
     #[error("resolving {addr}: {source}")]

@@ -271,10 +271,13 @@ impl ControlTask {
     }
 }
 
+/// The `action` of every audit entry the control task writes (`tcp_comm_audit_entries_total`).
+pub const AUDIT_ACTIONS: &[&str] = &["reload", "rollback", "resume"];
+
 /// The `result` label of a webhook notification dropped before any attempt (queue full).
-#[derive(Clone, Copy, strum::IntoStaticStr)]
+#[derive(Clone, Copy, strum::IntoStaticStr, strum::EnumIter)]
 #[strum(serialize_all = "snake_case")]
-enum WebhookQueue {
+pub enum WebhookQueue {
     Dropped,
 }
 

@@ -224,7 +224,9 @@ pub fn rate_worse(new: (u64, f64), legacy: (u64, f64), confidence: f64) -> Test 
 }
 
 /// A check's outcome; the `result` label of `tcp_comm_rollback_checks_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, strum::IntoStaticStr)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, strum::IntoStaticStr, strum::EnumIter,
+)]
 #[strum(serialize_all = "snake_case")]
 #[serde(rename_all = "snake_case")]
 pub enum CheckResult {

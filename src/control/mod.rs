@@ -5,7 +5,9 @@
 //! - [`event`]: the one [`Control`] event stream every source sends on;
 //! - [`apply`]: the control task, the single writer that applies those events;
 //! - [`reload`]: reading, validating and merging the configuration file, and the file poll;
-//! - [`rehome`]: moving open connections when their route changes.
+//! - [`rehome`]: moving open connections when their route changes;
+//! - [`series`]: the metric series this layer and the data plane label, created at 0;
+//! - [`status_page`]: the HTML status page served at `/` on the metrics address.
 //!
 //! The data plane sees this layer only through [`ControlPlane`], its [`Routes`]
 //! implementation.
@@ -25,8 +27,10 @@ pub mod rehome;
 pub mod reload;
 pub mod rollback;
 pub mod router;
+pub mod series;
 pub mod slo_task;
 pub mod state;
+pub mod status_page;
 pub mod webhook;
 
 use std::sync::Arc;

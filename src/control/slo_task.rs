@@ -42,7 +42,7 @@ pub const WINDOWS: [(&str, Duration); 4] = [
 pub const TICK: Duration = Duration::from_secs(1);
 
 /// Which file a state problem concerns; the `file` label of `tcp_comm_state_errors_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
 #[strum(serialize_all = "snake_case")]
 pub enum StateFile {
     Slo,
@@ -51,7 +51,7 @@ pub enum StateFile {
 }
 
 /// What went wrong with it; the `error` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
 #[strum(serialize_all = "snake_case")]
 pub enum StateProblem {
     /// Not parseable, or another version: moved aside, started fresh.

@@ -239,7 +239,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// How one event's delivery ended; the label (`delivered` | `failed`) is for a metric.
-#[derive(Debug, Clone, PartialEq, Eq, strum::IntoStaticStr)]
+#[derive(Debug, Clone, PartialEq, Eq, strum::IntoStaticStr, strum::VariantNames)]
 #[strum(serialize_all = "snake_case")]
 pub enum Delivery {
     /// A 2xx answer, after this many attempts.

@@ -1,5 +1,7 @@
-//! HTTP endpoints: `/metrics`, `/healthz` and `/readyz` on the metrics address (:9400 by
-//! default). The runbook admin API (:9401) joins this file when its commands exist.
+//! HTTP endpoints on the metrics address (:9400 by default): `/metrics`, `/healthz`, `/readyz`,
+//! and `/`, the status page, which the control plane renders (through [`StatusPage`], so this
+//! layer knows nothing of what it shows). The admin API is elsewhere: a Unix socket
+//! (`control::admin`).
 //!
 //! Invariants:
 //! - Readiness is a latch that only goes up once the device listener is bound and comes down
@@ -13,6 +15,8 @@
 //!   idle or half-sent requests cannot hold file descriptors the device listener needs.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +60,11 @@ impl Health {
     }
 }
 
+/// Renders the status page served at `/` (an HTML document).
+pub trait StatusPage: Send + Sync {
+    fn render(&self) -> Pin<Box<dyn Future<Output = String> + Send + '_>>;
+}
+
 fn text(
     status: StatusCode,
     body: impl Into<Bytes>,
@@ -87,6 +96,11 @@ fn route(req: &Request<Incoming>, metrics: &Metrics, health: &Health) -> Respons
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"), PLAIN),
             }
         }
+        "/" => text(
+            StatusCode::NOT_FOUND,
+            "no status page here: try /metrics, /healthz, /readyz\n",
+            PLAIN,
+        ),
         "/healthz" => text(StatusCode::OK, "ok\n", PLAIN),
         "/readyz" => {
             if health.is_ready() {
@@ -112,11 +126,13 @@ pub struct HttpLimits {
     pub max_connections: usize,
 }
 
-/// Serves the metrics/health endpoints until `stop` is cancelled.
+/// Serves the metrics/health endpoints (and the status page at `/`, with `page`) until
+/// `stop` is cancelled.
 pub async fn serve_metrics(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    page: Option<Arc<dyn StatusPage>>,
     limits: HttpLimits,
     tasks: Tasks,
     stop: CancellationToken,
@@ -144,12 +160,28 @@ pub async fn serve_metrics(
         };
         let metrics = metrics.clone();
         let health = health.clone();
+        let page = page.clone();
         let stop = stop.clone();
         tasks.spawn("http-connection", async move {
             let _slot = slot;
             let svc = service_fn(move |req: Request<Incoming>| {
-                let resp = route(&req, &metrics, &health);
-                async move { Ok::<_, Infallible>(resp) }
+                let page = page
+                    .clone()
+                    .filter(|_| req.uri().path() == "/" && req.method() == Method::GET);
+                let resp = page.is_none().then(|| route(&req, &metrics, &health));
+                async move {
+                    Ok::<_, Infallible>(match (resp, page) {
+                        (Some(r), _) => r,
+                        (None, Some(p)) => {
+                            text(StatusCode::OK, p.render().await, "text/html; charset=utf-8")
+                        }
+                        (None, None) => text(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "no page\n",
+                            "text/plain; charset=utf-8",
+                        ),
+                    })
+                }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())

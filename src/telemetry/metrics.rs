@@ -47,6 +47,33 @@ struct DeviceSeries {
     last_sweep: Option<tokio::time::Instant>,
 }
 
+/// Every label of an enum, in declaration order.
+fn all<T: Label + strum::IntoEnumIterator>() -> Vec<&'static str> {
+    T::iter().map(Label::label).collect()
+}
+
+/// Creates (at 0) the series for every combination of `lists`, one list per label.
+fn cross(v: &IntCounterVec, lists: &[&[&str]]) {
+    let mut combo = Vec::with_capacity(lists.len());
+    fn go<'a>(v: &IntCounterVec, lists: &[&[&'a str]], combo: &mut Vec<&'a str>) {
+        match lists.split_first() {
+            None => {
+                // A wrong number of labels is an error here, not a panic; the unit test that
+                // renders every zeroed family catches one.
+                let _ = v.get_metric_with_label_values(combo);
+            }
+            Some((first, rest)) => {
+                for x in first.iter() {
+                    combo.push(x);
+                    go(v, rest, combo);
+                    combo.pop();
+                }
+            }
+        }
+    }
+    go(v, lists, &mut combo);
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Every family registered, whether or not it has series yet.
@@ -517,7 +544,86 @@ impl Metrics {
             registry: r,
             names,
         };
+        m.zero_own_series();
         Ok(m)
+    }
+
+    /// Every series whose label values this layer knows, created at 0: a counter that first
+    /// appears at its first event makes `rate()` and `increase()` miss that event, and a
+    /// dashboard or alert that selects it finds nothing to show until then.
+    fn zero_own_series(&self) {
+        let t = all::<Transport>();
+        let dirs = all::<Direction>();
+        if !self.per_device {
+            cross(&self.packet_sent, &[&t, &all::<CommandOutcome>()]);
+            for tr in &t {
+                let _ = self.packet_latency.with_label_values(&[tr]);
+            }
+        }
+        cross(&self.connections_total, &[&t]);
+        cross(&self.bytes, &[&t, &dirs]);
+        cross(&self.unframed_bytes, &[&t, &dirs]);
+        cross(&self.close_dropped_bytes, &[&t, &dirs]);
+        cross(&self.connections_rejected, &[&all::<Reject>()]);
+        cross(&self.ack_received, &[&t, &all::<AckOutcome>()]);
+        for tr in &t {
+            let _ = self.ack_latency.with_label_values(&[tr]);
+            let _ = self.connections_active.with_label_values(&[tr]);
+        }
+        cross(&self.heartbeats, &[&t, &all::<HeartbeatOutcome>()]);
+        cross(&self.retransmits, &[&t]);
+        cross(&self.retries_skipped, &[&t, &all::<RetrySkip>()]);
+        cross(
+            &self.idempotent_drops,
+            &[&t, &["0x73", "0x7b"], &all::<DropReason>()],
+        );
+        // Only the combinations that happen (see QueueAction).
+        for (q, a) in [
+            (Queue::DevToSrv, QueueAction::Shed),
+            (Queue::DevToSrv, QueueAction::Close),
+            (Queue::SrvToDev, QueueAction::Reject),
+            (Queue::Mirror, QueueAction::Drop),
+        ] {
+            cross(&self.queue_full, &[&t, &[q.label()], &[a.label()]]);
+        }
+        cross(&self.resumptions, &[&t, &all::<ResumeOutcome>()]);
+        cross(&self.resume_frames, &[&t, &all::<ResumeFrame>()]);
+        cross(&self.config_reloads, &[&all::<ReloadResult>()]);
+        cross(&self.shadow_lost, &[&all::<ShadowLoss>()]);
+        for (from, to) in [
+            (Transport::Legacy, Transport::New),
+            (Transport::New, Transport::Legacy),
+        ] {
+            let _ = self.rehomes.with_label_values(&[from.label(), to.label()]);
+        }
+    }
+
+    /// Creates at 0 the series of a family whose label values a layer above owns (close and
+    /// routing reasons, dial errors, decode errors, comparisons, rollback reasons and results,
+    /// state problems, webhook results, audit actions): every combination of `values`, one
+    /// list per label, in the family's label order; with `per_transport`, the `transport`
+    /// label comes first and takes every path. A family not listed here is ignored.
+    pub fn zero_series(&self, family: &str, per_transport: bool, values: &[&[&'static str]]) {
+        let v = match family {
+            names::CONNECTION_CLOSES_TOTAL => &self.connection_closes,
+            names::ROUTING_DECISIONS_TOTAL => &self.routing_decisions,
+            names::UPSTREAM_CONNECT_ERRORS_TOTAL => &self.upstream_connect_errors,
+            names::DECODE_ERRORS_TOTAL => &self.decode_errors,
+            names::SHADOW_COMPARISONS_TOTAL => &self.shadow_comparisons,
+            names::ROLLBACK_CHECKS_TOTAL => &self.rollback_checks,
+            names::ROLLBACKS_TOTAL => &self.rollbacks,
+            names::STATE_ERRORS_TOTAL => &self.state_errors,
+            names::WEBHOOK_DELIVERIES_TOTAL => &self.webhook_deliveries,
+            names::AUDIT_ENTRIES_TOTAL => &self.audit_entries,
+            _ => return,
+        };
+        let t = all::<Transport>();
+        let mut lists: Vec<&[&str]> = Vec::new();
+        if per_transport {
+            lists.push(&t);
+        }
+        lists.extend_from_slice(values);
+        cross(v, &lists);
     }
 
     pub fn registry(&self) -> &Registry {
@@ -697,6 +803,44 @@ impl Metrics {
                     .observe(l.as_secs_f64());
             }
         }
+    }
+
+    /// The `q` quantile (0-1) of `t`'s command latency since start, in seconds, estimated
+    /// from the histogram's buckets as PromQL's `histogram_quantile` does (linear within the
+    /// bucket); `None` before the first answered command, and with per-device series (the
+    /// path's histogram is then split by device).
+    pub fn command_quantile(&self, t: Transport, q: f64) -> Option<f64> {
+        use prometheus::core::Metric as _;
+        if self.per_device {
+            return None;
+        }
+        let h = self
+            .packet_latency
+            .get_metric_with_label_values(&[t.label()])
+            .ok()?
+            .metric();
+        let h = h.get_histogram();
+        let total = h.get_sample_count();
+        if total == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * total as f64;
+        let mut lower = (0.0, 0u64);
+        for b in h.get_bucket() {
+            let (upper, count) = (b.get_upper_bound(), b.get_cumulative_count());
+            if count as f64 >= rank {
+                let inside = (count - lower.1) as f64;
+                let at = if inside > 0.0 {
+                    (rank - lower.1 as f64) / inside
+                } else {
+                    1.0
+                };
+                return Some(lower.0 + (upper - lower.0) * at);
+            }
+            lower = (upper, count);
+        }
+        // Above the last bound: say the last bound, as histogram_quantile does.
+        Some(lower.0)
     }
 
     /// A device's 0x7b for a server 0x73.

@@ -273,3 +273,49 @@ pub fn refused_addr() -> (socket2::Socket, SocketAddr) {
         .expect("an IP address");
     (s, addr)
 }
+
+/// One POST the test webhook received: its Authorization header and JSON body.
+pub type Received = (String, serde_json::Value);
+
+/// A real HTTP server (hyper) that records every POST and answers 200.
+pub async fn webhook_server() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Received>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let tx = tx.clone();
+                        async move {
+                            let auth = req
+                                .headers()
+                                .get("authorization")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_string();
+                            let body = http_body_util::BodyExt::collect(req.into_body())
+                                .await?
+                                .to_bytes();
+                            let json =
+                                serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                            let _ = tx.send((auth, json));
+                            Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::new(),
+                            )))
+                        }
+                    },
+                );
+                let io = hyper_util::rt::TokioIo::new(s);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}

@@ -22,7 +22,7 @@ pub enum ReplyFrom {
 }
 
 /// How one comparison ended; the `result` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
 #[strum(serialize_all = "snake_case")]
 pub enum Comparison {
     /// Both upstreams sent it (equal where the content is meant to be equal).

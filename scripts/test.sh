@@ -10,8 +10,12 @@ cd "$(dirname "$0")/.."
 need=()
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 pkg-config --exists openssl 2>/dev/null || need+=(libssl-dev)
-# promtool, for tests/alert_rules.rs (checks and unit-tests alerts/*.yml)
-command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# promtool and prometheus, for tests/alert_rules.rs, tests/dashboard.rs and the live pipeline in
+# tests/observability_live.rs, which also runs Alertmanager (amtool checks its example config)
+# and renders the status page in headless Chromium
+{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || need+=(prometheus)
+{ command -v prometheus-alertmanager && command -v amtool; } >/dev/null 2>&1 || need+=(prometheus-alertmanager)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing test dependencies: ${need[*]}"
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

@@ -115,6 +115,23 @@ pub fn sample(metrics: &str, series: &str) -> f64 {
     sample_opt(metrics, series).unwrap_or_else(|| panic!("no series {series} in the metrics page"))
 }
 
+/// The sum of every series of `family` on the page; the family itself must be there (its
+/// `# TYPE` line), so a renamed family fails instead of summing to 0.
+pub fn family_total(metrics: &str, family: &str) -> f64 {
+    assert!(
+        metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .any(|l| l.split_whitespace().next() == Some(family)),
+        "no family {family} in the metrics page"
+    );
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) || l.starts_with(&format!("{family} ")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The value of one sample line, or 0 when it is not there: for series that are only created
 /// once something happens, where "never happened" is the expected answer. The family itself
 /// must exist on the page (its `# TYPE` line), so a renamed family still fails.

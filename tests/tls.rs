@@ -592,12 +592,13 @@ async fn upstream_connect_timeout_covers_a_silent_tls_handshake() {
     let started = Instant::now();
     let r = dial(&d).await;
     let elapsed = started.elapsed();
-    let e = expect_dial_err(r, "timeout");
+    let e = expect_dial_err(r, "tls_timeout");
     println!("silent TLS peer: {e} after {elapsed:?}");
     assert!(
-        matches!(e, DialError::Timeout { after, .. } if after == Duration::from_millis(300)),
+        matches!(e, DialError::TlsTimeout { after, .. } if after == Duration::from_millis(300)),
         "{e:?}"
     );
+    assert!(e.to_string().contains("does the server speak TLS"), "{e}");
     assert!(
         elapsed >= Duration::from_millis(300),
         "gave up before the timeout: {elapsed:?}"

@@ -32,6 +32,10 @@ pub enum DialError {
     },
     #[error("connecting to {addr}: timed out after {after:?}")]
     Timeout { addr: String, after: Duration },
+    /// The TCP connection was accepted but the TLS handshake did not finish in time: most
+    /// often a server that does not speak TLS (`tls = true` toward a plain one).
+    #[error("TLS handshake with {addr}: no answer within {after:?} of connecting (the TCP connection was accepted; does the server speak TLS? see `tls` of this upstream)")]
+    TlsTimeout { addr: String, after: Duration },
     #[error("TLS to {addr}: {source}")]
     Tls { addr: String, source: TlsError },
 }
@@ -80,6 +84,8 @@ impl Dialer {
 
     pub async fn dial(&self) -> Result<Stream, DialError> {
         let addr = self.address.clone();
+        // Whether the timeout struck in the TLS handshake, for an error that says so.
+        let connected = std::sync::atomic::AtomicBool::new(false);
         let work = async {
             let tcp = TcpStream::connect(&addr).await.map_err(|source| {
                 if source.kind() == std::io::ErrorKind::InvalidInput
@@ -99,6 +105,7 @@ impl Dialer {
             // Frames are small and latency-sensitive; Nagle would hold replies back.
             let _ = tcp.set_nodelay(true);
             let _ = set_keepalive(&tcp, self.keepalive);
+            connected.store(true, std::sync::atomic::Ordering::Relaxed);
             match &self.connector {
                 None => Ok(Stream::Plain(tcp)),
                 Some(c) => tls::connect(c, tcp).await.map_err(|source| DialError::Tls {
@@ -109,6 +116,12 @@ impl Dialer {
         };
         match tokio::time::timeout(self.connect_timeout, work).await {
             Ok(r) => r,
+            Err(_) if connected.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(DialError::TlsTimeout {
+                    addr: self.address.clone(),
+                    after: self.connect_timeout,
+                })
+            }
             Err(_) => Err(DialError::Timeout {
                 addr: self.address.clone(),
                 after: self.connect_timeout,

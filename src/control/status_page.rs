@@ -10,7 +10,7 @@
 //! - Read-only: it shows state and offers no action (mutations stay on the admin API, whose
 //!   socket permissions are its authentication).
 //! - Everything that comes from outside (reasons, actors, setting values) is HTML-escaped.
-//! - Pure: [`render`] takes the figures and returns the page; [`Admin::page`] gathers them.
+//! - Pure: [`render`] takes the figures and returns the page; [`Admin::page_data`] gathers them.
 
 use std::fmt::Write as _;
 use std::time::Duration;

@@ -75,6 +75,29 @@ pub enum GatewayError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("admin.token_file {path}: {why}")]
+    AdminToken { path: PathBuf, why: String },
+}
+
+/// The bearer token in `path`: its first line, trimmed; an empty one is refused (anyone could
+/// send it).
+async fn read_admin_token(path: &Path) -> Result<String, GatewayError> {
+    let p = path.to_path_buf();
+    let text = tokio::task::spawn_blocking(move || std::fs::read_to_string(p))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+        .map_err(|e| GatewayError::AdminToken {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.is_empty() {
+        return Err(GatewayError::AdminToken {
+            path: path.to_path_buf(),
+            why: "the file is empty: put one line of at least 16 random characters in it".into(),
+        });
+    }
+    Ok(token)
 }
 
 /// File descriptors a configuration may need at once: two per routed connection (device and
@@ -188,6 +211,8 @@ pub struct Gateway {
     pub last_check: LastCheckCell,
     /// Where the admin API listens (removed at shutdown).
     pub admin_socket: PathBuf,
+    /// The admin API's TCP address, with `admin.listen`.
+    pub admin_addr: Option<SocketAddr>,
     control: ControlTx,
     shutdown: Shutdown,
     /// The HTTP server's tasks: they outlive the drain, so /metrics answers until the end.
@@ -302,6 +327,20 @@ impl Gateway {
         let notifier = webhook_notifier(&config, &metrics, &http_tasks, &http_stop).await?;
         let admin_socket = config.admin.socket.clone();
         let admin_listener = admin::bind(&admin_socket).await?;
+        let admin_tcp = match (config.admin.listen, &config.admin.token_file) {
+            (Some(addr), Some(token_file)) => {
+                let token = read_admin_token(token_file).await?;
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| GatewayError::Bind {
+                        what: "admin.listen",
+                        addr,
+                        source,
+                    })?;
+                Some((l, token))
+            }
+            _ => None,
+        };
         let audit = AuditLog::new(&state_dir, config.audit.max_bytes, config.audit.keep);
         let live = Live::starting(config, latched);
         metrics.set_rollback_active(latched);
@@ -399,16 +438,31 @@ impl Gateway {
         // The SLO task outlives the drain (on the HTTP tracker), so its last write holds the
         // drained connections' commands.
         http_tasks.spawn("slo", slo.clone().run(http_stop.clone()));
+        let mut admin_addr = None;
+        if let Some((l, token)) = admin_tcp {
+            admin_addr = l.local_addr().ok();
+            http_tasks.spawn(
+                "admin-tcp",
+                admin::serve_tcp(
+                    l,
+                    admin.clone(),
+                    token,
+                    http_tasks.clone(),
+                    http_stop.clone(),
+                ),
+            );
+        }
         http_tasks.spawn(
             "admin",
             admin::serve(admin_listener, admin, http_tasks.clone(), http_stop.clone()),
         );
-        info!(socket = %admin_socket.display(), "admin API listening");
+        info!(socket = %admin_socket.display(), tcp = ?admin_addr, "admin API listening");
         // Logged once everything answers (the device listener, /metrics, the admin socket):
         // scripts and tests take the addresses from this line.
         info!(
             devices = %device_addr,
             metrics = %metrics_addr,
+            admin = admin_addr.map(|a| a.to_string()).unwrap_or_default(),
             legacy_upstream = live.config().upstream_legacy.address.as_str(),
             device_tls,
             "cync-gateway listening"
@@ -427,6 +481,7 @@ impl Gateway {
             slo,
             last_check,
             admin_socket,
+            admin_addr,
             control,
             shutdown,
             http_tasks,

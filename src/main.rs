@@ -87,6 +87,17 @@ enum Cmd {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Set routing.canary_percent in the configuration file (comments and layout kept; the whole
+    /// file validated before it is written, atomically) and wait until the daemon applies it.
+    SetCanary {
+        /// The new share of devices on the new path, 0-100 (two decimals at most).
+        percent: f64,
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// How long to wait for the daemon to report the new percentage.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
     /// The audit log: every routing change, who made it and why.
     History {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
@@ -112,6 +123,11 @@ fn main() -> ExitCode {
         Cmd::Status { config, json } => runbook(&config, Ask::Status { json }),
         Cmd::Rollback { config, reason } => runbook(&config, Ask::Rollback { reason }),
         Cmd::Resume { config, reason } => runbook(&config, Ask::Resume { reason }),
+        Cmd::SetCanary {
+            percent,
+            config,
+            wait,
+        } => runbook(&config, Ask::SetCanary { percent, wait }),
         Cmd::History {
             config,
             limit,

@@ -1,6 +1,8 @@
 //! The runbook commands' side of the admin API: `cync-gateway status`, `rollback`, `resume`,
-//! `history` and `reload` find the daemon through the configuration file (its `admin.socket`),
-//! ask it, and print what an operator on call reads — or JSON for scripts (`--json`).
+//! `history`, `set-canary` and `reload` find the daemon through the configuration file (its
+//! `admin.socket`), ask it, and print what an operator on call reads — or JSON for scripts
+//! (`--json`). `set-canary` edits the file itself (the file is the source of truth) and then
+//! has the daemon apply it, waiting until the daemon reports the new percentage.
 //!
 //! Invariants:
 //! - Every failure says what to do next: a daemon that is not running, a socket without
@@ -18,6 +20,7 @@ use serde_json::Value;
 use thiserror::Error;
 use tokio::net::UnixStream;
 
+use crate::config::edit::{self, EditError};
 use crate::config::{Config, ConfigError};
 use crate::control::admin::Status;
 use crate::control::audit::Entry;
@@ -42,6 +45,15 @@ pub enum RunbookError {
     Refused(String),
     #[error("the gateway's answer is not what this version expects: {0}")]
     Decode(String),
+    #[error(transparent)]
+    Edit(#[from] EditError),
+    /// The file was changed but the daemon could not be asked to apply it.
+    #[error("{written}, but {why}")]
+    WrittenNotApplied {
+        written: String,
+        why: String,
+        code: u8,
+    },
 }
 
 impl RunbookError {
@@ -49,8 +61,9 @@ impl RunbookError {
     /// configuration, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            RunbookError::Config(_) => 64,
+            RunbookError::Config(_) | RunbookError::Edit(EditError::Invalid(_)) => 64,
             RunbookError::Unreachable { .. } | RunbookError::Timeout(_) => 69,
+            RunbookError::WrittenNotApplied { code, .. } => *code,
             _ => 1,
         }
     }
@@ -59,10 +72,25 @@ impl RunbookError {
 /// What a runbook command asks for.
 #[derive(Debug, Clone)]
 pub enum Ask {
-    Status { json: bool },
-    Rollback { reason: String },
-    Resume { reason: String },
-    History { limit: usize, json: bool },
+    Status {
+        json: bool,
+    },
+    Rollback {
+        reason: String,
+    },
+    Resume {
+        reason: String,
+    },
+    History {
+        limit: usize,
+        json: bool,
+    },
+    /// Edit `routing.canary_percent` in the configuration file, have the daemon apply it, and
+    /// wait at most `wait` until it reports the new percentage.
+    SetCanary {
+        percent: f64,
+        wait: Duration,
+    },
 }
 
 /// Runs one runbook command against the daemon `config` names; what to print.
@@ -90,6 +118,7 @@ pub async fn run(config: &Path, ask: Ask) -> Result<String, RunbookError> {
             request(&socket, hyper::Method::POST, "/rollback", Some(body)).await?;
             "rollback requested: every device goes to legacy; see `cync-gateway status`\n".into()
         }
+        Ask::SetCanary { percent, wait } => set_canary(config, &socket, percent, wait).await?,
         Ask::Resume { reason } => {
             let body = serde_json::json!({ "reason": reason });
             request(&socket, hyper::Method::POST, "/resume", Some(body)).await?;
@@ -97,6 +126,88 @@ pub async fn run(config: &Path, ask: Ask) -> Result<String, RunbookError> {
                 .into()
         }
     })
+}
+
+fn percent_text(p: Option<f64>) -> String {
+    match p {
+        Some(p) => format!("{p}%"),
+        None => "the default (0%)".into(),
+    }
+}
+
+/// `set-canary`: the file edited, the daemon told, its answer awaited.
+async fn set_canary(
+    config: &Path,
+    socket: &Path,
+    percent: f64,
+    wait: Duration,
+) -> Result<String, RunbookError> {
+    let path = config.to_path_buf();
+    let edited = tokio::task::spawn_blocking(move || edit::set_canary(&path, percent))
+        .await
+        .map_err(|e| RunbookError::Http(e.to_string()))??;
+    let mut o = String::new();
+    let written = if edited.changed {
+        format!(
+            "{}: routing.canary_percent {} -> {}%",
+            edited.path.display(),
+            percent_text(edited.old),
+            edited.new
+        )
+    } else {
+        format!(
+            "{}: routing.canary_percent is already {}%",
+            edited.path.display(),
+            edited.new
+        )
+    };
+    let _ = writeln!(o, "{written}");
+    // Applied now rather than at the daemon's next look at the file; the reload validates
+    // the whole file again and audits the change (actor `admin`).
+    if let Err(e) = request(socket, hyper::Method::POST, "/reload", None).await {
+        return Err(RunbookError::WrittenNotApplied {
+            written,
+            code: e.exit_code(),
+            why: format!("the daemon could not be asked to apply it ({e}); a running daemon picks the file up by itself within a second"),
+        });
+    }
+    let end = tokio::time::Instant::now() + wait;
+    loop {
+        let (s, _) = status(socket).await?;
+        if s.configured_percent == percent {
+            if s.latch.latched {
+                let _ = writeln!(
+                    o,
+                    "applied: {}% configured, but 0% in force: the rollback latch is set ({}); `cync-gateway resume` puts it in force",
+                    s.configured_percent,
+                    s.latch.reason.as_deref().unwrap_or("no reason recorded")
+                );
+            } else {
+                let new = s
+                    .paths
+                    .iter()
+                    .find(|p| p.transport == "new")
+                    .map_or(0, |p| p.connections);
+                let _ = writeln!(
+                    o,
+                    "applied: {}% in force ({new} devices on the new path now; devices that change path are re-homed at routing.rehome_rate)",
+                    s.effective_percent
+                );
+            }
+            return Ok(o);
+        }
+        if tokio::time::Instant::now() >= end {
+            return Err(RunbookError::WrittenNotApplied {
+                written,
+                code: 1,
+                why: format!(
+                    "after {wait:?} the daemon still reports {}% configured: is it running on this file? `cync-gateway history` and its log show a reload it refused",
+                    s.configured_percent
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The admin socket named by the configuration at `config`.

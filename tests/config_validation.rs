@@ -460,6 +460,7 @@ const BAD: &[(&str, &str, &str, &str)] = &[
         "\"/var/lib/cync-gateway/a-path-far-too-long-for-a-unix-socket-because-sun-path-holds-only-108-bytes-with-its-nul/admin.sock\"",
         "admin.socket",
     ),
+    ("admin", "listen", "\"not an address\"", "admin.listen"),
 ];
 
 #[test]
@@ -513,6 +514,16 @@ fn rules_that_span_keys_are_enforced() {
         problems(&render(&d)),
         Some(vec!["listen.max_pending_per_source".to_string()])
     );
+    // The admin API on TCP needs a token file, and an address other hosts can reach needs
+    // allow_remote as well.
+    let a = "[upstream.legacy]\naddress = \"h:1\"\n[admin]\nlisten = \"127.0.0.1:9401\"\n";
+    assert_eq!(problems(a), Some(vec!["admin.token_file".to_string()]));
+    let a = "[upstream.legacy]\naddress = \"h:1\"\n[admin]\nlisten = \"127.0.0.1:9401\"\ntoken_file = \"/t\"\n";
+    assert_eq!(problems(a), None);
+    let a = "[upstream.legacy]\naddress = \"h:1\"\n[admin]\nlisten = \"0.0.0.0:9401\"\ntoken_file = \"/t\"\n";
+    assert_eq!(problems(a), Some(vec!["admin.listen".to_string()]));
+    let a = "[upstream.legacy]\naddress = \"h:1\"\n[admin]\nlisten = \"0.0.0.0:9401\"\ntoken_file = \"/t\"\nallow_remote = true\n";
+    assert_eq!(problems(a), None);
     // upstream.legacy is required, and alone the missing one is the only problem.
     assert_eq!(problems(""), Some(vec!["upstream.legacy".to_string()]));
     // A rollback window shorter than the check interval would leave events between checks

@@ -1,6 +1,7 @@
 //! Configuration: the typed [`Config`] every other layer reads, and its one loader.
 //!
-//! `raw.rs` is the file's serde shape, `validate.rs` turns it into a [`Config`]; this file
+//! `raw.rs` is the file's serde shape, `validate.rs` turns it into a [`Config`], `edit.rs`
+//! changes one value of the file in place (`set-canary`, promotion); this file
 //! holds the typed sections, the errors, and the loader ([`Config::load`] / [`Config::parse`])
 //! that start-up, `check-config` and reload share, so the three can never disagree about what
 //! is valid.
@@ -14,6 +15,7 @@
 //! - Defaults live in the validator, once, and are documented key by key in
 //!   `config/gateway.toml` (a test holds the two to each other).
 
+pub mod edit;
 mod raw;
 mod types;
 mod validate;

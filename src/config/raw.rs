@@ -58,6 +58,9 @@ pub(super) struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct RawAdmin {
     pub(super) socket: Option<PathBuf>,
+    pub(super) listen: Option<String>,
+    pub(super) token_file: Option<PathBuf>,
+    pub(super) allow_remote: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

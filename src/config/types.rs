@@ -102,6 +102,12 @@ pub struct Config {
 pub struct AdminConfig {
     /// The Unix socket (mode 0600: its permissions are the authentication).
     pub socket: PathBuf,
+    /// The API on TCP too, for tools that cannot reach a socket (Alertmanager's receiver);
+    /// every mutation there needs the bearer token in `token_file`.
+    pub listen: Option<SocketAddr>,
+    pub token_file: Option<PathBuf>,
+    /// A `listen` address other hosts can reach is refused unless this is set.
+    pub allow_remote: bool,
 }
 
 /// `[slo]`: the objectives each path is measured against.

@@ -323,7 +323,30 @@ impl Validator<'_> {
                 ),
             );
         }
-        AdminConfig { socket }
+        let listen = raw
+            .listen
+            .map(|text| self.socket_addr("admin.listen", Some(text), ""));
+        let allow_remote = raw.allow_remote.unwrap_or(false);
+        if let Some(addr) = listen {
+            if raw.token_file.is_none() {
+                self.problem(
+                    "admin.token_file",
+                    format!("required with admin.listen ({addr}): on TCP every change needs a bearer token, read from this file (one line)"),
+                );
+            }
+            if !addr.ip().is_loopback() && !allow_remote {
+                self.problem(
+                    "admin.listen",
+                    format!("{addr} is reachable from other hosts: set admin.allow_remote = true if that is meant, or listen on 127.0.0.1"),
+                );
+            }
+        }
+        AdminConfig {
+            socket,
+            listen,
+            token_file: raw.token_file,
+            allow_remote,
+        }
     }
 
     fn state_dir(&mut self, raw: Option<std::path::PathBuf>) -> std::path::PathBuf {

@@ -1,16 +1,25 @@
 //! The admin API: what the runbook commands (`cync-gateway status`, `rollback`, `resume`,
-//! `history`, `reload`) ask the running daemon, over a Unix socket.
+//! `history`, `set-canary`, `reload`) ask the running daemon, over a Unix socket — and, when
+//! `admin.listen` is set, over TCP too, where mutations need the bearer token.
 //!
 //! - `GET /status` — [`Status`]: configured and effective percentage, the latch (since when,
 //!   why, by whom), per path its connections, commands, success and budget, and the last
 //!   rollback check;
 //! - `GET /history?limit=N` — the audit log's newest entries;
-//! - `POST /rollback` `{"reason": "…"}`, `POST /resume` `{"reason": "…"}`, `POST /reload`.
+//! - `POST /rollback` `{"reason": "…"}`, `POST /resume` `{"reason": "…"}`, `POST /reload`;
+//! - `POST /alertmanager` — an Alertmanager webhook: a firing alert labelled
+//!   `cync_rollback="true"` sets the latch (cause `alert`, actor `alertmanager`), so a
+//!   fleet-wide rule in Prometheus can roll an instance back. Resolved alerts change nothing
+//!   (only a person resumes).
 //!
 //! Invariants:
 //! - The socket is mode 0600, owned by the daemon's user: its permissions are the
 //!   authentication, as with HAProxy's stats socket. A stale socket left by a crash is
 //!   replaced; a live one (another daemon on the same `state_dir`) stops the start.
+//! - On TCP every mutating request (every POST) needs `Authorization: Bearer <token>`, the
+//!   token read from `admin.token_file` at start and compared in constant time; without it, or
+//!   with a wrong one, the answer is 401 and nothing changes. `check-config` refuses a TCP
+//!   listener without a token file, and a non-loopback one without `admin.allow_remote`.
 //! - Mutations only send [`Control`] events (origin [`Origin::Operator`], actor `admin` in the
 //!   audit log); the control task applies them. The answer says what was asked, and the next
 //!   `status` shows what it did.
@@ -313,7 +322,99 @@ async fn send(admin: &Admin, event: Control, what: &str) -> Response<Full<Bytes>
     }
 }
 
-async fn route(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// How a request reached the API.
+#[derive(Clone)]
+pub enum Access {
+    /// The Unix socket: its file permissions already authenticated the caller.
+    Socket,
+    /// TCP: mutations need this bearer token.
+    Tcp { token: Arc<String> },
+}
+
+/// Whether `req` may change anything.
+fn authorised(access: &Access, req: &Request<Incoming>) -> bool {
+    match access {
+        Access::Socket => true,
+        Access::Tcp { token } => req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .is_some_and(|given| {
+                // Constant time: how much of a guess matched must not show in the timing.
+                given.len() == token.len()
+                    && openssl::memcmp::eq(given.as_bytes(), token.as_bytes())
+            }),
+    }
+}
+
+/// An Alertmanager webhook body (version 4), the parts used.
+#[derive(Debug, Deserialize)]
+struct AlertBatch {
+    #[serde(default)]
+    alerts: Vec<Alert>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Alert {
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: std::collections::BTreeMap<String, String>,
+}
+
+/// The label that marks an alert as a rollback order.
+pub const ROLLBACK_LABEL: &str = "cync_rollback";
+
+/// The reason a rollback alert gives, for the audit log: its name and summary.
+fn alert_reason(a: &Alert) -> String {
+    let name = a.labels.get("alertname").map_or("an alert", String::as_str);
+    match a.annotations.get("summary") {
+        Some(s) => format!("alert {name}: {s}"),
+        None => format!("alert {name}"),
+    }
+}
+
+async fn alertmanager(admin: &Admin, body: &[u8]) -> Response<Full<Bytes>> {
+    let batch: AlertBatch = match serde_json::from_slice(body) {
+        Ok(b) => b,
+        Err(e) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                format!("not an Alertmanager webhook body: {e}"),
+            )
+        }
+    };
+    let order = batch.alerts.iter().find(|a| {
+        a.status == "firing" && a.labels.get(ROLLBACK_LABEL).is_some_and(|v| v == "true")
+    });
+    let Some(a) = order else {
+        return reply(
+            StatusCode::OK,
+            json!({ "accepted": "nothing", "why": format!("no firing alert labelled {ROLLBACK_LABEL}=\"true\"") }),
+        );
+    };
+    let mut reason = alert_reason(a);
+    reason.truncate(MAX_REASON);
+    info!(reason, "alertmanager: rollback requested");
+    let event = Control::Rollback {
+        origin: Origin::Alertmanager,
+        cause: RollbackCause::Alert,
+        reason,
+    };
+    send(admin, event, "rollback").await
+}
+
+async fn route(admin: Arc<Admin>, access: Access, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() == Method::POST && !authorised(&access, &req) {
+        return problem(
+            StatusCode::UNAUTHORIZED,
+            "a change needs `Authorization: Bearer <token>`, the token in admin.token_file",
+        );
+    }
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
@@ -390,18 +491,19 @@ async fn route(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Full<Bytes
             };
             send(&admin, event, "reload").await
         }
+        (&Method::POST, "/alertmanager") => alertmanager(&admin, &body).await,
         (_, "/status" | "/history") => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
-        (_, "/rollback" | "/resume" | "/reload") => {
+        (_, "/rollback" | "/resume" | "/reload" | "/alertmanager") => {
             problem(StatusCode::METHOD_NOT_ALLOWED, "use POST")
         }
         _ => problem(
             StatusCode::NOT_FOUND,
-            "not found: GET /status, GET /history, POST /rollback, POST /resume, POST /reload",
+            "not found: GET /status, GET /history, POST /rollback, POST /resume, POST /reload, POST /alertmanager",
         ),
     }
 }
 
-/// Serves the admin API on `listener` until `stop`.
+/// Serves the admin API on the Unix socket `listener` until `stop`.
 pub async fn serve(
     listener: UnixListener,
     admin: Arc<Admin>,
@@ -420,22 +522,62 @@ pub async fn serve(
                 }
             },
         };
-        let admin = admin.clone();
-        let stop = stop.clone();
-        tasks.spawn("admin-connection", async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(route(admin, req).await) }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "admin connection error"); },
-                _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
-            }
-        });
+        connection(stream, admin.clone(), Access::Socket, &tasks, &stop);
     }
+}
+
+/// Serves the admin API on TCP (`admin.listen`) until `stop`; mutations need `token`.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    admin: Arc<Admin>,
+    token: String,
+    tasks: Tasks,
+    stop: CancellationToken,
+) {
+    let access = Access::Tcp {
+        token: Arc::new(token),
+    };
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        connection(stream, admin.clone(), access.clone(), &tasks, &stop);
+    }
+}
+
+/// One HTTP/1 connection of the admin API, on `tasks`.
+fn connection<S>(
+    stream: S,
+    admin: Arc<Admin>,
+    access: Access,
+    tasks: &Tasks,
+    stop: &CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let stop = stop.clone();
+    tasks.spawn("admin-connection", async move {
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let admin = admin.clone();
+            let access = access.clone();
+            async move { Ok::<_, Infallible>(route(admin, access, req).await) }
+        });
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .serve_connection(TokioIo::new(stream), svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "admin connection error"); },
+            _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+        }
+    });
 }

@@ -53,6 +53,7 @@ fn actor(o: Origin) -> &'static str {
         Origin::Signal => "signal",
         Origin::FilePoll => "file",
         Origin::Operator => "admin",
+        Origin::Alertmanager => "alertmanager",
         Origin::Controller => "controller",
     }
 }

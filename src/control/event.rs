@@ -27,6 +27,8 @@ pub enum Origin {
     FilePoll,
     /// A person, through a runbook command or the admin API.
     Operator,
+    /// Alertmanager, through the admin API's receiver (a fleet-wide rule fired).
+    Alertmanager,
     /// The automatic rollback controller.
     Controller,
 }
@@ -45,6 +47,8 @@ pub enum RollbackCause {
     BurnRate,
     /// A person asked for it.
     Operator,
+    /// An alert labelled `cync_rollback="true"` reached the admin API's Alertmanager receiver.
+    Alert,
     /// The latch file existed at start but could not be read: set, to fail safe.
     LatchUnreadable,
 }

@@ -19,6 +19,8 @@ pub struct Daemon {
     pub child: Child,
     pub devices: SocketAddr,
     pub metrics: SocketAddr,
+    /// The admin API's TCP address, with `admin.listen`.
+    pub admin: Option<SocketAddr>,
     /// The configuration file it runs on.
     pub path: PathBuf,
     pub log: Arc<Mutex<Vec<String>>>,
@@ -41,7 +43,7 @@ impl Daemon {
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
         let mut early: Vec<String> = Vec::new();
-        let (devices, metrics) = tokio::time::timeout(DEADLINE, async {
+        let (devices, metrics, admin) = tokio::time::timeout(DEADLINE, async {
             loop {
                 let line = lines
                     .next_line()
@@ -64,8 +66,9 @@ impl Daemon {
                         .expect("metrics")
                         .parse()
                         .expect("addr");
+                    let a = f["admin"].as_str().and_then(|a| a.parse().ok());
                     early.push(line);
-                    return (d, m);
+                    return (d, m, a);
                 }
                 early.push(line);
             }
@@ -85,6 +88,7 @@ impl Daemon {
             child,
             devices,
             metrics,
+            admin,
             path,
             log,
             _dir: dir,

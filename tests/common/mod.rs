@@ -115,6 +115,40 @@ pub fn sample(metrics: &str, series: &str) -> f64 {
     sample_opt(metrics, series).unwrap_or_else(|| panic!("no series {series} in the metrics page"))
 }
 
+/// One HTTP/1.1 request with `headers` and `body`: (status, body).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect http");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.expect("write req");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read resp");
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
 /// The sum of every series of `family` on the page; the family itself must be there (its
 /// `# TYPE` line), so a renamed family fails instead of summing to 0.
 pub fn family_total(metrics: &str, family: &str) -> f64 {

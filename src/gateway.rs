@@ -35,6 +35,7 @@ use crate::control::audit::AuditLog;
 use crate::control::latch;
 use crate::control::reload::{self, Reloader};
 use crate::control::rollback::{Controller, LastCheckCell};
+use crate::control::rollout::{self, Rollouts};
 use crate::control::slo_task::SloService;
 use crate::control::webhook::{Notifier, Webhook};
 use crate::control::{event, rehome, ControlPlane, ControlTx, Live};
@@ -346,6 +347,7 @@ impl Gateway {
         metrics.set_rollback_active(latched);
         reload::publish(&metrics, &live);
         let slo = SloService::start(live.clone(), metrics.clone(), clock).await;
+        let rollout_cell = rollout::start(&live, &slo).await;
 
         // The control plane: one channel, one task that applies what arrives on it.
         let (control, control_rx) = event::channel();
@@ -361,6 +363,7 @@ impl Gateway {
         tasks.spawn(
             "control",
             ControlTask::new(live.clone(), metrics.clone(), reloader)
+                .with_rollout(rollout_cell.clone())
                 .with_effects(Effects {
                     slo: slo.clone(),
                     audit,
@@ -373,6 +376,17 @@ impl Gateway {
             Controller::new(slo.clone(), live.clone(), metrics.clone(), control.clone());
         let last_check = controller.last_check();
         tasks.spawn("rollback-controller", controller.run(shutdown.token()));
+        let rollouts = Arc::new(Rollouts {
+            live: live.clone(),
+            slo: slo.clone(),
+            last_check: last_check.clone(),
+            cell: rollout_cell.clone(),
+            metrics: metrics.clone(),
+        });
+        tasks.spawn(
+            "promoter",
+            rollout::run(rollouts.clone(), control.clone(), shutdown.token()),
+        );
         tasks.spawn(
             "rehome",
             rehome::run(
@@ -421,6 +435,7 @@ impl Gateway {
             slo: slo.clone(),
             last_check: last_check.clone(),
             control: control.clone(),
+            rollouts,
         });
         let page: Arc<dyn http::StatusPage> = admin.clone();
         http_tasks.spawn(

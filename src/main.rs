@@ -98,6 +98,21 @@ enum Cmd {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         wait: std::time::Duration,
     },
+    /// Move to the next of rollout.stages: refused while the latch is set or a gate fails
+    /// (saying which); the daemon writes it into its configuration file and applies it.
+    Promote {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Skip the bake, budget and check gates (never the latch).
+        #[arg(long)]
+        force: bool,
+        /// Why (goes into the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// How long to wait for the daemon to apply it.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
     /// The audit log: every routing change, who made it and why.
     History {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
@@ -123,6 +138,19 @@ fn main() -> ExitCode {
         Cmd::Status { config, json } => runbook(&config, Ask::Status { json }),
         Cmd::Rollback { config, reason } => runbook(&config, Ask::Rollback { reason }),
         Cmd::Resume { config, reason } => runbook(&config, Ask::Resume { reason }),
+        Cmd::Promote {
+            config,
+            force,
+            reason,
+            wait,
+        } => runbook(
+            &config,
+            Ask::Promote {
+                force,
+                reason,
+                wait,
+            },
+        ),
         Cmd::SetCanary {
             percent,
             config,

@@ -91,6 +91,12 @@ pub enum Ask {
         percent: f64,
         wait: Duration,
     },
+    /// Ask the daemon for the next of `rollout.stages`, and wait until it applied it.
+    Promote {
+        force: bool,
+        reason: String,
+        wait: Duration,
+    },
 }
 
 /// Runs one runbook command against the daemon `config` names; what to print.
@@ -119,6 +125,11 @@ pub async fn run(config: &Path, ask: Ask) -> Result<String, RunbookError> {
             "rollback requested: every device goes to legacy; see `cync-gateway status`\n".into()
         }
         Ask::SetCanary { percent, wait } => set_canary(config, &socket, percent, wait).await?,
+        Ask::Promote {
+            force,
+            reason,
+            wait,
+        } => promote(&socket, force, reason, wait).await?,
         Ask::Resume { reason } => {
             let body = serde_json::json!({ "reason": reason });
             request(&socket, hyper::Method::POST, "/resume", Some(body)).await?;
@@ -205,6 +216,43 @@ async fn set_canary(
                     s.configured_percent
                 ),
             });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `promote`: the daemon checks the gates and writes the next stage into its file.
+async fn promote(
+    socket: &Path,
+    force: bool,
+    reason: String,
+    wait: Duration,
+) -> Result<String, RunbookError> {
+    let body = serde_json::json!({ "force": force, "reason": reason });
+    let v = request(socket, hyper::Method::POST, "/promote", Some(body)).await?;
+    let to = v["to"].as_f64().unwrap_or(f64::NAN);
+    let from = v["from"].as_f64().unwrap_or(f64::NAN);
+    let end = tokio::time::Instant::now() + wait;
+    loop {
+        let (s, _) = status(socket).await?;
+        if s.configured_percent == to {
+            return Ok(format!(
+                "promoted: {from}% -> {to}% (written to the configuration file and applied; `cync-gateway history` has the entry)\n"
+            ));
+        }
+        if let Some(r) = s.rollout.as_ref().and_then(|r| r.ready.as_ref()) {
+            if r.to == to {
+                return Err(RunbookError::Refused(format!(
+                    "the promotion to {to}% is due but the daemon cannot write its configuration file: {} — make it with `cync-gateway set-canary {to}` as a user who can, or where the file comes from",
+                    r.why
+                )));
+            }
+        }
+        if tokio::time::Instant::now() >= end {
+            return Err(RunbookError::Refused(format!(
+                "asked to promote to {to}%, but after {wait:?} the daemon still reports {}%: see `cync-gateway history` and its log",
+                s.configured_percent
+            )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -324,7 +372,7 @@ pub fn render_status(s: &Status) -> String {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "{:<8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9}",
+        "{:<8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10} {:>9}",
         "path",
         "devices",
         "cmds 5m",
@@ -332,6 +380,7 @@ pub fn render_status(s: &Status) -> String {
         "ok 1h",
         "ok 30d",
         "in time 1h",
+        "p99",
         "budget ok",
         "burn 1h"
     );
@@ -344,7 +393,7 @@ pub fn render_status(s: &Status) -> String {
             .map(|(_, v)| *v);
         let _ = writeln!(
             o,
-            "{:<8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9.2}",
+            "{:<8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10} {:>9.2}",
             p.transport,
             p.connections,
             w("5m").map(|w| w.commands).unwrap_or(0),
@@ -352,14 +401,62 @@ pub fn render_status(s: &Status) -> String {
             pct(w("1h").and_then(|w| w.success)),
             pct(w("30d").and_then(|w| w.success)),
             pct(w("1h").and_then(|w| w.latency)),
+            p.p99_s
+                .map(|v| format!("{:.0}ms", v * 1000.0))
+                .unwrap_or_else(|| "-".into()),
             pct(budget),
             p.success_burn_1h
         );
     }
     let _ = writeln!(
         o,
-        "(ok: answered within the command deadline; in time: answered within the latency threshold; budget: success error budget left over 30 d)"
+        "(ok: answered within the command deadline; in time: answered within the latency threshold; p99: command latency since start; budget: success error budget left over 30 d)"
     );
+    if let Some(r) = &s.rollout {
+        let _ = writeln!(o);
+        let stages: Vec<String> = r
+            .stages
+            .iter()
+            .map(|x| {
+                if Some(*x) == r.position.stage {
+                    format!("[{x}]")
+                } else {
+                    format!("{x}")
+                }
+            })
+            .collect();
+        let _ = writeln!(
+            o,
+            "rollout       stages {} (since {}; automatic promotion {})",
+            stages.join(" -> "),
+            r.since,
+            if r.auto_promote { "on" } else { "off" }
+        );
+        match r.position.next {
+            Some(next) => {
+                let _ = writeln!(o, "              next {next}%, once every gate is met:");
+                for g in &r.gates {
+                    let _ = writeln!(
+                        o,
+                        "                {} {:<7} {}",
+                        if g.ok { "ok  " } else { "WAIT" },
+                        g.name,
+                        g.detail
+                    );
+                }
+            }
+            None => {
+                let _ = writeln!(o, "              the last stage: nothing to promote");
+            }
+        }
+        if let Some(ready) = &r.ready {
+            let _ = writeln!(
+                o,
+                "              promotion to {}% READY since {} but not written: {}",
+                ready.to, ready.at, ready.why
+            );
+        }
+    }
     let _ = writeln!(o);
     match &s.last_check {
         Some(c) => {

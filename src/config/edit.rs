@@ -146,9 +146,20 @@ fn replace(target: &Path, shown: &Path, bytes: &[u8]) -> Result<(), EditError> {
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
         .tempfile_in(dir)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM) => read_only(e),
-            _ => write(e),
+        .map_err(|e| {
+            // tempfile wraps the error with its path: the kind survives, the errno may not.
+            let denied = matches!(
+                e.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            ) || matches!(
+                e.raw_os_error(),
+                Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM)
+            );
+            if denied {
+                read_only(e)
+            } else {
+                write(e)
+            }
         })?;
     tmp.write_all(bytes).map_err(write)?;
     tmp.as_file()

@@ -53,6 +53,16 @@ pub(super) struct RawConfig {
     pub(super) audit: RawAudit,
     #[serde(default)]
     pub(super) admin: RawAdmin,
+    #[serde(default)]
+    pub(super) rollout: RawRollout,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawRollout {
+    pub(super) stages: Option<Vec<f64>>,
+    pub(super) bake_time: Option<RawDuration>,
+    pub(super) min_budget: Option<f64>,
+    pub(super) auto_promote: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -95,6 +95,7 @@ pub struct Config {
     pub rollback: RollbackConfig,
     pub audit: AuditConfig,
     pub admin: AdminConfig,
+    pub rollout: Rollout,
 }
 
 /// `[admin]`: where the runbook commands reach the daemon.
@@ -108,6 +109,20 @@ pub struct AdminConfig {
     pub token_file: Option<PathBuf>,
     /// A `listen` address other hosts can reach is refused unless this is set.
     pub allow_remote: bool,
+}
+
+/// `[rollout]`: the stages `routing.canary_percent` goes through, and when the next one may
+/// be taken.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollout {
+    /// Strictly increasing percentages, each in (0, 100] with two decimals at most.
+    pub stages: Vec<f64>,
+    /// How long a stage must have been in force before the next.
+    pub bake_time: Duration,
+    /// The new path's success error budget left (0-1) that the next stage needs.
+    pub min_budget: f64,
+    /// Promote by itself once every gate is met (by editing the configuration file).
+    pub auto_promote: bool,
 }
 
 /// `[slo]`: the objectives each path is measured against.

@@ -290,6 +290,7 @@ impl Validator<'_> {
             },
             reliable: self.reliable(raw.reliable, &protocol_deadline, protocol_frame_len),
             admin: self.admin(raw.admin, raw.state_dir.as_deref()),
+            rollout: self.rollout(raw.rollout),
             state_dir: self.state_dir(raw.state_dir),
             slo: self.slo(raw.slo),
             rollback: self.rollback(raw.rollback),
@@ -508,6 +509,46 @@ impl Validator<'_> {
                 1,
                 20,
             ) as u32,
+        }
+    }
+
+    fn rollout(&mut self, raw: RawRollout) -> Rollout {
+        let stages = match raw.stages {
+            None => vec![10.0, 25.0, 50.0, 75.0, 90.0, 100.0],
+            Some(list) => {
+                if list.is_empty() {
+                    self.problem(
+                        "rollout.stages",
+                        "must name at least one stage, e.g. [10, 25, 50, 100]",
+                    );
+                }
+                for p in &list {
+                    self.percent("rollout.stages", Some(*p));
+                    if *p == 0.0 {
+                        self.problem(
+                            "rollout.stages",
+                            "a stage of 0 is no stage: start at the first share of devices to move, e.g. 10",
+                        );
+                    }
+                }
+                if list.windows(2).any(|w| w[0] >= w[1]) {
+                    self.problem(
+                        "rollout.stages",
+                        format!("{list:?} must increase strictly, e.g. [10, 25, 50, 100]"),
+                    );
+                }
+                list
+            }
+        };
+        Rollout {
+            stages,
+            bake_time: self.duration(
+                "rollout.bake_time",
+                raw.bake_time,
+                Duration::from_secs(3600),
+            ),
+            min_budget: self.float_in("rollout.min_budget", raw.min_budget, 0.5, 0.0, 1.0),
+            auto_promote: raw.auto_promote.unwrap_or(false),
         }
     }
 

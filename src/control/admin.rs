@@ -7,6 +7,9 @@
 //!   rollback check;
 //! - `GET /history?limit=N` — the audit log's newest entries;
 //! - `POST /rollback` `{"reason": "…"}`, `POST /resume` `{"reason": "…"}`, `POST /reload`;
+//! - `POST /promote` `{"force": false, "reason": "…"}` — the next of `rollout.stages`, refused
+//!   (409, saying which gate) while latched or while a gate fails (`force` skips all but the
+//!   latch);
 //! - `POST /alertmanager` — an Alertmanager webhook: a firing alert labelled
 //!   `cync_rollback="true"` sets the latch (cause `alert`, actor `alertmanager`), so a
 //!   fleet-wide rule in Prometheus can roll an instance back. Resolved alerts change nothing
@@ -50,6 +53,7 @@ use super::audit;
 use super::event::{Control, ControlTx, Origin, RollbackCause};
 use super::live::Live;
 use super::rollback::LastCheckCell;
+use super::rollout::{Rollouts, View as RolloutView};
 use super::router;
 use super::slo_task::SloService;
 use super::state::{self, LatchLoad};
@@ -103,6 +107,7 @@ pub struct Admin {
     pub slo: Arc<SloService>,
     pub last_check: LastCheckCell,
     pub control: ControlTx,
+    pub rollouts: Arc<Rollouts>,
 }
 
 /// The rollback latch as `status` shows it.
@@ -136,6 +141,9 @@ pub struct PathView {
     pub budget_remaining: Vec<(String, f64)>,
     /// Success burn rate over 1 h.
     pub success_burn_1h: f64,
+    /// Command latency p99 since start, seconds (`None`: no answered command yet).
+    #[serde(default)]
+    pub p99_s: Option<f64>,
 }
 
 /// The last rollback check.
@@ -160,6 +168,9 @@ pub struct Status {
     pub window_s: f64,
     pub paths: Vec<PathView>,
     pub last_check: Option<CheckView>,
+    /// The rollout stage and what gates the next one.
+    #[serde(default)]
+    pub rollout: Option<RolloutView>,
 }
 
 /// The windows `status` shows.
@@ -225,6 +236,7 @@ impl Admin {
                         &obj,
                         Duration::from_secs(3600),
                     ),
+                    p99_s: self.metrics.command_quantile(t, 0.99),
                 }
             })
             .collect();
@@ -257,6 +269,7 @@ impl Admin {
             window_s: cfg.rollback.window.as_secs_f64(),
             paths,
             last_check,
+            rollout: Some(self.rollouts.view(now)),
         }
     }
 }
@@ -282,6 +295,72 @@ fn problem(status: StatusCode, message: impl Into<String>) -> Response<Full<Byte
 #[serde(deny_unknown_fields)]
 struct Reason {
     reason: Option<String>,
+}
+
+/// A promotion's body: `{"force": true, "reason": "…"}`, both optional.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromoteBody {
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn promote(admin: &Admin, body: &[u8]) -> Response<Full<Bytes>> {
+    let parsed: PromoteBody = if body.iter().all(u8::is_ascii_whitespace) {
+        PromoteBody {
+            force: false,
+            reason: None,
+        }
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(b) => b,
+            Err(e) => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "the body must be JSON like {{\"force\": false, \"reason\": \"why\"}}: {e}"
+                    ),
+                )
+            }
+        }
+    };
+    let mut reason = parsed.reason.unwrap_or_default().trim().to_string();
+    reason.truncate(MAX_REASON);
+    let to = match admin.rollouts.next(Instant::now(), parsed.force) {
+        Ok(to) => to,
+        Err(why) => return problem(StatusCode::CONFLICT, why),
+    };
+    let from = admin.live.config().routing.canary_percent;
+    let reason = match (reason.is_empty(), parsed.force) {
+        (true, false) => format!("{from}% -> {to}%: every gate met"),
+        (true, true) => format!("{from}% -> {to}%: forced"),
+        (false, force) => format!(
+            "{from}% -> {to}%{}: {reason}",
+            if force { " (forced)" } else { "" }
+        ),
+    };
+    info!(reason, "admin: promotion requested");
+    admin.rollouts.asked(to);
+    match admin
+        .control
+        .send(Control::Promote {
+            origin: Origin::Operator,
+            to,
+            reason,
+        })
+        .await
+    {
+        Ok(()) => reply(
+            StatusCode::ACCEPTED,
+            json!({ "accepted": "promote", "from": from, "to": to }),
+        ),
+        Err(_) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the gateway is shutting down",
+        ),
+    }
 }
 
 /// The reason in `body`; required for a rollback, so the audit log says why.
@@ -492,13 +571,14 @@ async fn route(admin: Arc<Admin>, access: Access, req: Request<Incoming>) -> Res
             send(&admin, event, "reload").await
         }
         (&Method::POST, "/alertmanager") => alertmanager(&admin, &body).await,
+        (&Method::POST, "/promote") => promote(&admin, &body).await,
         (_, "/status" | "/history") => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
-        (_, "/rollback" | "/resume" | "/reload" | "/alertmanager") => {
+        (_, "/rollback" | "/resume" | "/reload" | "/alertmanager" | "/promote") => {
             problem(StatusCode::METHOD_NOT_ALLOWED, "use POST")
         }
         _ => problem(
             StatusCode::NOT_FOUND,
-            "not found: GET /status, GET /history, POST /rollback, POST /resume, POST /reload, POST /alertmanager",
+            "not found: GET /status, GET /history, POST /rollback, POST /resume, POST /promote, POST /reload, POST /alertmanager",
         ),
     }
 }

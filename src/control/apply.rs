@@ -30,6 +30,7 @@ use super::event::{Control, ControlRx, Origin, RollbackCause};
 use super::latch;
 use super::live::Live;
 use super::reload::{self, Outcome, Reloader, Trigger};
+use super::rollout::{self, RolloutCell};
 use super::router;
 use super::slo_task::{SloService, StateFile, StateProblem};
 use super::state::{LatchFile, LATCH_VERSION};
@@ -67,6 +68,7 @@ pub struct ControlTask {
     /// A polled change seen once, to be checked again at this instant.
     settle: Option<Instant>,
     effects: Option<Effects>,
+    rollout: Option<RolloutCell>,
 }
 
 impl ControlTask {
@@ -77,7 +79,14 @@ impl ControlTask {
             reloader,
             settle: None,
             effects: None,
+            rollout: None,
         }
+    }
+
+    /// Records promotions the file would not take (see [`super::rollout`]).
+    pub fn with_rollout(mut self, cell: RolloutCell) -> Self {
+        self.rollout = Some(cell);
+        self
     }
 
     /// Persists, audits and notifies what it applies.
@@ -124,10 +133,100 @@ impl ControlTask {
                 reason,
             } => self.latch(true, origin, Some(cause), reason).await,
             Control::Resume { origin, reason } => self.latch(false, origin, None, reason).await,
+            Control::Promote { origin, to, reason } => self.promote(origin, to, reason).await,
+        }
+    }
+
+    fn rollout_state(&self, f: impl FnOnce(&mut rollout::State)) {
+        if let Some(cell) = &self.rollout {
+            f(&mut cell.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+    }
+
+    /// Writes the next stage into the file and reloads it; a file that cannot be written
+    /// leaves the promotion ready (audited once per target).
+    async fn promote(&mut self, origin: Origin, to: f64, reason: String) {
+        if self.live.latched() {
+            warn!(
+                origin = origin.label(),
+                to, "promotion refused: the rollback latch is set"
+            );
+            self.rollout_state(|s| s.asked = None);
+            return;
+        }
+        let Some(path) = self.reloader.as_ref().map(|r| r.path().to_path_buf()) else {
+            warn!(
+                "promotion requested, but this gateway was not started from a configuration file"
+            );
+            return;
+        };
+        let from = self.live.config().routing.canary_percent;
+        let edited =
+            tokio::task::spawn_blocking(move || crate::config::edit::set_canary(&path, to)).await;
+        match edited {
+            Ok(Ok(_)) => {
+                info!(
+                    origin = origin.label(),
+                    from, to, "promoting: routing.canary_percent written to the file"
+                );
+                self.metrics.set_promotion_ready(false);
+                self.rollout_state(|s| s.ready = None);
+                self.reload_as(Trigger::Signal, origin, "promote", reason)
+                    .await;
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, from, to, "promotion ready, but the configuration file cannot be written: make it by hand (cync-gateway set-canary) or where the file comes from");
+                self.metrics.set_promotion_ready(true);
+                let at = self
+                    .effects
+                    .as_ref()
+                    .map(|fx| fx.slo.clock().rfc3339(Instant::now()))
+                    .unwrap_or_default();
+                let mut first = false;
+                self.rollout_state(|s| {
+                    s.asked = None;
+                    if s.ready.as_ref().map(|r| r.to) != Some(to) {
+                        first = true;
+                        s.ready = Some(rollout::Ready {
+                            to,
+                            at,
+                            why: e.to_string(),
+                        });
+                    }
+                });
+                if first {
+                    let change = Change {
+                        key: "routing.canary_percent".into(),
+                        old: json!(from),
+                        new: json!(to),
+                    };
+                    self.audit(
+                        origin,
+                        "promotion_ready",
+                        vec![change],
+                        format!("{reason}; not written: {e}"),
+                    )
+                    .await;
+                }
+            }
+            Err(e) => error!(error = %e, "promotion task failed"),
         }
     }
 
     async fn reload(&mut self, trigger: Trigger, origin: Origin) {
+        self.reload_as(trigger, origin, "reload", String::new())
+            .await;
+    }
+
+    /// A reload audited as `action` with `reason` (a promotion is a reload of the file it
+    /// wrote).
+    async fn reload_as(
+        &mut self,
+        trigger: Trigger,
+        origin: Origin,
+        action: &'static str,
+        reason: String,
+    ) {
         let Some(reloader) = self.reloader.as_mut() else {
             warn!("reload requested, but this gateway was not started from a configuration file");
             return;
@@ -135,7 +234,7 @@ impl ControlTask {
         match reloader.check(trigger).await {
             Outcome::Settling => self.settle = Some(Instant::now() + reload::SETTLE),
             Outcome::Applied { changes, .. } if !changes.is_empty() => {
-                self.audit(origin, "reload", changes, String::new()).await;
+                self.audit(origin, action, changes, reason).await;
             }
             _ => {}
         }
@@ -273,7 +372,7 @@ impl ControlTask {
 }
 
 /// The `action` of every audit entry the control task writes (`tcp_comm_audit_entries_total`).
-pub const AUDIT_ACTIONS: &[&str] = &["reload", "rollback", "resume"];
+pub const AUDIT_ACTIONS: &[&str] = &["reload", "rollback", "resume", "promote", "promotion_ready"];
 
 /// The `result` label of a webhook notification dropped before any attempt (queue full).
 #[derive(Clone, Copy, strum::IntoStaticStr, strum::EnumIter)]

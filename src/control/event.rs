@@ -68,6 +68,15 @@ pub enum Control {
         /// What a person reads in the log, the audit entry and the webhook.
         reason: String,
     },
+    /// Set `routing.canary_percent` to `to` in the configuration file and reload it: the next
+    /// rollout stage, its gates checked by the sender. Refused while latched; a file that
+    /// cannot be written leaves the promotion ready (see [`super::rollout`]).
+    Promote {
+        origin: Origin,
+        to: f64,
+        /// Why, for the log and the audit entry.
+        reason: String,
+    },
     /// Clear the rollback latch: the configured percentage is in force again.
     Resume {
         origin: Origin,
@@ -81,7 +90,8 @@ impl Control {
         match self {
             Control::Reload { origin }
             | Control::Rollback { origin, .. }
-            | Control::Resume { origin, .. } => *origin,
+            | Control::Resume { origin, .. }
+            | Control::Promote { origin, .. } => *origin,
         }
     }
 }

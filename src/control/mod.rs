@@ -6,6 +6,7 @@
 //! - [`apply`]: the control task, the single writer that applies those events;
 //! - [`reload`]: reading, validating and merging the configuration file, and the file poll;
 //! - [`rehome`]: moving open connections when their route changes;
+//! - [`rollout`]: the stages, the gates of the next one, and automatic promotion;
 //! - [`series`]: the metric series this layer and the data plane label, created at 0;
 //! - [`status_page`]: the HTML status page served at `/` on the metrics address.
 //!
@@ -26,6 +27,7 @@ pub mod live;
 pub mod rehome;
 pub mod reload;
 pub mod rollback;
+pub mod rollout;
 pub mod router;
 pub mod series;
 pub mod slo_task;

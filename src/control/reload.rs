@@ -284,6 +284,19 @@ pub fn routing_changes(old: &Config, new: &Config) -> Vec<Change> {
         json!(a.queue_full_max),
         json!(b.queue_full_max),
     );
+    let (a, b) = (&old.rollout, &new.rollout);
+    diff("rollout.stages", json!(a.stages), json!(b.stages));
+    diff("rollout.bake_time", dur(a.bake_time), dur(b.bake_time));
+    diff(
+        "rollout.min_budget",
+        json!(a.min_budget),
+        json!(b.min_budget),
+    );
+    diff(
+        "rollout.auto_promote",
+        json!(a.auto_promote),
+        json!(b.auto_promote),
+    );
     out
 }
 
@@ -323,6 +336,11 @@ impl Reloader {
             candidate: None,
             reading: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The configuration file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     fn count(&self, result: ReloadResult) {

@@ -286,6 +286,7 @@ mod tests {
             }],
             budget_remaining: vec![("success".into(), 0.5)],
             success_burn_1h: 0.0,
+            p99_s: None,
         };
         PageData {
             status: Status {
@@ -308,6 +309,7 @@ mod tests {
                     max_violations: 3,
                     summary: "success 72.9 % < 99 %".into(),
                 }),
+                rollout: None,
             },
             extra: vec![PathExtra {
                 transport: "new".into(),

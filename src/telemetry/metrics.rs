@@ -127,6 +127,8 @@ pub struct Metrics {
     rollbacks: IntCounterVec,
     rollback_active: IntGauge,
     state_errors: IntCounterVec,
+    rollout_stage: prometheus::Gauge,
+    promotion_ready: IntGauge,
     webhook_deliveries: IntCounterVec,
     audit_entries: IntCounterVec,
 }
@@ -516,6 +518,22 @@ impl Metrics {
                 let g = IntGauge::new(
                     names::ROLLBACK_ACTIVE,
                     "1 while the rollback latch is set (every device on legacy)",
+                )?;
+                register(&r, &mut names, Box::new(g.clone()))?;
+                g
+            },
+            rollout_stage: {
+                let g = prometheus::Gauge::new(
+                    names::ROLLOUT_STAGE,
+                    "The rollout stage reached: the highest of rollout.stages at or below the configured percentage (0 before the first)",
+                )?;
+                register(&r, &mut names, Box::new(g.clone()))?;
+                g
+            },
+            promotion_ready: {
+                let g = IntGauge::new(
+                    names::ROLLOUT_PROMOTION_READY,
+                    "1 while a promotion is due but the configuration file could not be written",
                 )?;
                 register(&r, &mut names, Box::new(g.clone()))?;
                 g
@@ -1011,6 +1029,14 @@ impl Metrics {
     /// The latch was set (`reason`: a `RollbackReason`).
     pub fn rollback(&self, reason: impl Label) {
         self.rollbacks.with_label_values(&[reason.label()]).inc();
+    }
+
+    pub fn set_rollout_stage(&self, percent: f64) {
+        self.rollout_stage.set(percent);
+    }
+
+    pub fn set_promotion_ready(&self, ready: bool) {
+        self.promotion_ready.set(i64::from(ready));
     }
 
     pub fn set_rollback_active(&self, on: bool) {

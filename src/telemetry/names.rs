@@ -53,3 +53,5 @@ pub const ROLLBACK_ACTIVE: &str = "tcp_comm_rollback_active";
 pub const STATE_ERRORS_TOTAL: &str = "tcp_comm_state_errors_total";
 pub const WEBHOOK_DELIVERIES_TOTAL: &str = "tcp_comm_webhook_deliveries_total";
 pub const AUDIT_ENTRIES_TOTAL: &str = "tcp_comm_audit_entries_total";
+pub const ROLLOUT_STAGE: &str = "tcp_comm_rollout_stage_percent";
+pub const ROLLOUT_PROMOTION_READY: &str = "tcp_comm_rollout_promotion_ready";

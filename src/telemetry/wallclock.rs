@@ -44,6 +44,15 @@ impl WallClock {
             .saturating_add(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
     }
 
+    /// The instant an RFC 3339 stamp names, seen from `now` (for an age: a stamp in the future
+    /// is `now`); `None` when it does not parse.
+    pub fn instant_of(&self, stamp: &str, now: Instant) -> Option<Instant> {
+        let t = humantime::parse_rfc3339_weak(stamp).ok()?;
+        let ms = u64::try_from(t.duration_since(UNIX_EPOCH).ok()?.as_millis()).ok()?;
+        let age = self.unix_ms(now).saturating_sub(ms);
+        Some(now.checked_sub(Duration::from_millis(age)).unwrap_or(now))
+    }
+
     /// RFC 3339 with milliseconds, UTC (`2026-12-01T11:00:25.123Z`).
     pub fn rfc3339(&self, now: Instant) -> String {
         let t = UNIX_EPOCH + Duration::from_millis(self.unix_ms(now));
@@ -64,5 +73,9 @@ mod tests {
         let later = t0 + Duration::from_millis(90_061_500);
         assert_eq!(c.unix_ms(later), 1_796_083_200_000 + 90_061_500);
         assert_eq!(c.rfc3339(later), "2026-12-02T01:01:01.500Z");
+        // Back again: the stamp of an hour before `later` is an hour before it.
+        let hour_before = c.instant_of("2026-12-02T00:01:01.500Z", later);
+        assert_eq!(hour_before, Some(later - Duration::from_secs(3600)));
+        assert_eq!(c.instant_of("not a time", later), None);
     }
 }

@@ -318,7 +318,11 @@ impl Gateway {
         let http_stop = CancellationToken::new();
         let http_tasks = Tasks::default();
 
-        let reliable = SessionCtx::new(metrics.clone(), dialer.clone(), &config);
+        let new_dialer = match &config.upstream_new {
+            Some(u) => Dialer::new(u).map_err(GatewayError::UpstreamTls)?,
+            None => dialer.clone(),
+        };
+        let reliable = SessionCtx::new(metrics.clone(), new_dialer, &config);
         let registry = Arc::new(Registry::new(config.routing.rehome_rate));
         let poll_every = config.reload.poll_interval;
         let clock = WallClock::start();
@@ -479,6 +483,13 @@ impl Gateway {
             metrics = %metrics_addr,
             admin = admin_addr.map(|a| a.to_string()).unwrap_or_default(),
             legacy_upstream = live.config().upstream_legacy.address.as_str(),
+            new_upstream = live
+                .config()
+                .upstream_new
+                .as_ref()
+                .unwrap_or(&live.config().upstream_legacy)
+                .address
+                .as_str(),
             device_tls,
             "cync-gateway listening"
         );

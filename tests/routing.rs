@@ -728,3 +728,87 @@ async fn rehome_rate_paces_the_closes_even_when_replies_release_them_together() 
     drop(keep);
     gw.shutdown(Duration::from_secs(1)).await;
 }
+
+/// Accepts on `l` and sends the device id of each connection's hello (its first 31 bytes) to
+/// `tx`, then lets the connection go.
+fn hello_collector(l: TcpListener, tx: tokio::sync::mpsc::UnboundedSender<DeviceId>) {
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut hello = [0u8; 31];
+                if s.read_exact(&mut hello).await.is_ok() {
+                    let id = DeviceId([hello[6], hello[7], hello[8], hello[9]]);
+                    let _ = tx.send(id);
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_upstream_new_each_of_1000_devices_lands_on_the_upstream_its_bucket_says() {
+    use tokio::sync::mpsc;
+    let ids: Vec<DeviceId> = (0..1000u32)
+        .map(|i| {
+            let mut b = [0u8; 4];
+            use sha2::Digest as _;
+            b.copy_from_slice(&sha2::Sha256::digest(format!("strangler-{i}").as_bytes())[..4]);
+            DeviceId(b)
+        })
+        .collect();
+    for percent in [10.0, 25.0, 50.0] {
+        let legacy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let new = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let new_addr = new.local_addr().expect("addr");
+        let gw = TestGateway::new(legacy.local_addr().expect("addr"))
+            .set("routing.canary_percent", percent)
+            .set("upstream.new.address", new_addr.to_string())
+            .set("upstream.new.tls", false)
+            .start()
+            .await;
+        let (ltx, mut lrx) = mpsc::unbounded_channel();
+        let (ntx, mut nrx) = mpsc::unbounded_channel();
+        hello_collector(legacy, ltx);
+        hello_collector(new, ntx);
+        // 50 at a time; each device sends its hello and closes once an upstream has it.
+        for chunk in ids.chunks(50) {
+            let mut open = Vec::new();
+            for id in chunk {
+                let mut s = TcpStream::connect(gw.device_addr).await.expect("connect");
+                s.write_all(&cync_gateway::protocol::build::hello(*id, &[7; 16]))
+                    .await
+                    .expect("hello");
+                open.push(s);
+            }
+            let (mut l, mut n) = (BTreeSet::new(), BTreeSet::new());
+            while l.len() + n.len() < chunk.len() {
+                tokio::select! {
+                    Some(id) = lrx.recv() => { l.insert(id); }
+                    Some(id) = nrx.recv() => { n.insert(id); }
+                    _ = tokio::time::sleep(DEADLINE) => panic!("hellos missing at {percent}%"),
+                }
+            }
+            for id in chunk {
+                let want_new = reference_on_new(*id, percent);
+                assert_eq!(n.contains(id), want_new, "{id:?} at {percent}%");
+                assert_eq!(l.contains(id), !want_new, "{id:?} at {percent}%");
+            }
+            drop(open);
+        }
+        let m = scrape(gw.metrics_addr).await;
+        let on_new = ids
+            .iter()
+            .filter(|id| reference_on_new(**id, percent))
+            .count() as f64;
+        println!("{percent}%: {on_new} of 1000 devices on [upstream.new]");
+        assert_eq!(
+            sample(
+                &m,
+                "tcp_comm_routing_decisions_total{reason=\"percent\",transport=\"new\"}"
+            ),
+            on_new
+        );
+        gw.shutdown(Duration::from_millis(200)).await;
+    }
+}

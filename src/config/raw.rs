@@ -187,6 +187,7 @@ pub(super) struct RawDeviceTls {
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct RawUpstreams {
     pub(super) legacy: Option<RawUpstream>,
+    pub(super) new: Option<RawUpstream>,
     pub(super) shadow: Option<RawUpstream>,
 }
 

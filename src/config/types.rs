@@ -87,6 +87,9 @@ pub struct Config {
     pub dark_launch: DarkLaunch,
     /// Where mirror mode replays device traffic; required for `dark_launch.mode = "mirror"`.
     pub upstream_shadow: Option<Upstream>,
+    /// Where the new path's connections go (a rewritten server, a second instance: the
+    /// strangler's new side); `None`: the legacy upstream, like the legacy path.
+    pub upstream_new: Option<Upstream>,
     pub reload: Reload,
     pub legacy: LegacyPath,
     /// Where the SLO state, the rollback latch and the audit log live.

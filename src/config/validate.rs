@@ -281,6 +281,7 @@ impl Validator<'_> {
                 .upstream
                 .shadow
                 .map(|u| self.upstream("upstream.shadow", u)),
+            upstream_new: raw.upstream.new.map(|u| self.upstream("upstream.new", u)),
             reload: Reload {
                 poll_interval: self.duration(
                     "reload.poll_interval",

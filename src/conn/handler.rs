@@ -47,7 +47,8 @@ pub struct ConnContext {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub acceptor: Option<Arc<SslAcceptor>>,
-    /// The add-on both paths dial.
+    /// The legacy path's upstream (`[upstream.legacy]`); the new path dials its own
+    /// (`reliable.dialer`: `[upstream.new]`, or this one when that is not set).
     pub dialer: Dialer,
     /// The legacy path's shared state (and the dark launch's).
     pub legacy: Legacy,
@@ -298,12 +299,16 @@ impl Handler {
         }
     }
 
-    /// Dials the add-on; `None` (counted, logged) when it cannot be reached.
+    /// Dials the path's upstream; `None` (counted, logged) when it cannot be reached.
     async fn dial(&self, transport: Transport) -> Option<Stream> {
-        match self.ctx.dialer.dial().await {
+        let dialer = match transport {
+            Transport::New => &self.ctx.reliable.dialer,
+            _ => &self.ctx.dialer,
+        };
+        match dialer.dial().await {
             Ok(u) => Some(u),
             Err(e) => {
-                warn!(error = %e, "legacy upstream unreachable; closing the device connection");
+                warn!(error = %e, path = transport.label(), upstream = dialer.address(), "upstream unreachable; closing the device connection");
                 self.ctx
                     .metrics
                     .upstream_connect_error(transport, e.label());

@@ -90,6 +90,7 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<&'static str>) {
         "upstream.shadow",
         running.upstream_shadow == new.upstream_shadow,
     );
+    check("upstream.new", running.upstream_new == new.upstream_new);
     check("logging", running.logging == new.logging);
     check("metrics", running.metrics == new.metrics);
     check("shutdown", running.shutdown == new.shutdown);
@@ -145,6 +146,7 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<&'static str>) {
         device_tls: running.device_tls.clone(),
         upstream_legacy: running.upstream_legacy.clone(),
         upstream_shadow: running.upstream_shadow.clone(),
+        upstream_new: running.upstream_new.clone(),
         logging: running.logging.clone(),
         metrics: running.metrics.clone(),
         shutdown: running.shutdown.clone(),

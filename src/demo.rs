@@ -1,10 +1,18 @@
 //! `cync-gateway demo`: the whole product in one process on loopback with ephemeral ports —
-//! a fake add-on (TLS, like the real one), the gateway (TLS toward devices with a generated
-//! certificate), a fleet of simulated devices and the add-on's command harness — with a live
-//! one-line summary every second and a final summary.
+//! a fake add-on (TLS, like the real one), the gateway (plain TCP toward the devices, so the
+//! demo's chaos proxy can read their frames; a 25 % canary, the dark launch observing legacy), a
+//! fleet of simulated devices
+//! and the add-on's command harness — with a live one-line summary every second. After
+//! `fault_after` a fault hits the new path (a chaos proxy in front of the canary devices starts
+//! losing 40 % of their replies): the rollback checks fail, the latch is set, the canary
+//! devices are re-homed to legacy and their commands recover. It ends with the budget, the
+//! audit trail and the `status` view.
 //!
 //! Invariants:
-//! - Loopback only, nothing written to disk, no fixed ports: it runs anywhere `cargo` does.
+//! - Loopback only, no fixed ports, its state in a temporary directory removed at the end: it
+//!   runs anywhere `cargo` does.
+//! - The fault belongs to the canary devices' connections at the time (the chaos proxy heals
+//!   the connections opened after the rollback), as a fault of the new stack would.
 //! - It stops by itself after `duration` and exits 0 when every part came up.
 
 use std::time::Duration;
@@ -16,9 +24,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::control::router;
 use crate::gateway::{Gateway, GatewayError};
+use crate::runbook;
 use crate::sim::addon::{Addon, AddonConfig, HarnessReport};
+use crate::sim::chaos::{Chaos, Plan};
 use crate::sim::load::{self, LoadConfig};
-use crate::telemetry::labels::Label;
+use crate::telemetry::labels::{Label, Transport};
 use crate::telemetry::metrics::Metrics;
 
 #[derive(Debug, Error)]
@@ -31,6 +41,8 @@ pub enum DemoError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Gateway(#[from] GatewayError),
+    #[error("starting the chaos proxy: {0}")]
+    Chaos(std::io::Error),
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +53,8 @@ pub struct DemoOptions {
     pub seed: u64,
     /// Share of devices on the new path (`routing.canary_percent`).
     pub canary_percent: f64,
+    /// When the fault hits the new path (`None`: never).
+    pub fault_after: Option<Duration>,
 }
 
 impl Default for DemoOptions {
@@ -48,9 +62,10 @@ impl Default for DemoOptions {
         DemoOptions {
             devices: 50,
             rate: 20.0,
-            duration: Duration::from_secs(30),
+            duration: Duration::from_secs(60),
             seed: 7,
-            canary_percent: 50.0,
+            canary_percent: 25.0,
+            fault_after: Some(Duration::from_secs(20)),
         }
     }
 }
@@ -63,9 +78,14 @@ pub struct DemoSummary {
     pub new_connections: f64,
     pub legacy_success: f64,
     pub new_success: f64,
+    /// Seconds from the fault to the latch, when both happened.
+    pub fault_to_latch_s: Option<f64>,
 }
 
-fn line(t: f64, m: &Metrics, h: &HarnessReport) -> String {
+/// Share of the canary devices' replies the fault loses.
+const FAULT_LOSS: f64 = 0.4;
+
+fn line(t: f64, m: &Metrics, h: &HarnessReport, latched: bool) -> String {
     let conns = |tr: &str| m.total("tcp_comm_connections_active", &[("transport", tr)]);
     let cmds = |tr: &str, o: &str| {
         m.total(
@@ -88,8 +108,11 @@ fn line(t: f64, m: &Metrics, h: &HarnessReport) -> String {
         ));
     }
     format!(
-        "[{t:>5.1}s]{per_path} | add-on: {} sent, p50 {:.1} ms p99 {:.1} ms",
-        h.sent, h.p50_ms, h.p99_ms
+        "[{t:>5.1}s]{per_path} | add-on: {} sent, {} answered, p99 {:.1} ms | latch {}",
+        h.sent,
+        h.done,
+        h.p99_ms,
+        if latched { "SET" } else { "clear" }
     )
 }
 
@@ -112,52 +135,136 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary, DemoError> {
         .prefix("cync-gateway-demo-")
         .tempdir()
         .map_err(DemoError::StateDir)?;
+    // Checks every 2 s over the last 10 s, three failures in a row: a demo's minute, not an
+    // hour (the defaults are a check a minute over 10 minutes).
     let cfg = Config::parse(&format!(
         "state_dir = {:?}\n\
          [listen]\ndevices = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\n\
-         [device_tls]\nmode = \"tls\"\n\
+         [device_tls]\nmode = \"plain\"\n\
          [routing]\ncanary_percent = {}\n\
+         [dark_launch]\nmode = \"observe\"\npercent = 100\n\
+         [rollback]\ncheck_interval = \"2s\"\nwindow = \"10s\"\nmin_events = 10\nmax_violations = 3\n\
          [upstream.legacy]\naddress = \"{}\"\ntls = true\nverify = \"none\"\n",
         state.path().display().to_string(),
         opts.canary_percent,
         addon.addr()
     ))?;
     let gw = Gateway::start(cfg).await?;
+    let plan = Plan::parse(&format!(
+        "seed = {}\n[[rules]]\ndirection = \"dev_to_srv\"\nfault = \"drop\"\ntypes = [\"0x73\"]\nclass = \"f9\"\nprobability = {FAULT_LOSS}\n",
+        opts.seed
+    ))
+    .map_err(|e| DemoError::Chaos(std::io::Error::other(e.to_string())))?;
+    let chaos = Chaos::start(
+        TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(DemoError::Chaos)?,
+        gw.device_addr,
+        plan,
+    )
+    .map_err(DemoError::Chaos)?;
+    chaos.disarm();
+    let chaos = std::sync::Arc::new(chaos);
+    // Heal the moment the latch is set: the re-homed devices redial within their backoff
+    // (100 ms at least), and their new connections must not inherit the new path's fault.
+    {
+        let (live, chaos) = (gw.live.clone(), chaos.clone());
+        let mut changes = live.subscribe();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                if live.latched() {
+                    chaos.heal_new_connections();
+                    return;
+                }
+            }
+        });
+    }
     println!(
         "cync-gateway demo: everything on loopback, stops after {:?}",
         opts.duration
     );
     println!("  fake add-on (TLS)   {}", addon.addr());
     println!(
-        "  gateway devices     {} (TLS, generated self-signed RSA certificate)",
+        "  gateway devices     {} (plain TCP here, so the chaos proxy can see the frames; real devices speak TLS)",
         gw.device_addr
     );
     println!(
-        "  metrics             http://{}/metrics  (/healthz, /readyz)",
+        "  status page         http://{}/   (also /metrics, /healthz, /readyz)",
         gw.metrics_addr
     );
     println!(
-        "  {} simulated devices, the add-on sends {} commands/s; routing: {}% of devices (by stable hash of their id) on the new path",
+        "  {} simulated devices, the add-on sends {} commands/s; {}% of devices (by stable hash of their id) on the new path, the dark launch observing the rest",
         opts.devices, opts.rate, opts.canary_percent
     );
+    match opts.fault_after {
+        Some(after) => println!(
+            "  at {after:?} a fault hits the new path: a chaos proxy in front of the canary devices loses {:.0}% of their replies",
+            FAULT_LOSS * 100.0
+        ),
+        None => println!("  no fault (--fault-after 0)"),
+    }
+    println!(
+        "  (the gateway counts every command it carried: the add-on's harness commands and the mesh query the add-on sends each connection; the add-on counts only its harness's. Latencies leave out the add-on's 2 s start-up stall.)\n"
+    );
+    let canary = opts.canary_percent;
+    let on_new = move |d| router::by_percent(d, canary) == Transport::New;
+    let (direct, through_chaos) = (gw.device_addr, chaos.addr());
     let load_cfg = LoadConfig {
         target: gw.device_addr,
-        tls: true,
+        tls: false,
         devices: opts.devices,
         seed: opts.seed,
         rate: opts.rate,
         duration: opts.duration,
         ramp_per_sec: 50,
         heartbeat: Duration::from_secs(21),
-        warmup: Duration::ZERO,
-        path_of: {
-            let p = opts.canary_percent;
-            Some(load::PathOf::new(move |d| router::by_percent(d, p).label()))
-        },
+        warmup: Duration::from_secs(3),
+        path_of: Some(load::PathOf::new(move |d| {
+            router::by_percent(d, canary).label()
+        })),
+        target_of: Some(load::TargetOf(std::sync::Arc::new(move |d| {
+            if on_new(d) {
+                through_chaos
+            } else {
+                direct
+            }
+        }))),
     };
     let metrics = gw.metrics.clone();
+    let live = gw.live.clone();
+    let last_check = gw.last_check.clone();
+    let mut fault_at: Option<f64> = None;
+    let mut latched_at: Option<f64> = None;
+    let mut last_seen: Option<String> = None;
     let report = load::run(&load_cfg, &addon, |p| {
-        println!("{}", line(p.elapsed_s, &metrics, &p.commands));
+        let t = p.elapsed_s;
+        if fault_at.is_none() && opts.fault_after.is_some_and(|a| t >= a.as_secs_f64()) {
+            chaos.arm();
+            fault_at = Some(t);
+            println!("== {t:.1}s: FAULT: the canary devices' connections now lose {:.0}% of their replies", FAULT_LOSS * 100.0);
+        }
+        if let Some(c) = last_check.lock().ok().and_then(|c| c.clone()) {
+            if last_seen.as_deref() != Some(c.at.as_str()) && fault_at.is_some() {
+                last_seen = Some(c.at.clone());
+                println!(
+                    "== rollback check: {} ({} failing in a row of the 3 that roll back): {}",
+                    c.result.label(),
+                    c.streak,
+                    c.verdict.to_string().lines().next().unwrap_or("")
+                );
+            }
+        }
+        let latched = live.latched();
+        if latched && latched_at.is_none() {
+            latched_at = Some(t);
+            println!(
+                "== {t:.1}s: ROLLBACK: the latch is set{}; every device is routed to legacy and the canary devices are re-homed",
+                fault_at
+                    .map(|f| format!(" {:.1}s after the fault", t - f))
+                    .unwrap_or_default()
+            );
+        }
+        println!("{}", line(t, &metrics, &p.commands, latched));
     })
     .await;
     let m = &gw.metrics;
@@ -173,6 +280,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary, DemoError> {
             "tcp_comm_packet_sent_total",
             &[("transport", "new"), ("outcome", "success")],
         ),
+        fault_to_latch_s: fault_at.zip(latched_at).map(|(f, l)| l - f),
     };
     println!("\nsummary after {:.1}s:", report.duration_s);
     println!(
@@ -189,7 +297,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary, DemoError> {
     );
     for (path, r) in report.by_path.iter().flatten() {
         println!(
-            "  add-on commands to {path} devices ({}): {} done, {} failed -> success {:.2}%",
+            "  add-on commands to the devices first routed to {path} ({}): {} done, {} failed -> success {:.2}%",
             r.devices,
             r.done,
             r.failed,
@@ -197,20 +305,33 @@ pub async fn run(opts: DemoOptions) -> Result<DemoSummary, DemoError> {
         );
     }
     println!(
-        "  latency through the gateway: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        "  latency through the gateway (after the warm-up): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         report.commands.p50_ms,
         report.commands.p90_ms,
         report.commands.p99_ms,
         report.commands.max_ms
     );
     println!(
-        "  gateway measured: legacy {:.0}, new {:.0} commands succeeded (the add-on's, plus its mesh query and mesh ack per connection); new path re-sent {:.0}",
+        "  gateway measured: legacy {:.0}, new {:.0} commands succeeded; the new path re-sent {:.0}",
         summary.legacy_success,
         summary.new_success,
         m.total("tcp_comm_packet_retransmit_total", &[("transport", "new")])
     );
+    if let Some(s) = summary.fault_to_latch_s {
+        println!("  fault to latch: {s:.1}s (checks every 2 s, 3 failures in a row)");
+    }
+    let socket = gw.admin_socket.clone();
+    if let Ok((entries, _)) = runbook::history(&socket, 10).await {
+        println!("\naudit trail (cync-gateway history):");
+        print!("{}", runbook::render_history(&entries));
+    }
+    if let Ok((status, _)) = runbook::status(&socket).await {
+        println!("\ncync-gateway status:");
+        print!("{}", runbook::render_status(&status));
+    }
     let stop = CancellationToken::new();
     stop.cancel();
+    chaos.shutdown();
     addon.shutdown();
     gw.shutdown(Duration::from_secs(5)).await;
     Ok(summary)

@@ -44,8 +44,12 @@ enum Cmd {
     /// Everything in one process on loopback: fake add-on, gateway, simulated devices, live summary.
     Demo {
         /// How long to run.
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
+        /// When a fault hits the new path (its devices lose 40 % of their replies), which the
+        /// rollback then undoes; 0 for none.
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        fault_after: std::time::Duration,
         /// Simulated devices.
         #[arg(long, default_value_t = 50)]
         devices: u32,
@@ -53,7 +57,7 @@ enum Cmd {
         #[arg(long, default_value_t = 20.0)]
         rate: f64,
         /// Share of devices routed to the new path, 0-100.
-        #[arg(long, default_value_t = 50.0)]
+        #[arg(long, default_value_t = 25.0)]
         canary_percent: f64,
     },
     /// Validate a configuration file; print every problem; exit 64 if there is any.
@@ -166,11 +170,13 @@ fn main() -> ExitCode {
             devices,
             rate,
             canary_percent,
+            fault_after,
         } => demo(cync_gateway::demo::DemoOptions {
             devices,
             rate,
             duration,
             canary_percent,
+            fault_after: (!fault_after.is_zero()).then_some(fault_after),
             ..Default::default()
         }),
     }

@@ -217,6 +217,10 @@ fn demo_shows_a_live_summary_and_exits_0_after_its_duration() {
             "10",
             "--rate",
             "10",
+            "--canary-percent",
+            "50",
+            "--fault-after",
+            "0",
         ])
         .output()
         .expect("run demo");
@@ -249,6 +253,62 @@ fn demo_shows_a_live_summary_and_exits_0_after_its_duration() {
     );
     assert!(conns("new") > 0 && conns("legacy") > 0, "{last}");
     assert!(stdout.contains("success 100.00%"), "{stdout}");
+    assert!(
+        !stdout.contains("ROLLBACK"),
+        "no fault, no rollback:\n{stdout}"
+    );
+}
+
+/// The default demo's story, shortened: a fault on the new path, the checks failing, the
+/// latch, the canary devices re-homed, their commands answered on legacy, and the trail.
+#[test]
+fn demo_shows_the_automatic_rollback_of_a_faulty_new_path_and_exits_0() {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "demo",
+            "--duration",
+            "25s",
+            "--fault-after",
+            "5s",
+            "--devices",
+            "20",
+        ])
+        .output()
+        .expect("run demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let at = |needle: &str| {
+        stdout
+            .find(needle)
+            .unwrap_or_else(|| panic!("no {needle:?} in:\n{stdout}"))
+    };
+    // In this order: the fault, a failed check, the rollback.
+    assert!(at("FAULT:") < at("== rollback check: fail"), "{stdout}");
+    assert!(at("== rollback check: fail") < at("ROLLBACK: the latch is set"));
+    // Every device ends on legacy, and legacy answers what it is sent.
+    let last = stdout
+        .lines()
+        .rfind(|l| l.starts_with('['))
+        .unwrap_or_default();
+    assert!(last.contains("| new: 0 conns"), "{last}");
+    assert!(last.contains("latch SET"), "{last}");
+    let legacy_line = stdout
+        .lines()
+        .find(|l| l.contains("add-on commands to the devices first routed to legacy"))
+        .unwrap_or_else(|| panic!("no legacy line:\n{stdout}"));
+    assert!(
+        legacy_line.ends_with(" 0 failed -> success 100.00%"),
+        "{legacy_line}"
+    );
+    // The trail and the status view close the demo.
+    assert!(stdout.contains("audit trail (cync-gateway history):"));
+    assert!(stdout.contains("rollback controller 3 failed rollback checks in a row"));
+    assert!(stdout.contains("latch         SET since"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -583,6 +583,7 @@ async fn load_reports_progress_percentiles_and_each_path() {
                 cync_gateway::control::router::by_percent(d, 50.0),
             )
         })),
+        target_of: None,
     };
     let mut ticks = 0;
     let report = cync_gateway::sim::load::run(&cfg, &a, |_| ticks += 1).await;

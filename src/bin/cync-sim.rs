@@ -179,6 +179,7 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
                 heartbeat: Duration::from_secs_f64(heartbeat),
                 warmup: Duration::ZERO,
                 path_of: None,
+                target_of: None,
             };
             let fleet = load::spawn_fleet(&cfg, &stop);
             eprintln!("cync-sim: {count} devices dialing {target}");
@@ -283,6 +284,7 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
                 // lists are not known here.
                 path_of: canary_percent
                     .map(|p| load::PathOf::new(move |d| router::by_percent(d, p).label())),
+                target_of: None,
             };
             let report = load::run(&cfg, &addon, |p| {
                 if json {

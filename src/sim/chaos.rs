@@ -207,6 +207,7 @@ pub struct Chaos {
     stop: CancellationToken,
     /// Set by [`Chaos::heal_new_connections`].
     healed: Arc<std::sync::atomic::AtomicBool>,
+    armed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Chaos {
@@ -221,7 +222,8 @@ impl Chaos {
             rules: Vec::new(),
         });
         let healed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (s, st, h) = (stats.clone(), stop.clone(), healed.clone());
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (s, st, h, a) = (stats.clone(), stop.clone(), healed.clone(), armed.clone());
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -234,12 +236,12 @@ impl Chaos {
                 } else {
                     plan.clone()
                 };
-                let (s, st) = (s.clone(), st.clone());
+                let (s, st, armed) = (s.clone(), st.clone(), a.clone());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
                     };
-                    proxy(client, server, plan, s, st).await;
+                    proxy(client, server, plan, s, st, armed).await;
                 });
             }
         });
@@ -248,7 +250,19 @@ impl Chaos {
             stats,
             stop,
             healed,
+            armed,
         })
+    }
+
+    /// Stops applying the plan, to open connections too, until [`Chaos::arm`]: forwarding
+    /// goes on untouched meanwhile (a fault that starts at a chosen moment).
+    pub fn disarm(&self) {
+        self.armed.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Applies the plan again, to open connections too.
+    pub fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Connections accepted from now on are forwarded untouched; open ones keep their faults.
@@ -275,6 +289,8 @@ impl Drop for Chaos {
 
 struct Lane {
     rules: Vec<(Rule, SmallRng, u64)>,
+    /// Rules apply only while this is set ([`Chaos::arm`]).
+    armed: Arc<std::sync::atomic::AtomicBool>,
     held: Option<Bytes>,
     stalled: bool,
 }
@@ -290,6 +306,7 @@ async fn proxy(
     plan: Arc<Plan>,
     stats: Arc<ChaosStats>,
     stop: CancellationToken,
+    armed: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
@@ -315,6 +332,7 @@ async fn proxy(
             .collect(),
         held: None,
         stalled: false,
+        armed: armed.clone(),
     };
     let (mut client, mut server) = (client, server);
     let reset = {
@@ -416,8 +434,9 @@ async fn pump(
             let mut frame_out = vec![frame.clone()];
             let mut delay = Duration::ZERO;
             let mut hold = false;
+            let armed = lane.armed.load(std::sync::atomic::Ordering::SeqCst);
             for (rule, rng, seen) in lane.rules.iter_mut() {
-                if matches!(rule.fault, Fault::SlowClose | Fault::Bandwidth) {
+                if !armed || matches!(rule.fault, Fault::SlowClose | Fault::Bandwidth) {
                     continue;
                 }
                 if !matches(rule, parsed.as_ref(), ty) {

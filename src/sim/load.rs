@@ -42,7 +42,14 @@ pub struct LoadConfig {
     /// The path the gateway gives each device (`legacy`, `new`), to report each path apart.
     /// The simulator does not route; whoever runs it and knows the gateway's routing does.
     pub path_of: Option<PathOf>,
+    /// Where each device dials instead of `target` (the demo sends the new path's devices
+    /// through a chaos proxy).
+    pub target_of: Option<TargetOf>,
 }
+
+/// Where a device dials.
+#[derive(Clone)]
+pub struct TargetOf(pub std::sync::Arc<dyn Fn(DeviceId) -> SocketAddr + Send + Sync>);
 
 /// Which path a device takes, by name.
 #[derive(Clone)]
@@ -51,6 +58,12 @@ pub struct PathOf(pub std::sync::Arc<dyn Fn(DeviceId) -> &'static str + Send + S
 impl PathOf {
     pub fn new(f: impl Fn(DeviceId) -> &'static str + Send + Sync + 'static) -> PathOf {
         PathOf(std::sync::Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for TargetOf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TargetOf(..)")
     }
 }
 
@@ -122,7 +135,11 @@ pub fn by_path(
 pub fn spawn_fleet(cfg: &LoadConfig, stop: &CancellationToken) -> Vec<Arc<DeviceStats>> {
     let mut all = Vec::new();
     for i in 0..cfg.devices {
-        let mut d = DeviceConfig::new(cfg.target, cfg.seed, i);
+        let target = match &cfg.target_of {
+            Some(f) => (f.0)(device::identity(cfg.seed, i).0),
+            None => cfg.target,
+        };
+        let mut d = DeviceConfig::new(target, cfg.seed, i);
         d.tls = cfg.tls;
         d.heartbeat = cfg.heartbeat;
         let stats = Arc::new(DeviceStats::default());

@@ -117,6 +117,15 @@ enum Cmd {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         wait: std::time::Duration,
     },
+    /// The rollout so far: each stage, how long it baked, the new path's commands and failures,
+    /// the budget it used, rollbacks; at 100 % the 30-day validation period.
+    Report {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// The audit log: every routing change, who made it and why.
     History {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
@@ -142,6 +151,7 @@ fn main() -> ExitCode {
         Cmd::Status { config, json } => runbook(&config, Ask::Status { json }),
         Cmd::Rollback { config, reason } => runbook(&config, Ask::Rollback { reason }),
         Cmd::Resume { config, reason } => runbook(&config, Ask::Resume { reason }),
+        Cmd::Report { config, json } => runbook(&config, Ask::Report { json }),
         Cmd::Promote {
             config,
             force,

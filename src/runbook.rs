@@ -91,6 +91,9 @@ pub enum Ask {
         percent: f64,
         wait: Duration,
     },
+    Report {
+        json: bool,
+    },
     /// Ask the daemon for the next of `rollout.stages`, and wait until it applied it.
     Promote {
         force: bool,
@@ -125,6 +128,16 @@ pub async fn run(config: &Path, ask: Ask) -> Result<String, RunbookError> {
             "rollback requested: every device goes to legacy; see `cync-gateway status`\n".into()
         }
         Ask::SetCanary { percent, wait } => set_canary(config, &socket, percent, wait).await?,
+        Ask::Report { json } => {
+            let v = request(&socket, hyper::Method::GET, "/report", None).await?;
+            if json {
+                format!("{v:#}\n")
+            } else {
+                let r: crate::control::report::Report =
+                    serde_json::from_value(v).map_err(|e| RunbookError::Decode(e.to_string()))?;
+                render_report(&r)
+            }
+        }
         Ask::Promote {
             force,
             reason,
@@ -473,6 +486,66 @@ pub fn render_status(s: &Status) -> String {
             let _ = writeln!(o, "last check    none yet");
         }
     }
+    o
+}
+
+fn span(s: f64) -> String {
+    humantime::format_duration(Duration::from_secs(s.max(0.0) as u64)).to_string()
+}
+
+/// `report` as a person reads it.
+pub fn render_report(r: &crate::control::report::Report) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "rollout so far (from the audit log and the SLO state; new-path figures)\n"
+    );
+    let _ = writeln!(
+        o,
+        "{:>7}  {:<26} {:<11} {:>14} {:>9} {:>7} {:>11}",
+        "stage", "in force since", "set by", "for", "commands", "failed", "budget used"
+    );
+    for s in &r.stages {
+        let _ = writeln!(
+            o,
+            "{:>6}%  {:<26} {:<11} {:>14} {:>9} {:>7} {:>11}{}",
+            s.percent,
+            if s.started.is_empty() {
+                "(before the audit log)"
+            } else {
+                s.started.as_str()
+            },
+            s.set_by.as_deref().unwrap_or("-"),
+            s.baked_s.map_or_else(|| "?".to_string(), span),
+            s.new_commands,
+            s.new_failed,
+            s.budget_used
+                .map(|b| format!("{:.1}%", b * 100.0))
+                .unwrap_or_else(|| "-".into()),
+            if s.current { "  <- now" } else { "" }
+        );
+        for e in &s.events {
+            let _ = writeln!(
+                o,
+                "           {} {} by {}: {}",
+                e.time,
+                e.action,
+                e.actor,
+                e.reason.lines().next().unwrap_or("")
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "\nsuccess budget left (30 d): {:.1}%{}",
+        r.budget_left * 100.0,
+        if r.latched {
+            "; the rollback latch is SET"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(o, "validation at 100 %: {}", r.validation.verdict);
     o
 }
 

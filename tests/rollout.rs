@@ -180,6 +180,35 @@ async fn auto_promote_walks_10_25_50_on_a_healthy_fleet_and_stops_at_a_failing_g
     assert!(text.contains("stages 10 -> 25 -> [50] -> 75"), "{text}");
     assert!(text.contains("WAIT checks"), "{text}");
     assert_eq!(audited(cfg, "promote").await.len(), 2);
+
+    // The report: the three stages, who set them, the new path's commands in each.
+    let o = cli(&["report", "--json", "--config", cfg]).await;
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let r: Value = serde_json::from_slice(&o.stdout).expect("report --json");
+    let stages = r["stages"].as_array().expect("stages");
+    let got: Vec<(f64, &str)> = stages
+        .iter()
+        .map(|s| {
+            (
+                s["percent"].as_f64().unwrap_or(-1.0),
+                s["set_by"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [(10.0, "-"), (25.0, "controller"), (50.0, "controller")]
+    );
+    assert!(stages[1]["new_commands"].as_u64().unwrap_or(0) > 0, "{r:#}");
+    assert!(stages[1]["baked_s"].as_f64().unwrap_or(0.0) >= 5.0, "{r:#}");
+    assert_eq!(stages[2]["current"], true);
+    assert!(r["validation"]["verdict"]
+        .as_str()
+        .is_some_and(|v| v.starts_with("not started")));
+    let text =
+        String::from_utf8_lossy(&cli(&["report", "--config", cfg]).await.stdout).into_owned();
+    println!("{text}");
+    assert!(text.contains("<- now"), "{text}");
     stop.cancel();
     drop(d);
 }

@@ -6,6 +6,7 @@
 //!   why, by whom), per path its connections, commands, success and budget, and the last
 //!   rollback check;
 //! - `GET /history?limit=N` — the audit log's newest entries;
+//! - `GET /report` — the rollout so far ([`super::report`]);
 //! - `POST /rollback` `{"reason": "…"}`, `POST /resume` `{"reason": "…"}`, `POST /reload`;
 //! - `POST /promote` `{"force": false, "reason": "…"}` — the next of `rollout.stages`, refused
 //!   (409, saying which gate) while latched or while a gate fails (`force` skips all but the
@@ -570,15 +571,27 @@ async fn route(admin: Arc<Admin>, access: Access, req: Request<Incoming>) -> Res
             };
             send(&admin, event, "reload").await
         }
+        (&Method::GET, "/report") => match admin.report().await {
+            Ok(r) => match serde_json::to_value(r) {
+                Ok(v) => reply(StatusCode::OK, v),
+                Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            },
+            Err(e) => problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read the audit log: {e}"),
+            ),
+        },
         (&Method::POST, "/alertmanager") => alertmanager(&admin, &body).await,
         (&Method::POST, "/promote") => promote(&admin, &body).await,
-        (_, "/status" | "/history") => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        (_, "/status" | "/history" | "/report") => {
+            problem(StatusCode::METHOD_NOT_ALLOWED, "use GET")
+        }
         (_, "/rollback" | "/resume" | "/reload" | "/alertmanager" | "/promote") => {
             problem(StatusCode::METHOD_NOT_ALLOWED, "use POST")
         }
         _ => problem(
             StatusCode::NOT_FOUND,
-            "not found: GET /status, GET /history, POST /rollback, POST /resume, POST /promote, POST /reload, POST /alertmanager",
+            "not found: GET /status, GET /history, GET /report, POST /rollback, POST /resume, POST /promote, POST /reload, POST /alertmanager",
         ),
     }
 }

@@ -7,6 +7,7 @@
 //! - [`reload`]: reading, validating and merging the configuration file, and the file poll;
 //! - [`rehome`]: moving open connections when their route changes;
 //! - [`rollout`]: the stages, the gates of the next one, and automatic promotion;
+//! - [`report`]: the rollout so far, stage by stage, and the validation period at 100 %;
 //! - [`series`]: the metric series this layer and the data plane label, created at 0;
 //! - [`status_page`]: the HTML status page served at `/` on the metrics address.
 //!
@@ -26,6 +27,7 @@ pub mod latch;
 pub mod live;
 pub mod rehome;
 pub mod reload;
+pub mod report;
 pub mod rollback;
 pub mod rollout;
 pub mod router;

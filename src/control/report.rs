@@ -203,6 +203,57 @@ pub fn build(
     }
 }
 
+/// The new path's counts from the daemon's SLO state.
+struct SloCounter<'a> {
+    slo: &'a super::slo_task::SloService,
+    now: tokio::time::Instant,
+}
+
+impl Counter for SloCounter<'_> {
+    fn between(&self, from_age: Duration, to_age: Duration) -> (u64, u64) {
+        use crate::telemetry::labels::Transport;
+        let t = Transport::New;
+        let span = self.slo.window(self.now, t, from_age) - self.slo.window(self.now, t, to_age);
+        (span.commands, span.commands.saturating_sub(span.successes))
+    }
+
+    fn age(&self, stamp: &str) -> Option<Duration> {
+        let at = self.slo.clock().instant_of(stamp, self.now)?;
+        Some(self.now.saturating_duration_since(at))
+    }
+}
+
+impl super::admin::Admin {
+    /// The rollout report now.
+    pub async fn report(&self) -> Result<Report, String> {
+        use crate::telemetry::labels::Transport;
+        use crate::telemetry::slo::Slo;
+        let cfg = self.live.config();
+        let dir = cfg.state_dir.clone();
+        let history = tokio::task::spawn_blocking(move || super::audit::read(&dir, None))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let now = tokio::time::Instant::now();
+        self.slo.observe(now);
+        let obj = super::slo_task::objectives(&cfg.slo);
+        let counter = SloCounter {
+            slo: &self.slo,
+            now,
+        };
+        let period = self.slo.window(now, Transport::New, VALIDATION).commands;
+        Ok(build(
+            &history.entries,
+            cfg.routing.canary_percent,
+            self.live.latched(),
+            self.slo.budget(now, Transport::New, Slo::Success, &obj),
+            1.0 - cfg.slo.success_target,
+            period,
+            &counter,
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,7 +321,8 @@ mod tests {
         ];
         // 10 % of a 0.1 % budget over 6,000 commands allows 6 failures.
         let r = build(&log, 50.0, false, 0.5, 0.001, 6_000, &Minutes);
-        let got: Vec<(f64, Option<&str>, Option<f64>, u64, u64)> = r
+        type Row<'a> = (f64, Option<&'a str>, Option<f64>, u64, u64);
+        let got: Vec<Row> = r
             .stages
             .iter()
             .map(|s| {
@@ -348,56 +400,5 @@ mod tests {
         let percents: Vec<f64> = r.stages.iter().map(|s| s.percent).collect();
         assert_eq!(percents, [0.0, 10.0], "{:?}", r.stages);
         assert_eq!(r.stages[1].budget_used, None);
-    }
-}
-
-/// The new path's counts from the daemon's SLO state.
-struct SloCounter<'a> {
-    slo: &'a super::slo_task::SloService,
-    now: tokio::time::Instant,
-}
-
-impl Counter for SloCounter<'_> {
-    fn between(&self, from_age: Duration, to_age: Duration) -> (u64, u64) {
-        use crate::telemetry::labels::Transport;
-        let t = Transport::New;
-        let span = self.slo.window(self.now, t, from_age) - self.slo.window(self.now, t, to_age);
-        (span.commands, span.commands.saturating_sub(span.successes))
-    }
-
-    fn age(&self, stamp: &str) -> Option<Duration> {
-        let at = self.slo.clock().instant_of(stamp, self.now)?;
-        Some(self.now.saturating_duration_since(at))
-    }
-}
-
-impl super::admin::Admin {
-    /// The rollout report now.
-    pub async fn report(&self) -> Result<Report, String> {
-        use crate::telemetry::labels::Transport;
-        use crate::telemetry::slo::Slo;
-        let cfg = self.live.config();
-        let dir = cfg.state_dir.clone();
-        let history = tokio::task::spawn_blocking(move || super::audit::read(&dir, None))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        let now = tokio::time::Instant::now();
-        self.slo.observe(now);
-        let obj = super::slo_task::objectives(&cfg.slo);
-        let counter = SloCounter {
-            slo: &self.slo,
-            now,
-        };
-        let period = self.slo.window(now, Transport::New, VALIDATION).commands;
-        Ok(build(
-            &history.entries,
-            cfg.routing.canary_percent,
-            self.live.latched(),
-            self.slo.budget(now, Transport::New, Slo::Success, &obj),
-            1.0 - cfg.slo.success_target,
-            period,
-            &counter,
-        ))
     }
 }

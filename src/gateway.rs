@@ -293,6 +293,7 @@ impl Gateway {
             config.metrics.per_device_idle,
         )?);
         crate::control::series::zero(&metrics);
+        metrics.tracer().set_log_all(config.logging.commands);
         let device_tls = config.device_tls.mode == DeviceTlsMode::Tls;
         let (acceptor, generated_cert) = match config.device_tls.mode {
             DeviceTlsMode::Plain => (None, None),

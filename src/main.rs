@@ -126,6 +126,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Follow commands live, one line per finished command (like tcpdump for Cync commands):
+    /// path, device, seq, msg_id, outcome, time to its 0x7b and to its f9, attempts.
+    Trace {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Only this device (8 hex digits).
+        #[arg(long)]
+        device: Option<String>,
+        /// Only commands that failed (timed out or abandoned).
+        #[arg(long)]
+        failures: bool,
+        /// JSON lines for tools.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many commands (default: until interrupted).
+        #[arg(long)]
+        limit: Option<u64>,
+    },
     /// The audit log: every routing change, who made it and why.
     History {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
@@ -152,6 +170,13 @@ fn main() -> ExitCode {
         Cmd::Rollback { config, reason } => runbook(&config, Ask::Rollback { reason }),
         Cmd::Resume { config, reason } => runbook(&config, Ask::Resume { reason }),
         Cmd::Report { config, json } => runbook(&config, Ask::Report { json }),
+        Cmd::Trace {
+            config,
+            device,
+            failures,
+            json,
+            limit,
+        } => trace(&config, device.as_deref(), failures, json, limit),
         Cmd::Promote {
             config,
             force,
@@ -231,6 +256,38 @@ fn runbook(config: &std::path::Path, ask: Ask) -> ExitCode {
             print!("{out}");
             ExitCode::SUCCESS
         }
+        Err(e) => {
+            eprintln!("cync-gateway: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn trace(
+    config: &std::path::Path,
+    device: Option<&str>,
+    failures: bool,
+    json: bool,
+    limit: Option<u64>,
+) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cync-gateway: starting the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let follow = cync_gateway::runbook::trace(config, device, failures, json, limit, |line| {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    });
+    match rt.block_on(follow) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cync-gateway: {e}");
             ExitCode::from(e.exit_code())

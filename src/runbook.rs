@@ -549,6 +549,113 @@ pub fn render_report(r: &crate::control::report::Report) -> String {
     o
 }
 
+/// One command event as `trace` prints it: time, id, path, device, seq, outcome, the ms to
+/// the 0x7b and the f9, and the attempts when there were copies.
+pub fn render_trace(ev: &crate::telemetry::trace::CommandEvent) -> String {
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.1}ms"));
+    format!(
+        "#{:<6} {:<6} {} seq {:>3} msg {} {:<9} 0x7b {:>9}  f9 {:>9}{}",
+        ev.id,
+        ev.path,
+        ev.device.as_deref().unwrap_or("--------"),
+        ev.seq,
+        ev.msg_id.as_deref().unwrap_or("------"),
+        ev.outcome,
+        ms(ev.ack_ms),
+        ms(ev.reply_ms),
+        if ev.attempts > 1 {
+            format!("  ({} attempts)", ev.attempts)
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// `trace`: follows the daemon's command events, calling `print` with each line (JSON as the
+/// daemon sent it, or [`render_trace`]), until `limit` lines or the daemon ends the stream.
+pub async fn trace(
+    config: &Path,
+    device: Option<&str>,
+    failures: bool,
+    json: bool,
+    limit: Option<u64>,
+    mut print: impl FnMut(&str),
+) -> Result<(), RunbookError> {
+    let socket = socket_of(config)?;
+    let mut query = Vec::new();
+    if let Some(d) = device {
+        query.push(format!("device={d}"));
+    }
+    if failures {
+        query.push("failures=1".into());
+    }
+    let path = format!("/trace?{}", query.join("&"));
+    let stream =
+        UnixStream::connect(&socket)
+            .await
+            .map_err(|source| RunbookError::Unreachable {
+                socket: socket.clone(),
+                source,
+            })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| RunbookError::Http(e.to_string()))?;
+    let driver = tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(hyper::Method::GET)
+        .uri(path)
+        .header(hyper::header::HOST, "cync-gateway")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| RunbookError::Http(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| RunbookError::Http(e.to_string()))?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    if !status.is_success() {
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| RunbookError::Http(e.to_string()))?
+            .to_bytes();
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        driver.abort();
+        return Err(RunbookError::Refused(format!(
+            "{status}: {}",
+            v["error"].as_str().unwrap_or("no reason given")
+        )));
+    }
+    let mut pending = Vec::new();
+    let mut shown = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| RunbookError::Http(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=i).collect();
+            let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            if json {
+                print(&text);
+            } else {
+                match serde_json::from_str::<crate::telemetry::trace::CommandEvent>(&text) {
+                    Ok(ev) => print(&render_trace(&ev)),
+                    Err(_) => print(&format!("({text}: events lost, this follower fell behind)")),
+                }
+            }
+            shown += 1;
+            if limit.is_some_and(|l| shown >= l) {
+                driver.abort();
+                return Ok(());
+            }
+        }
+    }
+    driver.abort();
+    Ok(())
+}
+
 /// `history`: the newest audit entries.
 pub async fn history(socket: &Path, limit: usize) -> Result<(Vec<Entry>, Value), RunbookError> {
     let v = request(

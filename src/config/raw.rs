@@ -222,6 +222,7 @@ pub(super) struct RawLogging {
     pub(super) file_dir: Option<PathBuf>,
     pub(super) file_prefix: Option<String>,
     pub(super) file_rotation: Option<String>,
+    pub(super) commands: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -386,6 +386,8 @@ pub struct Logging {
     pub file_dir: Option<PathBuf>,
     pub file_prefix: String,
     pub file_rotation: Rotation,
+    /// One log line per command, successes too (failures are always logged).
+    pub commands: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -946,6 +946,7 @@ impl Validator<'_> {
             file_dir: raw.file_dir,
             file_prefix: raw.file_prefix.unwrap_or_else(|| "cync-gateway.log".into()),
             file_rotation,
+            commands: raw.commands.unwrap_or(false),
         }
     }
 }

@@ -143,7 +143,13 @@ impl Observer {
 
     fn flush(&self, st: &mut ObserverState) {
         if !st.events.is_empty() {
-            record(&self.metrics, self.transport, self.device, &st.events);
+            record(
+                &self.metrics,
+                self.transport,
+                self.device,
+                &st.events,
+                &|_| 1,
+            );
             st.events.clear();
             if st.events.capacity() > 64 {
                 st.events.shrink_to(8);

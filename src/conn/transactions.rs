@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use crate::conn::{Direction, Transport};
 use crate::protocol::{DeviceId, FrameClass, MsgId, Packet, PacketType};
-use crate::telemetry::labels::{AckOutcome, CommandOutcome, HeartbeatOutcome, ReplyOutcome};
+use crate::telemetry::labels::{AckOutcome, CommandOutcome, HeartbeatOutcome, Label, ReplyOutcome};
 use crate::telemetry::metrics::Metrics;
 
 /// Upper bound on each pending queue of one connection.
@@ -37,11 +37,14 @@ pub const MAX_PENDING: usize = 1024;
 /// What the tracker concluded from a packet or the passing of time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// A command finished; `latency` from first forward to the `f9` reply on success.
+    /// A command finished; `latency` from first forward to the `f9` reply on success, `ack`
+    /// to the device's 0x7b for it (when one came), `msg_id` the command's own.
     Command {
         seq: u8,
         outcome: CommandOutcome,
         latency: Option<Duration>,
+        msg_id: Option<MsgId>,
+        ack: Option<Duration>,
     },
     /// A request of `request` type got its reply, timed out, or a reply came unasked.
     /// For 0x73 this is the 0x7b "received" acknowledgement.
@@ -56,6 +59,21 @@ pub enum Event {
 struct PendingCommand {
     seq: u8,
     sent: Instant,
+    msg_id: Option<MsgId>,
+    /// When its 0x7b came, after `sent`.
+    ack: Option<Duration>,
+}
+
+impl PendingCommand {
+    fn finished(&self, outcome: CommandOutcome, latency: Option<Duration>) -> Event {
+        Event::Command {
+            seq: self.seq,
+            outcome,
+            latency,
+            msg_id: self.msg_id,
+            ack: self.ack,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -212,6 +230,15 @@ impl Tracker {
             (DevToSrv, PacketType::DataAck) => {
                 if let (Some(id), Some(m)) = (pkt.id(), pkt.acks_msg_id()) {
                     self.down_data.answer(&(id, m), now, out);
+                    // The oldest command under that msg_id still without one takes it (the
+                    // add-on numbers every command 00 00 00: FIFO, as for the pairing).
+                    if let Some(c) = self
+                        .commands
+                        .iter_mut()
+                        .find(|c| c.msg_id == Some(m) && c.ack.is_none())
+                    {
+                        c.ack = Some(now.saturating_duration_since(c.sent));
+                    }
                 }
             }
             (SrvToDev, PacketType::DataAck) => {
@@ -234,16 +261,14 @@ impl Tracker {
         if let Some(f) = pkt.inner().filter(|f| f.class() == FrameClass::Request) {
             if self.commands.len() >= MAX_PENDING {
                 if let Some(old) = self.commands.pop_front() {
-                    out.push(Event::Command {
-                        seq: old.seq,
-                        outcome: CommandOutcome::Timeout,
-                        latency: None,
-                    });
+                    out.push(old.finished(CommandOutcome::Timeout, None));
                 }
             }
             self.commands.push_back(PendingCommand {
                 seq: f.seq,
                 sent: now,
+                msg_id: pkt.msg_id(),
+                ack: None,
             });
         }
     }
@@ -267,17 +292,9 @@ impl Tracker {
                 // came after the add-on gave up, which makes it a timeout, not a success.
                 let latency = now.saturating_duration_since(c.sent);
                 out.push(if latency >= self.command_deadline {
-                    Event::Command {
-                        seq: c.seq,
-                        outcome: CommandOutcome::Timeout,
-                        latency: None,
-                    }
+                    c.finished(CommandOutcome::Timeout, None)
                 } else {
-                    Event::Command {
-                        seq: c.seq,
-                        outcome: CommandOutcome::Success,
-                        latency: Some(latency),
-                    }
+                    c.finished(CommandOutcome::Success, Some(latency))
                 });
             }
         }
@@ -291,11 +308,7 @@ impl Tracker {
             .is_some_and(|c| now.saturating_duration_since(c.sent) >= self.command_deadline)
         {
             if let Some(c) = self.commands.pop_front() {
-                out.push(Event::Command {
-                    seq: c.seq,
-                    outcome: CommandOutcome::Timeout,
-                    latency: None,
-                });
+                out.push(c.finished(CommandOutcome::Timeout, None));
             }
         }
         let deadline = self.command_deadline;
@@ -343,11 +356,7 @@ impl Tracker {
     /// one): they are abandoned, as they would be if the device had left.
     pub fn abandon_commands(&mut self, out: &mut Vec<Event>) {
         for c in self.commands.drain(..) {
-            out.push(Event::Command {
-                seq: c.seq,
-                outcome: CommandOutcome::Abandoned,
-                latency: None,
-            });
+            out.push(c.finished(CommandOutcome::Abandoned, None));
         }
     }
 
@@ -370,13 +379,37 @@ impl<K: PartialEq> ExpireDyn for Keyed<K> {
 }
 
 /// Records what a [`Tracker`] concluded, for a connection of `device` on `t`. A 0x73's
-/// "reply" is its 0x7b acknowledgement; a 0xd3's is also a heartbeat outcome.
-pub fn record(metrics: &Metrics, t: Transport, device: Option<DeviceId>, events: &[Event]) {
+/// "reply" is its 0x7b acknowledgement; a 0xd3's is also a heartbeat outcome. `attempts`
+/// says how many times the command with an inner seq went to the device (the new path's
+/// copies; 1 elsewhere).
+pub fn record(
+    metrics: &Metrics,
+    t: Transport,
+    device: Option<DeviceId>,
+    events: &[Event],
+    attempts: &dyn Fn(u8) -> u32,
+) {
     for e in events {
         match *e {
             Event::Command {
-                outcome, latency, ..
-            } => metrics.command(t, outcome, latency, device),
+                seq,
+                outcome,
+                latency,
+                msg_id,
+                ack,
+            } => {
+                metrics.command(t, outcome, latency, device);
+                metrics.tracer().command(
+                    device.map(|d| d.to_hex()),
+                    t.label(),
+                    seq,
+                    msg_id.map(|m| hex::encode(m.0)),
+                    attempts(seq),
+                    outcome.label(),
+                    ack,
+                    latency,
+                );
+            }
             Event::Reply {
                 request: PacketType::Data,
                 outcome,
@@ -466,6 +499,9 @@ mod tests {
                     seq: 1,
                     outcome: CommandOutcome::Success,
                     latency: Some(Duration::from_millis(30)),
+                    msg_id: pkt(CMD).msg_id(),
+                    // Its own 0x7b, 20 ms in, rides along to the trace.
+                    ack: Some(Duration::from_millis(20)),
                 },
             ]
         );
@@ -484,7 +520,9 @@ mod tests {
         assert!(out.contains(&Event::Command {
             seq: 1,
             outcome: CommandOutcome::Timeout,
-            latency: None
+            latency: None,
+            msg_id: pkt(CMD).msg_id(),
+            ack: None,
         }));
         assert_eq!(t.pending_commands(), 0);
     }
@@ -592,7 +630,9 @@ mod tests {
             vec![Event::Command {
                 seq: 1,
                 outcome: CommandOutcome::Abandoned,
-                latency: None
+                latency: None,
+                msg_id: pkt(CMD).msg_id(),
+                ack: None,
             }]
         );
     }
@@ -673,7 +713,9 @@ mod tests {
             vec![Event::Command {
                 seq: 1,
                 outcome: CommandOutcome::Timeout,
-                latency: None
+                latency: None,
+                msg_id: pkt(CMD).msg_id(),
+                ack: None,
             }]
         );
         assert_eq!(t.pending_commands(), 0);

@@ -7,6 +7,8 @@
 //!   rollback check;
 //! - `GET /history?limit=N` — the audit log's newest entries;
 //! - `GET /report` — the rollout so far ([`super::report`]);
+//! - `GET /trace?device=ID&failures=1` — every finished command from now on, one JSON line
+//!   each ([`crate::telemetry::trace::CommandEvent`]), streamed until the client goes;
 //! - `POST /rollback` `{"reason": "…"}`, `POST /resume` `{"reason": "…"}`, `POST /reload`;
 //! - `POST /promote` `{"force": false, "reason": "…"}` — the next of `rollout.stages`, refused
 //!   (409, saying which gate) while latched or while a gate fails (`force` skips all but the
@@ -596,6 +598,77 @@ async fn route(admin: Arc<Admin>, access: Access, req: Request<Incoming>) -> Res
     }
 }
 
+/// What `GET /trace` follows.
+#[derive(Debug, Default, Clone)]
+struct TraceFilter {
+    device: Option<String>,
+    failures: bool,
+}
+
+fn trace_filter(query: Option<&str>) -> Result<TraceFilter, String> {
+    let mut f = TraceFilter::default();
+    for kv in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
+        match kv.split_once('=').unwrap_or((kv, "")) {
+            ("device", id) => match crate::protocol::DeviceId::from_hex(id) {
+                Some(d) => f.device = Some(d.to_hex()),
+                None => return Err(format!("device={id:?} is not a device id (8 hex digits)")),
+            },
+            ("failures", "" | "1" | "true") => f.failures = true,
+            ("failures", "0" | "false") => f.failures = false,
+            (k, _) => {
+                return Err(format!(
+                    "unknown parameter {k:?}: use device=ID and failures=1"
+                ))
+            }
+        }
+    }
+    Ok(f)
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// `GET /trace?device=ID&failures=1`: every finished command from now on, one JSON line each,
+/// until the client goes or the daemon stops. A follower that falls behind gets a
+/// `{"lagged": N}` line for the events it lost.
+fn trace(admin: &Admin, query: Option<&str>, stop: CancellationToken) -> Response<Body> {
+    let filter = match trace_filter(query) {
+        Ok(f) => f,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, e).map(BodyExt::boxed),
+    };
+    let rx = admin.metrics.tracer().subscribe();
+    let lines = futures_util::stream::unfold((rx, filter, stop), |(mut rx, f, stop)| async move {
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return None,
+                r = rx.recv() => r,
+            };
+            let line = match next {
+                Ok(ev) => {
+                    if f.device.is_some() && ev.device != f.device {
+                        continue;
+                    }
+                    if f.failures && ev.outcome == "success" {
+                        continue;
+                    }
+                    serde_json::to_string(&ev).unwrap_or_default()
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    json!({ "lagged": n }).to_string()
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            };
+            let frame = hyper::body::Frame::data(Bytes::from(line + "\n"));
+            return Some((Ok::<_, Infallible>(frame), (rx, f, stop)));
+        }
+    });
+    let mut r = Response::new(BodyExt::boxed(http_body_util::StreamBody::new(lines)));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
+}
+
 /// Serves the admin API on the Unix socket `listener` until `stop`.
 pub async fn serve(
     listener: UnixListener,
@@ -657,11 +730,18 @@ fn connection<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let stop = stop.clone();
+    let follow_stop = stop.clone();
     tasks.spawn("admin-connection", async move {
         let svc = service_fn(move |req: Request<Incoming>| {
             let admin = admin.clone();
             let access = access.clone();
-            async move { Ok::<_, Infallible>(route(admin, access, req).await) }
+            let stop = follow_stop.clone();
+            async move {
+                if req.uri().path() == "/trace" && req.method() == Method::GET {
+                    return Ok::<_, Infallible>(trace(&admin, req.uri().query(), stop));
+                }
+                Ok::<_, Infallible>(route(admin, access, req).await.map(BodyExt::boxed))
+            }
         });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())

@@ -128,6 +128,7 @@ pub struct Metrics {
     rollback_active: IntGauge,
     state_errors: IntCounterVec,
     rollout_stage: prometheus::Gauge,
+    tracer: super::trace::Tracer,
     promotion_ready: IntGauge,
     webhook_deliveries: IntCounterVec,
     audit_entries: IntCounterVec,
@@ -522,6 +523,7 @@ impl Metrics {
                 register(&r, &mut names, Box::new(g.clone()))?;
                 g
             },
+            tracer: super::trace::Tracer::default(),
             rollout_stage: {
                 let g = prometheus::Gauge::new(
                     names::ROLLOUT_STAGE,
@@ -1029,6 +1031,11 @@ impl Metrics {
     /// The latch was set (`reason`: a `RollbackReason`).
     pub fn rollback(&self, reason: impl Label) {
         self.rollbacks.with_label_values(&[reason.label()]).inc();
+    }
+
+    /// Where command events go (logged, and followed by `cync-gateway trace`).
+    pub fn tracer(&self) -> &super::trace::Tracer {
+        &self.tracer
     }
 
     pub fn set_rollout_stage(&self, percent: f64) {

@@ -5,7 +5,8 @@
 //! - [`metrics`]: every Prometheus family, its name in one place, and typed record methods so a
 //!   call site cannot get a label's arity or spelling wrong.
 //! - [`logging`]: tracing output and rate-limited warnings.
-//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`, the status page's slot.
+//! - [`trace`]: one structured event per command, logged and followed live.
 //!
 //! Imports only [`crate::protocol`] and [`crate::config`].
 
@@ -17,4 +18,5 @@ pub mod names;
 pub mod slo;
 pub mod slo_feed;
 pub mod tasks;
+pub mod trace;
 pub mod wallclock;

@@ -244,11 +244,13 @@ impl Core {
 
     fn flush_events(&mut self) {
         if !self.events.is_empty() {
+            let retry = &self.cmds;
             record(
                 &self.metrics,
                 self.transport,
                 Some(self.device),
                 &self.events,
+                &|seq| retry.sends(seq).unwrap_or(1),
             );
             self.events.clear();
             if self.events.capacity() > 64 {

@@ -191,6 +191,11 @@ impl Outstanding {
         self.cmds.is_empty()
     }
 
+    /// Times the command with inner seq `seq` went to the device, while it is remembered.
+    pub fn sends(&self, seq: u8) -> Option<u32> {
+        self.cmds.iter().find(|c| c.seq == seq).map(|c| c.sends)
+    }
+
     /// The device's current retry timeout.
     pub fn rto(&self) -> Duration {
         self.rtt.rto()

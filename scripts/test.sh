@@ -18,11 +18,20 @@ pkg-config --exists openssl 2>/dev/null || need+=(libssl-dev)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 # chattr, for tests/rollout.rs (a configuration directory the daemon cannot write)
 command -v chattr >/dev/null 2>&1 || need+=(e2fsprogs)
+# systemd-analyze, for tests/systemd.rs (verify and security of the unit)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing test dependencies: ${need[*]}"
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+# kubernetes-validate (PyPI), for tests/packaging.rs: the manifests against the official schemas
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  echo "== installing kubernetes-validate (PyPI)"
+  python3 -m pip install --quiet kubernetes-validate || python3 -m pip install --quiet --break-system-packages kubernetes-validate
 fi
 
 if [ ! -d ../shared/captures ]; then

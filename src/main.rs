@@ -381,7 +381,14 @@ fn run(path: &std::path::Path, strict: bool) -> ExitCode {
         let sd = gw.shutdown_handle();
         let exit_now = std::sync::Arc::new(tokio::sync::Notify::new());
         signals.spawn(sd.clone(), gw.control(), exit_now.clone());
+        // Everything answers: systemd's `start` returns now; its watchdog is fed from here on,
+        // through the drain too, until the process ends.
+        cync_gateway::telemetry::systemd::ready();
+        tokio::spawn(cync_gateway::telemetry::systemd::watchdog(
+            tokio_util::sync::CancellationToken::new(),
+        ));
         sd.token().cancelled().await;
+        cync_gateway::telemetry::systemd::stopping();
         tokio::select! {
             outcome = gw.shutdown(drain_timeout) => match outcome {
                 DrainOutcome::Clean | DrainOutcome::TimedOut { .. } => ExitCode::SUCCESS,

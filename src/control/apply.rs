@@ -231,7 +231,17 @@ impl ControlTask {
             warn!("reload requested, but this gateway was not started from a configuration file");
             return;
         };
-        match reloader.check(trigger).await {
+        // systemd sees a reload asked for (SIGHUP, `systemctl reload`, the admin API); a
+        // file poll that finds nothing new is not one.
+        let told = origin != Origin::FilePoll;
+        if told {
+            crate::telemetry::systemd::reloading();
+        }
+        let outcome = reloader.check(trigger).await;
+        if told {
+            crate::telemetry::systemd::ready();
+        }
+        match outcome {
             Outcome::Settling => self.settle = Some(Instant::now() + reload::SETTLE),
             Outcome::Applied { changes, .. } if !changes.is_empty() => {
                 self.audit(origin, action, changes, reason).await;

@@ -7,6 +7,7 @@
 //! - [`logging`]: tracing output and rate-limited warnings.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`, the status page's slot.
 //! - [`trace`]: one structured event per command, logged and followed live.
+//! - [`systemd`]: readiness, reload, stop and watchdog notifications (`Type=notify`).
 //!
 //! Imports only [`crate::protocol`] and [`crate::config`].
 
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod names;
 pub mod slo;
 pub mod slo_feed;
+pub mod systemd;
 pub mod tasks;
 pub mod trace;
 pub mod wallclock;

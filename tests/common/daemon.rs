@@ -31,10 +31,20 @@ impl Daemon {
     /// Runs the binary on `path` (whose `[logging] format` must be `"json"`), keeping `dir`
     /// alive as long as the daemon.
     pub async fn start(path: PathBuf, dir: Option<tempfile::TempDir>) -> Daemon {
+        Self::start_with_env(path, dir, &[]).await
+    }
+
+    /// As [`Daemon::start`], with `env` added to the daemon's environment.
+    pub async fn start_with_env(
+        path: PathBuf,
+        dir: Option<tempfile::TempDir>,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let mut child = Command::new(BIN)
             .arg("run")
             .arg("--config")
             .arg(&path)
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .kill_on_drop(true)

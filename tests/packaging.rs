@@ -268,8 +268,7 @@ fn the_image_runs_as_a_user_stops_on_sigterm_and_checks_healthz() {
     let d = read("Dockerfile");
     let line = |prefix: &str| {
         d.lines()
-            .filter(|l| l.starts_with(prefix))
-            .last()
+            .rfind(|l| l.starts_with(prefix))
             .unwrap_or_else(|| panic!("no {prefix} in the Dockerfile"))
             .to_string()
     };

@@ -2,7 +2,8 @@
 #
 #   docker build -t cync-gateway:0.1.0 .                       # builds the binary too
 #   podman build --target runtime-prebuilt --build-arg BASE=<image> \
-#     -t cync-gateway:test .                                   # packs ./target/release/cync-gateway
+#     [--build-arg BINARY=target/debug/cync-gateway] -t cync-gateway:test .
+#                                                              # packs a binary built already
 #
 # The second form is for machines without a Rust base image (tests/packaging.rs uses it
 # with a locally made Debian base).
@@ -14,9 +15,11 @@ COPY . .
 RUN cargo build --locked --release --bin cync-gateway
 
 FROM ${BASE} AS runtime-base
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates libssl3 \
- && rm -rf /var/lib/apt/lists/* \
+# A base that already has them (the test's, made offline) skips the download.
+RUN (dpkg -s ca-certificates libssl3 >/dev/null 2>&1 \
+     || (apt-get update \
+         && apt-get install -y --no-install-recommends ca-certificates libssl3 \
+         && rm -rf /var/lib/apt/lists/*)) \
  && groupadd --system --gid 10001 cync-gateway \
  && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/cync-gateway --shell /usr/sbin/nologin cync-gateway \
  && install -d -o 10001 -g 10001 -m 0700 /var/lib/cync-gateway \
@@ -40,7 +43,8 @@ ENTRYPOINT ["/usr/bin/cync-gateway"]
 CMD ["run", "--config", "/etc/cync-gateway/gateway.toml"]
 
 FROM runtime-base AS runtime-prebuilt
-COPY target/release/cync-gateway /usr/bin/cync-gateway
+ARG BINARY=target/release/cync-gateway
+COPY ${BINARY} /usr/bin/cync-gateway
 
 FROM runtime-base AS runtime
 COPY --from=build /src/target/release/cync-gateway /usr/bin/cync-gateway

@@ -21,6 +21,12 @@ command -v chattr >/dev/null 2>&1 || need+=(e2fsprogs)
 # systemd-analyze, for tests/systemd.rs (verify and security of the unit)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+# the boot test (tests/systemd.rs) and the image test (tests/container.rs): a Debian rootfs made
+# by mmdebstrap, booted by systemd-nspawn, and an image built and run by podman with runc
+command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
+command -v systemd-nspawn >/dev/null 2>&1 || need+=(systemd-container)
+command -v podman >/dev/null 2>&1 || need+=(podman)
+command -v runc >/dev/null 2>&1 || need+=(runc)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing test dependencies: ${need[*]}"
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

@@ -119,7 +119,7 @@ async fn the_image_builds_runs_as_non_root_answers_healthz_reloads_and_drains_on
         .into_owned();
     let t0 = Instant::now();
     run(
-        &mut podman(&[
+        podman(&[
             "build",
             "--runtime",
             "runc",

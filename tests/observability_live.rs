@@ -465,6 +465,13 @@ async fn prometheus_alertmanager_dashboard_and_status_page_work_on_live_gateway_
             "--headless".to_string(),
             "--no-sandbox".into(),
             "--disable-gpu".into(),
+            // This machine's network is closed: Chromium's own background connections would
+            // only fail, many at a time.
+            "--disable-background-networking".into(),
+            "--disable-component-update".into(),
+            "--disable-sync".into(),
+            "--disable-quic".into(),
+            "--no-first-run".into(),
             format!("--user-data-dir={}", dir.path().join("chromium").display()),
             "--window-size=1280,900".into(),
         ];

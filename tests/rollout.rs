@@ -324,3 +324,71 @@ async fn a_file_the_daemon_cannot_write_leaves_the_promotion_ready_not_an_error_
     drop(d);
     drop(guard);
 }
+
+/// The issue's own figures: a 2 s bake. The walk 10 → 25 → 50 on a healthy fleet, then an
+/// operator's rollback at 50 %: the latch gate fails, and nothing is promoted however long
+/// the bake has been met.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_2s_bake_auto_promote_walks_10_25_50_and_the_latch_gate_stops_it() {
+    let addon = start_addon(fast_addon()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.toml");
+    let mut all = toml_edit::Array::new();
+    for s in [10, 25, 50, 75] {
+        all.push(s);
+    }
+    std::fs::write(
+        &path,
+        config(
+            &addon,
+            &[
+                ("rollout.auto_promote", true.into()),
+                ("rollout.bake_time", "2s".into()),
+                ("rollout.stages", all.into()),
+            ],
+        ),
+    )
+    .expect("config");
+    let d = Daemon::start(path.clone(), None).await;
+    let cfg = path.to_str().expect("utf-8 path");
+    let stop = CancellationToken::new();
+    fleet(d.devices, 20, &stop);
+    pump(addon.clone(), Duration::from_millis(10), stop.clone());
+    let t0 = Instant::now();
+    let mut reached: Vec<f64> = Vec::new();
+    while reached.last() != Some(&50.0) {
+        if let Some(p) = status(cfg).await["configured_percent"].as_f64() {
+            if reached.last() != Some(&p) {
+                reached.push(p);
+                println!("{:?}: {p}%", t0.elapsed());
+                if p == 50.0 {
+                    let o = cli(&["rollback", "--config", cfg, "--reason", "hold at 50"]).await;
+                    assert_eq!(o.status.code(), Some(0), "{o:?}");
+                }
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(45),
+            "stages reached: {reached:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(reached, [10.0, 25.0, 50.0]);
+    let promotions = audited(cfg, "promote").await;
+    assert_eq!(promotions.len(), 2, "{promotions:#?}");
+    // Three bakes' time later it is still at 50 %, the latch gate failing.
+    let hold = Instant::now();
+    while hold.elapsed() < Duration::from_secs(6) {
+        assert_eq!(status(cfg).await["configured_percent"], 50.0);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let s = status(cfg).await;
+    let latch_gate = s["rollout"]["gates"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["name"] == "latch").cloned())
+        .expect("latch gate");
+    assert_eq!(latch_gate["ok"], false, "{latch_gate}");
+    assert_eq!(audited(cfg, "promote").await.len(), 2);
+    stop.cancel();
+    drop(d);
+}

@@ -319,6 +319,8 @@ async fn on_tcp_a_change_without_the_token_is_401_and_changes_nothing() {
     }
     let (code, _) = http_request(admin, "POST", "/alertmanager", &[], "{}").await;
     assert_eq!(code, 401);
+    let (code, _) = http_request(admin, "GET", "/trace", &[], "").await;
+    assert_eq!(code, 401, "following commands needs the token too");
     let m = http_get(d.metrics, "/metrics").await.1;
     assert_eq!(sample(&m, "tcp_comm_rollback_active"), 0.0);
     assert_eq!(family_total(&m, "tcp_comm_audit_entries_total"), 0.0);

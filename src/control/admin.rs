@@ -22,7 +22,8 @@
 //! - The socket is mode 0600, owned by the daemon's user: its permissions are the
 //!   authentication, as with HAProxy's stats socket. A stale socket left by a crash is
 //!   replaced; a live one (another daemon on the same `state_dir`) stops the start.
-//! - On TCP every mutating request (every POST) needs `Authorization: Bearer <token>`, the
+//! - On TCP every mutating request (every POST), and `GET /trace` (a held-open stream of every
+//!   device's commands), needs `Authorization: Bearer <token>`, the
 //!   token read from `admin.token_file` at start and compared in constant time; without it, or
 //!   with a wrong one, the answer is 401 and nothing changes. `check-config` refuses a TCP
 //!   listener without a token file, and a non-loopback one without `admin.allow_remote`.
@@ -738,6 +739,17 @@ fn connection<S>(
             let stop = follow_stop.clone();
             async move {
                 if req.uri().path() == "/trace" && req.method() == Method::GET {
+                    // A stream of every device's commands, held open: on TCP, for token
+                    // holders only.
+                    if !authorised(&access, &req) {
+                        return Ok::<_, Infallible>(
+                            problem(
+                                StatusCode::UNAUTHORIZED,
+                                "following commands needs `Authorization: Bearer <token>`, the token in admin.token_file",
+                            )
+                            .map(BodyExt::boxed),
+                        );
+                    }
                     return Ok::<_, Infallible>(trace(&admin, req.uri().query(), stop));
                 }
                 Ok::<_, Infallible>(route(admin, access, req).await.map(BodyExt::boxed))

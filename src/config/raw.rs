@@ -200,6 +200,7 @@ pub(super) struct RawUpstream {
     pub(super) fingerprint_sha256: Option<String>,
     pub(super) connect_timeout: Option<RawDuration>,
     pub(super) tcp_keepalive: Option<RawDuration>,
+    pub(super) proxy_protocol: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -349,6 +349,18 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// TCP keepalive idle time on upstream connections; zero disables.
     pub tcp_keepalive: Duration,
+    /// A PROXY protocol header carrying the device's address, sent first on every connection.
+    pub proxy_protocol: ProxyProtocol,
+}
+
+/// `proxy_protocol` of an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    Off,
+    /// The text header (`PROXY TCP4 … \r\n`).
+    V1,
+    /// The binary header.
+    V2,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -909,6 +909,16 @@ impl Validator<'_> {
                 raw.tcp_keepalive,
                 Duration::from_secs(60),
             ),
+            proxy_protocol: self.choice(
+                &format!("{prefix}.proxy_protocol"),
+                raw.proxy_protocol.as_deref(),
+                ProxyProtocol::Off,
+                &[
+                    ("off", ProxyProtocol::Off),
+                    ("v1", ProxyProtocol::V1),
+                    ("v2", ProxyProtocol::V2),
+                ],
+            ),
         }
     }
 

@@ -132,6 +132,8 @@ struct Routed {
 pub struct Handler {
     ctx: Arc<ConnContext>,
     peer: SocketAddr,
+    /// The address the device connected to (for a PROXY header), once known.
+    local: Option<SocketAddr>,
     accepted_at: Instant,
 }
 
@@ -140,12 +142,14 @@ impl Handler {
         Handler {
             ctx,
             peer,
+            local: None,
             accepted_at: Instant::now(),
         }
     }
 
     /// Runs the connection to its end. `slot` is its pre-hello slot, released once routed.
-    pub async fn run(self, tcp: TcpStream, slot: PendingSlot) {
+    pub async fn run(mut self, tcp: TcpStream, slot: PendingSlot) {
+        self.local = tcp.local_addr().ok();
         let cfg = self.ctx.routes.config();
         let _ = tcp.set_nodelay(true);
         let _ = set_keepalive(&tcp, cfg.listen.tcp_keepalive);
@@ -301,9 +305,13 @@ impl Handler {
 
     /// Dials the path's upstream; `None` (counted, logged) when it cannot be reached.
     async fn dial(&self, transport: Transport) -> Option<Stream> {
-        let dialer = match transport {
+        let shared = match transport {
             Transport::New => &self.ctx.reliable.dialer,
             _ => &self.ctx.dialer,
+        };
+        let dialer = &match self.local {
+            Some(l) => shared.for_device(self.peer, l),
+            None => shared.clone(),
         };
         match dialer.dial().await {
             Ok(u) => Some(u),
@@ -342,6 +350,7 @@ impl Handler {
                     device_id: id,
                     cfg,
                     stop,
+                    origin: self.local.map(|l| (self.peer, l)),
                 };
                 self.ctx.reliable.run(pair).await
             }
@@ -353,6 +362,7 @@ impl Handler {
                     device_id,
                     cfg,
                     stop,
+                    origin: self.local.map(|l| (self.peer, l)),
                 };
                 self.ctx.legacy.run(pair).await
             }

@@ -278,6 +278,7 @@ impl Path for Legacy {
     /// device) and forwards until the pair ends.
     async fn run(&self, pair: Pair<Option<DeviceId>>) -> CloseReason {
         let Pair {
+            origin: _,
             device,
             upstream,
             first,

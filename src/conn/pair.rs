@@ -27,6 +27,8 @@ pub struct Pair<Id> {
     pub cfg: Arc<Config>,
     /// How it is asked to finish (drain or re-home).
     pub stop: Arc<ConnStop>,
+    /// The device's address and the one it connected to (for a PROXY header on redials).
+    pub origin: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
 }
 
 /// A path a routed connection can take.

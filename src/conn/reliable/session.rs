@@ -13,7 +13,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,7 +25,6 @@ use tracing::{debug, info, warn};
 
 use super::core::{Core, ReadPermit, SessionCtx, READ_BUF};
 use super::resume::{self, Loss};
-use crate::config::Config;
 use crate::conn::close::{is_reset, CLOSE_GRACE};
 use crate::conn::pair::{Pair, Path};
 use crate::conn::stop::{ConnStop, Finishing};
@@ -215,15 +214,22 @@ fn upstream_end_reason(e: &io::Error) -> CloseReason {
 
 /// Runs the session until the device leaves, the pair is closed, or a drain completes.
 /// `first` holds the bytes already read from the device (starting with its 0x23).
-pub async fn serve(
-    ctx: &SessionCtx,
-    cfg: Arc<Config>,
-    device_id: DeviceId,
-    device: Stream,
-    upstream: Stream,
-    first: Bytes,
-    stop: &ConnStop,
-) -> CloseReason {
+pub async fn serve(ctx: &SessionCtx, pair: Pair<DeviceId>) -> CloseReason {
+    let Pair {
+        device,
+        upstream,
+        first,
+        device_id,
+        cfg,
+        stop,
+        origin,
+    } = pair;
+    let stop: &ConnStop = &stop;
+    // Redials carry the device's PROXY header too.
+    let dialer = match origin {
+        Some((peer, local)) => ctx.dialer.for_device(peer, local),
+        None => ctx.dialer.clone(),
+    };
     let hello_len = header_data_len(&first).map_or(first.len(), |d| (5 + d).min(first.len()));
     let half_close = cfg.protocol.half_close_timeout;
     let now = Instant::now();
@@ -300,7 +306,7 @@ pub async fn serve(
                 match loss {
                     Loss::Resume { attempts, within } => {
                         info!(error = %e, "upstream lost under a live device; resuming");
-                        redial = Some(Box::pin(resume::redial(&ctx.dialer, attempts, within, spread)));
+                        redial = Some(Box::pin(resume::redial(&dialer, attempts, within, spread)));
                     }
                     ended => {
                         let (outcome, reason) = match ended {
@@ -395,15 +401,6 @@ impl Path for SessionCtx {
     type Id = DeviceId;
 
     async fn run(&self, pair: Pair<DeviceId>) -> CloseReason {
-        serve(
-            self,
-            pair.cfg,
-            pair.device_id,
-            pair.device,
-            pair.upstream,
-            pair.first,
-            &pair.stop,
-        )
-        .await
+        serve(self, pair).await
     }
 }

@@ -524,6 +524,29 @@ fn rules_that_span_keys_are_enforced() {
     assert_eq!(problems(a), Some(vec!["admin.listen".to_string()]));
     let a = "[upstream.legacy]\naddress = \"h:1\"\n[admin]\nlisten = \"0.0.0.0:9401\"\ntoken_file = \"/t\"\nallow_remote = true\n";
     assert_eq!(problems(a), None);
+    // A source pool needs addresses that parse; transparent mode is not available.
+    let u = "[upstream.legacy]\naddress = \"h:1\"\nsource_address = \"pool\"\n";
+    assert_eq!(
+        problems(u),
+        Some(vec!["upstream.legacy.source_pool".to_string()])
+    );
+    let u = "[upstream.legacy]\naddress = \"h:1\"\nsource_address = \"pool\"\nsource_pool = [\"127.1.0.0/33\"]\n";
+    assert_eq!(
+        problems(u),
+        Some(vec!["upstream.legacy.source_pool".to_string()])
+    );
+    let u = "[upstream.legacy]\naddress = \"h:1\"\nsource_address = \"pool\"\nsource_pool = [\"127.1.0.0/24\", \"127.2.0.1\"]\n";
+    assert_eq!(problems(u), None);
+    let u = "[upstream.legacy]\naddress = \"h:1\"\nsource_address = \"transparent\"\n";
+    assert_eq!(
+        problems(u),
+        Some(vec!["upstream.legacy.source_address".to_string()])
+    );
+    let u = "[upstream.legacy]\naddress = \"h:1\"\nsource_pool = [\"127.1.0.1\"]\n";
+    assert_eq!(
+        problems(u),
+        Some(vec!["upstream.legacy.source_pool".to_string()])
+    );
     // upstream.legacy is required, and alone the missing one is the only problem.
     assert_eq!(problems(""), Some(vec!["upstream.legacy".to_string()]));
     // A rollback window shorter than the check interval would leave events between checks

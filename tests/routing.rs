@@ -812,3 +812,81 @@ async fn with_upstream_new_each_of_1000_devices_lands_on_the_upstream_its_bucket
         gw.shutdown(Duration::from_millis(200)).await;
     }
 }
+
+/// A server that keys sessions by the peer's IP (like the PyPI `cync-lan`): the fake add-on
+/// closes a source address's older connection when a newer one arrives. Three devices
+/// through the gateway: from one address only one keeps its session; with a source pool
+/// each device has its own address and all three stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_keying_sessions_by_peer_ip_keeps_every_device_only_with_a_source_pool() {
+    use cync_gateway::sim::addon::{AddonConfig, OneSession};
+    // The pool addresses the documented rule gives the three devices, computed here.
+    let pool: Vec<std::net::IpAddr> = (1..=254u8)
+        .map(|h| std::net::IpAddr::from([127, 1, 0, h]))
+        .collect();
+    let address_of = |i: u32| {
+        use sha2::Digest as _;
+        let id = device::identity(7, i).0;
+        let d = sha2::Sha256::digest(format!("cync-gateway/v1/source:{}", id.to_hex()).as_bytes());
+        let n = u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
+        pool[(n % pool.len() as u64) as usize]
+    };
+    let mut addrs: Vec<_> = (0..3).map(address_of).collect();
+    addrs.sort_unstable();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 3, "three distinct pool addresses: {addrs:?}");
+    for with_pool in [false, true] {
+        let a = start_addon(AddonConfig {
+            one_session: OneSession::Source,
+            ..fast_addon()
+        })
+        .await;
+        let mut g = TestGateway::new(a.addr()).path("legacy");
+        if with_pool {
+            let mut p = toml_edit::Array::new();
+            p.push("127.1.0.0/24");
+            g = g
+                .set("upstream.legacy.source_address", "pool")
+                .set("upstream.legacy.source_pool", p);
+        }
+        let gw = g.start().await;
+        let stop = CancellationToken::new();
+        for i in 0..3 {
+            let mut cfg = DeviceConfig::new(gw.device_addr, 7, i);
+            cfg.redial = (Duration::from_millis(50), Duration::from_millis(200));
+            tokio::spawn(device::run(
+                cfg,
+                Arc::new(DeviceStats::default()),
+                stop.clone(),
+            ));
+        }
+        if with_pool {
+            eventually("all three sessions ready at the add-on", || async {
+                (a.connections().1 == 3).then_some(())
+            })
+            .await;
+            // And they stay: nothing is kicked over a few seconds.
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(2) {
+                assert_eq!(a.connections().1, 3);
+                assert_eq!(a.kicked(), 0);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        } else {
+            // From one address the devices knock each other out: kicks pile up and at most
+            // one session is ready at any time.
+            eventually("the add-on kicks the devices' sessions", || async {
+                (a.kicked() >= 5).then_some(())
+            })
+            .await;
+            assert!(a.connections().1 <= 1, "{:?}", a.connections());
+        }
+        println!(
+            "pool {with_pool}: {:?} connections (served, ready), {} kicked",
+            a.connections(),
+            a.kicked()
+        );
+        stop.cancel();
+        gw.shutdown(Duration::from_millis(200)).await;
+    }
+}

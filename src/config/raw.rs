@@ -201,6 +201,8 @@ pub(super) struct RawUpstream {
     pub(super) connect_timeout: Option<RawDuration>,
     pub(super) tcp_keepalive: Option<RawDuration>,
     pub(super) proxy_protocol: Option<String>,
+    pub(super) source_address: Option<String>,
+    pub(super) source_pool: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -351,6 +351,17 @@ pub struct Upstream {
     pub tcp_keepalive: Duration,
     /// A PROXY protocol header carrying the device's address, sent first on every connection.
     pub proxy_protocol: ProxyProtocol,
+    /// The local address upstream connections are made from.
+    pub source: SourceAddress,
+}
+
+/// `source_address` of an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceAddress {
+    /// The host's choice (one address for every device).
+    Gateway,
+    /// One address of the pool per device, chosen stably from its id.
+    Pool(Vec<std::net::IpAddr>),
 }
 
 /// `proxy_protocol` of an upstream.

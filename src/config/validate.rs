@@ -909,6 +909,7 @@ impl Validator<'_> {
                 raw.tcp_keepalive,
                 Duration::from_secs(60),
             ),
+            source: self.source_address(prefix, raw.source_address, raw.source_pool),
             proxy_protocol: self.choice(
                 &format!("{prefix}.proxy_protocol"),
                 raw.proxy_protocol.as_deref(),
@@ -919,6 +920,76 @@ impl Validator<'_> {
                     ("v2", ProxyProtocol::V2),
                 ],
             ),
+        }
+    }
+
+    /// The most addresses a pool may expand to.
+    const MAX_POOL: usize = 65_536;
+
+    fn source_address(
+        &mut self,
+        prefix: &str,
+        mode: Option<String>,
+        pool: Option<Vec<String>>,
+    ) -> SourceAddress {
+        let key = format!("{prefix}.source_address");
+        let pool_key = format!("{prefix}.source_pool");
+        match mode.as_deref().unwrap_or("gateway") {
+            "gateway" => {
+                if pool.is_some() {
+                    self.problem(&pool_key, "is only used with source_address = \"pool\"");
+                }
+                SourceAddress::Gateway
+            }
+            "pool" => {
+                let mut out = Vec::new();
+                let mut bad = false;
+                for text in pool.unwrap_or_default() {
+                    let t = text.trim();
+                    if let Ok(ip) = t.parse::<std::net::IpAddr>() {
+                        out.push(ip);
+                    } else if let Ok(net) = t.parse::<ipnet::IpNet>() {
+                        // Network and broadcast addresses are left out where the net has them.
+                        out.extend(net.hosts().take(Self::MAX_POOL + 1));
+                    } else {
+                        bad = true;
+                        self.problem(
+                            &pool_key,
+                            format!(
+                                "{t:?} is neither an address nor a range like \"127.1.0.0/24\""
+                            ),
+                        );
+                    }
+                }
+                out.sort_unstable();
+                out.dedup();
+                if out.is_empty() && !bad {
+                    self.problem(
+                        &pool_key,
+                        "source_address = \"pool\" needs addresses: e.g. [\"127.1.0.0/24\"] (loopback) or the host's own addresses",
+                    );
+                } else if out.len() > Self::MAX_POOL {
+                    self.problem(
+                        &pool_key,
+                        format!(
+                            "more than {} addresses: use a smaller range",
+                            Self::MAX_POOL
+                        ),
+                    );
+                }
+                SourceAddress::Pool(out)
+            }
+            "transparent" => {
+                self.problem(
+                    &key,
+                    "\"transparent\" (the device's own address, IP_TRANSPARENT) is not available in this version: use \"pool\" or \"gateway\"",
+                );
+                SourceAddress::Gateway
+            }
+            other => {
+                self.problem(&key, format!("{other:?} is not one of gateway, pool"));
+                SourceAddress::Gateway
+            }
         }
     }
 

@@ -174,7 +174,7 @@ impl Handler {
             metrics: self.ctx.metrics.clone(),
             transport: routed.route.transport,
         };
-        let Some(upstream) = self.dial(routed.route.transport).await else {
+        let Some(upstream) = self.dial(routed.route.transport, routed.device_id).await else {
             drop(active);
             self.ctx.metrics.closed(
                 routed.route.transport,
@@ -304,15 +304,19 @@ impl Handler {
     }
 
     /// Dials the path's upstream; `None` (counted, logged) when it cannot be reached.
-    async fn dial(&self, transport: Transport) -> Option<Stream> {
+    async fn dial(&self, transport: Transport, device: Option<DeviceId>) -> Option<Stream> {
         let shared = match transport {
             Transport::New => &self.ctx.reliable.dialer,
             _ => &self.ctx.dialer,
         };
-        let dialer = &match self.local {
+        let mut dialer = match self.local {
             Some(l) => shared.for_device(self.peer, l),
             None => shared.clone(),
         };
+        if let Some(d) = device {
+            dialer = dialer.for_device_id(d);
+        }
+        let dialer = &dialer;
         match dialer.dial().await {
             Ok(u) => Some(u),
             Err(e) => {

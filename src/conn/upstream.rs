@@ -14,8 +14,9 @@ use openssl::ssl::SslConnector;
 use thiserror::Error;
 use tokio::net::TcpStream;
 
-use crate::config::{ProxyProtocol, Upstream};
+use crate::config::{ProxyProtocol, SourceAddress, Upstream};
 use crate::conn::tls::{self, Stream, TlsError};
+use crate::protocol::DeviceId;
 
 /// Why a dial failed; its derived label is the `reason` of `tcp_comm_upstream_connect_errors_total`.
 #[derive(Debug, Error, strum::IntoStaticStr, strum::VariantNames)]
@@ -66,6 +67,21 @@ pub struct Dialer {
     /// The device connection this dialer serves: (the device's address, the address it
     /// connected to), for the PROXY header. `None`: a header that says "unknown".
     origin: Option<(SocketAddr, SocketAddr)>,
+    source: Arc<SourceAddress>,
+    /// The device, for a pool address chosen from its id.
+    device: Option<DeviceId>,
+}
+
+/// The pool address of `device`: `u64_be(SHA-256("cync-gateway/v1/source:" + hex(id))[0..8])
+/// % len`, so a device keeps its address across reconnects, restarts and instances.
+pub fn pool_address(pool: &[std::net::IpAddr], device: DeviceId) -> Option<std::net::IpAddr> {
+    use sha2::{Digest, Sha256};
+    if pool.is_empty() {
+        return None;
+    }
+    let d = Sha256::digest(format!("cync-gateway/v1/source:{}", device.to_hex()).as_bytes());
+    let n = u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
+    pool.get((n % pool.len() as u64) as usize).copied()
 }
 
 /// The PROXY protocol header for a connection from `origin` (client, then the address it
@@ -127,7 +143,45 @@ impl Dialer {
             keepalive: cfg.tcp_keepalive,
             proxy: cfg.proxy_protocol,
             origin: None,
+            source: Arc::new(cfg.source.clone()),
+            device: None,
         })
+    }
+
+    /// This dialer for `device`: with `source_address = "pool"`, its connections come from its
+    /// own address of the pool.
+    pub fn for_device_id(&self, device: DeviceId) -> Dialer {
+        Dialer {
+            device: Some(device),
+            ..self.clone()
+        }
+    }
+
+    /// Connects from the pool address of this dialer's device, or as the host chooses.
+    async fn connect(&self, addr: &str) -> std::io::Result<TcpStream> {
+        let from = match (&*self.source, self.device) {
+            (SourceAddress::Pool(pool), Some(d)) => pool_address(pool, d),
+            _ => None,
+        };
+        let Some(ip) = from else {
+            return TcpStream::connect(addr).await;
+        };
+        let target = tokio::net::lookup_host(addr)
+            .await?
+            .find(|a| a.is_ipv4() == ip.is_ipv4())
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{addr} has no address of the pool address {ip}'s family (lookup)"),
+                )
+            })?;
+        let socket = if ip.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(ip, 0))?;
+        socket.connect(target).await
     }
 
     /// This dialer for the connection of a device at `peer` that connected to `local`: with
@@ -149,7 +203,7 @@ impl Dialer {
         // Whether the timeout struck in the TLS handshake, for an error that says so.
         let connected = std::sync::atomic::AtomicBool::new(false);
         let work = async {
-            let tcp = TcpStream::connect(&addr).await.map_err(|source| {
+            let tcp = self.connect(&addr).await.map_err(|source| {
                 if source.kind() == std::io::ErrorKind::InvalidInput
                     || source.to_string().contains("lookup")
                 {

@@ -503,9 +503,6 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, gen: Cancellati
             tokio::spawn(hold_over_limit(tcp, shared.cfg.over_limit_hold, gen));
             continue;
         }
-        if shared.cfg.one_session == OneSession::Source {
-            kick(&shared, |c| c.peer == Some(peer.ip()));
-        }
         tokio::spawn(async move {
             let id = shared.next_conn.fetch_add(1, Ordering::SeqCst);
             let _ = serve(tcp, id, peer, &shared, gen).await;
@@ -557,18 +554,31 @@ async fn serve(
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
     let kicked = CancellationToken::new();
-    lock(&shared.conns).insert(
-        id,
-        Conn {
-            device: None,
-            peer: Some(peer.ip()),
-            kick: kicked.clone(),
-            ready: false,
-            next_seq: 0,
-            tx,
-            waiting: HashMap::new(),
-        },
-    );
+    // The older sessions of this address end as this one registers, under the same lock, so
+    // connections that arrive together cannot all slip past each other.
+    {
+        let mut conns = lock(&shared.conns);
+        if shared.cfg.one_session == OneSession::Source {
+            for c in conns.values().filter(|c| c.peer == Some(peer.ip())) {
+                if !c.kick.is_cancelled() {
+                    c.kick.cancel();
+                    shared.kicked.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+        conns.insert(
+            id,
+            Conn {
+                device: None,
+                peer: Some(peer.ip()),
+                kick: kicked.clone(),
+                ready: false,
+                next_seq: 0,
+                tx,
+                waiting: HashMap::new(),
+            },
+        );
+    }
     let mut rng = SmallRng::seed_from_u64(shared.cfg.seed ^ id);
     let mut carry = BytesMut::new();
     let mut hello_at: Option<Instant> = None;

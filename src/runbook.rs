@@ -288,12 +288,20 @@ pub async fn request(
         .map_err(|_| RunbookError::Timeout(TIMEOUT))?
 }
 
-async fn request_inner(
+/// Sends one request on a new connection to the admin socket: the response (its body still
+/// to read) and the task driving the connection (abort it when done).
+async fn send(
     socket: &Path,
     method: hyper::Method,
     path: &str,
     body: Option<Value>,
-) -> Result<Value, RunbookError> {
+) -> Result<
+    (
+        hyper::Response<hyper::body::Incoming>,
+        tokio::task::JoinHandle<()>,
+    ),
+    RunbookError,
+> {
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|source| RunbookError::Unreachable {
@@ -303,7 +311,9 @@ async fn request_inner(
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| RunbookError::Http(e.to_string()))?;
-    let driver = tokio::spawn(conn);
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
     let bytes = body.map(|b| b.to_string()).unwrap_or_default();
     let req = hyper::Request::builder()
         .method(method)
@@ -316,6 +326,23 @@ async fn request_inner(
         .send_request(req)
         .await
         .map_err(|e| RunbookError::Http(e.to_string()))?;
+    Ok((resp, driver))
+}
+
+/// A refusal's message: the daemon's `{"error": ...}`, with the status.
+fn refused(status: hyper::StatusCode, body: &[u8]) -> RunbookError {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let msg = v["error"].as_str().unwrap_or("no reason given");
+    RunbookError::Refused(format!("{status}: {msg}"))
+}
+
+async fn request_inner(
+    socket: &Path,
+    method: hyper::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, RunbookError> {
+    let (resp, driver) = send(socket, method, path, body).await?;
     let status = resp.status();
     let body = resp
         .into_body()
@@ -324,14 +351,10 @@ async fn request_inner(
         .map_err(|e| RunbookError::Http(e.to_string()))?
         .to_bytes();
     driver.abort();
-    let v: Value =
-        serde_json::from_slice(&body).map_err(|e| RunbookError::Decode(e.to_string()))?;
-    if status.is_success() {
-        Ok(v)
-    } else {
-        let msg = v["error"].as_str().unwrap_or("no reason given").to_string();
-        Err(RunbookError::Refused(format!("{status}: {msg}")))
+    if !status.is_success() {
+        return Err(refused(status, &body));
     }
+    serde_json::from_slice(&body).map_err(|e| RunbookError::Decode(e.to_string()))
 }
 
 /// `status`: the daemon's [`Status`].
@@ -590,27 +613,7 @@ pub async fn trace(
         query.push("failures=1".into());
     }
     let path = format!("/trace?{}", query.join("&"));
-    let stream =
-        UnixStream::connect(&socket)
-            .await
-            .map_err(|source| RunbookError::Unreachable {
-                socket: socket.clone(),
-                source,
-            })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| RunbookError::Http(e.to_string()))?;
-    let driver = tokio::spawn(conn);
-    let req = hyper::Request::builder()
-        .method(hyper::Method::GET)
-        .uri(path)
-        .header(hyper::header::HOST, "cync-gateway")
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| RunbookError::Http(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| RunbookError::Http(e.to_string()))?;
+    let (resp, driver) = send(&socket, hyper::Method::GET, &path, None).await?;
     let status = resp.status();
     let mut body = resp.into_body();
     if !status.is_success() {
@@ -619,12 +622,8 @@ pub async fn trace(
             .await
             .map_err(|e| RunbookError::Http(e.to_string()))?
             .to_bytes();
-        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         driver.abort();
-        return Err(RunbookError::Refused(format!(
-            "{status}: {}",
-            v["error"].as_str().unwrap_or("no reason given")
-        )));
+        return Err(refused(status, &bytes));
     }
     let mut pending = Vec::new();
     let mut shown = 0u64;

@@ -19,10 +19,8 @@ use std::time::Duration;
 
 use common::daemon::{Daemon, BIN};
 use common::*;
-use cync_gateway::sim::addon::Addon;
 use cync_gateway::sim::device::{self, DeviceConfig, DeviceStats};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
-use rand::SeedableRng;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -150,17 +148,6 @@ fn devices(target: SocketAddr, n: u32, stop: &CancellationToken) -> Vec<Arc<Devi
         .collect()
 }
 
-fn pump(addon: Arc<Addon>, every: Duration, stop: CancellationToken) {
-    tokio::spawn(async move {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(SEED);
-        let mut cursor = 0;
-        while !stop.is_cancelled() {
-            addon.send_command(&mut cursor, &mut rng);
-            tokio::time::sleep(every).await;
-        }
-    });
-}
-
 /// Every `tcp_comm_*` name in `text`, histogram suffixes stripped.
 fn families_named(text: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
@@ -226,7 +213,12 @@ async fn prometheus_alertmanager_dashboard_and_status_page_work_on_live_gateway_
     let stop = CancellationToken::new();
     let fleet = devices(gw.devices, 12, &stop);
     let pumping = CancellationToken::new();
-    pump(addon.clone(), Duration::from_millis(20), pumping.clone());
+    pump(
+        addon.clone(),
+        Duration::from_millis(20),
+        SEED,
+        pumping.clone(),
+    );
 
     // The webhook receiver Alertmanager delivers to.
     let (hook, mut alerts) = webhook_server().await;

@@ -81,18 +81,6 @@ fn devices(
         .collect()
 }
 
-/// Sends commands round-robin to every ready device, `every` apart, until `stop`.
-fn pump(addon: Arc<Addon>, every: Duration, stop: CancellationToken) {
-    tokio::spawn(async move {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(SEED);
-        let mut cursor = 0;
-        while !stop.is_cancelled() {
-            addon.send_command(&mut cursor, &mut rng);
-            tokio::time::sleep(every).await;
-        }
-    });
-}
-
 async fn metrics_of(gw: &Gateway) -> String {
     http_get(gw.metrics_addr, "/metrics").await.1
 }
@@ -135,7 +123,12 @@ async fn a_new_path_losing_f9_replies_is_rolled_back_and_its_devices_rehomed_to_
     // The fault starts with the first command.
     let fault = Instant::now();
     let pumping = CancellationToken::new();
-    pump(addon.clone(), Duration::from_millis(10), pumping.clone());
+    pump(
+        addon.clone(),
+        Duration::from_millis(10),
+        SEED,
+        pumping.clone(),
+    );
     let m = eventually("the latch set by the controller", || async {
         let m = metrics_of(&gw).await;
         (sample_or_zero(&m, "tcp_comm_rollback_active") == 1.0).then_some(m)
@@ -295,7 +288,12 @@ async fn the_same_fault_on_both_paths_rolls_nothing_back() {
     })
     .await;
     let pumping = CancellationToken::new();
-    pump(addon.clone(), Duration::from_millis(10), pumping.clone());
+    pump(
+        addon.clone(),
+        Duration::from_millis(10),
+        SEED,
+        pumping.clone(),
+    );
     let checks = |m: &str| {
         ["pass", "fail", "inconclusive"]
             .iter()
@@ -366,7 +364,12 @@ async fn fewer_commands_than_min_events_roll_nothing_back_however_bad() {
     })
     .await;
     let pumping = CancellationToken::new();
-    pump(addon.clone(), Duration::from_millis(20), pumping.clone());
+    pump(
+        addon.clone(),
+        Duration::from_millis(20),
+        SEED,
+        pumping.clone(),
+    );
     let m = eventually("five checks", || async {
         let m = metrics_of(&gw).await;
         (sample_or_zero(

@@ -6,29 +6,19 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::daemon::{Daemon, BIN};
+use common::daemon::{cli, Daemon};
 use common::gateway::TestGateway;
 use common::*;
 use cync_gateway::sim::addon::Addon;
 use cync_gateway::sim::device::{self, DeviceConfig, DeviceStats};
-use rand::SeedableRng;
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 const SEED: u64 = 97;
-
-async fn cli(args: &[&str]) -> Output {
-    tokio::process::Command::new(BIN)
-        .args(args)
-        .output()
-        .await
-        .expect("run the CLI")
-}
 
 async fn status(cfg: &str) -> Value {
     let o = cli(&["status", "--json", "--config", cfg]).await;
@@ -65,17 +55,6 @@ fn fleet(target: std::net::SocketAddr, n: u32, stop: &CancellationToken) {
     }
 }
 
-fn pump(addon: Arc<Addon>, every: Duration, stop: CancellationToken) {
-    tokio::spawn(async move {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(SEED);
-        let mut cursor = 0;
-        while !stop.is_cancelled() {
-            addon.send_command(&mut cursor, &mut rng);
-            tokio::time::sleep(every).await;
-        }
-    });
-}
-
 /// The audit entries of one action, oldest first.
 async fn audited(cfg: &str, action: &str) -> Vec<Value> {
     let o = cli(&["history", "--json", "--limit", "100", "--config", cfg]).await;
@@ -107,7 +86,12 @@ async fn auto_promote_walks_10_25_50_on_a_healthy_fleet_and_stops_at_a_failing_g
     let stop = CancellationToken::new();
     fleet(d.devices, 20, &stop);
     let pumping = CancellationToken::new();
-    pump(addon.clone(), Duration::from_millis(10), pumping.clone());
+    pump(
+        addon.clone(),
+        Duration::from_millis(10),
+        SEED,
+        pumping.clone(),
+    );
 
     let t0 = Instant::now();
     let mut reached: Vec<f64> = Vec::new();
@@ -294,7 +278,7 @@ async fn a_file_the_daemon_cannot_write_leaves_the_promotion_ready_not_an_error_
     let cfg = path.to_str().expect("utf-8 path");
     let stop = CancellationToken::new();
     fleet(d.devices, 20, &stop);
-    pump(addon.clone(), Duration::from_millis(10), stop.clone());
+    pump(addon.clone(), Duration::from_millis(10), SEED, stop.clone());
 
     let m = wait_metric(d.metrics, "tcp_comm_rollout_promotion_ready", 1.0).await;
     assert_eq!(sample(&m, "tcp_comm_canary_percentage"), 10.0);
@@ -353,7 +337,7 @@ async fn with_a_2s_bake_auto_promote_walks_10_25_50_and_the_latch_gate_stops_it(
     let cfg = path.to_str().expect("utf-8 path");
     let stop = CancellationToken::new();
     fleet(d.devices, 20, &stop);
-    pump(addon.clone(), Duration::from_millis(10), stop.clone());
+    pump(addon.clone(), Duration::from_millis(10), SEED, stop.clone());
     let t0 = Instant::now();
     let mut reached: Vec<f64> = Vec::new();
     while reached.last() != Some(&50.0) {

@@ -7,19 +7,11 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Output;
 
-use common::daemon::{Daemon, BIN};
+use common::daemon::{cli, Daemon};
 use common::gateway::TestGateway;
 use common::*;
 use cync_gateway::runbook::{self, RunbookError};
 use tokio::net::TcpListener;
-
-async fn cli(args: &[&str]) -> Output {
-    tokio::process::Command::new(BIN)
-        .args(args)
-        .output()
-        .await
-        .expect("run the CLI")
-}
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

@@ -10,7 +10,6 @@ use std::time::Duration;
 use common::daemon::{Daemon, BIN};
 use common::gateway::TestGateway;
 use common::*;
-use cync_gateway::sim::addon::Addon;
 use cync_gateway::sim::chaos::{Chaos, Plan};
 use cync_gateway::sim::device::{self, DeviceConfig, DeviceStats};
 use rand::SeedableRng;
@@ -22,17 +21,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 const SEED: u64 = 101;
-
-fn pump(addon: Arc<Addon>, every: Duration, stop: CancellationToken) {
-    tokio::spawn(async move {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(SEED);
-        let mut cursor = 0;
-        while !stop.is_cancelled() {
-            addon.send_command(&mut cursor, &mut rng);
-            tokio::time::sleep(every).await;
-        }
-    });
-}
 
 /// A `trace` follower: its JSON lines as they come.
 struct Follower {
@@ -161,7 +149,12 @@ async fn trace_shows_each_command_of_the_device_with_its_outcome_and_a_retried_o
 
     // The failures follower has seen no success.
     let stop_pump = CancellationToken::new();
-    pump(addon.clone(), Duration::from_millis(100), stop_pump.clone());
+    pump(
+        addon.clone(),
+        Duration::from_millis(100),
+        SEED,
+        stop_pump.clone(),
+    );
     let quiet = tokio::time::timeout(Duration::from_millis(1500), failures.lines.next_line()).await;
     assert!(
         quiet.is_err(),
@@ -186,7 +179,12 @@ async fn trace_shows_each_command_of_the_device_with_its_outcome_and_a_retried_o
         .spawn()
         .expect("trace");
     let stop_pump = CancellationToken::new();
-    pump(addon.clone(), Duration::from_millis(100), stop_pump.clone());
+    pump(
+        addon.clone(),
+        Duration::from_millis(100),
+        SEED,
+        stop_pump.clone(),
+    );
     let out = tokio::time::timeout(Duration::from_secs(10), text.wait_with_output())
         .await
         .expect("one line, then exit")

@@ -677,20 +677,8 @@ pub async fn serve(
     tasks: Tasks,
     stop: CancellationToken,
 ) {
-    loop {
-        let stream = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        connection(stream, admin.clone(), Access::Socket, &tasks, &stop);
-    }
+    let accept = || async { listener.accept().await.map(|(s, _)| s) };
+    accept_loop(accept, admin, Access::Socket, tasks, stop).await;
 }
 
 /// Serves the admin API on TCP (`admin.listen`) until `stop`; mutations need `token`.
@@ -704,11 +692,28 @@ pub async fn serve_tcp(
     let access = Access::Tcp {
         token: Arc::new(token),
     };
+    let accept = || async { listener.accept().await.map(|(s, _)| s) };
+    accept_loop(accept, admin, access, tasks, stop).await;
+}
+
+/// Takes connections from `accept` and serves each with `access` until `stop`; a failed
+/// accept (out of descriptors, say) is logged and retried shortly.
+async fn accept_loop<S, F, Fut>(
+    mut accept: F,
+    admin: Arc<Admin>,
+    access: Access,
+    tasks: Tasks,
+    stop: CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<S>>,
+{
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
+            r = accept() => match r {
+                Ok(s) => s,
                 Err(e) => {
                     warn!(error = %e, "admin accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -121,3 +121,12 @@ impl Daemon {
             .any(|l| l.contains(needle))
     }
 }
+
+/// Runs the binary's command line `args` (a runbook command, say) and waits for it.
+pub async fn cli(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .await
+        .expect("run the CLI")
+}

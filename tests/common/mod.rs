@@ -80,22 +80,7 @@ pub fn vector(name: &str) -> Vec<u8> {
 
 /// GET a path over plain HTTP/1.1; returns (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect http");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("write req");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.expect("read resp");
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    (status, body)
+    http_request(addr, "GET", path, &[], "").await
 }
 
 /// The value of one sample line (exact name and label set as rendered), if it is there.
@@ -369,4 +354,22 @@ pub async fn webhook_server() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiv
         }
     });
     (addr, rx)
+}
+
+/// Sends the fake add-on's harness commands, one every `every`, from an RNG seeded with `seed`,
+/// until `stop`.
+pub fn pump(
+    addon: std::sync::Arc<cync_gateway::sim::addon::Addon>,
+    every: Duration,
+    seed: u64,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(seed);
+        let mut cursor = 0;
+        while !stop.is_cancelled() {
+            addon.send_command(&mut cursor, &mut rng);
+            tokio::time::sleep(every).await;
+        }
+    });
 }

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{Config, DeviceTlsMode};
+use crate::config::{Config, DeviceTlsMode, SourceAddress};
 use crate::conn::admission::Admission;
 use crate::conn::handler::ConnContext;
 use crate::conn::legacy::Legacy;
@@ -78,6 +78,11 @@ pub enum GatewayError {
     },
     #[error("admin.token_file {path}: {why}")]
     AdminToken { path: PathBuf, why: String },
+    #[error("{upstream}.source_address = \"transparent\" needs CAP_NET_ADMIN (as root, or AmbientCapabilities=CAP_NET_ADMIN in the systemd unit; see docs/operations.md, \"Transparent source addresses\"): {source}")]
+    Transparent {
+        upstream: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// The bearer token in `path`: its first line, trimmed; an empty one is refused (anyone could
@@ -306,6 +311,15 @@ impl Gateway {
                 (Some(Arc::new(a)), cert)
             }
         };
+        for (upstream, u) in [
+            ("upstream.legacy", Some(&config.upstream_legacy)),
+            ("upstream.new", config.upstream_new.as_ref()),
+        ] {
+            if u.is_some_and(|u| u.source == SourceAddress::Transparent) {
+                crate::conn::source::transparent_available()
+                    .map_err(|source| GatewayError::Transparent { upstream, source })?;
+            }
+        }
         let dialer = Dialer::new(&config.upstream_legacy).map_err(GatewayError::UpstreamTls)?;
         let shadow_dialer = match &config.upstream_shadow {
             Some(u) => Some(Dialer::new(u).map_err(GatewayError::UpstreamTls)?),

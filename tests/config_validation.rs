@@ -524,7 +524,7 @@ fn rules_that_span_keys_are_enforced() {
     assert_eq!(problems(a), Some(vec!["admin.listen".to_string()]));
     let a = "[upstream.legacy]\naddress = \"h:1\"\n[admin]\nlisten = \"0.0.0.0:9401\"\ntoken_file = \"/t\"\nallow_remote = true\n";
     assert_eq!(problems(a), None);
-    // A source pool needs addresses that parse; transparent mode is not available.
+    // A source pool needs addresses that parse.
     let u = "[upstream.legacy]\naddress = \"h:1\"\nsource_address = \"pool\"\n";
     assert_eq!(
         problems(u),
@@ -537,10 +537,36 @@ fn rules_that_span_keys_are_enforced() {
     );
     let u = "[upstream.legacy]\naddress = \"h:1\"\nsource_address = \"pool\"\nsource_pool = [\"127.1.0.0/24\", \"127.2.0.1\"]\n";
     assert_eq!(problems(u), None);
+    // Transparent mode takes no pool (and is Linux only).
     let u = "[upstream.legacy]\naddress = \"h:1\"\nsource_address = \"transparent\"\n";
+    assert_eq!(problems(u), None);
+    let u = "[upstream.legacy]\naddress = \"h:1\"\nsource_address = \"transparent\"\nsource_pool = [\"127.1.0.1\"]\n";
+    assert_eq!(
+        problems(u),
+        Some(vec!["upstream.legacy.source_pool".to_string()])
+    );
+    let u = "[upstream.legacy]\naddress = \"h:1\"\nsource_address = \"device\"\n";
     assert_eq!(
         problems(u),
         Some(vec!["upstream.legacy.source_address".to_string()])
+    );
+    // PROXY headers from a balancer: sources must parse, and only mean something when on.
+    let l = "[listen]\naccept_proxy_protocol = true\nproxy_protocol_sources = [\"10.0.0.0/8\", \"192.168.1.5\"]\n[upstream.legacy]\naddress = \"h:1\"\n";
+    assert_eq!(problems(l), None);
+    let l = "[listen]\naccept_proxy_protocol = true\nproxy_protocol_sources = [\"10.0.0.0/40\"]\n[upstream.legacy]\naddress = \"h:1\"\n";
+    assert_eq!(
+        problems(l),
+        Some(vec!["listen.proxy_protocol_sources".to_string()])
+    );
+    let l = "[listen]\nproxy_protocol_sources = [\"10.0.0.0/8\"]\n[upstream.legacy]\naddress = \"h:1\"\n";
+    assert_eq!(
+        problems(l),
+        Some(vec!["listen.proxy_protocol_sources".to_string()])
+    );
+    let l = "[listen]\naccept_proxy_protocol = true\nproxy_header_timeout = \"0s\"\n[upstream.legacy]\naddress = \"h:1\"\n";
+    assert_eq!(
+        problems(l),
+        Some(vec!["listen.proxy_header_timeout".to_string()])
     );
     let u = "[upstream.legacy]\naddress = \"h:1\"\nsource_pool = [\"127.1.0.1\"]\n";
     assert_eq!(

@@ -890,3 +890,71 @@ async fn a_server_keying_sessions_by_peer_ip_keeps_every_device_only_with_a_sour
         gw.shutdown(Duration::from_millis(200)).await;
     }
 }
+
+/// Two devices whose preferred pool address (by the documented rule, computed here) is the
+/// same: the second gets the pool's other address instead, counted as a collision, and at a
+/// server that keys sessions by peer IP both keep their sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_preferring_one_pool_address_get_two_addresses_and_the_collision_is_counted() {
+    use cync_gateway::sim::addon::{AddonConfig, OneSession};
+    let pool = ["127.1.1.1", "127.1.1.2"];
+    let preferred = |i: u32| {
+        use sha2::Digest as _;
+        let id = device::identity(9, i).0;
+        let d = sha2::Sha256::digest(format!("cync-gateway/v1/source:{}", id.to_hex()).as_bytes());
+        u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]) % 2
+    };
+    let first = 0u32;
+    let second = (1..64)
+        .find(|i| preferred(*i) == preferred(first))
+        .expect("a second device with the same preferred address");
+    let mut p = toml_edit::Array::new();
+    for ip in pool {
+        p.push(ip);
+    }
+    for path in ["legacy", "new"] {
+        let a = start_addon(AddonConfig {
+            one_session: OneSession::Source,
+            ..fast_addon()
+        })
+        .await;
+        let gw = TestGateway::new(a.addr())
+            .path(path)
+            .set("upstream.legacy.source_address", "pool")
+            .set("upstream.legacy.source_pool", p.clone())
+            .start()
+            .await;
+        let stop = CancellationToken::new();
+        for (n, i) in [first, second].into_iter().enumerate() {
+            let mut cfg = DeviceConfig::new(gw.device_addr, 9, i);
+            cfg.redial = (Duration::from_millis(50), Duration::from_millis(200));
+            tokio::spawn(device::run(
+                cfg,
+                Arc::new(DeviceStats::default()),
+                stop.clone(),
+            ));
+            // One after the other, so which of the two is moved is known.
+            eventually("the device's session is ready", || async {
+                (a.connections().1 == n + 1).then_some(())
+            })
+            .await;
+        }
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(1) {
+            assert_eq!(a.connections().1, 2, "{path}: both sessions stay");
+            assert_eq!(a.kicked(), 0, "{path}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let m = scrape(gw.metrics_addr).await;
+        let c = |how: &str| {
+            sample(
+                &m,
+                &format!("tcp_comm_source_pool_collisions_total{{outcome=\"{how}\",transport=\"{path}\"}}"),
+            )
+        };
+        assert_eq!((c("moved"), c("shared")), (1.0, 0.0), "{path}");
+        println!("{path}: devices 9/{first} and 9/{second} prefer one address; moved 1, kicked 0");
+        stop.cancel();
+        gw.shutdown(Duration::from_millis(200)).await;
+    }
+}

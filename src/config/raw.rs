@@ -167,6 +167,9 @@ pub(super) struct RawListen {
     pub(super) tcp_keepalive: Option<RawDuration>,
     pub(super) http_header_timeout: Option<RawDuration>,
     pub(super) http_max_connections: Option<i64>,
+    pub(super) accept_proxy_protocol: Option<bool>,
+    pub(super) proxy_header_timeout: Option<RawDuration>,
+    pub(super) proxy_protocol_sources: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

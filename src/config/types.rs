@@ -296,6 +296,24 @@ pub struct Listen {
     pub tcp_keepalive: Duration,
     pub http_header_timeout: Duration,
     pub http_max_connections: usize,
+    /// Device connections start with a PROXY header (v1 or v2) from a fronting balancer.
+    pub accept_proxy_protocol: bool,
+    /// From accept to the end of that header.
+    pub proxy_header_timeout: Duration,
+    /// The sources that must send one; empty: every connection. Others connect directly.
+    pub proxy_protocol_sources: Vec<ipnet::IpNet>,
+}
+
+impl Listen {
+    /// Whether a connection from `peer` must start with a PROXY header.
+    pub fn expects_proxy_header(&self, peer: std::net::IpAddr) -> bool {
+        self.accept_proxy_protocol
+            && (self.proxy_protocol_sources.is_empty()
+                || self
+                    .proxy_protocol_sources
+                    .iter()
+                    .any(|n| n.contains(&peer)))
+    }
 }
 
 /// The legacy path's own settings.
@@ -362,6 +380,8 @@ pub enum SourceAddress {
     Gateway,
     /// One address of the pool per device, chosen stably from its id.
     Pool(Vec<std::net::IpAddr>),
+    /// The device's own address (`IP_TRANSPARENT`; IPv4), for servers that must see it.
+    Transparent,
 }
 
 /// `proxy_protocol` of an upstream.

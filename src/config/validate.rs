@@ -185,7 +185,23 @@ impl Validator<'_> {
                 1,
                 100_000,
             ),
+            accept_proxy_protocol: raw.listen.accept_proxy_protocol.unwrap_or(false),
+            proxy_header_timeout: self.positive_duration(
+                "listen.proxy_header_timeout",
+                raw.listen.proxy_header_timeout,
+                Duration::from_secs(3),
+            ),
+            proxy_protocol_sources: self.networks(
+                "listen.proxy_protocol_sources",
+                raw.listen.proxy_protocol_sources.clone(),
+            ),
         };
+        if !listen.accept_proxy_protocol && raw.listen.proxy_protocol_sources.is_some() {
+            self.problem(
+                "listen.proxy_protocol_sources",
+                "is only used with accept_proxy_protocol = true",
+            );
+        }
         if listen.max_pending_per_source > listen.max_pending {
             self.problem(
                 "listen.max_pending_per_source",
@@ -923,6 +939,25 @@ impl Validator<'_> {
         }
     }
 
+    /// Addresses and ranges (`"10.0.0.0/8"`, `"192.168.1.5"`), each named when it is neither.
+    fn networks(&mut self, key: &str, list: Option<Vec<String>>) -> Vec<ipnet::IpNet> {
+        let mut out = Vec::new();
+        for text in list.unwrap_or_default() {
+            let t = text.trim();
+            if let Ok(ip) = t.parse::<std::net::IpAddr>() {
+                out.push(ipnet::IpNet::from(ip));
+            } else if let Ok(net) = t.parse::<ipnet::IpNet>() {
+                out.push(net);
+            } else {
+                self.problem(
+                    key,
+                    format!("{t:?} is neither an address nor a range like \"10.0.0.0/8\""),
+                );
+            }
+        }
+        out
+    }
+
     /// The most addresses a pool may expand to.
     const MAX_POOL: usize = 65_536;
 
@@ -980,14 +1015,22 @@ impl Validator<'_> {
                 SourceAddress::Pool(out)
             }
             "transparent" => {
-                self.problem(
-                    &key,
-                    "\"transparent\" (the device's own address, IP_TRANSPARENT) is not available in this version: use \"pool\" or \"gateway\"",
-                );
-                SourceAddress::Gateway
+                if pool.is_some() {
+                    self.problem(&pool_key, "is only used with source_address = \"pool\"");
+                }
+                if !cfg!(target_os = "linux") {
+                    self.problem(
+                        &key,
+                        "\"transparent\" (IP_TRANSPARENT) is only available on Linux: use \"pool\" or \"gateway\"",
+                    );
+                }
+                SourceAddress::Transparent
             }
             other => {
-                self.problem(&key, format!("{other:?} is not one of gateway, pool"));
+                self.problem(
+                    &key,
+                    format!("{other:?} is not one of gateway, pool, transparent"),
+                );
                 SourceAddress::Gateway
             }
         }

@@ -35,24 +35,50 @@ pub struct Admission {
     refused: Mutex<(u64, Option<Instant>)>,
 }
 
-/// A pre-hello slot: one of `max_pending`, and one of its source's. Released on drop.
+/// A pre-hello slot: one of `max_pending`, and one of its source's (once the source is
+/// known: a connection behind a PROXY header has its source only after the header). Released
+/// on drop.
 pub struct PendingSlot {
     admission: Arc<Admission>,
-    source: IpAddr,
+    source: Option<IpAddr>,
     _permit: OwnedSemaphorePermit,
 }
 
-impl Drop for PendingSlot {
-    fn drop(&mut self) {
+impl PendingSlot {
+    /// Counts this slot against `source` from now on, or says it is over its limit (the slot
+    /// is then dropped by the caller and released).
+    pub fn assign_source(&mut self, source: IpAddr) -> Result<(), Reject> {
         let mut map = self
             .admission
             .per_source
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.source) {
+        if map
+            .get(&source)
+            .is_some_and(|n| *n >= self.admission.max_per_source)
+        {
+            return Err(Reject::SourceLimit);
+        }
+        *map.entry(source).or_insert(0) += 1;
+        self.source = Some(source);
+        Ok(())
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let Some(source) = self.source else {
+            return;
+        };
+        let mut map = self
+            .admission
+            .per_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&source) {
             *n -= 1;
             if *n == 0 {
-                map.remove(&self.source);
+                map.remove(&source);
             }
         }
     }
@@ -85,7 +111,23 @@ impl Admission {
         *map.entry(source).or_insert(0) += 1;
         Ok(PendingSlot {
             admission: self.clone(),
-            source,
+            source: Some(source),
+            _permit: permit,
+        })
+    }
+
+    /// A pre-hello slot whose source is not known yet (a balancer's connection, whose PROXY
+    /// header names the device): the per-source limit applies once
+    /// [`PendingSlot::assign_source`] is called, or the balancer's one address would use it up.
+    pub fn pending_unsourced(self: &Arc<Self>) -> Result<PendingSlot, Reject> {
+        let permit = self
+            .pending
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Reject::PendingLimit)?;
+        Ok(PendingSlot {
+            admission: self.clone(),
+            source: None,
             _permit: permit,
         })
     }
@@ -162,5 +204,26 @@ mod tests {
         drop(held);
         assert_eq!(a.pending_sources(), 0);
         assert_eq!(a.pending_free(), 2);
+    }
+
+    #[test]
+    fn a_slot_behind_a_proxy_header_counts_against_its_device_once_known() {
+        let a = admission(4, 1);
+        // Three connections from one balancer: the per-source limit (1) does not apply yet.
+        let mut slots: Vec<PendingSlot> = (0..3)
+            .map(|_| a.pending_unsourced().expect("slot"))
+            .collect();
+        assert_eq!(a.pending_sources(), 0);
+        assert!(slots[0].assign_source(ip(7)).is_ok());
+        assert!(matches!(
+            slots[1].assign_source(ip(7)),
+            Err(Reject::SourceLimit)
+        ));
+        assert!(slots[2].assign_source(ip(8)).is_ok());
+        assert_eq!(a.pending_sources(), 2);
+        assert!(matches!(a.pending(ip(7)), Err(Reject::SourceLimit)));
+        drop(slots);
+        assert_eq!(a.pending_sources(), 0);
+        assert_eq!(a.pending_free(), 4);
     }
 }

@@ -29,6 +29,7 @@ use tracing::{debug, field, info, warn};
 use super::admission::{Admission, PendingSlot};
 use super::legacy::Legacy;
 use super::pair::{Pair, Path};
+use super::proxy_protocol;
 use super::registry::{Registration, Registry};
 use super::reliable::SessionCtx;
 use super::stop::ConnStop;
@@ -148,12 +149,17 @@ impl Handler {
     }
 
     /// Runs the connection to its end. `slot` is its pre-hello slot, released once routed.
-    pub async fn run(mut self, tcp: TcpStream, slot: PendingSlot) {
+    pub async fn run(mut self, mut tcp: TcpStream, mut slot: PendingSlot) {
         self.local = tcp.local_addr().ok();
         let cfg = self.ctx.routes.config();
         let _ = tcp.set_nodelay(true);
         let _ = set_keepalive(&tcp, cfg.listen.tcp_keepalive);
         let deadline = self.accepted_at + cfg.listen.handshake_timeout;
+        if cfg.listen.expects_proxy_header(self.peer.ip())
+            && !self.proxy_header(&mut tcp, &mut slot, &cfg, deadline).await
+        {
+            return;
+        }
         let Some(mut device) = self.tls_accept(tcp, &cfg, deadline).await else {
             return;
         };
@@ -174,7 +180,8 @@ impl Handler {
             metrics: self.ctx.metrics.clone(),
             transport: routed.route.transport,
         };
-        let Some(upstream) = self.dial(routed.route.transport, routed.device_id).await else {
+        let Some((upstream, dialer)) = self.dial(routed.route.transport, routed.device_id).await
+        else {
             drop(active);
             self.ctx.metrics.closed(
                 routed.route.transport,
@@ -190,7 +197,9 @@ impl Handler {
         );
         let started = Instant::now();
         let transport = routed.route.transport;
-        let reason = self.run_path(routed, device, upstream, first).await;
+        let reason = self
+            .run_path(routed, device, (upstream, dialer), first)
+            .await;
         // No longer active by the time the close is counted, so a scrape never sees both.
         drop(active);
         self.ctx
@@ -201,6 +210,48 @@ impl Handler {
             duration_s = started.elapsed().as_secs_f64(),
             "connection closed"
         );
+    }
+
+    /// Reads the balancer's PROXY header (within `proxy_header_timeout`) and takes the
+    /// device's address from it; `false` (counted, logged) when the connection ends here.
+    async fn proxy_header(
+        &mut self,
+        tcp: &mut TcpStream,
+        slot: &mut PendingSlot,
+        cfg: &Config,
+        deadline: Instant,
+    ) -> bool {
+        let until = (self.accepted_at + cfg.listen.proxy_header_timeout).min(deadline);
+        let read = tokio::select! {
+            _ = self.ctx.shutdown.cancelled() => return false,
+            r = tokio::time::timeout_at(until, proxy_protocol::read_header(tcp)) => r,
+        };
+        let claimed = match read {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                self.ctx.metrics.rejected(Reject::ProxyHeader);
+                warn!(error = %e, "refusing a connection from the balancer: no valid PROXY header (listen.accept_proxy_protocol)");
+                return false;
+            }
+            Err(_) => {
+                self.ctx.metrics.rejected(Reject::ProxyHeaderTimeout);
+                debug!("no complete PROXY header within listen.proxy_header_timeout");
+                return false;
+            }
+        };
+        if let Some((device, local)) = claimed {
+            debug!(%device, via = %self.peer, "PROXY header: the device's own address");
+            tracing::Span::current().record("peer", field::display(device));
+            self.peer = device;
+            self.local = Some(local);
+        }
+        if let Err(reason) = slot.assign_source(self.peer.ip()) {
+            self.ctx
+                .admission
+                .refuse(&self.ctx.metrics, reason, self.peer);
+            return false;
+        }
+        true
     }
 
     /// TLS accept (when device TLS is on), within `tls_handshake_timeout`.
@@ -303,22 +354,28 @@ impl Handler {
         }
     }
 
-    /// Dials the path's upstream; `None` (counted, logged) when it cannot be reached.
-    async fn dial(&self, transport: Transport, device: Option<DeviceId>) -> Option<Stream> {
+    /// This connection's dialer for its path, and its first upstream connection; `None`
+    /// (counted, logged) when it cannot be reached.
+    async fn dial(
+        &self,
+        transport: Transport,
+        device: Option<DeviceId>,
+    ) -> Option<(Stream, Dialer)> {
         let shared = match transport {
             Transport::New => &self.ctx.reliable.dialer,
             _ => &self.ctx.dialer,
         };
-        let mut dialer = match self.local {
-            Some(l) => shared.for_device(self.peer, l),
-            None => shared.clone(),
-        };
-        if let Some(d) = device {
-            dialer = dialer.for_device_id(d);
+        let (dialer, collision) = shared.for_connection(self.peer, self.local, device);
+        if let Some(how) = collision {
+            self.ctx.metrics.source_pool_collision(transport, how);
+            debug!(
+                source = ?dialer.source_address(),
+                how = how.label(),
+                "the device's preferred source address is held by another device"
+            );
         }
-        let dialer = &dialer;
         match dialer.dial().await {
-            Ok(u) => Some(u),
+            Ok(u) => Some((u, dialer)),
             Err(e) => {
                 warn!(error = %e, path = transport.label(), upstream = dialer.address(), "upstream unreachable; closing the device connection");
                 self.ctx
@@ -334,7 +391,7 @@ impl Handler {
         &self,
         routed: Routed,
         device: Stream,
-        upstream: Stream,
+        (upstream, dialer): (Stream, Dialer),
         first: BytesMut,
     ) -> CloseReason {
         let Routed {
@@ -354,7 +411,7 @@ impl Handler {
                     device_id: id,
                     cfg,
                     stop,
-                    origin: self.local.map(|l| (self.peer, l)),
+                    dialer,
                 };
                 self.ctx.reliable.run(pair).await
             }
@@ -366,7 +423,7 @@ impl Handler {
                     device_id,
                     cfg,
                     stop,
-                    origin: self.local.map(|l| (self.peer, l)),
+                    dialer,
                 };
                 self.ctx.legacy.run(pair).await
             }

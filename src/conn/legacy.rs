@@ -278,7 +278,8 @@ impl Path for Legacy {
     /// device) and forwards until the pair ends.
     async fn run(&self, pair: Pair<Option<DeviceId>>) -> CloseReason {
         let Pair {
-            origin: _,
+            // Held to the end: it holds the device's pool address.
+            dialer: _dialer,
             device,
             upstream,
             first,

@@ -53,7 +53,20 @@ impl Listener {
                     continue;
                 }
             };
-            let slot = match self.ctx.admission.pending(peer.ip()) {
+            // Behind a balancer the source is known only after the PROXY header: the
+            // per-source limit waits for it.
+            let admitted = if self
+                .ctx
+                .routes
+                .config()
+                .listen
+                .expects_proxy_header(peer.ip())
+            {
+                self.ctx.admission.pending_unsourced()
+            } else {
+                self.ctx.admission.pending(peer.ip())
+            };
+            let slot = match admitted {
                 Ok(s) => s,
                 Err(reason) => {
                     self.ctx.admission.refuse(&self.ctx.metrics, reason, peer);

@@ -13,6 +13,7 @@ use bytes::Bytes;
 
 use super::stop::ConnStop;
 use super::tls::Stream;
+use super::upstream::Dialer;
 use super::CloseReason;
 use crate::config::Config;
 
@@ -27,8 +28,9 @@ pub struct Pair<Id> {
     pub cfg: Arc<Config>,
     /// How it is asked to finish (drain or re-home).
     pub stop: Arc<ConnStop>,
-    /// The device's address and the one it connected to (for a PROXY header on redials).
-    pub origin: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+    /// The connection's own dialer (its PROXY header, its source address), for the new
+    /// path's redials; holding it holds the device's pool address.
+    pub dialer: Dialer,
 }
 
 /// A path a routed connection can take.

@@ -15,8 +15,11 @@ use thiserror::Error;
 use tokio::net::TcpStream;
 
 use crate::config::{ProxyProtocol, SourceAddress, Upstream};
+use crate::conn::proxy_protocol::proxy_header;
+use crate::conn::source::{self, Lease, Pool};
 use crate::conn::tls::{self, Stream, TlsError};
 use crate::protocol::DeviceId;
+use crate::telemetry::labels::SourceCollision;
 
 /// Why a dial failed; its derived label is the `reason` of `tcp_comm_upstream_connect_errors_total`.
 #[derive(Debug, Error, strum::IntoStaticStr, strum::VariantNames)]
@@ -56,7 +59,8 @@ pub fn set_keepalive(tcp: &TcpStream, idle: Duration) -> std::io::Result<()> {
     socket2::SockRef::from(tcp).set_tcp_keepalive(&ka)
 }
 
-/// Knows how to reach one upstream.
+/// Knows how to reach one upstream; [`Dialer::for_connection`] makes the one a device
+/// connection uses for its whole life (its first dial and the new path's redials).
 #[derive(Clone)]
 pub struct Dialer {
     address: String,
@@ -65,68 +69,19 @@ pub struct Dialer {
     keepalive: Duration,
     proxy: ProxyProtocol,
     /// The device connection this dialer serves: (the device's address, the address it
-    /// connected to), for the PROXY header. `None`: a header that says "unknown".
+    /// connected to), for the PROXY header and a transparent source. `None`: a header that
+    /// says "unknown", and the host's choice of source.
     origin: Option<(SocketAddr, SocketAddr)>,
-    source: Arc<SourceAddress>,
-    /// The device, for a pool address chosen from its id.
-    device: Option<DeviceId>,
+    source: Source,
 }
 
-/// The pool address of `device`: `u64_be(SHA-256("cync-gateway/v1/source:" + hex(id))[0..8])
-/// % len`, so a device keeps its address across reconnects, restarts and instances.
-pub fn pool_address(pool: &[std::net::IpAddr], device: DeviceId) -> Option<std::net::IpAddr> {
-    use sha2::{Digest, Sha256};
-    if pool.is_empty() {
-        return None;
-    }
-    let d = Sha256::digest(format!("cync-gateway/v1/source:{}", device.to_hex()).as_bytes());
-    let n = u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
-    pool.get((n % pool.len() as u64) as usize).copied()
-}
-
-/// The PROXY protocol header for a connection from `origin` (client, then the address it
-/// connected to); `None` when `proxy` is off. Built by the `ppp` crate: v1 `PROXY TCP4|TCP6
-/// … \r\n` (`UNKNOWN` without an origin or with mixed families), v2 a PROXY command over
-/// TCP (a LOCAL command without an origin).
-pub fn proxy_header(
-    proxy: ProxyProtocol,
-    origin: Option<(SocketAddr, SocketAddr)>,
-) -> Option<Vec<u8>> {
-    use ppp::{v1, v2};
-    let pair = |o: Option<(SocketAddr, SocketAddr)>| match o {
-        Some((SocketAddr::V4(s), SocketAddr::V4(d))) => Some((
-            v1::Addresses::new_tcp4(*s.ip(), *d.ip(), s.port(), d.port()),
-            v2::Addresses::IPv4(v2::IPv4::new(*s.ip(), *d.ip(), s.port(), d.port())),
-        )),
-        Some((SocketAddr::V6(s), SocketAddr::V6(d))) => Some((
-            v1::Addresses::new_tcp6(*s.ip(), *d.ip(), s.port(), d.port()),
-            v2::Addresses::IPv6(v2::IPv6::new(*s.ip(), *d.ip(), s.port(), d.port())),
-        )),
-        _ => None,
-    };
-    match proxy {
-        ProxyProtocol::Off => None,
-        ProxyProtocol::V1 => Some(match pair(origin) {
-            Some((a, _)) => a.to_string().into_bytes(),
-            None => v1::Addresses::Unknown.to_string().into_bytes(),
-        }),
-        ProxyProtocol::V2 => {
-            let built = match pair(origin) {
-                Some((_, a)) => v2::Builder::with_addresses(
-                    v2::Version::Two | v2::Command::Proxy,
-                    v2::Protocol::Stream,
-                    a,
-                )
-                .build(),
-                None => v2::Builder::new(
-                    v2::Version::Two | v2::Command::Local,
-                    v2::AddressFamily::Unspecified | v2::Protocol::Unspecified,
-                )
-                .build(),
-            };
-            built.ok()
-        }
-    }
+/// Where this dialer's connections come from.
+#[derive(Clone)]
+enum Source {
+    Host,
+    /// The pool, and (for a device connection) the address it holds.
+    Pool(Arc<Pool>, Option<Arc<Lease>>),
+    Transparent,
 }
 
 impl Dialer {
@@ -136,6 +91,11 @@ impl Dialer {
         } else {
             None
         };
+        let source = match &cfg.source {
+            SourceAddress::Gateway => Source::Host,
+            SourceAddress::Pool(list) => Source::Pool(Pool::new(list.clone()), None),
+            SourceAddress::Transparent => Source::Transparent,
+        };
         Ok(Dialer {
             address: cfg.address.clone(),
             connector,
@@ -143,55 +103,68 @@ impl Dialer {
             keepalive: cfg.tcp_keepalive,
             proxy: cfg.proxy_protocol,
             origin: None,
-            source: Arc::new(cfg.source.clone()),
-            device: None,
+            source,
         })
     }
 
-    /// This dialer for `device`: with `source_address = "pool"`, its connections come from its
-    /// own address of the pool.
-    pub fn for_device_id(&self, device: DeviceId) -> Dialer {
-        Dialer {
-            device: Some(device),
+    /// The dialer of one device connection: from `peer` (the device, or the address its
+    /// balancer's PROXY header named) to `local`, for `device` when its hello named one.
+    /// With `proxy_protocol` every connection it makes starts with a header naming them; with
+    /// a pool it holds the device's address (and says how it got it, for
+    /// `tcp_comm_source_pool_collisions_total`) until its last clone is dropped.
+    pub fn for_connection(
+        &self,
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+        device: Option<DeviceId>,
+    ) -> (Dialer, Option<SourceCollision>) {
+        let mut how = None;
+        let source = match (&self.source, device) {
+            (Source::Pool(pool, _), Some(d)) => match pool.lease(d) {
+                Some((lease, collision)) => {
+                    how = collision;
+                    Source::Pool(pool.clone(), Some(Arc::new(lease)))
+                }
+                None => self.source.clone(),
+            },
+            _ => self.source.clone(),
+        };
+        let dialer = Dialer {
+            origin: local.map(|l| (peer, l)),
+            source,
             ..self.clone()
+        };
+        (dialer, how)
+    }
+
+    /// The pool address this dialer's connections come from, if it holds one.
+    pub fn source_address(&self) -> Option<std::net::IpAddr> {
+        match &self.source {
+            Source::Pool(_, Some(lease)) => Some(lease.address),
+            _ => None,
         }
     }
 
-    /// Connects from the pool address of this dialer's device, or as the host chooses.
+    /// Connects from the pool address this dialer holds, from the device's own address
+    /// (transparent, IPv4: Cync devices have no IPv6), or as the host chooses.
     async fn connect(&self, addr: &str) -> std::io::Result<TcpStream> {
-        let from = match (&*self.source, self.device) {
-            (SourceAddress::Pool(pool), Some(d)) => pool_address(pool, d),
-            _ => None,
-        };
-        let Some(ip) = from else {
-            return TcpStream::connect(addr).await;
+        let (from, transparent) = match (&self.source, self.origin) {
+            (Source::Pool(_, Some(lease)), _) => (lease.address, false),
+            (Source::Transparent, Some((SocketAddr::V4(device), _))) => {
+                (std::net::IpAddr::V4(*device.ip()), true)
+            }
+            _ => return TcpStream::connect(addr).await,
         };
         let target = tokio::net::lookup_host(addr)
             .await?
-            .find(|a| a.is_ipv4() == ip.is_ipv4())
+            .find(|a| a.is_ipv4() == from.is_ipv4())
             .ok_or_else(|| {
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
-                    format!("{addr} has no address of the pool address {ip}'s family (lookup)"),
+                    format!("{addr} has no address of the source address {from}'s family (lookup)"),
                 )
             })?;
-        let socket = if ip.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.bind(SocketAddr::new(ip, 0))?;
-        socket.connect(target).await
-    }
-
-    /// This dialer for the connection of a device at `peer` that connected to `local`: with
-    /// `proxy_protocol`, every connection it makes (the first one and every redial) starts
-    /// with a header naming them.
-    pub fn for_device(&self, peer: SocketAddr, local: SocketAddr) -> Dialer {
-        Dialer {
-            origin: Some((peer, local)),
-            ..self.clone()
-        }
+        source::connect_from(from, target, transparent).await
     }
 
     pub fn address(&self) -> &str {
@@ -288,43 +261,5 @@ mod tests {
                 );
             }
         }
-    }
-
-    /// The specification's (haproxy's proxy-protocol.txt) v1 example, and the same addresses
-    /// in v2 laid out by hand from its section 2.2: the 12-byte signature, 0x21 (version 2,
-    /// PROXY), 0x11 (TCP over IPv4), the 12-byte length, then source, destination and ports.
-    #[test]
-    fn proxy_headers_are_the_specifications_bytes() {
-        let origin: Option<(SocketAddr, SocketAddr)> = Some((
-            "192.168.0.1:56324".parse().expect("addr"),
-            "192.168.0.11:443".parse().expect("addr"),
-        ));
-        assert_eq!(
-            proxy_header(ProxyProtocol::V1, origin),
-            Some(b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n".to_vec())
-        );
-        let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-        v2.extend_from_slice(&[0x21, 0x11, 0x00, 0x0c]);
-        v2.extend_from_slice(&[192, 168, 0, 1, 192, 168, 0, 11]);
-        v2.extend_from_slice(&56324u16.to_be_bytes());
-        v2.extend_from_slice(&443u16.to_be_bytes());
-        assert_eq!(proxy_header(ProxyProtocol::V2, origin), Some(v2));
-        let six: Option<(SocketAddr, SocketAddr)> = Some((
-            "[::1]:1000".parse().expect("addr"),
-            "[::1]:23779".parse().expect("addr"),
-        ));
-        assert_eq!(
-            proxy_header(ProxyProtocol::V1, six),
-            Some(b"PROXY TCP6 ::1 ::1 1000 23779\r\n".to_vec())
-        );
-        // No origin: v1 says UNKNOWN, v2 is a LOCAL command with no addresses.
-        assert_eq!(
-            proxy_header(ProxyProtocol::V1, None),
-            Some(b"PROXY UNKNOWN\r\n".to_vec())
-        );
-        let mut local = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-        local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
-        assert_eq!(proxy_header(ProxyProtocol::V2, None), Some(local));
-        assert_eq!(proxy_header(ProxyProtocol::Off, origin), None);
     }
 }

@@ -80,6 +80,11 @@ pub enum Reject {
     ClosedBeforeHello,
     /// Nothing at all within `handshake_timeout`.
     Silent,
+    /// `listen.accept_proxy_protocol`: the connection did not start with a valid PROXY
+    /// header (none, malformed, or closed before it was complete).
+    ProxyHeader,
+    /// The PROXY header was not complete within `listen.proxy_header_timeout`.
+    ProxyHeaderTimeout,
 }
 
 macro_rules! label_enum {
@@ -89,6 +94,17 @@ macro_rules! label_enum {
         #[strum(serialize_all = "snake_case")]
         pub enum $name { $($(#[$vm])* $v),+ }
     };
+}
+
+label_enum! {
+    /// The `outcome` of `tcp_comm_source_pool_collisions_total`: what became of a device
+    /// whose preferred pool address another device held.
+    SourceCollision {
+        /// It got the next free address of the pool.
+        Moved,
+        /// Every address was held: it shares its preferred one.
+        Shared,
+    }
 }
 
 label_enum! {
@@ -266,8 +282,11 @@ mod tests {
                 "tls_handshake",
                 "tls_timeout",
                 "closed_before_hello",
-                "silent"
+                "silent",
+                "proxy_header",
+                "proxy_header_timeout"
             ]
         );
+        assert_eq!(labels::<SourceCollision>(), ["moved", "shared"]);
     }
 }

@@ -21,7 +21,7 @@ use thiserror::Error;
 use super::labels::{
     AckOutcome, CommandOutcome, Direction, DropReason, HeartbeatOutcome, Label, Queue, QueueAction,
     Reject, ReloadResult, ReplyOutcome, ResumeFrame, ResumeOutcome, RetrySkip, ShadowLoss,
-    Transport,
+    SourceCollision, Transport,
 };
 use super::names;
 use super::slo_feed::Feeds;
@@ -94,6 +94,7 @@ pub struct Metrics {
     retries_skipped: IntCounterVec,
     routing_decisions: IntCounterVec,
     upstream_connect_errors: IntCounterVec,
+    source_pool_collisions: IntCounterVec,
     packet_sent: IntCounterVec,
     packet_latency: HistogramVec,
     ack_received: IntCounterVec,
@@ -353,6 +354,13 @@ impl Metrics {
                 "Failed upstream connects",
                 &["transport", "reason"],
             )?,
+            source_pool_collisions: counter(
+                &r,
+                &mut names,
+                names::SOURCE_POOL_COLLISIONS_TOTAL,
+                "Device connections whose preferred source pool address another device held",
+                &["transport", "outcome"],
+            )?,
             packet_sent: counter(
                 &r,
                 &mut names,
@@ -585,6 +593,10 @@ impl Metrics {
         cross(&self.unframed_bytes, &[&t, &dirs]);
         cross(&self.close_dropped_bytes, &[&t, &dirs]);
         cross(&self.connections_rejected, &[&all::<Reject>()]);
+        cross(
+            &self.source_pool_collisions,
+            &[&t, &all::<SourceCollision>()],
+        );
         cross(&self.ack_received, &[&t, &all::<AckOutcome>()]);
         for tr in &t {
             let _ = self.ack_latency.with_label_values(&[tr]);
@@ -743,6 +755,13 @@ impl Metrics {
     pub fn upstream_connect_error(&self, t: Transport, reason: impl Label) {
         self.upstream_connect_errors
             .with_label_values(&[t.label(), reason.label()])
+            .inc();
+    }
+
+    /// A device's preferred pool address was held by another device.
+    pub fn source_pool_collision(&self, t: Transport, how: SourceCollision) {
+        self.source_pool_collisions
+            .with_label_values(&[t.label(), how.label()])
             .inc();
     }
 

@@ -16,7 +16,38 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 pub async fn device_connect(addr: SocketAddr, tls: bool) -> Box<dyn Io> {
-    let tcp = TcpStream::connect(addr).await.expect("connect gateway");
+    device_connect_wire(addr, tls, &Wire::default()).await
+}
+
+/// What sits around the replayed bytes on the wire in a mode: a PROXY header the device's
+/// balancer sends first, the one the upstream must receive first, the address the device
+/// connects from, and the address the upstream must see the connection come from.
+#[derive(Default, Clone)]
+pub struct Wire {
+    pub device_prefix: Vec<u8>,
+    pub upstream_prefix: Vec<u8>,
+    /// Bound with `IP_TRANSPARENT`, so it may be an address the host does not have.
+    pub device_from: Option<std::net::IpAddr>,
+    pub upstream_sees: Option<std::net::IpAddr>,
+}
+
+pub async fn device_connect_wire(addr: SocketAddr, tls: bool, wire: &Wire) -> Box<dyn Io> {
+    let mut tcp = match wire.device_from {
+        None => TcpStream::connect(addr).await.expect("connect gateway"),
+        Some(ip) => {
+            let s = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket2::SockRef::from(&s)
+                .set_ip_transparent(true)
+                .expect("IP_TRANSPARENT");
+            s.bind(SocketAddr::new(ip, 0)).expect("bind device address");
+            s.connect(addr).await.expect("connect gateway")
+        }
+    };
+    if !wire.device_prefix.is_empty() {
+        tcp.write_all(&wire.device_prefix)
+            .await
+            .expect("balancer header");
+    }
     if !tls {
         return Box::new(tcp);
     }
@@ -56,7 +87,27 @@ pub fn upstream_acceptor() -> SslAcceptor {
 }
 
 pub async fn upstream_accept(listener: &TcpListener, tls: Option<&SslAcceptor>) -> Box<dyn Io> {
-    let (tcp, _) = listener.accept().await.expect("upstream accept");
+    upstream_accept_wire(listener, tls, &Wire::default()).await
+}
+
+/// Accepts, checks where the connection comes from and the header it starts with, then
+/// (with `tls`) handshakes.
+pub async fn upstream_accept_wire(
+    listener: &TcpListener,
+    tls: Option<&SslAcceptor>,
+    wire: &Wire,
+) -> Box<dyn Io> {
+    let (mut tcp, peer) = listener.accept().await.expect("upstream accept");
+    if let Some(ip) = wire.upstream_sees {
+        assert_eq!(peer.ip(), ip, "the upstream connection's source address");
+    }
+    if !wire.upstream_prefix.is_empty() {
+        let got = read_exactly(&mut tcp, wire.upstream_prefix.len()).await;
+        assert_eq!(
+            got, wire.upstream_prefix,
+            "the PROXY header the upstream receives"
+        );
+    }
     match tls {
         None => Box::new(tcp),
         Some(acc) => {
@@ -122,6 +173,26 @@ pub async fn replay_capture_until(
     configure: impl FnOnce(TestGateway) -> TestGateway,
     until: Option<(&str, f64)>,
 ) -> String {
+    replay_capture_wire(
+        device_tls,
+        upstream_tls,
+        transport,
+        configure,
+        until,
+        Wire::default(),
+    )
+    .await
+}
+
+/// As [`replay_capture_until`], with what `wire` puts around the bytes.
+pub async fn replay_capture_wire(
+    device_tls: bool,
+    upstream_tls: bool,
+    transport: &str,
+    configure: impl FnOnce(TestGateway) -> TestGateway,
+    until: Option<(&str, f64)>,
+    wire: Wire,
+) -> String {
     let reads = capture_reads("capture_20251106_082038.jsonl");
     let dev_reads: Vec<Vec<u8>> = reads
         .iter()
@@ -166,8 +237,10 @@ pub async fn replay_capture_until(
     let expect_down = [cloud.clone(), commands.clone()].concat();
     let cloud_c = cloud.clone();
     let commands_c = commands.clone();
+    let wire_c = wire.clone();
     let up_task = tokio::spawn(async move {
-        let mut up = upstream_accept(&up_listener, upstream_tls.then_some(&acceptor)).await;
+        let mut up =
+            upstream_accept_wire(&up_listener, upstream_tls.then_some(&acceptor), &wire_c).await;
         // Answer only once every device packet has arrived, so each request is observed
         // before its reply (as with a real server).
         let got = read_exactly(&mut up, dev_total).await;
@@ -182,7 +255,7 @@ pub async fn replay_capture_until(
         [got, rest].concat()
     });
 
-    let mut dev = device_connect(gw.device_addr, device_tls).await;
+    let mut dev = device_connect_wire(gw.device_addr, device_tls, &wire).await;
     for r in &dev_reads {
         dev.write_all(r).await.expect("device write");
     }

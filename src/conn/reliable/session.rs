@@ -222,15 +222,9 @@ pub async fn serve(ctx: &SessionCtx, pair: Pair<DeviceId>) -> CloseReason {
         device_id,
         cfg,
         stop,
-        origin,
+        dialer,
     } = pair;
     let stop: &ConnStop = &stop;
-    // Redials carry the device's PROXY header too.
-    let dialer = match origin {
-        Some((peer, local)) => ctx.dialer.for_device(peer, local),
-        None => ctx.dialer.clone(),
-    }
-    .for_device_id(device_id);
     let hello_len = header_data_len(&first).map_or(first.len(), |d| (5 + d).min(first.len()));
     let half_close = cfg.protocol.half_close_timeout;
     let now = Instant::now();

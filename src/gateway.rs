@@ -78,7 +78,7 @@ pub enum GatewayError {
     },
     #[error("admin.token_file {path}: {why}")]
     AdminToken { path: PathBuf, why: String },
-    #[error("{upstream}.source_address = \"transparent\" needs CAP_NET_ADMIN (as root, or AmbientCapabilities=CAP_NET_ADMIN in the systemd unit; see docs/operations.md, \"Transparent source addresses\"): {source}")]
+    #[error("{upstream}.source_address = \"transparent\" needs CAP_NET_ADMIN or CAP_NET_RAW (as root, or AmbientCapabilities=CAP_NET_RAW in the systemd unit; see docs/operations.md, \"Transparent source addresses\"): {source}")]
     Transparent {
         upstream: &'static str,
         source: std::io::Error,

@@ -9,7 +9,7 @@
 //! - An address is held by a [`Lease`] for the whole device connection (the new path's
 //!   redials included) and released when the connection ends; one device may hold its address
 //!   several times (a re-homed connection and its successor overlap).
-//! - Transparent binds need `CAP_NET_ADMIN`; [`transparent_available`] is checked at start so
+//! - Transparent binds need `CAP_NET_ADMIN` or `CAP_NET_RAW`; [`transparent_available`] is checked at start so
 //!   a missing capability is one clear error, not a failed dial per device.
 
 use std::collections::HashMap;
@@ -125,7 +125,8 @@ pub async fn connect_from(
     socket.connect(target).await
 }
 
-/// Whether this process may make transparent connections (it needs `CAP_NET_ADMIN`).
+/// Whether this process may make transparent connections (it needs `CAP_NET_ADMIN` or
+/// `CAP_NET_RAW`).
 pub fn transparent_available() -> std::io::Result<()> {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     s.set_ip_transparent(true)

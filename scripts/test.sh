@@ -27,6 +27,8 @@ command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
 command -v systemd-nspawn >/dev/null 2>&1 || need+=(systemd-container)
 command -v podman >/dev/null 2>&1 || need+=(podman)
 command -v runc >/dev/null 2>&1 || need+=(runc)
+# The Home Assistant integration test runs a real broker (tests/mqtt.rs).
+{ command -v mosquitto || test -x /usr/sbin/mosquitto; } >/dev/null 2>&1 || need+=(mosquitto)
 # The transparent-source test makes a network namespace and its routes (tests/transparent.rs).
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 { command -v unshare && command -v setpriv; } >/dev/null 2>&1 || need+=(util-linux)

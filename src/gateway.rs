@@ -78,6 +78,8 @@ pub enum GatewayError {
     },
     #[error("admin.token_file {path}: {why}")]
     AdminToken { path: PathBuf, why: String },
+    #[error("mqtt.password_file {path}: {why}")]
+    MqttPassword { path: PathBuf, why: String },
     #[error("{upstream}.source_address = \"transparent\" needs CAP_NET_ADMIN or CAP_NET_RAW (as root, or AmbientCapabilities=CAP_NET_RAW in the systemd unit; see docs/operations.md, \"Transparent source addresses\"): {source}")]
     Transparent {
         upstream: &'static str,
@@ -85,25 +87,29 @@ pub enum GatewayError {
     },
 }
 
-/// The bearer token in `path`: its first line, trimmed; an empty one is refused (anyone could
-/// send it).
-async fn read_admin_token(path: &Path) -> Result<String, GatewayError> {
+/// The secret in `path`: its first line, trimmed; an empty one is refused.
+async fn read_secret(path: &Path) -> Result<String, String> {
     let p = path.to_path_buf();
     let text = tokio::task::spawn_blocking(move || std::fs::read_to_string(p))
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
-        .map_err(|e| GatewayError::AdminToken {
-            path: path.to_path_buf(),
-            why: e.to_string(),
-        })?;
-    let token = text.lines().next().unwrap_or("").trim().to_string();
-    if token.is_empty() {
-        return Err(GatewayError::AdminToken {
-            path: path.to_path_buf(),
-            why: "the file is empty: put one line of at least 16 random characters in it".into(),
-        });
+        .map_err(|e| e.to_string())?;
+    let secret = text.lines().next().unwrap_or("").trim().to_string();
+    if secret.is_empty() {
+        return Err("the file is empty: put the secret on its first line".into());
     }
-    Ok(token)
+    Ok(secret)
+}
+
+/// The bearer token in `path`: its first line, trimmed; an empty one is refused (anyone could
+/// send it).
+async fn read_admin_token(path: &Path) -> Result<String, GatewayError> {
+    read_secret(path)
+        .await
+        .map_err(|why| GatewayError::AdminToken {
+            path: path.to_path_buf(),
+            why,
+        })
 }
 
 /// File descriptors a configuration may need at once: two per routed connection (device and
@@ -485,6 +491,32 @@ impl Gateway {
                     http_stop.clone(),
                 ),
             );
+        }
+        if live.config().mqtt.enabled {
+            let cfg = live.config().mqtt.clone();
+            let password = match &cfg.password_file {
+                Some(p) => {
+                    Some(
+                        read_secret(p)
+                            .await
+                            .map_err(|why| GatewayError::MqttPassword {
+                                path: p.clone(),
+                                why,
+                            })?,
+                    )
+                }
+                None => None,
+            };
+            let bridge = crate::control::mqtt::Bridge {
+                topics: crate::control::mqtt::topics(&cfg, &instance_name().await),
+                cfg,
+                password,
+                admin: admin.clone(),
+                metrics: metrics.clone(),
+            };
+            // On the HTTP tracker: Home Assistant keeps seeing the gateway through the drain,
+            // and `offline` is published as the very last thing.
+            http_tasks.spawn("mqtt", bridge.run(http_stop.clone()));
         }
         http_tasks.spawn(
             "admin",

@@ -573,6 +573,31 @@ fn rules_that_span_keys_are_enforced() {
         problems(u),
         Some(vec!["upstream.legacy.source_pool".to_string()])
     );
+    // [mqtt]: a broker address with a port, id-safe instance, topics without wildcards,
+    // credentials and a CA only where they mean something, a publish interval in range.
+    let mq = "[upstream.legacy]\naddress = \"h:1\"\n[mqtt]\nenabled = true\n";
+    for (extra, key) in [
+        ("broker = \"core-mosquitto\"\n", "mqtt.broker"),
+        ("broker = \"h:0\"\n", "mqtt.broker"),
+        ("instance = \"my home\"\n", "mqtt.instance"),
+        ("base_topic = \"cync/#\"\n", "mqtt.base_topic"),
+        (
+            "discovery_prefix = \"/homeassistant\"\n",
+            "mqtt.discovery_prefix",
+        ),
+        ("password_file = \"/p\"\n", "mqtt.password_file"),
+        ("ca_file = \"/ca.pem\"\n", "mqtt.ca_file"),
+        ("publish_interval = \"500ms\"\n", "mqtt.publish_interval"),
+        ("queue = 1\n", "mqtt.queue"),
+    ] {
+        assert_eq!(
+            problems(&format!("{mq}{extra}")),
+            Some(vec![key.to_string()]),
+            "{extra}"
+        );
+    }
+    let ok = format!("{mq}broker = \"core-mosquitto:1883\"\ntls = true\nca_file = \"/ca.pem\"\nusername = \"u\"\npassword_file = \"/p\"\ninstance = \"home-1\"\nbase_topic = \"cync/home\"\n");
+    assert_eq!(problems(&ok), None);
     // upstream.legacy is required, and alone the missing one is the only problem.
     assert_eq!(problems(""), Some(vec!["upstream.legacy".to_string()]));
     // A rollback window shorter than the check interval would leave events between checks

@@ -66,29 +66,6 @@ async fn wait_ready(a: &Arc<Addon>, n: usize) {
     .await;
 }
 
-/// Runs the add-on's harness at `rate` until `commands` have been sent, then waits for every
-/// one of them to finish (done, timed out or lost).
-async fn drive(a: &Arc<Addon>, commands: u64, rate: f64, seed: u64) -> HarnessReport {
-    let stop = CancellationToken::new();
-    let h = {
-        let (a, stop) = (a.clone(), stop.clone());
-        tokio::spawn(async move { a.run_harness(rate, seed, stop).await })
-    };
-    let deadline = Duration::from_secs_f64(commands as f64 / rate) + DEADLINE;
-    let end = Instant::now() + deadline;
-    while a.report().sent < commands {
-        assert!(Instant::now() < end, "harness stalled: {:?}", a.report());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.cancel();
-    let _ = h.await;
-    eventually("every command finished", || async {
-        (a.report().in_flight == 0).then_some(())
-    })
-    .await;
-    a.report()
-}
-
 async fn metrics(gw: &Gateway) -> String {
     http_get(gw.metrics_addr, "/metrics").await.1
 }

@@ -55,6 +55,26 @@ pub(super) struct RawConfig {
     pub(super) admin: RawAdmin,
     #[serde(default)]
     pub(super) rollout: RawRollout,
+    #[serde(default)]
+    pub(super) mqtt: RawMqtt,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawMqtt {
+    pub(super) enabled: Option<bool>,
+    pub(super) broker: Option<String>,
+    pub(super) tls: Option<bool>,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) username: Option<String>,
+    pub(super) password_file: Option<PathBuf>,
+    pub(super) client_id: Option<String>,
+    pub(super) instance: Option<String>,
+    pub(super) discovery_prefix: Option<String>,
+    pub(super) base_topic: Option<String>,
+    pub(super) allow_control: Option<bool>,
+    pub(super) publish_interval: Option<RawDuration>,
+    pub(super) keep_alive: Option<RawDuration>,
+    pub(super) queue: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -99,6 +99,36 @@ pub struct Config {
     pub audit: AuditConfig,
     pub admin: AdminConfig,
     pub rollout: Rollout,
+    pub mqtt: MqttConfig,
+}
+
+/// `[mqtt]`: the gateway as a Home Assistant device, over the household's MQTT broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttConfig {
+    pub enabled: bool,
+    /// `host:port`.
+    pub broker: String,
+    pub tls: bool,
+    /// PEM CA to verify the broker with (`None`: the system's roots).
+    pub ca_file: Option<PathBuf>,
+    pub username: Option<String>,
+    /// The password, first line of this file.
+    pub password_file: Option<PathBuf>,
+    /// Names the Home Assistant device ("Cync gateway <instance>") and its ids; `None`: the
+    /// host name, made id-safe.
+    pub instance: Option<String>,
+    /// `None`: `cync-gateway-<instance>`.
+    pub client_id: Option<String>,
+    pub discovery_prefix: String,
+    /// `None`: `cync-gateway/<instance>`.
+    pub base_topic: Option<String>,
+    /// Whether the number and the buttons exist (and commands are heeded).
+    pub allow_control: bool,
+    /// State is published on change and at least this often.
+    pub publish_interval: Duration,
+    pub keep_alive: Duration,
+    /// Messages waiting for the broker at most; more are dropped, counted.
+    pub queue: usize,
 }
 
 /// `[admin]`: where the runbook commands reach the daemon.

@@ -124,6 +124,32 @@ impl Validator<'_> {
         d
     }
 
+    /// A duration within `lo..=hi`, the range named when it is not.
+    fn duration_in(
+        &mut self,
+        key: &str,
+        raw: Option<RawDuration>,
+        default: Duration,
+        lo: Duration,
+        hi: Duration,
+    ) -> Duration {
+        let before = self.problems.len();
+        let d = self.duration(key, raw, default);
+        if self.problems.len() == before && (d < lo || d > hi) {
+            self.problem(
+                key,
+                format!(
+                    "{} is outside {}..{}",
+                    humantime::format_duration(d),
+                    humantime::format_duration(lo),
+                    humantime::format_duration(hi)
+                ),
+            );
+            return default;
+        }
+        d
+    }
+
     fn int_in(&mut self, key: &str, raw: Option<i64>, default: usize, lo: i64, hi: i64) -> usize {
         let Some(v) = raw else { return default };
         if v < lo || v > hi {
@@ -308,6 +334,7 @@ impl Validator<'_> {
             reliable: self.reliable(raw.reliable, &protocol_deadline, protocol_frame_len),
             admin: self.admin(raw.admin, raw.state_dir.as_deref()),
             rollout: self.rollout(raw.rollout),
+            mqtt: self.mqtt(raw.mqtt),
             state_dir: self.state_dir(raw.state_dir),
             slo: self.slo(raw.slo),
             rollback: self.rollback(raw.rollback),
@@ -364,6 +391,90 @@ impl Validator<'_> {
             listen,
             token_file: raw.token_file,
             allow_remote,
+        }
+    }
+
+    fn mqtt(&mut self, raw: RawMqtt) -> MqttConfig {
+        let broker = raw.broker.unwrap_or_else(|| "127.0.0.1:1883".into());
+        let port_ok = broker
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !port_ok {
+            self.problem(
+                "mqtt.broker",
+                format!("{broker:?} is not host:port (e.g. \"127.0.0.1:1883\", \"core-mosquitto:1883\")"),
+            );
+        }
+        let tls = raw.tls.unwrap_or(false);
+        if raw.ca_file.is_some() && !tls {
+            self.problem("mqtt.ca_file", "is only used with mqtt.tls = true");
+        }
+        if raw.password_file.is_some() && raw.username.is_none() {
+            self.problem("mqtt.password_file", "needs mqtt.username");
+        }
+        // Home Assistant's discovery node and object ids: [a-zA-Z0-9_-]+.
+        let id_safe = |t: &str| {
+            !t.is_empty()
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        };
+        if let Some(i) = &raw.instance {
+            if !id_safe(i) {
+                self.problem(
+                    "mqtt.instance",
+                    format!("{i:?}: only letters, digits, '_' and '-' (it is part of Home Assistant's ids)"),
+                );
+            }
+        }
+        let topic_ok = |t: &str| {
+            !t.is_empty()
+                && !t.starts_with('/')
+                && !t.ends_with('/')
+                && !t.contains(['#', '+', '\0'])
+        };
+        let discovery_prefix = raw
+            .discovery_prefix
+            .unwrap_or_else(|| "homeassistant".into());
+        for (key, t) in [
+            ("mqtt.discovery_prefix", Some(&discovery_prefix)),
+            ("mqtt.base_topic", raw.base_topic.as_ref()),
+        ] {
+            if let Some(t) = t {
+                if !topic_ok(t) {
+                    self.problem(
+                        key,
+                        format!("{t:?} is not a topic to publish under: no wildcards (# +), no leading or trailing '/'"),
+                    );
+                }
+            }
+        }
+        MqttConfig {
+            enabled: raw.enabled.unwrap_or(false),
+            broker,
+            tls,
+            ca_file: raw.ca_file,
+            username: raw.username,
+            password_file: raw.password_file,
+            instance: raw.instance,
+            client_id: raw.client_id,
+            discovery_prefix,
+            base_topic: raw.base_topic,
+            allow_control: raw.allow_control.unwrap_or(false),
+            publish_interval: self.duration_in(
+                "mqtt.publish_interval",
+                raw.publish_interval,
+                Duration::from_secs(30),
+                Duration::from_secs(1),
+                Duration::from_secs(3600),
+            ),
+            keep_alive: self.duration_in(
+                "mqtt.keep_alive",
+                raw.keep_alive,
+                Duration::from_secs(30),
+                Duration::from_secs(5),
+                Duration::from_secs(3600),
+            ),
+            queue: self.int_in("mqtt.queue", raw.queue, 256, 16, 100_000),
         }
     }
 

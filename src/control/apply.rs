@@ -56,6 +56,7 @@ fn actor(o: Origin) -> &'static str {
         Origin::Operator => "admin",
         Origin::Alertmanager => "alertmanager",
         Origin::Controller => "controller",
+        Origin::Mqtt => "mqtt",
     }
 }
 
@@ -134,12 +135,45 @@ impl ControlTask {
             } => self.latch(true, origin, Some(cause), reason).await,
             Control::Resume { origin, reason } => self.latch(false, origin, None, reason).await,
             Control::Promote { origin, to, reason } => self.promote(origin, to, reason).await,
+            Control::SetCanary { origin, to, reason } => self.set_canary(origin, to, reason).await,
         }
     }
 
     fn rollout_state(&self, f: impl FnOnce(&mut rollout::State)) {
         if let Some(cell) = &self.rollout {
             f(&mut cell.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+    }
+
+    /// Writes `to` into the file and reloads it (audited as `set_canary`), unless latched: a
+    /// percentage changed under the latch would be in force the moment someone resumes.
+    async fn set_canary(&mut self, origin: Origin, to: f64, reason: String) {
+        if self.live.latched() {
+            warn!(
+                origin = origin.label(),
+                to, "canary percentage change refused: the rollback latch is set (resume first)"
+            );
+            return;
+        }
+        let Some(path) = self.reloader.as_ref().map(|r| r.path().to_path_buf()) else {
+            warn!("canary percentage change requested, but this gateway was not started from a configuration file");
+            return;
+        };
+        let edited =
+            tokio::task::spawn_blocking(move || crate::config::edit::set_canary(&path, to)).await;
+        match edited {
+            Ok(Ok(_)) => {
+                info!(
+                    origin = origin.label(),
+                    to, "routing.canary_percent written to the file"
+                );
+                self.reload_as(Trigger::Signal, origin, "set_canary", reason)
+                    .await;
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, origin = origin.label(), to, "canary percentage change not made")
+            }
+            Err(e) => error!(error = %e, "canary edit task failed"),
         }
     }
 
@@ -382,7 +416,14 @@ impl ControlTask {
 }
 
 /// The `action` of every audit entry the control task writes (`tcp_comm_audit_entries_total`).
-pub const AUDIT_ACTIONS: &[&str] = &["reload", "rollback", "resume", "promote", "promotion_ready"];
+pub const AUDIT_ACTIONS: &[&str] = &[
+    "reload",
+    "rollback",
+    "resume",
+    "promote",
+    "promotion_ready",
+    "set_canary",
+];
 
 /// The `result` label of a webhook notification dropped before any attempt (queue full).
 #[derive(Clone, Copy, strum::IntoStaticStr, strum::EnumIter)]

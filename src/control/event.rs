@@ -31,6 +31,8 @@ pub enum Origin {
     Alertmanager,
     /// The automatic rollback controller.
     Controller,
+    /// Home Assistant, through the MQTT bridge's controls (`mqtt.allow_control`).
+    Mqtt,
 }
 
 /// Why the rollback latch was set; the `reason` label of `tcp_comm_rollbacks_total`.
@@ -77,6 +79,14 @@ pub enum Control {
         /// Why, for the log and the audit entry.
         reason: String,
     },
+    /// Set `routing.canary_percent` to `to` in the configuration file and reload it, as
+    /// `cync-gateway set-canary` does; refused while latched.
+    SetCanary {
+        origin: Origin,
+        to: f64,
+        /// Why, for the log and the audit entry.
+        reason: String,
+    },
     /// Clear the rollback latch: the configured percentage is in force again.
     Resume {
         origin: Origin,
@@ -91,7 +101,8 @@ impl Control {
             Control::Reload { origin }
             | Control::Rollback { origin, .. }
             | Control::Resume { origin, .. }
-            | Control::Promote { origin, .. } => *origin,
+            | Control::Promote { origin, .. }
+            | Control::SetCanary { origin, .. } => *origin,
         }
     }
 }

@@ -9,7 +9,8 @@
 //! - [`rollout`]: the stages, the gates of the next one, and automatic promotion;
 //! - [`report`]: the rollout so far, stage by stage, and the validation period at 100 %;
 //! - [`series`]: the metric series this layer and the data plane label, created at 0;
-//! - [`status_page`]: the HTML status page served at `/` on the metrics address.
+//! - [`status_page`]: the HTML status page served at `/` on the metrics address;
+//! - [`hass`] and [`mqtt`]: the gateway as a Home Assistant device over MQTT.
 //!
 //! The data plane sees this layer only through [`ControlPlane`], its [`Routes`]
 //! implementation.
@@ -22,9 +23,11 @@ pub mod admin;
 pub mod apply;
 pub mod audit;
 pub mod event;
+pub mod hass;
 pub mod judge;
 pub mod latch;
 pub mod live;
+pub mod mqtt;
 pub mod rehome;
 pub mod reload;
 pub mod report;

@@ -98,6 +98,7 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<&'static str>) {
     check("state_dir", running.state_dir == new.state_dir);
     check("audit", running.audit == new.audit);
     check("admin", running.admin == new.admin);
+    check("mqtt", running.mqtt == new.mqtt);
     // Gateway-wide state built once at start: the shared dedup store and the retry budget's
     // ring. The rest of [reliable] reaches new connections.
     let (r, n) = (&running.reliable, &new.reliable);
@@ -154,6 +155,7 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<&'static str>) {
         state_dir: running.state_dir.clone(),
         audit: running.audit.clone(),
         admin: running.admin.clone(),
+        mqtt: running.mqtt.clone(),
         ..new
     };
     (effective, restart)

@@ -108,6 +108,32 @@ label_enum! {
 }
 
 label_enum! {
+    /// The `outcome` of `tcp_comm_mqtt_messages_total`.
+    MqttMessage {
+        Published,
+        /// The queue toward the broker was full (the broker is down or slow).
+        Dropped,
+    }
+}
+
+label_enum! {
+    /// The `command` of `tcp_comm_mqtt_commands_total`: which control it came from.
+    MqttCommand { Canary, Rollback, Resume, Promote, Unknown }
+}
+
+label_enum! {
+    /// The `result` of `tcp_comm_mqtt_commands_total`.
+    MqttCommandResult {
+        /// Sent to the control task, which applies and audits it.
+        Accepted,
+        /// Not applied: latched, a promotion gate, or controls off.
+        Refused,
+        /// A payload that is not what the control takes.
+        Malformed,
+    }
+}
+
+label_enum! {
     /// The `outcome` of `tcp_comm_ack_received_total`: a device's 0x7b for a server 0x73.
     AckOutcome { Received, Timeout, Unmatched }
 }
@@ -288,5 +314,14 @@ mod tests {
             ]
         );
         assert_eq!(labels::<SourceCollision>(), ["moved", "shared"]);
+        assert_eq!(labels::<MqttMessage>(), ["published", "dropped"]);
+        assert_eq!(
+            labels::<MqttCommand>(),
+            ["canary", "rollback", "resume", "promote", "unknown"]
+        );
+        assert_eq!(
+            labels::<MqttCommandResult>(),
+            ["accepted", "refused", "malformed"]
+        );
     }
 }

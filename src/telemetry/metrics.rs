@@ -19,9 +19,9 @@ use prometheus::{
 use thiserror::Error;
 
 use super::labels::{
-    AckOutcome, CommandOutcome, Direction, DropReason, HeartbeatOutcome, Label, Queue, QueueAction,
-    Reject, ReloadResult, ReplyOutcome, ResumeFrame, ResumeOutcome, RetrySkip, ShadowLoss,
-    SourceCollision, Transport,
+    AckOutcome, CommandOutcome, Direction, DropReason, HeartbeatOutcome, Label, MqttCommand,
+    MqttCommandResult, MqttMessage, Queue, QueueAction, Reject, ReloadResult, ReplyOutcome,
+    ResumeFrame, ResumeOutcome, RetrySkip, ShadowLoss, SourceCollision, Transport,
 };
 use super::names;
 use super::slo_feed::Feeds;
@@ -95,6 +95,9 @@ pub struct Metrics {
     routing_decisions: IntCounterVec,
     upstream_connect_errors: IntCounterVec,
     source_pool_collisions: IntCounterVec,
+    mqtt_connected: IntGauge,
+    mqtt_messages: IntCounterVec,
+    mqtt_commands: IntCounterVec,
     packet_sent: IntCounterVec,
     packet_latency: HistogramVec,
     ack_received: IntCounterVec,
@@ -216,6 +219,11 @@ impl Metrics {
             &["transport"],
         )?;
         register(&r, &mut names, Box::new(connections_active.clone()))?;
+        let mqtt_connected = IntGauge::new(
+            names::MQTT_CONNECTED,
+            "1 while the MQTT bridge is connected to the broker",
+        )?;
+        register(&r, &mut names, Box::new(mqtt_connected.clone()))?;
         let ready = IntGauge::new(names::READY, "1 while /readyz reports ready")?;
         register(&r, &mut names, Box::new(ready.clone()))?;
         let draining = IntGauge::new(names::DRAINING, "1 while shutting down")?;
@@ -353,6 +361,21 @@ impl Metrics {
                 names::UPSTREAM_CONNECT_ERRORS_TOTAL,
                 "Failed upstream connects",
                 &["transport", "reason"],
+            )?,
+            mqtt_connected,
+            mqtt_messages: counter(
+                &r,
+                &mut names,
+                names::MQTT_MESSAGES_TOTAL,
+                "MQTT messages for the broker, published or dropped",
+                &["outcome"],
+            )?,
+            mqtt_commands: counter(
+                &r,
+                &mut names,
+                names::MQTT_COMMANDS_TOTAL,
+                "Commands received over MQTT, by control and result",
+                &["command", "result"],
             )?,
             source_pool_collisions: counter(
                 &r,
@@ -597,6 +620,11 @@ impl Metrics {
             &self.source_pool_collisions,
             &[&t, &all::<SourceCollision>()],
         );
+        cross(&self.mqtt_messages, &[&all::<MqttMessage>()]);
+        cross(
+            &self.mqtt_commands,
+            &[&all::<MqttCommand>(), &all::<MqttCommandResult>()],
+        );
         cross(&self.ack_received, &[&t, &all::<AckOutcome>()]);
         for tr in &t {
             let _ = self.ack_latency.with_label_values(&[tr]);
@@ -755,6 +783,22 @@ impl Metrics {
     pub fn upstream_connect_error(&self, t: Transport, reason: impl Label) {
         self.upstream_connect_errors
             .with_label_values(&[t.label(), reason.label()])
+            .inc();
+    }
+
+    pub fn set_mqtt_connected(&self, on: bool) {
+        self.mqtt_connected.set(i64::from(on));
+    }
+
+    pub fn mqtt_message(&self, outcome: MqttMessage) {
+        self.mqtt_messages
+            .with_label_values(&[outcome.label()])
+            .inc();
+    }
+
+    pub fn mqtt_command(&self, command: MqttCommand, result: MqttCommandResult) {
+        self.mqtt_commands
+            .with_label_values(&[command.label(), result.label()])
             .inc();
     }
 

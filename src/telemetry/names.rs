@@ -56,3 +56,6 @@ pub const WEBHOOK_DELIVERIES_TOTAL: &str = "tcp_comm_webhook_deliveries_total";
 pub const AUDIT_ENTRIES_TOTAL: &str = "tcp_comm_audit_entries_total";
 pub const ROLLOUT_STAGE: &str = "tcp_comm_rollout_stage_percent";
 pub const ROLLOUT_PROMOTION_READY: &str = "tcp_comm_rollout_promotion_ready";
+pub const MQTT_CONNECTED: &str = "tcp_comm_mqtt_connected";
+pub const MQTT_MESSAGES_TOTAL: &str = "tcp_comm_mqtt_messages_total";
+pub const MQTT_COMMANDS_TOTAL: &str = "tcp_comm_mqtt_commands_total";

@@ -373,3 +373,35 @@ pub fn pump(
         }
     });
 }
+
+/// Runs the add-on's harness at `rate` until `commands` have been sent, then waits for every
+/// one of them to finish (done, timed out or lost).
+pub async fn drive(
+    a: &std::sync::Arc<cync_gateway::sim::addon::Addon>,
+    commands: u64,
+    rate: f64,
+    seed: u64,
+) -> cync_gateway::sim::addon::HarnessReport {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let h = {
+        let (a, stop) = (a.clone(), stop.clone());
+        tokio::spawn(async move { a.run_harness(rate, seed, stop).await })
+    };
+    let deadline = Duration::from_secs_f64(commands as f64 / rate) + DEADLINE;
+    let end = tokio::time::Instant::now() + deadline;
+    while a.report().sent < commands {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "harness stalled: {:?}",
+            a.report()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    let _ = h.await;
+    eventually("every command finished", || async {
+        (a.report().in_flight == 0).then_some(())
+    })
+    .await;
+    a.report()
+}

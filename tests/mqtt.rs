@@ -43,6 +43,12 @@ struct Broker {
 
 impl Broker {
     async fn start(port: u16) -> Broker {
+        Broker::start_with(port, |_| String::new()).await
+    }
+
+    /// With more configuration, written by `extra` into the broker's own directory (the
+    /// listener line is the first; what follows applies to it).
+    async fn start_with(port: u16, extra: impl Fn(&Path) -> String) -> Broker {
         // A free port, taken and released: mosquitto cannot report one it chose itself. A
         // port taken meanwhile makes it exit, and another is tried.
         for _ in 0..10 {
@@ -56,10 +62,12 @@ impl Broker {
             };
             let dir = tempfile::tempdir().expect("dir");
             let conf = dir.path().join("mosquitto.conf");
+            let more = extra(dir.path());
+            let anonymous = if more.is_empty() { "true" } else { "false" };
             std::fs::write(
                 &conf,
                 format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"
+                    "per_listener_settings false\nallow_anonymous {anonymous}\npersistence false\nlog_dest stderr\nuser root\nlistener {port} 127.0.0.1\n{more}"
                 ),
             )
             .expect("conf");
@@ -635,4 +643,97 @@ async fn without_allow_control_there_are_no_controls_and_commands_do_nothing() {
     let m = scrape(d.metrics).await;
     assert_eq!(sample(&m, "tcp_comm_rollback_active"), 0.0);
     assert_eq!(family_total(&m, "tcp_comm_mqtt_commands_total"), 0.0);
+}
+
+/// A certificate for `localhost` that is its own CA, and its key, as PEM.
+fn localhost_cert() -> (Vec<u8>, Vec<u8>) {
+    use openssl::asn1::Asn1Time;
+    use openssl::hash::MessageDigest;
+    use openssl::pkey::PKey;
+    use openssl::rsa::Rsa;
+    use openssl::x509::extension::{BasicConstraints, SubjectAlternativeName};
+    use openssl::x509::{X509NameBuilder, X509};
+    let key = PKey::from_rsa(Rsa::generate(2048).expect("rsa")).expect("key");
+    let mut name = X509NameBuilder::new().expect("name");
+    name.append_entry_by_text("CN", "localhost").expect("cn");
+    let name = name.build();
+    let mut b = X509::builder().expect("builder");
+    b.set_version(2).expect("v3");
+    b.set_subject_name(&name).expect("subject");
+    b.set_issuer_name(&name).expect("issuer");
+    b.set_pubkey(&key).expect("pubkey");
+    b.set_not_before(&Asn1Time::days_from_now(0).expect("t"))
+        .expect("nb");
+    b.set_not_after(&Asn1Time::days_from_now(2).expect("t"))
+        .expect("na");
+    b.append_extension(BasicConstraints::new().critical().ca().build().expect("bc"))
+        .expect("bc");
+    let san = SubjectAlternativeName::new()
+        .dns("localhost")
+        .build(&b.x509v3_context(None, None))
+        .expect("san");
+    b.append_extension(san).expect("san");
+    b.sign(&key, MessageDigest::sha256()).expect("sign");
+    (
+        b.build().to_pem().expect("pem"),
+        key.private_key_to_pem_pkcs8().expect("key pem"),
+    )
+}
+
+/// TLS to the broker, verified against `mqtt.ca_file`, with a user and a password file: the
+/// bridge connects and announces; with a wrong password the broker refuses it, and it says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_credentials_to_the_broker() {
+    let (cert, key) = localhost_cert();
+    let broker = Broker::start_with(0, |dir| {
+        std::fs::write(dir.join("cert.pem"), &cert).expect("cert");
+        std::fs::write(dir.join("key.pem"), &key).expect("key");
+        let passwd = dir.join("passwd");
+        let ok = std::process::Command::new("mosquitto_passwd")
+            .args(["-b", "-c"])
+            .arg(&passwd)
+            .args(["gw", "s3cret-pass"])
+            .status()
+            .expect("mosquitto_passwd (Debian package mosquitto)");
+        assert!(ok.success());
+        format!(
+            "certfile {}\nkeyfile {}\npassword_file {}\n",
+            dir.join("cert.pem").display(),
+            dir.join("key.pem").display(),
+            passwd.display()
+        )
+    })
+    .await;
+    let addon = start_addon(fast_addon()).await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("ca.pem"), &cert).expect("ca");
+    for (password, connects) in [("s3cret-pass", true), ("wrong", false)] {
+        std::fs::write(dir.path().join("pw"), format!("{password}\n")).expect("pw");
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "{}\n[mqtt]\nenabled = true\nbroker = \"localhost:{}\"\ntls = true\nca_file = \"{}\"\nusername = \"gw\"\npassword_file = \"{}\"\ninstance = \"{INSTANCE}\"\n",
+                TestGateway::new(addon.addr()).set("logging.format", "json").text(),
+                broker.port,
+                dir.path().join("ca.pem").display(),
+                dir.path().join("pw").display(),
+            ),
+        )
+        .expect("config");
+        let d = Daemon::start(path, None).await;
+        if connects {
+            let m = wait_metric(d.metrics, "tcp_comm_mqtt_connected", 1.0).await;
+            assert!(sample(&m, "tcp_comm_mqtt_messages_total{outcome=\"published\"}") >= 19.0);
+        } else {
+            eventually("the refusal is logged", || async {
+                d.logged("MQTT broker unreachable").then_some(())
+            })
+            .await;
+            assert_eq!(
+                sample(&scrape(d.metrics).await, "tcp_comm_mqtt_connected"),
+                0.0
+            );
+        }
+    }
 }

@@ -160,6 +160,8 @@ async fn drive(mut events: rumqttc::EventLoop, tx: mpsc::Sender<Report>, stop: C
 struct Run {
     client: AsyncClient,
     connected: bool,
+    /// Whether this outage has been warned about (once per outage, then debug).
+    warned: bool,
     last_state: Option<Value>,
     last_sent: Option<Instant>,
     /// The reason of the newest rollback, for the sensor once the latch is cleared.
@@ -183,6 +185,7 @@ impl Bridge {
         let mut run = Run {
             client,
             connected: false,
+            warned: false,
             last_state: None,
             last_sent: None,
             last_rollback: self.newest_rollback_reason().await,
@@ -199,9 +202,12 @@ impl Bridge {
                     Some(Report::Disconnected(why)) => {
                         if run.connected {
                             warn!(error = %why, broker = %self.cfg.broker, "MQTT broker connection lost; reconnecting (device traffic is not affected)");
+                        } else if !run.warned {
+                            warn!(error = %why, broker = %self.cfg.broker, "MQTT broker unreachable (or it refused the connection); retrying with backoff (device traffic is not affected)");
                         } else {
-                            debug!(error = %why, "MQTT broker unreachable; retrying");
+                            debug!(error = %why, "MQTT broker still unreachable; retrying");
                         }
+                        run.warned = true;
                         run.connected = false;
                         self.metrics.set_mqtt_connected(false);
                     }
@@ -243,6 +249,7 @@ impl Bridge {
     async fn connected(&self, run: &mut Run) {
         info!(broker = %self.cfg.broker, "MQTT broker connected; publishing discovery");
         run.connected = true;
+        run.warned = false;
         self.metrics.set_mqtt_connected(true);
         for (topic, payload) in hass::discovery(&self.topics, self.cfg.allow_control) {
             self.publish(run, topic, payload);

@@ -310,3 +310,32 @@ async fn made_up_device_ids_cannot_grow_the_per_device_series_without_bound() {
     assert_eq!(series, 20, "one series per remembered device");
     gw.shutdown(Duration::from_millis(200)).await;
 }
+
+/// The upstream is dialled as soon as a device sends its first byte (beside its TLS
+/// handshake and hello). A device that goes away before its hello leaves nothing open at the
+/// add-on: the early connection closes with it, without a byte sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_dial_for_a_device_that_leaves_before_its_hello_is_closed_without_a_byte() {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let gw = TestGateway::new(l.local_addr().expect("addr"))
+        .set("device_tls.mode", "tls")
+        .start()
+        .await;
+    for _ in 0..3 {
+        let mut d = TcpStream::connect(gw.device_addr).await.expect("connect");
+        // The first bytes of a TLS ClientHello, then gone.
+        d.write_all(&[0x16, 0x03, 0x01]).await.expect("write");
+        let (mut up, _) = tokio::time::timeout(DEADLINE, l.accept())
+            .await
+            .expect("dialled early, before any hello")
+            .expect("accept");
+        drop(d);
+        assert!(
+            read_to_eof(&mut up).await.is_empty(),
+            "closed with the device, nothing sent"
+        );
+    }
+    let m = scrape(gw.metrics_addr).await;
+    assert_eq!(family_total(&m, "tcp_comm_routing_decisions_total"), 0.0);
+    gw.shutdown(Duration::from_millis(200)).await;
+}

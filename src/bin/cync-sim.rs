@@ -87,6 +87,33 @@ enum Cmd {
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
     },
+    /// A fake add-on and a fleet of devices that only connect, say hello and heartbeat: once
+    /// every device has its 0x28, one JSON line (time to all ready, hello -> 0x28 latency),
+    /// then held until `--hold` or Ctrl-C. For connection-scale and connect-latency
+    /// benchmarks.
+    Fleet {
+        /// Where devices dial (the proxy). Omit to dial the add-on directly.
+        #[arg(long)]
+        target: Option<SocketAddr>,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        addon_listen: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        devices: u32,
+        #[arg(long)]
+        tls: bool,
+        #[arg(long)]
+        addon_tls: bool,
+        /// Devices started per second (all at once: the fleet size).
+        #[arg(long, default_value_t = 1000)]
+        ramp_per_sec: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        hold: Option<Duration>,
+        /// Give up waiting for every 0x28 after this long.
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Devices + add-on harness at a target rate; progress every second, report at the end.
     Load {
         /// Where devices dial (the gateway). Omit to dial the add-on directly (baseline).
@@ -194,6 +221,86 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
                 sum(|s| DeviceStats::get(&s.heartbeats_sent)),
                 sum(|s| DeviceStats::get(&s.heartbeat_acks)),
             );
+        }
+        Cmd::Fleet {
+            target,
+            addon_listen,
+            devices,
+            tls,
+            addon_tls,
+            ramp_per_sec,
+            seed,
+            hold,
+            timeout,
+        } => {
+            let addon = Addon::start(
+                TcpListener::bind(addon_listen).await?,
+                AddonConfig {
+                    tls: addon_tls,
+                    ..AddonConfig::default()
+                },
+            )?;
+            let target = target.unwrap_or(addon.addr());
+            let cfg = LoadConfig {
+                target,
+                tls,
+                devices,
+                seed,
+                rate: 0.0,
+                duration: Duration::ZERO,
+                ramp_per_sec,
+                heartbeat: Duration::from_secs(21),
+                warmup: Duration::ZERO,
+                path_of: None,
+                target_of: None,
+            };
+            eprintln!(
+                "cync-sim: fake add-on on {}, {devices} devices dialing {target}",
+                addon.addr()
+            );
+            let stop = CancellationToken::new();
+            let started = tokio::time::Instant::now();
+            let fleet = load::spawn_fleet(&cfg, &stop);
+            let acked = || {
+                fleet
+                    .iter()
+                    .filter(|s| DeviceStats::get(&s.hello_acks) > 0)
+                    .count()
+            };
+            while acked() < devices as usize && started.elapsed() < timeout {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let ready_after = started.elapsed();
+            let mut us: Vec<u64> = fleet
+                .iter()
+                .flat_map(|s| {
+                    s.hello_ack_us
+                        .lock()
+                        .map(|v| v.first().copied())
+                        .ok()
+                        .flatten()
+                })
+                .collect();
+            us.sort_unstable();
+            let q = |p: f64| {
+                us.get(((us.len() as f64 * p).ceil() as usize).saturating_sub(1))
+                    .map_or(f64::NAN, |v| *v as f64 / 1000.0)
+            };
+            let connects: u64 = fleet.iter().map(|s| DeviceStats::get(&s.connects)).sum();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "devices": devices,
+                    "ready": acked(),
+                    "connects": connects,
+                    "ready_after_ms": ready_after.as_secs_f64() * 1000.0,
+                    "hello_ack_ms": { "p50": q(0.5), "p99": q(0.99), "max": q(1.0) },
+                })
+            );
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+            until(hold).await;
+            stop.cancel();
         }
         Cmd::Addon {
             listen,

@@ -8,7 +8,8 @@
 //!   write.
 //! - The TLS handshake has its own, shorter deadline (`tls_handshake_timeout`), and a
 //!   connection that sent nothing at all within `handshake_timeout` is closed without dialling
-//!   the add-on.
+//!   the add-on. Where the route cannot change the upstream, the dial starts at the device's
+//!   first byte and runs beside its TLS handshake and hello ([`Handler::early_dial`]).
 //! - Routing uses the configuration in force once the hello is in (not the one at accept), and
 //!   the connection is registered before anything else awaits, then re-checked, so a reload at
 //!   any moment finds it.
@@ -120,6 +121,10 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// An upstream dial started before the hello ([`Handler::early_dial`]).
+type EarlyDial =
+    tokio_util::task::AbortOnDropHandle<Result<Stream, crate::conn::upstream::DialError>>;
+
 /// A connection that has been routed and registered: what is left is to dial and run it.
 struct Routed {
     cfg: Arc<Config>,
@@ -160,6 +165,7 @@ impl Handler {
         {
             return;
         }
+        let early = self.early_dial(&tcp, &cfg, deadline).await;
         let Some(mut device) = self.tls_accept(tcp, &cfg, deadline).await else {
             return;
         };
@@ -180,7 +186,9 @@ impl Handler {
             metrics: self.ctx.metrics.clone(),
             transport: routed.route.transport,
         };
-        let Some((upstream, dialer)) = self.dial(routed.route.transport, routed.device_id).await
+        let Some((upstream, dialer)) = self
+            .dial(routed.route.transport, routed.device_id, early)
+            .await
         else {
             drop(active);
             self.ctx.metrics.closed(
@@ -354,27 +362,75 @@ impl Handler {
         }
     }
 
-    /// This connection's dialer for its path, and its first upstream connection; `None`
-    /// (counted, logged) when it cannot be reached.
+    /// Starts dialling the upstream as soon as the device sends its first byte, so the
+    /// upstream's connect and TLS handshake overlap the device's TLS handshake and hello
+    /// instead of following them (as HAProxy, which dials at accept, does): possible when
+    /// the route cannot change where the connection goes or comes from (no `[upstream.new]`,
+    /// no source pool). A connection that sends nothing is still never dialled; a dial whose
+    /// connection ends before it is routed is dropped with it (aborted, its socket closed).
+    async fn early_dial(
+        &self,
+        tcp: &TcpStream,
+        cfg: &Config,
+        deadline: Instant,
+    ) -> Option<(EarlyDial, Dialer)> {
+        if cfg.upstream_new.is_some() {
+            return None;
+        }
+        let (dialer, _) = self.ctx.dialer.for_connection(self.peer, self.local, None);
+        if dialer.needs_device() {
+            return None;
+        }
+        // A peek, not `readable()`, which may wake without data.
+        let mut one = [0u8; 1];
+        let first_byte = tokio::select! {
+            _ = self.ctx.shutdown.cancelled() => return None,
+            r = tokio::time::timeout_at(deadline, tcp.peek(&mut one)) => r,
+        };
+        if !matches!(first_byte, Ok(Ok(n)) if n > 0) {
+            return None;
+        }
+        let d = dialer.clone();
+        let handle = tokio::spawn(async move { d.dial().await });
+        Some((tokio_util::task::AbortOnDropHandle::new(handle), dialer))
+    }
+
+    /// This connection's dialer for its path, and its first upstream connection (the early
+    /// dial's, when there is one); `None` (counted, logged) when it cannot be reached.
     async fn dial(
         &self,
         transport: Transport,
         device: Option<DeviceId>,
+        early: Option<(EarlyDial, Dialer)>,
     ) -> Option<(Stream, Dialer)> {
-        let shared = match transport {
-            Transport::New => &self.ctx.reliable.dialer,
-            _ => &self.ctx.dialer,
+        let (dialer, dialed) = match early {
+            Some((handle, dialer)) => {
+                let dialed = match handle.await {
+                    Ok(r) => r,
+                    // The task was cancelled or panicked: dial again, here.
+                    Err(_) => dialer.dial().await,
+                };
+                (dialer, dialed)
+            }
+            None => {
+                let shared = match transport {
+                    Transport::New => &self.ctx.reliable.dialer,
+                    _ => &self.ctx.dialer,
+                };
+                let (dialer, collision) = shared.for_connection(self.peer, self.local, device);
+                if let Some(how) = collision {
+                    self.ctx.metrics.source_pool_collision(transport, how);
+                    debug!(
+                        source = ?dialer.source_address(),
+                        how = how.label(),
+                        "the device's preferred source address is held by another device"
+                    );
+                }
+                let dialed = dialer.dial().await;
+                (dialer, dialed)
+            }
         };
-        let (dialer, collision) = shared.for_connection(self.peer, self.local, device);
-        if let Some(how) = collision {
-            self.ctx.metrics.source_pool_collision(transport, how);
-            debug!(
-                source = ?dialer.source_address(),
-                how = how.label(),
-                "the device's preferred source address is held by another device"
-            );
-        }
-        match dialer.dial().await {
+        match dialed {
             Ok(u) => Some((u, dialer)),
             Err(e) => {
                 warn!(error = %e, path = transport.label(), upstream = dialer.address(), "upstream unreachable; closing the device connection");

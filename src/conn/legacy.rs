@@ -19,7 +19,7 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +30,7 @@ use super::pair::{Pair, Path};
 use super::reliable::SessionCtx;
 use super::shadow::{Shadow, ShadowCtx};
 use super::stop::{ConnStop, Finishing};
-use super::tls::Stream;
+use super::tls::{ReadHalf, Stream};
 use super::transactions::{record, Event, Tracker};
 use super::{Direction, Routes, Transport};
 use crate::protocol::{DeviceId, Segment, Tap};
@@ -210,18 +210,19 @@ enum PumpEnd {
 /// Forwards one direction, each read observed and then written as one write. Once `closing`
 /// fires (between reads, never mid-write) the FIN is passed on and whatever still arrives is
 /// read and counted as dropped, so the peer sees a clean close rather than a reset.
-async fn pump<R, W>(
-    mut from: R,
+///
+/// The read buffer exists only while bytes are in hand ([`ReadHalf::read_ready`]), so an
+/// idle connection holds none.
+async fn pump<W>(
+    from: &mut ReadHalf,
     mut to: W,
     dir: Direction,
     obs: &Observer,
     closing: &CancellationToken,
 ) -> PumpEnd
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; READ_BUF];
     let mut closed = false;
     loop {
         let read = tokio::select! {
@@ -231,19 +232,20 @@ where
                 let _ = to.shutdown().await;
                 continue;
             }
-            r = from.read(&mut buf) => r,
+            r = from.read_ready(READ_BUF) => r,
         };
-        let n = match read {
-            Ok(0) => {
+        let buf = match read {
+            Ok(b) if b.is_empty() => {
                 // Pass the FIN on; the other direction keeps flowing.
                 if !closed {
                     let _ = to.shutdown().await;
                 }
                 return PumpEnd::Eof;
             }
-            Ok(n) => n,
+            Ok(b) => b,
             Err(e) => return PumpEnd::ReadFailed(e),
         };
+        let n = buf.len();
         if closed {
             obs.dropped_at_close(dir, n);
             continue;
@@ -348,8 +350,8 @@ pub async fn forward(
         let _ = upstream.flush().await;
     }
 
-    let (mut dev_r, mut dev_w) = tokio::io::split(device);
-    let (mut up_r, mut up_w) = tokio::io::split(upstream);
+    let (mut dev_r, mut dev_w) = device.split();
+    let (mut up_r, mut up_w) = upstream.split();
     let closing = CancellationToken::new();
     let never = CancellationToken::new();
     let reason = {
@@ -443,13 +445,13 @@ pub async fn forward(
             }
         }
     };
-    let device = dev_r.unsplit(dev_w);
-    let upstream = up_r.unsplit(up_w);
     match reason {
-        CloseReason::DeviceReset => upstream.set_reset_on_close(),
-        CloseReason::UpstreamReset => device.set_reset_on_close(),
+        CloseReason::DeviceReset => up_r.set_reset_on_close(),
+        CloseReason::UpstreamReset => dev_r.set_reset_on_close(),
         _ => {}
     }
+    // Both halves of each go here, and with them the sockets.
+    drop((dev_r, dev_w, up_r, up_w));
     obs.close();
     reason
 }
@@ -458,6 +460,7 @@ pub async fn forward(
 mod tests {
     use super::*;
     use crate::protocol::{build, MsgId};
+    use tokio::io::AsyncReadExt;
 
     fn observer() -> Observer {
         Observer::new(
@@ -469,16 +472,29 @@ mod tests {
         )
     }
 
+    /// A loopback connection: the peer's end, and this end split as a path splits it.
+    async fn tcp_pair() -> (tokio::net::TcpStream, ReadHalf, crate::conn::tls::WriteHalf) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let c = tokio::net::TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (s, _) = l.accept().await.expect("accept");
+        let (r, w) = Stream::Plain(s).split();
+        (c, r, w)
+    }
+
     #[tokio::test]
     async fn a_command_still_being_written_to_a_device_that_does_not_read_is_pending() {
         let obs = observer();
         let cmd = build::power_command(DeviceId([1, 2, 3, 4]), MsgId([0, 0, 0]), 7, 10, true);
         // The add-on's side holds one command; the device's side takes one byte and no more.
-        let (mut addon, from) = tokio::io::duplex(4096);
+        let (mut addon, mut from, _keep) = tcp_pair().await;
         let (to, _device) = tokio::io::duplex(1);
         addon.write_all(&cmd).await.expect("write");
         let never = CancellationToken::new();
-        let pump = pump(from, to, Direction::SrvToDev, &obs, &never);
+        let pump = pump(&mut from, to, Direction::SrvToDev, &obs, &never);
         tokio::pin!(pump);
         // Drive the pump until it is stuck in the device write.
         let stuck = tokio::time::timeout(Duration::from_millis(200), &mut pump).await;
@@ -500,10 +516,10 @@ mod tests {
             Tracker::new(Duration::from_secs(5), Duration::from_secs(10)),
             4096,
         );
-        let (mut device, from) = tokio::io::duplex(4096);
+        let (mut device, mut from, _keep) = tcp_pair().await;
         let (to, mut upstream) = tokio::io::duplex(4096);
         let closing = CancellationToken::new();
-        let task = pump(from, to, Direction::DevToSrv, &obs, &closing);
+        let task = pump(&mut from, to, Direction::DevToSrv, &obs, &closing);
         tokio::pin!(task);
         device.write_all(&build::heartbeat()).await.expect("write");
         let mut got = [0u8; 5];

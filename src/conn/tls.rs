@@ -96,6 +96,7 @@ fn version(v: TlsVersion) -> SslVersion {
 /// certificate was generated, that certificate (for logs and tests).
 pub fn device_acceptor(cfg: &DeviceTls) -> Result<(SslAcceptor, Option<X509>), TlsError> {
     let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())?;
+    release_buffers(&mut b);
     // Devices and the add-on often just drop TCP; that is a close, not an error.
     b.set_options(SslOptions::IGNORE_UNEXPECTED_EOF);
     // The Mozilla profile disables TLS 1.0/1.1 by option, which would override `min_version`.
@@ -138,6 +139,7 @@ fn load_err(what: &'static str, path: &Path, source: openssl::error::ErrorStack)
 /// Builds the upstream connector for one verification policy.
 pub fn upstream_connector(verify: &UpstreamVerify) -> Result<SslConnector, TlsError> {
     let mut b = SslConnector::builder(SslMethod::tls_client())?;
+    release_buffers(&mut b);
     b.set_options(SslOptions::IGNORE_UNEXPECTED_EOF);
     match verify {
         UpstreamVerify::None => b.set_verify(SslVerifyMode::NONE),
@@ -161,6 +163,13 @@ pub fn upstream_connector(verify: &UpstreamVerify) -> Result<SslConnector, TlsEr
         }
     }
     Ok(b.build())
+}
+
+/// OpenSSL frees a connection's read and write buffers (about 34 KiB each) whenever they are
+/// empty, as HAProxy has it do: an idle device connection then holds none, which is most of
+/// what a TLS connection costs (docs/benchmarks.md, idle memory per device).
+fn release_buffers(b: &mut openssl::ssl::SslContextBuilder) {
+    b.set_mode(openssl::ssl::SslMode::RELEASE_BUFFERS);
 }
 
 /// Runs the server side of a TLS handshake on an accepted socket.
@@ -218,6 +227,104 @@ impl Stream {
             Stream::Plain(_) => None,
             Stream::Tls(s) => s.ssl().current_cipher().map(|c| c.name()),
         }
+    }
+}
+
+impl Stream {
+    /// Ready when a read would not wait: bytes (or EOF, or an error) on the socket, or
+    /// decrypted bytes OpenSSL already holds. Needs no buffer, so a connection waiting for
+    /// its peer holds none.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Plain(t) => t.poll_read_ready(cx),
+            Stream::Tls(s) if s.ssl().pending() > 0 => Poll::Ready(Ok(())),
+            Stream::Tls(s) => s.get_ref().poll_read_ready(cx),
+        }
+    }
+
+    /// The two directions apart, for a task that reads one while writing the other. Both
+    /// halves are meant to be polled by one task (as the paths do): the lock between them is
+    /// then never contended.
+    pub fn split(self) -> (ReadHalf, WriteHalf) {
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(self));
+        (ReadHalf(shared.clone()), WriteHalf(shared))
+    }
+}
+
+type Shared = std::sync::Arc<std::sync::Mutex<Stream>>;
+
+fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Stream> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The reading half of a [`Stream`].
+pub struct ReadHalf(Shared);
+
+/// The writing half of a [`Stream`].
+pub struct WriteHalf(Shared);
+
+impl ReadHalf {
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        lock(&self.0).poll_read_ready(cx)
+    }
+
+    /// Waits for bytes without a buffer, then reads at most `limit` of them into one made
+    /// for them: a connection waiting for its peer (most of them, most of the time) holds no
+    /// read buffer. Empty means EOF. Cancel-safe: its only wait is the readiness, before
+    /// anything is read.
+    pub async fn read_ready(&mut self, limit: usize) -> io::Result<bytes::BytesMut> {
+        use bytes::BufMut as _;
+        loop {
+            std::future::poll_fn(|cx| self.poll_read_ready(cx)).await?;
+            let mut buf = bytes::BytesMut::with_capacity(limit);
+            // One attempt, never waiting: `None` when the readiness was stale (a TLS record
+            // not yet whole, say); the socket's waker is registered and the wait starts over.
+            let read = std::future::poll_fn(|cx| {
+                let mut dst = (&mut buf).limit(limit);
+                match tokio_util::io::poll_read_buf(Pin::new(&mut *self), cx, &mut dst) {
+                    Poll::Pending => Poll::Ready(None),
+                    Poll::Ready(r) => Poll::Ready(Some(r)),
+                }
+            })
+            .await;
+            match read {
+                None => continue,
+                Some(r) => return r.map(|_| buf),
+            }
+        }
+    }
+
+    /// [`Stream::set_reset_on_close`] of the whole stream.
+    pub fn set_reset_on_close(&self) {
+        lock(&self.0).set_reset_on_close();
+    }
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *lock(&self.0)).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *lock(&self.0)).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *lock(&self.0)).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *lock(&self.0)).poll_shutdown(cx)
     }
 }
 

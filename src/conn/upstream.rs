@@ -137,6 +137,12 @@ impl Dialer {
         (dialer, how)
     }
 
+    /// Whether its connections' source depends on the device's id (a pool), so it cannot dial
+    /// before the hello.
+    pub fn needs_device(&self) -> bool {
+        matches!(self.source, Source::Pool(_, None))
+    }
+
     /// The pool address this dialer's connections come from, if it holds one.
     pub fn source_address(&self) -> Option<std::net::IpAddr> {
         match &self.source {

@@ -231,6 +231,13 @@ impl Addon {
                 .map_err(std::io::Error::other)?;
             b.set_certificate(&s.cert).map_err(std::io::Error::other)?;
             b.set_private_key(&s.key).map_err(std::io::Error::other)?;
+            // Devices reach the real add-on directly with their static-RSA suites: so must
+            // they reach this one (the direct baseline of the benchmarks).
+            b.set_cipher_list(&format!(
+                "{}:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384",
+                crate::sim::device::DEVICE_CIPHERS
+            ))
+            .map_err(std::io::Error::other)?;
             Some(b.build())
         } else {
             None

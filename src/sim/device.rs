@@ -125,6 +125,8 @@ pub struct DeviceStats {
     pub time_replies: AtomicU64,
     pub info_acks: AtomicU64,
     pub other_received: AtomicU64,
+    /// Per session, microseconds from writing the hello to reading its 0x28 (benchmarks).
+    pub hello_ack_us: std::sync::Mutex<Vec<u64>>,
 }
 
 impl DeviceStats {
@@ -239,6 +241,8 @@ async fn session(
     let (r, mut w) = tokio::io::split(stream);
     let mut frames = FramedRead::new(r, CyncCodec::default());
     let mut last_send = Instant::now();
+    let hello_at = Instant::now();
+    let mut acked = false;
     w.write_all(&build::hello(st.id, &st.auth)).await?;
     if cfg.time_request {
         w.write_all(&build::time_request()).await?;
@@ -285,6 +289,15 @@ async fn session(
         };
         let reply: Option<Bytes> = match p.ptype() {
             PacketType::HelloAck => {
+                if !acked {
+                    acked = true;
+                    let us = hello_at.elapsed().as_micros() as u64;
+                    stats
+                        .hello_ack_us
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(us);
+                }
                 inc(&stats.hello_acks);
                 None
             }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Future;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -28,7 +28,7 @@ use super::resume::{self, Loss};
 use crate::conn::close::{is_reset, CLOSE_GRACE};
 use crate::conn::pair::{Pair, Path};
 use crate::conn::stop::{ConnStop, Finishing};
-use crate::conn::tls::Stream;
+use crate::conn::tls::{ReadHalf, Stream};
 use crate::conn::{CloseReason, Transport};
 use crate::protocol::{header_data_len, DeviceId};
 use crate::telemetry::labels::ResumeOutcome;
@@ -59,15 +59,14 @@ enum DevEnd {
     Close(CloseReason),
 }
 
-async fn read_device<R: AsyncRead + Unpin>(mut r: R, sh: &Shared) -> DevEnd {
-    let mut buf = vec![0u8; READ_BUF];
+async fn read_device(mut r: ReadHalf, sh: &Shared) -> DevEnd {
     loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) => return DevEnd::Eof,
-            Ok(n) => n,
+        let buf = match r.read_ready(READ_BUF).await {
+            Ok(b) if b.is_empty() => return DevEnd::Eof,
+            Ok(b) => b,
             Err(e) => return DevEnd::Failed(e),
         };
-        let res = sh.core().device_read(&buf[..n], Instant::now());
+        let res = sh.core().device_read(&buf, Instant::now());
         sh.to_up.notify_one();
         sh.to_dev.notify_one();
         // A reply may have made an older command's copy due at once.
@@ -153,8 +152,7 @@ async fn write_upstream<W: AsyncWrite + Unpin>(
     }
 }
 
-async fn read_upstream<R: AsyncRead + Unpin>(mut r: R, sh: &Shared) -> io::Error {
-    let mut buf = vec![0u8; READ_BUF];
+async fn read_upstream(mut r: ReadHalf, sh: &Shared) -> io::Error {
     loop {
         let limit = loop {
             let permit = sh.core().upstream_read_permit(Instant::now());
@@ -173,12 +171,12 @@ async fn read_upstream<R: AsyncRead + Unpin>(mut r: R, sh: &Shared) -> io::Error
             // them) run between reads, however fast the add-on writes.
             tokio::task::yield_now().await;
         }
-        let n = match r.read(&mut buf[..limit]).await {
-            Ok(0) => return io::ErrorKind::UnexpectedEof.into(),
-            Ok(n) => n,
+        let buf = match r.read_ready(limit.min(READ_BUF)).await {
+            Ok(b) if b.is_empty() => return io::ErrorKind::UnexpectedEof.into(),
+            Ok(b) => b,
             Err(e) => return e,
         };
-        let rearm = sh.core().upstream_read(&buf[..n], Instant::now());
+        let rearm = sh.core().upstream_read(&buf, Instant::now());
         sh.to_dev.notify_one();
         if rearm {
             sh.rearm.notify_one();
@@ -188,7 +186,7 @@ async fn read_upstream<R: AsyncRead + Unpin>(mut r: R, sh: &Shared) -> io::Error
 
 /// Runs one upstream connection until it fails either way; the session then resumes.
 async fn upstream_io(stream: Stream, replay: Option<Bytes>, sh: &Shared) -> io::Error {
-    let (r, w) = tokio::io::split(stream);
+    let (r, w) = stream.split();
     tokio::select! {
         e = write_upstream(w, replay, sh) => e,
         e = read_upstream(r, sh) => e,
@@ -247,7 +245,7 @@ pub async fn serve(ctx: &SessionCtx, pair: Pair<DeviceId>) -> CloseReason {
         room: Notify::new(),
         rearm: Notify::new(),
     };
-    let (dev_r, dev_w) = tokio::io::split(device);
+    let (dev_r, dev_w) = device.split();
     let dev_read = read_device(dev_r, &sh);
     let dev_write = write_device(dev_w, &sh);
     tokio::pin!(dev_read, dev_write);

@@ -498,6 +498,37 @@ def print_control(res):
 
 
 # ------------------------------------------------------------------------------------------
+def rollback(args):
+    """`cync-gateway demo` (25 % canary, 60 devices, checks every 2 s, 3 in a row): from the
+    fault on the new path to the latch, and until no device is on the new path."""
+    import re
+    out = subprocess.run([GW, "demo", "--fault-after", "20s"], capture_output=True, text=True,
+                         timeout=300, cwd=WORK).stdout
+    fault = latch = empty = None
+    for line in out.splitlines():
+        m = re.match(r"== ([\d.]+)s: FAULT", line)
+        if m:
+            fault = float(m.group(1))
+        m = re.match(r"\[\s*([\d.]+)s\].*\| new: (\d+) conns.*latch (\S+)", line)
+        if m and fault is not None:
+            t, new, state = float(m.group(1)), int(m.group(2)), m.group(3)
+            if latch is None and state.startswith("SET"):
+                latch = t
+            if latch is not None and empty is None and new == 0:
+                empty = t
+    m = re.search(r"fault to latch: ([\d.]+)s", out)
+    return {"fault_at": fault, "fault_to_latch_s": float(m.group(1)) if m else None,
+            "latch_at": latch, "fault_to_all_legacy_s": None if empty is None or fault is None else empty - fault}
+
+
+def print_rollback(res):
+    print("\n### Automatic rollback under load (`cync-gateway demo --fault-after 20s`: 25 % canary, "
+          "checks every 2 s, 3 failed checks in a row, commands time out after 5 s)\n")
+    print(f"- fault to latch: {fmt(res['fault_to_latch_s'], 1)} s; fault until no device is on the new path: "
+          f"{fmt(res['fault_to_all_legacy_s'], 1)} s (per-second lines, so +-1 s).")
+
+
+# ------------------------------------------------------------------------------------------
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
@@ -512,7 +543,7 @@ def main():
     ap.add_argument("--scale-legs", type=lambda s: s.split(","), default=["plain", "tls"])
     ap.add_argument("--single-repeats", type=int, default=10)
     ap.add_argument("--control-duration", default="30s")
-    ap.add_argument("--only", default="latency,saturation,scale,connect,control")
+    ap.add_argument("--only", default="latency,saturation,scale,connect,control,rollback")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -551,6 +582,10 @@ def main():
         del c["reloads"]
         results["control"] = c
         print_control(c)
+    if "rollback" in only:
+        log("rollback")
+        results["rollback"] = rollback(args)
+        print_rollback(results["rollback"])
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=1, default=str)

@@ -114,7 +114,7 @@ pub struct MqttConfig {
     pub username: Option<String>,
     /// The password, first line of this file.
     pub password_file: Option<PathBuf>,
-    /// Names the Home Assistant device ("Cync gateway <instance>") and its ids; `None`: the
+    /// Names the Home Assistant device ("Cync gateway `<instance>`") and its ids; `None`: the
     /// host name, made id-safe.
     pub instance: Option<String>,
     /// `None`: `cync-gateway-<instance>`.

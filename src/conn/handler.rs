@@ -9,7 +9,7 @@
 //! - The TLS handshake has its own, shorter deadline (`tls_handshake_timeout`), and a
 //!   connection that sent nothing at all within `handshake_timeout` is closed without dialling
 //!   the add-on. Where the route cannot change the upstream, the dial starts at the device's
-//!   first byte and runs beside its TLS handshake and hello ([`Handler::early_dial`]).
+//!   first byte and runs beside its TLS handshake and hello (`Handler::early_dial`).
 //! - Routing uses the configuration in force once the hello is in (not the one at accept), and
 //!   the connection is registered before anything else awaits, then re-checked, so a reload at
 //!   any moment finds it.

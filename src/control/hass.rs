@@ -1,5 +1,5 @@
 //! What the gateway looks like in Home Assistant: the MQTT discovery messages of its one
-//! device ("Cync gateway <instance>") and its entities, and the state they read, made from
+//! device ("Cync gateway `<instance>`") and its entities, and the state they read, made from
 //! the same [`Status`] `cync-gateway status --json` prints. Pure: the bridge
 //! ([`super::mqtt`]) publishes them.
 //!

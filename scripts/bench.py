@@ -29,7 +29,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.environ.get("BIN", os.path.join(ROOT, "target", "release"))
+BIN = os.path.abspath(os.environ.get("BIN", os.path.join(ROOT, "target", "release")))
 GW = os.path.join(BIN, "cync-gateway")
 SIM = os.path.join(BIN, "cync-sim")
 DEVICE_CIPHERS = "AES256-SHA256:AES256-SHA:AES128-SHA256:AES128-SHA"
@@ -217,20 +217,27 @@ def load_run(kind, tls, devices, rate, duration, warmup, seed=1, canary=None, du
     if canary is not None:
         argv += ["--canary-percent", str(canary)]
     try:
-        c0 = p.cpu()
         gen = subprocess.Popen(pinned(LOAD_CPU, argv), stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
         lines = []
         started = time.time()
+        # CPU is counted from the first progress line with commands (connection set-up and
+        # warm-up left out), against the commands sent from then on.
+        c0 = sent0 = None
         for line in gen.stdout:
             lines.append(line)
+            if c0 is None and line.startswith("{\"elapsed_s\""):
+                sent = json.loads(line)["commands"]["sent"]
+                if sent > 0:
+                    c0, sent0 = p.cpu(), sent
             if during is not None:
                 during(p, time.time() - started, line)
         gen.wait()
         c1 = p.cpu()
         text = "".join(lines)
         report = json.loads(text[text.rindex("\n{") + 1:] if "\n{" in text else text)
-        report["proxy_cpu_s"] = None if c0 is None else c1 - c0
+        report["proxy_cpu_s"] = None if c0 is None or c1 is None else c1 - c0
+        report["cpu_commands"] = None if sent0 is None else report["commands"]["sent"] - sent0
         report["progress"] = [json.loads(l) for l in lines if l.startswith("{\"elapsed_s\"")]
         report["proxy"] = p
         return report
@@ -248,6 +255,8 @@ def spread(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
         return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.3g}"
     return f"{min(xs):.3g}-{max(xs):.3g}"
 
 
@@ -263,7 +272,7 @@ def latency(args, tls):
         for t in TARGETS:
             rep = load_run(t, tls, args.devices, args.rate, args.duration, args.warmup, seed=r + 1)
             c = rep["commands"]
-            cpu100k = None if rep["proxy_cpu_s"] is None else rep["proxy_cpu_s"] / max(c["sent"], 1) * 1e5
+            cpu100k = None if rep["proxy_cpu_s"] is None else rep["proxy_cpu_s"] / max(rep["cpu_commands"], 1) * 1e5
             rows[t].append({"p50": c["p50_ms"], "p99": c["p99_ms"], "success": rep["success_ratio"],
                             "sent": c["sent"], "cpu100k": cpu100k})
             log(f"  latency {'tls' if tls else 'plain'} round {r + 1} {t}: p50 {c['p50_ms']:.3f} p99 {c['p99_ms']:.3f} "
@@ -318,7 +327,7 @@ def saturation(args, tls):
             rep = load_run(t, tls, args.devices, rate, args.sat_duration, args.warmup, seed=7)
             c = rep["commands"]
             ok = c["p99_ms"] <= 10.0 and rep["success_ratio"] >= 0.999
-            cpu100k = None if rep["proxy_cpu_s"] is None else rep["proxy_cpu_s"] / max(c["sent"], 1) * 1e5
+            cpu100k = None if rep["proxy_cpu_s"] is None else rep["proxy_cpu_s"] / max(rep["cpu_commands"], 1) * 1e5
             achieved = rep["commands_per_s"]
             steps[t].append({"rate": rate, "achieved": achieved, "p99": c["p99_ms"],
                              "success": rep["success_ratio"], "cpu100k": cpu100k, "ok": ok})
@@ -367,7 +376,12 @@ def fleet(kind, tls, n, ramp, seed=1, canary=None, hold="3600s", cpus=None, time
         gen = subprocess.Popen(pinned(cpus or LOAD_CPU, argv), stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
         line = gen.stdout.readline()
-        rep = json.loads(line)
+        try:
+            rep = json.loads(line)
+        except ValueError:
+            # The generator died (out of descriptors, say): nothing answered.
+            rep = {"devices": n, "ready": 0, "connects": 0, "ready_after_ms": None,
+                   "hello_ack_ms": {"p50": None, "p99": None, "max": None}}
         # Settled: allocations of the handshakes freed, heartbeats not due yet (21 s).
         time.sleep(2.0)
         after = p.rss()
@@ -422,19 +436,20 @@ def connect(args):
             singles = []
             for i in range(args.single_repeats):
                 rep, _, _ = fleet(t, True, 1, ramp=1, seed=1000 * r + i, hold="0s")
-                singles.append(rep["hello_ack_ms"]["p50"])
+                if rep["hello_ack_ms"]["p50"] is not None:
+                    singles.append(rep["hello_ack_ms"]["p50"])
             hundred, _, _ = fleet(t, True, 100, ramp=100, seed=r + 1, hold="0s")
             burst, _, _ = fleet(t, True, 1000, ramp=1000, seed=r + 1, hold="0s", timeout="30s")
             res.setdefault(t, []).append({
-                "single_p50": statistics.median(singles),
-                "single_p99": max(singles),
+                "single_p50": med(singles),
+                "single_p99": max(singles) if singles else None,
                 "h100_p50": hundred["hello_ack_ms"]["p50"], "h100_p99": hundred["hello_ack_ms"]["p99"],
                 "burst_ms": burst["ready_after_ms"] if burst["ready"] == 1000 else None,
                 "burst_ready": burst["ready"],
             })
-            log(f"  connect round {r + 1} {t}: 1 device p50 {res[t][-1]['single_p50']:.2f} ms, 100 p50/p99 "
-                f"{hundred['hello_ack_ms']['p50']:.1f}/{hundred['hello_ack_ms']['p99']:.1f} ms, 1k burst "
-                f"{burst['ready']}/1000 answered in {burst['ready_after_ms']:.0f} ms")
+            log(f"  connect round {r + 1} {t}: 1 device p50 {fmt(res[t][-1]['single_p50'], 2)} ms, 100 p50/p99 "
+                f"{fmt(hundred['hello_ack_ms']['p50'], 1)}/{fmt(hundred['hello_ack_ms']['p99'], 1)} ms, 1k burst "
+                f"{burst['ready']}/1000 answered in {fmt(burst['ready_after_ms'], 0)} ms")
     return res
 
 

@@ -16,29 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 const HELLO: &str = "handshake_0x23";
 
-fn v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-    format!(
-        "PROXY TCP4 {} {} {} {}\r\n",
-        src.ip(),
-        dst.ip(),
-        src.port(),
-        dst.port()
-    )
-    .into_bytes()
-}
-
-fn v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-    let (SocketAddr::V4(s), SocketAddr::V4(d)) = (src, dst) else {
-        panic!("IPv4 loopback expected");
-    };
-    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-    h.extend_from_slice(&[0x21, 0x11, 0x00, 0x0c]);
-    h.extend_from_slice(&s.ip().octets());
-    h.extend_from_slice(&d.ip().octets());
-    h.extend_from_slice(&s.port().to_be_bytes());
-    h.extend_from_slice(&d.port().to_be_bytes());
-    h
-}
+use common::{proxy_v1 as v1, proxy_v2 as v2};
 
 async fn accept(l: &TcpListener) -> TcpStream {
     tokio::time::timeout(DEADLINE, l.accept())

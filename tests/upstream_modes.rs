@@ -16,30 +16,7 @@ use common::*;
 const DEVICE: &str = "192.168.7.9:40001";
 const FRONT: &str = "192.168.7.1:23779";
 
-fn v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-    format!(
-        "PROXY TCP4 {} {} {} {}\r\n",
-        src.ip(),
-        dst.ip(),
-        src.port(),
-        dst.port()
-    )
-    .into_bytes()
-}
-
-/// Section 2.2 of the specification, for TCP over IPv4.
-fn v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-    let (SocketAddr::V4(s), SocketAddr::V4(d)) = (src, dst) else {
-        panic!("IPv4 expected");
-    };
-    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-    h.extend_from_slice(&[0x21, 0x11, 0x00, 0x0c]);
-    h.extend_from_slice(&s.ip().octets());
-    h.extend_from_slice(&d.ip().octets());
-    h.extend_from_slice(&s.port().to_be_bytes());
-    h.extend_from_slice(&d.port().to_be_bytes());
-    h
-}
+use common::{proxy_v1 as v1, proxy_v2 as v2};
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().expect("addr")

@@ -155,14 +155,8 @@ impl ControlTask {
             );
             return;
         }
-        let Some(path) = self.reloader.as_ref().map(|r| r.path().to_path_buf()) else {
-            warn!("canary percentage change requested, but this gateway was not started from a configuration file");
-            return;
-        };
-        let edited =
-            tokio::task::spawn_blocking(move || crate::config::edit::set_canary(&path, to)).await;
-        match edited {
-            Ok(Ok(_)) => {
+        match self.write_canary(to, "canary percentage change").await {
+            Some(Ok(())) => {
                 info!(
                     origin = origin.label(),
                     to, "routing.canary_percent written to the file"
@@ -170,10 +164,34 @@ impl ControlTask {
                 self.reload_as(Trigger::Signal, origin, "set_canary", reason)
                     .await;
             }
-            Ok(Err(e)) => {
+            Some(Err(e)) => {
                 warn!(error = %e, origin = origin.label(), to, "canary percentage change not made")
             }
-            Err(e) => error!(error = %e, "canary edit task failed"),
+            None => {}
+        }
+    }
+
+    /// Writes `to` as `routing.canary_percent` into the file the configuration came from;
+    /// `None` (logged) when it came from none, or the edit task failed.
+    async fn write_canary(
+        &self,
+        to: f64,
+        what: &'static str,
+    ) -> Option<Result<(), crate::config::edit::EditError>> {
+        let Some(path) = self.reloader.as_ref().map(|r| r.path().to_path_buf()) else {
+            warn!(
+                what,
+                "requested, but this gateway was not started from a configuration file"
+            );
+            return None;
+        };
+        match tokio::task::spawn_blocking(move || crate::config::edit::set_canary(&path, to)).await
+        {
+            Ok(r) => Some(r.map(|_| ())),
+            Err(e) => {
+                error!(error = %e, what, "the configuration edit task failed");
+                None
+            }
         }
     }
 
@@ -188,17 +206,9 @@ impl ControlTask {
             self.rollout_state(|s| s.asked = None);
             return;
         }
-        let Some(path) = self.reloader.as_ref().map(|r| r.path().to_path_buf()) else {
-            warn!(
-                "promotion requested, but this gateway was not started from a configuration file"
-            );
-            return;
-        };
         let from = self.live.config().routing.canary_percent;
-        let edited =
-            tokio::task::spawn_blocking(move || crate::config::edit::set_canary(&path, to)).await;
-        match edited {
-            Ok(Ok(_)) => {
+        match self.write_canary(to, "promotion").await {
+            Some(Ok(())) => {
                 info!(
                     origin = origin.label(),
                     from, to, "promoting: routing.canary_percent written to the file"
@@ -208,7 +218,7 @@ impl ControlTask {
                 self.reload_as(Trigger::Signal, origin, "promote", reason)
                     .await;
             }
-            Ok(Err(e)) => {
+            Some(Err(e)) => {
                 warn!(error = %e, from, to, "promotion ready, but the configuration file cannot be written: make it by hand (cync-gateway set-canary) or where the file comes from");
                 self.metrics.set_promotion_ready(true);
                 let at = self
@@ -243,7 +253,7 @@ impl ControlTask {
                     .await;
                 }
             }
-            Err(e) => error!(error = %e, "promotion task failed"),
+            None => {}
         }
     }
 

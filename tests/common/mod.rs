@@ -405,3 +405,32 @@ pub async fn drive(
     .await;
     a.report()
 }
+
+/// A PROXY protocol v1 header for TCP over IPv4/IPv6, laid out from the specification.
+pub fn proxy_v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let family = if src.is_ipv4() { "TCP4" } else { "TCP6" };
+    format!(
+        "PROXY {family} {} {} {} {}\r\n",
+        src.ip(),
+        dst.ip(),
+        src.port(),
+        dst.port()
+    )
+    .into_bytes()
+}
+
+/// A PROXY protocol v2 header for TCP over IPv4, laid out from the specification's section
+/// 2.2: the signature, 0x21 (version 2, PROXY), 0x11 (TCP over IPv4), the length, then
+/// source, destination and ports.
+pub fn proxy_v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let (SocketAddr::V4(s), SocketAddr::V4(d)) = (src, dst) else {
+        panic!("IPv4 expected");
+    };
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0x00, 0x0c]);
+    h.extend_from_slice(&s.ip().octets());
+    h.extend_from_slice(&d.ip().octets());
+    h.extend_from_slice(&s.port().to_be_bytes());
+    h.extend_from_slice(&d.port().to_be_bytes());
+    h
+}

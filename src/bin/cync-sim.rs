@@ -136,8 +136,8 @@ enum Cmd {
         addon_tls: bool,
         #[arg(long, default_value_t = 200)]
         ramp_per_sec: u32,
-        /// Start commands only after this long and once every device is ready (leaves the
-        /// add-on's start-up out of the latencies).
+        /// Start commands this long after every device is ready (leaves the fleet's
+        /// start-up traffic out of the latencies).
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         warmup: Duration,
         /// The gateway's routing.canary_percent: also report legacy and new devices apart.

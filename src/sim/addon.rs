@@ -174,6 +174,9 @@ struct Harness {
     lost: u64,
     unmatched: u64,
     latency: Histogram<u64>,
+    /// The same, since the last [`Addon::take_interval_p99`]: a cumulative p99 cannot show
+    /// a reload's second against the ones before it.
+    interval: Histogram<u64>,
     /// Finished commands per device: (done, failed).
     by_device: HashMap<DeviceId, (u64, u64)>,
 }
@@ -253,6 +256,7 @@ impl Addon {
                 lost: 0,
                 unmatched: 0,
                 latency: new_histogram()?,
+                interval: new_histogram()?,
                 by_device: HashMap::new(),
             }),
             next_conn: AtomicU64::new(0),
@@ -330,6 +334,7 @@ impl Addon {
         h.lost = 0;
         h.unmatched = 0;
         h.latency.reset();
+        h.interval.reset();
         h.by_device.clear();
     }
 
@@ -433,6 +438,18 @@ impl Addon {
                 }
             }
         }
+    }
+
+    /// The p99 (ms) of the commands answered since the last call, and how many; the
+    /// interval starts afresh.
+    pub fn take_interval_p99(&self) -> (f64, u64) {
+        let mut h = lock(&self.shared.harness);
+        let out = (
+            h.interval.value_at_quantile(0.99) as f64 / 1000.0,
+            h.interval.len(),
+        );
+        h.interval.reset();
+        out
     }
 
     /// Times out commands older than [`COMMAND_WAIT`].
@@ -709,10 +726,9 @@ async fn handle_read(
                         } else {
                             h.done += 1;
                             h.finished(device, true, 1);
-                            let us = waited.as_micros();
-                            let _ = h
-                                .latency
-                                .record(u64::try_from(us).unwrap_or(u64::MAX).max(1));
+                            let us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX).max(1);
+                            let _ = h.latency.record(us);
+                            let _ = h.interval.record(us);
                         }
                     } else if matches!(f.opcode, 0xd0 | 0xf0) {
                         // Only the harness sends power/brightness; the device also answers the

@@ -400,10 +400,10 @@ pub fn record(
             } => {
                 metrics.command(t, outcome, latency, device);
                 metrics.tracer().command(
-                    device.map(|d| d.to_hex()),
+                    device,
                     t.label(),
                     seq,
-                    msg_id.map(|m| hex::encode(m.0)),
+                    msg_id,
                     attempts(seq),
                     outcome.label(),
                     ack,

@@ -12,9 +12,11 @@
 //!   from [`super::labels`]), so neither a label's arity nor its spelling can be wrong at a call
 //!   site; family registration errors surface once, at construction.
 
+use std::sync::OnceLock;
+
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use thiserror::Error;
 
@@ -25,7 +27,7 @@ use super::labels::{
 };
 use super::names;
 use super::slo_feed::Feeds;
-use crate::protocol::DeviceId;
+use crate::protocol::{DeviceId, PacketType};
 
 #[derive(Debug, Error)]
 pub enum MetricsError {
@@ -74,6 +76,25 @@ fn cross(v: &IntCounterVec, lists: &[&[&str]]) {
     go(v, lists, &mut combo);
 }
 
+const TRANSPORTS: usize = 3;
+const DIRECTIONS: usize = 2;
+
+/// One family's counters, each resolved on its first use and kept: `with_label_values`
+/// hashes every label and takes the family's lock, and the byte and packet counters are
+/// counted on every read and every frame of every connection. Resolving on first use (not
+/// at start) keeps the exposition unchanged: a series still appears when first counted.
+struct Hot<const N: usize>([OnceLock<IntCounter>; N]);
+
+impl<const N: usize> Hot<N> {
+    fn new() -> Self {
+        Hot(std::array::from_fn(|_| OnceLock::new()))
+    }
+
+    fn get(&self, i: usize, make: impl FnOnce() -> IntCounter) -> &IntCounter {
+        self.0[i].get_or_init(make)
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Every family registered, whether or not it has series yet.
@@ -87,7 +108,9 @@ pub struct Metrics {
     connections_rejected: IntCounterVec,
     connection_closes: IntCounterVec,
     bytes: IntCounterVec,
+    bytes_hot: Hot<{ TRANSPORTS * DIRECTIONS }>,
     packets: IntCounterVec,
+    packets_hot: Hot<{ TRANSPORTS * DIRECTIONS * PacketType::ALL.len() }>,
     decode_errors: IntCounterVec,
     unframed_bytes: IntCounterVec,
     close_dropped_bytes: IntCounterVec,
@@ -313,6 +336,7 @@ impl Metrics {
                 "Bytes forwarded",
                 &["transport", "direction"],
             )?,
+            bytes_hot: Hot::new(),
             packets: counter(
                 &r,
                 &mut names,
@@ -320,6 +344,7 @@ impl Metrics {
                 "Packets decoded from forwarded traffic",
                 &["transport", "direction", "packet_type"],
             )?,
+            packets_hot: Hot::new(),
             decode_errors: counter(
                 &r,
                 &mut names,
@@ -811,15 +836,22 @@ impl Metrics {
 
     /// Bytes forwarded (or, for a shadow, observed) in `dir`.
     pub fn bytes(&self, t: Transport, dir: Direction, n: usize) {
-        self.bytes
-            .with_label_values(&[t.label(), dir.label()])
+        let i = t as usize * DIRECTIONS + dir as usize;
+        self.bytes_hot
+            .get(i, || {
+                self.bytes.with_label_values(&[t.label(), dir.label()])
+            })
             .inc_by(n as u64);
     }
 
-    pub fn packet(&self, t: Transport, dir: Direction, ptype: impl Label) {
+    pub fn packet(&self, t: Transport, dir: Direction, ptype: PacketType) {
         self.feeds.path(t).frame();
-        self.packets
-            .with_label_values(&[t.label(), dir.label(), ptype.label()])
+        let i = (t as usize * DIRECTIONS + dir as usize) * PacketType::ALL.len() + ptype as usize;
+        self.packets_hot
+            .get(i, || {
+                self.packets
+                    .with_label_values(&[t.label(), dir.label(), ptype.label()])
+            })
             .inc();
     }
 
@@ -863,8 +895,8 @@ impl Metrics {
         let success = outcome == CommandOutcome::Success;
         let fast = latency.is_some_and(|l| self.feeds.within_latency(l));
         self.feeds.path(t).command(success, fast);
-        let dev = device.map(|d| d.to_hex()).unwrap_or_default();
         if self.per_device {
+            let dev = device.map(|d| d.to_hex()).unwrap_or_default();
             if let Some(d) = device {
                 self.device_seen(d);
             }
@@ -1221,6 +1253,46 @@ mod tests {
         );
         let text = m.render().expect("render");
         assert!(text.contains("device_id=\"38e8cf46\""), "{text}");
+    }
+
+    #[test]
+    fn every_byte_and_packet_series_counts_apart_and_appears_only_once_counted() {
+        use strum::IntoEnumIterator;
+        assert_eq!(Transport::iter().count(), TRANSPORTS);
+        assert_eq!(Direction::iter().count(), DIRECTIONS);
+        let m = Metrics::new(false).expect("metrics");
+        let before = m.render().expect("render");
+        assert!(!before.contains("tcp_comm_packets_total{"), "{before}");
+        // Each combination counted a different number of times, so two combinations sharing
+        // a slot would show up as a wrong count.
+        let mut n = 0u64;
+        let mut want = Vec::new();
+        for t in Transport::iter() {
+            for d in Direction::iter() {
+                for p in PacketType::ALL {
+                    n += 1;
+                    for _ in 0..n {
+                        m.packet(t, d, p);
+                    }
+                    want.push(format!(
+                        "tcp_comm_packets_total{{direction=\"{}\",packet_type=\"{}\",transport=\"{}\"}} {n}",
+                        d.label(),
+                        p.label(),
+                        t.label()
+                    ));
+                }
+                m.bytes(t, d, n as usize);
+                want.push(format!(
+                    "tcp_comm_bytes_total{{direction=\"{}\",transport=\"{}\"}} {n}",
+                    d.label(),
+                    t.label()
+                ));
+            }
+        }
+        let text = m.render().expect("render");
+        for w in want {
+            assert!(text.lines().any(|l| l == w), "missing {w}");
+        }
     }
 }
 

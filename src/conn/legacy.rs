@@ -224,10 +224,13 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut closed = false;
+    // One waiter for the pump's life: a fresh `cancelled()` per read registered and
+    // unregistered a waiter under the token's lock every time, on the hottest loop there is.
+    let mut cancelled = std::pin::pin!(closing.cancelled());
     loop {
         let read = tokio::select! {
             biased;
-            _ = closing.cancelled(), if !closed => {
+            _ = &mut cancelled, if !closed => {
                 closed = true;
                 let _ = to.shutdown().await;
                 continue;
@@ -355,9 +358,20 @@ pub async fn forward(
     let closing = CancellationToken::new();
     let never = CancellationToken::new();
     let reason = {
-        let to_up = pump(&mut dev_r, &mut up_w, Direction::DevToSrv, obs, &closing);
-        let to_dev = pump(&mut up_r, &mut dev_w, Direction::SrvToDev, obs, &never);
-        tokio::pin!(to_up, to_dev);
+        let mut to_up = std::pin::pin!(pump(
+            &mut dev_r,
+            &mut up_w,
+            Direction::DevToSrv,
+            obs,
+            &closing
+        ));
+        let mut to_dev = std::pin::pin!(pump(
+            &mut up_r,
+            &mut dev_w,
+            Direction::SrvToDev,
+            obs,
+            &never
+        ));
         let mut up_done = false;
         let mut dev_done = false;
         let mut half_closed_at: Option<Instant> = None;
@@ -367,11 +381,15 @@ pub async fn forward(
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
+        let mut stopping = std::pin::pin!(stop.token().cancelled());
         // The pump futures are polled by reference and never dropped mid-loop, so a write in
         // progress is never cancelled while the pair lives; they are only dropped at teardown.
         loop {
             let close_by = closing_as.map(|(_, t)| t);
+            // Biased: every wake-up is a socket's, so the pumps go first, and no random
+            // branch order is drawn per wake-up; the timers behind them are polled each time.
             tokio::select! {
+                biased;
                 end = &mut to_up, if !up_done => {
                     up_done = true;
                     match end {
@@ -436,7 +454,7 @@ pub async fn forward(
                         closing_as = Some((r, Instant::now() + CLOSE_GRACE));
                     }
                 }
-                _ = stop.token().cancelled(), if !finishing.requested() => {
+                _ = &mut stopping, if !finishing.requested() => {
                     if let Some(r) = finishing.begin(obs.pending_commands(), Instant::now()) {
                         closing.cancel();
                         closing_as = Some((r, Instant::now() + CLOSE_GRACE));

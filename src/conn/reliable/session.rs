@@ -226,29 +226,33 @@ pub async fn serve(ctx: &SessionCtx, pair: Pair<DeviceId>) -> CloseReason {
     let hello_len = header_data_len(&first).map_or(first.len(), |d| (5 + d).min(first.len()));
     let half_close = cfg.protocol.half_close_timeout;
     let now = Instant::now();
-    let mut core = Core::new(
-        Transport::New,
-        ctx,
-        cfg,
-        device_id,
-        first.slice(..hello_len),
-        now,
-    );
-    if let Err(reason) = core.device_read(&first, now) {
-        core.close(now);
-        return reason;
-    }
+    // The core is built in place in its mutex, and the futures below pinned where they are
+    // made: a value moved after being built kept its first slot too, in every session's
+    // future for the connection's life (1.6 KiB for the core alone).
     let sh = Shared {
-        core: Mutex::new(core),
+        core: Mutex::new(Core::new(
+            Transport::New,
+            ctx,
+            cfg,
+            device_id,
+            first.slice(..hello_len),
+            now,
+        )),
         to_up: Notify::new(),
         to_dev: Notify::new(),
         room: Notify::new(),
         rearm: Notify::new(),
     };
+    {
+        let mut core = sh.core();
+        if let Err(reason) = core.device_read(&first, now) {
+            core.close(now);
+            return reason;
+        }
+    }
     let (dev_r, dev_w) = device.split();
-    let dev_read = read_device(dev_r, &sh);
-    let dev_write = write_device(dev_w, &sh);
-    tokio::pin!(dev_read, dev_write);
+    let mut dev_read = std::pin::pin!(read_device(dev_r, &sh));
+    let mut dev_write = std::pin::pin!(write_device(dev_w, &sh));
     let mut up: Option<UpFuture<'_>> = Some(Box::pin(upstream_io(upstream, None, &sh)));
     let mut redial: Option<RedialFuture<'_>> = None;
     let mut finishing = Finishing::new(stop);
@@ -260,8 +264,20 @@ pub async fn serve(ctx: &SessionCtx, pair: Pair<DeviceId>) -> CloseReason {
     // This device's redial spread, 0.8-1.2, the same at every outage.
     let spread = 0.8 + f64::from(u32::from_be_bytes(device_id.0) % 401) / 1000.0;
 
+    // The loop turns on every device read and write (each re-arms it), so its two
+    // long-lived waits are made once: a fresh `Sleep` per turn registered and cancelled a
+    // timer each time, and a fresh `cancelled()` a waiter under the token's lock.
+    let mut stopping = std::pin::pin!(stop.token().cancelled());
+    let mut armed = sh.core().next_wake();
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(armed));
+    let mut fired = false;
     let reason = loop {
         let wake = sh.core().next_wake();
+        if wake != armed || fired {
+            timer.as_mut().reset(wake);
+            armed = wake;
+            fired = false;
+        }
         let finish_by = finish.map(|(_, t)| t);
         tokio::select! {
             end = &mut dev_read, if !device_eof => match end {
@@ -346,7 +362,8 @@ pub async fn serve(ctx: &SessionCtx, pair: Pair<DeviceId>) -> CloseReason {
                 }
             }
             _ = sh.rearm.notified() => {}
-            _ = tokio::time::sleep_until(wake) => {
+            _ = &mut timer => {
+                fired = true;
                 let r = sh.core().tick(Instant::now());
                 sh.to_dev.notify_one();
                 if let Err(reason) = r {
@@ -374,7 +391,7 @@ pub async fn serve(ctx: &SessionCtx, pair: Pair<DeviceId>) -> CloseReason {
                     finish = Some((r, Instant::now() + CLOSE_GRACE));
                 }
             }
-            _ = stop.token().cancelled(), if !finishing.requested() => {
+            _ = &mut stopping, if !finishing.requested() => {
                 let pending = sh.core().pending_commands();
                 if let Some(r) = finishing.begin(pending, Instant::now()) {
                     if up.is_none() || finish.is_some() { break r; }

@@ -336,14 +336,18 @@ impl ControlTask {
         };
         self.live.set_latch(on);
         reload::publish(&self.metrics, &self.live);
+        // The count before the gauge: a scrape that sees the latch set must see the rollback
+        // that set it (tests/runbook.rs read one scrape and saw the gauge without the count).
+        if on {
+            self.metrics
+                .rollback(cause.unwrap_or(RollbackCause::Operator));
+        }
         self.metrics.set_rollback_active(on);
         if on {
             warn!(
                 origin = origin.label(),
                 reason, "rollback latch set: every device routes to legacy"
             );
-            self.metrics
-                .rollback(cause.unwrap_or(RollbackCause::Operator));
         } else {
             info!(
                 origin = origin.label(),

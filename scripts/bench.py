@@ -68,9 +68,24 @@ def wait_port(port, proc=None, timeout=20.0):
 
 
 def cpu_s(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    """CPU time of the process in seconds, at nanosecond resolution: the sum of its threads'
+    run time from /proc/<pid>/task/*/schedstat. utime+stime come in clock ticks (10 ms),
+    which over a fixed-load round of ~2,000 commands left CPU per command at +/-0.5 s per
+    100k, as large as the differences being measured. A thread that has exited is not
+    counted; both proxies' threads live as long as the process."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    except FileNotFoundError:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+    return total / 1e9
 
 
 def rss_kib(pid):
@@ -220,12 +235,15 @@ def load_run(kind, tls, devices, rate, duration, warmup, seed=1, canary=None, du
         gen = subprocess.Popen(pinned(LOAD_CPU, argv), stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
         lines = []
+        line_times = []
         started = time.time()
         # CPU is counted from the first progress line with commands (connection set-up and
         # warm-up left out), against the commands sent from then on.
         c0 = sent0 = None
         for line in gen.stdout:
             lines.append(line)
+            if line.startswith("{\"elapsed_s\""):
+                line_times.append(time.time() - started)
             if c0 is None and line.startswith("{\"elapsed_s\""):
                 sent = json.loads(line)["commands"]["sent"]
                 if sent > 0:
@@ -239,6 +257,7 @@ def load_run(kind, tls, devices, rate, duration, warmup, seed=1, canary=None, du
         report["proxy_cpu_s"] = None if c0 is None or c1 is None else c1 - c0
         report["cpu_commands"] = None if sent0 is None else report["commands"]["sent"] - sent0
         report["progress"] = [json.loads(l) for l in lines if l.startswith("{\"elapsed_s\"")]
+        report["line_times"] = line_times
         report["proxy"] = p
         return report
     finally:
@@ -399,6 +418,8 @@ def scale(args):
     res = {}
     for n in args.scale_sizes:
         for tls in [l == "tls" for l in args.scale_legs]:
+            if tls and n not in args.scale_tls_sizes:
+                continue
             for r in range(args.scale_rounds):
                 for t in PROXIES:
                     # The generator does both ends of every TLS handshake on its one core:
@@ -470,13 +491,15 @@ def print_connect(res, args):
 # ------------------------------------------------------------------------------------------
 def control(args):
     """During a run at 50 %: set-canary 50 -> 25 at 1/3, SIGHUP with no change at 2/3. Counts
-    refused connections and device disconnects, and p99 per second before / around each."""
+    refused connections (by reason, before the edit and from it to the end) and device
+    disconnects, and the p99 of each second: before the edit, in the seconds of each change."""
     secs = int(args.control_duration.rstrip("s"))
     marks = {}
 
     def during(p, t, line):
         if "edit" not in marks and t >= secs / 3 + 3:
             marks["edit"] = t
+            marks["before"] = p.scrape()
             subprocess.run([GW, "set-canary", "25", "--config", p.config], capture_output=True)
         if "hup" not in marks and t >= 2 * secs / 3 + 3:
             marks["hup"] = t
@@ -488,16 +511,38 @@ def control(args):
     m = p.scrape()
     p.stop()
     prog = rep["progress"]
-    def p99_between(a, b):
-        xs = [x["commands"]["p99_ms"] for x in prog if a <= x["elapsed_s"] < b]
-        return max(xs) if xs else None
+    def rejected(text):
+        out = {}
+        for line in (text or "").splitlines():
+            if line.startswith("tcp_comm_connections_rejected_total{"):
+                reason = line.split('reason="', 1)[1].split('"', 1)[0]
+                out[reason] = out.get(reason, 0) + float(line.rsplit(" ", 1)[1])
+        return out
+    before = rejected(marks.get("before"))
+    after = rejected(m)
+    during_changes = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) - before.get(k, 0) > 0}
+    # Marks are on the wall clock since the generator started, progress lines on the
+    # generator's own (from the first command): each mark is matched to the first progress
+    # line read after it, the second in which the change landed.
+    lines_at = rep.get("line_times", [])
+    def line_index(t):
+        for i, lt in enumerate(lines_at):
+            if lt >= t:
+                return i
+        return None
+    ie, ih = line_index(marks.get("edit", 1e9)), line_index(marks.get("hup", 1e9))
+    p99s = [x["interval_p99_ms"] for x in prog]
+    def window(i):
+        return None if i is None else max(p99s[i:i + 2]) if p99s[i:i + 2] else None
     return {
+        "refused_before": before, "refused_after_edit": during_changes,
         "refused": metric_sum(m, "tcp_comm_connections_rejected_total"),
         "rehomed": metric_sum(m, "tcp_comm_rehomes_total"),
-        "reloads": m,
         "disconnects": rep["device_disconnects"],
         "success": rep["success_ratio"], "sent": rep["commands"]["sent"],
-        "p99_all": rep["commands"]["p99_ms"], "marks": marks,
+        "p99_all": rep["commands"]["p99_ms"], "marks": {k: v for k, v in marks.items() if k != "before"},
+        "p99_before": None if ie is None else (max(p99s[1:ie]) if p99s[1:ie] else None),
+        "p99_edit": window(ie), "p99_hup": window(ih),
     }
 
 
@@ -505,9 +550,14 @@ def print_control(res):
     print("\n### Control plane under load (legacy binary, 50 % canary, plain)\n")
     print(f"- `set-canary 25` at {res['marks'].get('edit', 0):.0f} s and a SIGHUP with no change at "
           f"{res['marks'].get('hup', 0):.0f} s into the run.")
-    print(f"- connections refused: {res['refused']:.0f}; devices re-homed (their route changed "
-          f"from new to legacy, by design): {res['rehomed']:.0f}; device disconnects seen by the "
-          f"fleet: {res['disconnects']}.")
+    fmt_r = lambda d: ", ".join(f"{k} {v:.0f}" for k, v in sorted(d.items())) or "none"
+    print(f"- connections refused before the edit: {fmt_r(res['refused_before'])}; from the edit to "
+          f"the end (both changes): {fmt_r(res['refused_after_edit'])}.")
+    print(f"- devices re-homed (their route changed from new to legacy, by design): "
+          f"{res['rehomed']:.0f}; device disconnects seen by the fleet: {res['disconnects']}.")
+    print(f"- p99 per second: worst second before the edit {fmt(res['p99_before'], 2)} ms; the "
+          f"edit's second and the next {fmt(res['p99_edit'], 2)} ms; the SIGHUP's second and the "
+          f"next {fmt(res['p99_hup'], 2)} ms.")
     print(f"- commands: {100 * res['success']:.2f} % of {res['sent']} answered; p99 over the run "
           f"{res['p99_all']:.2f} ms.")
 
@@ -551,11 +601,13 @@ def main():
     ap.add_argument("--rate", type=int, default=200)
     ap.add_argument("--duration", default="10s")
     ap.add_argument("--warmup", default="3s")
-    ap.add_argument("--sat-rates", type=lambda s: [int(x) for x in s.split(",")], default=[500, 1000, 2000, 4000, 8000])
+    ap.add_argument("--sat-rates", type=lambda s: [int(x) for x in s.split(",")], default=[4000, 8000, 16000, 24000, 32000, 48000])
     ap.add_argument("--sat-duration", default="5s")
     ap.add_argument("--scale-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 8000])
     ap.add_argument("--scale-rounds", type=int, default=1)
     ap.add_argument("--scale-legs", type=lambda s: s.split(","), default=["plain", "tls"])
+    ap.add_argument("--scale-tls-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1000],
+                    help="fleet sizes measured with TLS too (8,000 TLS devices are more than the one-core generator brings up)")
     ap.add_argument("--single-repeats", type=int, default=10)
     ap.add_argument("--control-duration", default="30s")
     ap.add_argument("--only", default="latency,saturation,scale,connect,control,rollback")
@@ -569,7 +621,8 @@ def main():
           f"LimitNOFILE (ulimit -n) {nofile}; git {subprocess.run(['git', '-C', ROOT, 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}.")
     print(f"Method: interleaved rounds ({', '.join(TARGETS)}, repeated), fresh proxy per run; proxy on "
           f"CPU {PROXY_CPU}, load generator on CPU {LOAD_CPU} (taskset); gateway with one tokio worker "
-          "thread, HAProxy nbthread 1; same timeouts, certificate and suites.")
+          "thread, HAProxy nbthread 1; same timeouts, certificate and suites. CPU: the proxy's "
+          "threads' run time (/proc/<pid>/task/*/schedstat, ns) from the first second with commands.")
     results = {}
     if "latency" in only:
         for tls in (False, True):
@@ -594,7 +647,6 @@ def main():
     if "control" in only:
         log("control")
         c = control(args)
-        del c["reloads"]
         results["control"] = c
         print_control(c)
     if "rollback" in only:

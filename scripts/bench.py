@@ -550,7 +550,7 @@ def print_control(res):
     print("\n### Control plane under load (legacy binary, 50 % canary, plain)\n")
     print(f"- `set-canary 25` at {res['marks'].get('edit', 0):.0f} s and a SIGHUP with no change at "
           f"{res['marks'].get('hup', 0):.0f} s into the run.")
-    fmt_r = lambda d: ", ".join(f"{k} {v:.0f}" for k, v in sorted(d.items())) or "none"
+    fmt_r = lambda d: ", ".join(f"{k} {v:.0f}" for k, v in sorted(d.items()) if v > 0) or "none"
     print(f"- connections refused before the edit: {fmt_r(res['refused_before'])}; from the edit to "
           f"the end (both changes): {fmt_r(res['refused_after_edit'])}.")
     print(f"- devices re-homed (their route changed from new to legacy, by design): "

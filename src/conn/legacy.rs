@@ -14,12 +14,15 @@
 //! - On shutdown or re-homing the pair stays open until no command is awaiting its reply, then
 //!   closes upstream first ([`forward`]); the daemon's drain deadline bounds the wait. Nothing read
 //!   is lost unseen: what arrives while closing is forwarded and measured, or counted dropped.
+//! - Timeouts (a transaction's, the idle limit, the half-close limit) are acted on when due,
+//!   by one timer per pair set for the first of them; a pair with nothing due does not wake.
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +49,9 @@ struct ObserverState {
     events: Vec<Event>,
     /// When the device last sent anything.
     last_device: Instant,
+    /// What the pair's timer is set for, as last told by [`Observer::arm`]: a packet that
+    /// brings a transaction's timeout before it wakes the pair to set it earlier.
+    armed: Option<Instant>,
 }
 
 /// Decodes copies of both directions of one connection and records what it sees.
@@ -56,6 +62,8 @@ pub struct Observer {
     state: Mutex<ObserverState>,
     /// Dark launch: the new path's logic (and maybe a mirror) on a copy of this traffic.
     shadow: Option<Shadow>,
+    /// A transaction now times out before the pair's timer is set to wake.
+    rearm: Notify,
 }
 
 impl Observer {
@@ -76,8 +84,10 @@ impl Observer {
                 srv_tap: Tap::new(max_frame_len),
                 events: Vec::new(),
                 last_device: Instant::now(),
+                armed: None,
             }),
             shadow: None,
+            rearm: Notify::new(),
         }
     }
 
@@ -135,10 +145,38 @@ impl Observer {
             }
         }
         self.flush(st);
+        if let Some(due) = st.tracker.next_deadline() {
+            if st.armed.is_none_or(|a| due < a) {
+                st.armed = Some(due);
+                self.rearm.notify_one();
+            }
+        }
         drop(guard);
         if let Some(shadow) = &self.shadow {
             shadow.observe(dir, read, &out, now);
         }
+    }
+
+    /// When the pair must next wake: the first transaction timeout, the idle limit (`idle`,
+    /// while the device may still send) and the half-close limit, whichever comes first;
+    /// remembered, so that a packet bringing an earlier timeout can say so.
+    fn arm(&self, idle: Option<Duration>, half_close_by: Option<Instant>, now: Instant) -> Instant {
+        let mut st = self.lock();
+        let due = [
+            st.tracker.next_deadline(),
+            idle.map(|d| st.last_device + d),
+            half_close_by,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(now + NOTHING_DUE);
+        st.armed = Some(due);
+        due
+    }
+
+    async fn rearmed(&self) {
+        self.rearm.notified().await;
     }
 
     fn flush(&self, st: &mut ObserverState) {
@@ -314,6 +352,10 @@ impl Path for Legacy {
     }
 }
 
+/// How far ahead the pair's timer is set when nothing is due (no transaction waiting, the
+/// device done sending, no half-close): only so that it is set to something.
+const NOTHING_DUE: Duration = Duration::from_secs(3600);
+
 /// The legacy path's timers, from the configuration of the connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Timers {
@@ -378,14 +420,26 @@ pub async fn forward(
         let mut finishing = Finishing::new(stop);
         // Set once the close has begun: why, and until when the add-on may take to close.
         let mut closing_as: Option<(CloseReason, Instant)> = None;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One timer for the pair's life, set for the next thing due (see `Observer::arm`),
+        // not a tick a second: a thousand idle devices woke the proxy a thousand times a
+        // second for nothing, which HAProxy, with no such tick, does not.
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(Instant::now() + NOTHING_DUE));
+        let mut armed: Option<Instant> = None;
         let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
         let mut stopping = std::pin::pin!(stop.token().cancelled());
         // The pump futures are polled by reference and never dropped mid-loop, so a write in
         // progress is never cancelled while the pair lives; they are only dropped at teardown.
         loop {
             let close_by = closing_as.map(|(_, t)| t);
+            let due = obs.arm(
+                (!up_done).then_some(timers.idle),
+                half_closed_at.map(|t| t + timers.half_close),
+                Instant::now(),
+            );
+            if armed != Some(due) {
+                timer.as_mut().reset(due);
+                armed = Some(due);
+            }
             // Biased: every wake-up is a socket's, so the pumps go first, and no random
             // branch order is drawn per wake-up; the timers behind them are polled each time.
             tokio::select! {
@@ -429,7 +483,10 @@ pub async fn forward(
                     }
                 } => obs.tick(),
                 _ = obs.shadow_rearmed() => {}
-                _ = tick.tick() => {
+                _ = obs.rearmed() => {}
+                _ = &mut timer => {
+                    // Fired: reset on the next turn even if the next due time is the same.
+                    armed = None;
                     obs.tick();
                     if half_closed_at.is_some_and(|t| t.elapsed() >= timers.half_close) {
                         break CloseReason::HalfCloseTimeout;
@@ -521,6 +578,74 @@ mod tests {
             obs.pending_commands(),
             1,
             "a drain asking now must see the command being written"
+        );
+    }
+
+    /// Both sides of a loopback connection as streams: the peer's and the pair's.
+    async fn streams() -> (tokio::net::TcpStream, Stream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let c = tokio::net::TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (s, _) = l.accept().await.expect("accept");
+        (c, Stream::Plain(s))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_reply_times_out_at_its_deadline_and_a_silent_device_at_the_idle_limit() {
+        let metrics = Arc::new(Metrics::new(false).expect("metrics"));
+        let obs = Observer::new(
+            Transport::Legacy,
+            None,
+            metrics.clone(),
+            Tracker::new(Duration::from_secs(5), Duration::from_secs(10)),
+            4096,
+        );
+        let timeouts = || {
+            metrics.total(
+                "tcp_comm_packet_sent_total",
+                &[("transport", "legacy"), ("outcome", "timeout")],
+            )
+        };
+        let (mut device, dev) = streams().await;
+        let (mut addon, up) = streams().await;
+        let shutdown = CancellationToken::new();
+        let stop = ConnStop::new(
+            &shutdown,
+            Duration::from_secs(1),
+            Arc::new(super::super::stop::ClosePacer::new(0.0)),
+        );
+        let timers = Timers {
+            idle: Duration::from_secs(90),
+            half_close: Duration::from_secs(10),
+        };
+        let start = Instant::now();
+        let pair = tokio::spawn({
+            let stop = stop.clone();
+            async move { forward(dev, up, &[], &obs, &stop, timers).await }
+        });
+        // Half a second in (off any whole-second tick), the add-on sends a command that the
+        // device receives and never answers.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let cmd = build::power_command(DeviceId([1, 2, 3, 4]), MsgId([0, 0, 0]), 7, 10, true);
+        addon.write_all(&cmd).await.expect("write");
+        let mut got = vec![0u8; cmd.len()];
+        device.read_exact(&mut got).await.expect("forwarded");
+        assert_eq!(got, cmd);
+        let sent = Instant::now();
+        tokio::time::sleep_until(sent + Duration::from_millis(4990)).await;
+        assert_eq!(timeouts(), 0.0, "not before its 5 s deadline");
+        tokio::time::sleep_until(sent + Duration::from_millis(5010)).await;
+        assert_eq!(timeouts(), 1.0, "at its deadline, not at a later tick");
+        // The device has said nothing since the pair began: it is closed at 90 s from then.
+        let reason = pair.await.expect("pair task");
+        assert_eq!(reason, CloseReason::IdleTimeout);
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_secs(90) && took < Duration::from_millis(90_050),
+            "closed after {took:?}"
         );
     }
 

@@ -123,6 +123,11 @@ impl<K: PartialEq> Keyed<K> {
         }
     }
 
+    /// When the oldest waiting request was sent (they are kept in the order sent).
+    fn oldest(&self) -> Option<Instant> {
+        self.queue.front().map(|p| p.sent)
+    }
+
     fn expire(&mut self, cutoff: Duration, now: Instant, out: &mut Vec<Event>) {
         while self
             .queue
@@ -191,6 +196,27 @@ impl Tracker {
         self.commands
             .front()
             .map(|c| c.sent + self.command_deadline)
+    }
+
+    /// When [`Tracker::expire`] next has something to time out, `None` while nothing waits:
+    /// a connection that sleeps until then, rather than waking every second, sees each
+    /// timeout when it happens and costs nothing while idle.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let reply = self.reply_timeout;
+        [
+            self.next_command_deadline(),
+            self.down_data.oldest().map(|t| t + self.command_deadline),
+            self.up_data.oldest().map(|t| t + reply),
+            self.status.oldest().map(|t| t + reply),
+            self.channel.oldest().map(|t| t + reply),
+            self.hello.oldest().map(|t| t + reply),
+            self.info.oldest().map(|t| t + reply),
+            self.time.oldest().map(|t| t + reply),
+            self.heartbeat.oldest().map(|t| t + reply),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Records one packet seen travelling in `dir` at `now`; appends conclusions to `out`.
@@ -873,6 +899,50 @@ mod tests {
         }
         assert!(out.is_empty(), "{out:?}");
         assert_eq!(t.pending_commands(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_deadline_is_the_first_timeout_of_any_kind_and_expiring_there_times_it_out() {
+        let mut t = tracker();
+        let mut out = Vec::new();
+        assert_eq!(
+            t.next_deadline(),
+            None,
+            "nothing waits: nothing to wake for"
+        );
+        let t0 = Instant::now();
+        // tracker(): commands 5 s, other replies 10 s. A time request first, a command 1 s on:
+        // the command's deadline (6 s) comes before the request's (10 s).
+        t.on_packet(
+            Direction::DevToSrv,
+            &parse(build::time_request()),
+            t0,
+            &mut out,
+        );
+        assert_eq!(t.next_deadline(), Some(t0 + Duration::from_secs(10)));
+        let t1 = t0 + Duration::from_secs(1);
+        t.on_packet(Direction::SrvToDev, &pkt(CMD), t1, &mut out);
+        assert_eq!(t.next_deadline(), Some(t1 + Duration::from_secs(5)));
+        // Expiring just before a deadline times nothing out; at it, exactly that one.
+        t.expire(t1 + Duration::from_millis(4999), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        t.expire(t1 + Duration::from_secs(5), &mut out);
+        assert_eq!(t.pending_commands(), 0);
+        assert_eq!(t.next_deadline(), Some(t0 + Duration::from_secs(10)));
+        out.clear();
+        t.expire(t0 + Duration::from_secs(10), &mut out);
+        assert!(
+            out.iter().any(|e| matches!(
+                e,
+                Event::Reply {
+                    request: PacketType::TimeRequest,
+                    outcome: ReplyOutcome::Timeout,
+                    ..
+                }
+            )),
+            "{out:?}"
+        );
+        assert_eq!(t.next_deadline(), None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -139,6 +140,27 @@ fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// One client context for every simulated device: `SslConnector::builder` loads the
+/// default CA store (with `SSL_CERT_FILE` set, the whole bundle is parsed), and doing that
+/// per connection made a fleet's TLS ramp the generator's bottleneck: the add-on's side of
+/// the proxies' upstream handshakes then went unanswered past their 3 s limit.
+fn connector() -> Result<&'static SslConnector, String> {
+    static CONNECTOR: OnceLock<Result<SslConnector, String>> = OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| {
+            let mut b =
+                SslConnector::builder(SslMethod::tls_client()).map_err(|e| e.to_string())?;
+            b.set_verify(SslVerifyMode::NONE);
+            b.set_cipher_list(DEVICE_CIPHERS)
+                .map_err(|e| e.to_string())?;
+            b.set_max_proto_version(Some(SslVersion::TLS1_2))
+                .map_err(|e| e.to_string())?;
+            Ok(b.build())
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
 async fn dial(cfg: &DeviceConfig) -> Result<Stream, DeviceError> {
     let tcp = TcpStream::connect(cfg.target)
         .await
@@ -148,13 +170,8 @@ async fn dial(cfg: &DeviceConfig) -> Result<Stream, DeviceError> {
         return Ok(Stream::Plain(tcp));
     }
     let tls = |e: &dyn std::fmt::Display| DeviceError::Tls(e.to_string());
-    let mut b = SslConnector::builder(SslMethod::tls_client()).map_err(|e| tls(&e))?;
-    b.set_verify(SslVerifyMode::NONE);
-    b.set_cipher_list(DEVICE_CIPHERS).map_err(|e| tls(&e))?;
-    b.set_max_proto_version(Some(SslVersion::TLS1_2))
-        .map_err(|e| tls(&e))?;
-    let ssl = b
-        .build()
+    let ssl = connector()
+        .map_err(|e| tls(&e))?
         .configure()
         .map_err(|e| tls(&e))?
         .use_server_name_indication(false)

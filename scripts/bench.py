@@ -490,20 +490,23 @@ def print_connect(res, args):
 
 # ------------------------------------------------------------------------------------------
 def control(args):
-    """During a run at 50 %: set-canary 50 -> 25 at 1/3, SIGHUP with no change at 2/3. Counts
-    refused connections (by reason, before the edit and from it to the end) and device
-    disconnects, and the p99 of each second: before the edit, in the seconds of each change."""
+    """During a run at 50 %: a SIGHUP with no change at 1/3, then set-canary 50 -> 25 at 2/3
+    (in that order: the edit's re-homes are paced at routing.rehome_rate and would still be
+    under way at a later SIGHUP, whose second would then show them). Counts refused
+    connections (by reason, before the first change and from it to the end) and device
+    disconnects, and the p99 of each second: before the first change, in the seconds of
+    each change."""
     secs = int(args.control_duration.rstrip("s"))
     marks = {}
 
     def during(p, t, line):
-        if "edit" not in marks and t >= secs / 3 + 3:
-            marks["edit"] = t
-            marks["before"] = p.scrape()
-            subprocess.run([GW, "set-canary", "25", "--config", p.config], capture_output=True)
-        if "hup" not in marks and t >= 2 * secs / 3 + 3:
+        if "hup" not in marks and t >= secs / 3 + 3:
             marks["hup"] = t
+            marks["before"] = p.scrape()
             p.proc.send_signal(signal.SIGHUP)
+        if "edit" not in marks and t >= 2 * secs / 3 + 3:
+            marks["edit"] = t
+            subprocess.run([GW, "set-canary", "25", "--config", p.config], capture_output=True)
 
     rep = load_run("legacy", False, args.devices, args.rate, args.control_duration, args.warmup,
                    seed=3, canary=50, during=during)
@@ -541,23 +544,25 @@ def control(args):
         "disconnects": rep["device_disconnects"],
         "success": rep["success_ratio"], "sent": rep["commands"]["sent"],
         "p99_all": rep["commands"]["p99_ms"], "marks": {k: v for k, v in marks.items() if k != "before"},
-        "p99_before": None if ie is None else (max(p99s[1:ie]) if p99s[1:ie] else None),
+        "p99_before": None if ih is None else (max(p99s[1:ih]) if p99s[1:ih] else None),
         "p99_edit": window(ie), "p99_hup": window(ih),
     }
 
 
 def print_control(res):
     print("\n### Control plane under load (legacy binary, 50 % canary, plain)\n")
-    print(f"- `set-canary 25` at {res['marks'].get('edit', 0):.0f} s and a SIGHUP with no change at "
-          f"{res['marks'].get('hup', 0):.0f} s into the run.")
+    print(f"- a SIGHUP with no change at {res['marks'].get('hup', 0):.0f} s and `set-canary 25` at "
+          f"{res['marks'].get('edit', 0):.0f} s into the run.")
     fmt_r = lambda d: ", ".join(f"{k} {v:.0f}" for k, v in sorted(d.items()) if v > 0) or "none"
-    print(f"- connections refused before the edit: {fmt_r(res['refused_before'])}; from the edit to "
-          f"the end (both changes): {fmt_r(res['refused_after_edit'])}.")
+    print(f"- connections refused before the first change: {fmt_r(res['refused_before'])} (the "
+          f"script's own readiness probe is one `closed_before_hello`); from the first change to "
+          f"the end: {fmt_r(res['refused_after_edit'])}.")
     print(f"- devices re-homed (their route changed from new to legacy, by design): "
           f"{res['rehomed']:.0f}; device disconnects seen by the fleet: {res['disconnects']}.")
-    print(f"- p99 per second: worst second before the edit {fmt(res['p99_before'], 2)} ms; the "
-          f"edit's second and the next {fmt(res['p99_edit'], 2)} ms; the SIGHUP's second and the "
-          f"next {fmt(res['p99_hup'], 2)} ms.")
+    print(f"- p99 per second: worst second before the first change {fmt(res['p99_before'], 2)} ms; "
+          f"the SIGHUP's second and the next {fmt(res['p99_hup'], 2)} ms; the edit's second and "
+          f"the next {fmt(res['p99_edit'], 2)} ms (commands to a device being re-homed wait for "
+          f"its reconnection).")
     print(f"- commands: {100 * res['success']:.2f} % of {res['sent']} answered; p99 over the run "
           f"{res['p99_all']:.2f} ms.")
 

@@ -336,8 +336,9 @@ impl ControlTask {
         };
         self.live.set_latch(on);
         reload::publish(&self.metrics, &self.live);
-        // The count before the gauge: a scrape that sees the latch set must see the rollback
-        // that set it (tests/runbook.rs read one scrape and saw the gauge without the count).
+        // The count before the gauge, so that once the latch shows, its rollback has been
+        // counted (a scrape reads the two families one after the other, so a single page may
+        // still hold the gauge with the count from before it).
         if on {
             self.metrics
                 .rollback(cause.unwrap_or(RollbackCause::Operator));

@@ -538,10 +538,15 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     fn observer() -> Observer {
+        observer_with(Arc::new(Metrics::new(false).expect("metrics")))
+    }
+
+    /// A legacy observer recording to `metrics`: 5 s command deadline, 10 s reply timeout.
+    fn observer_with(metrics: Arc<Metrics>) -> Observer {
         Observer::new(
             Transport::Legacy,
             None,
-            Arc::new(Metrics::new(false).expect("metrics")),
+            metrics,
             Tracker::new(Duration::from_secs(5), Duration::from_secs(10)),
             4096,
         )
@@ -549,14 +554,8 @@ mod tests {
 
     /// A loopback connection: the peer's end, and this end split as a path splits it.
     async fn tcp_pair() -> (tokio::net::TcpStream, ReadHalf, crate::conn::tls::WriteHalf) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let c = tokio::net::TcpStream::connect(l.local_addr().expect("addr"))
-            .await
-            .expect("connect");
-        let (s, _) = l.accept().await.expect("accept");
-        let (r, w) = Stream::Plain(s).split();
+        let (c, s) = streams().await;
+        let (r, w) = s.split();
         (c, r, w)
     }
 
@@ -596,13 +595,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lost_reply_times_out_at_its_deadline_and_a_silent_device_at_the_idle_limit() {
         let metrics = Arc::new(Metrics::new(false).expect("metrics"));
-        let obs = Observer::new(
-            Transport::Legacy,
-            None,
-            metrics.clone(),
-            Tracker::new(Duration::from_secs(5), Duration::from_secs(10)),
-            4096,
-        );
+        let obs = observer_with(metrics.clone());
         let timeouts = || {
             metrics.total(
                 "tcp_comm_packet_sent_total",
@@ -652,13 +645,7 @@ mod tests {
     #[tokio::test]
     async fn once_closing_the_pump_passes_the_fin_on_and_counts_what_still_arrives() {
         let metrics = Arc::new(Metrics::new(false).expect("metrics"));
-        let obs = Observer::new(
-            Transport::Legacy,
-            None,
-            metrics.clone(),
-            Tracker::new(Duration::from_secs(5), Duration::from_secs(10)),
-            4096,
-        );
+        let obs = observer_with(metrics.clone());
         let (mut device, mut from, _keep) = tcp_pair().await;
         let (to, mut upstream) = tokio::io::duplex(4096);
         let closing = CancellationToken::new();

@@ -146,6 +146,12 @@ async fn a_new_path_losing_f9_replies_is_rolled_back_and_its_devices_rehomed_to_
         1.0
     );
     assert!(sample(&m, "tcp_comm_rollback_checks_total{result=\"fail\"}") >= 3.0);
+    // The lost replies were latency misses on the faulty path only, counted while waiting.
+    assert!(sample(&m, "tcp_comm_commands_late_total{transport=\"new\"}") >= 1.0);
+    assert_eq!(
+        sample(&m, "tcp_comm_commands_late_total{transport=\"legacy\"}"),
+        0.0
+    );
     assert_eq!(sample(&m, "tcp_comm_canary_effective_percentage"), 0.0);
 
     // Re-homed one by one, no faster than rehome_rate (2/s: 0.5 s apart at the least).

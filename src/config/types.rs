@@ -164,7 +164,8 @@ pub struct SloConfig {
     /// Share of commands answered within `protocol.command_deadline`.
     pub success_target: f64,
     pub latency_threshold: Duration,
-    /// Share of answered commands answered within `latency_threshold`.
+    /// Share of commands answered within `latency_threshold`; one unanswered when it passes is
+    /// late at once.
     pub latency_target: f64,
     pub decode_error_max: f64,
     pub queue_full_max: f64,

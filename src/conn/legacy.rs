@@ -334,7 +334,11 @@ impl Path for Legacy {
             Transport::Legacy,
             device_id,
             self.metrics.clone(),
-            Tracker::new(cfg.protocol.command_deadline, cfg.protocol.reply_timeout),
+            Tracker::new(
+                cfg.protocol.command_deadline,
+                cfg.protocol.reply_timeout,
+                self.metrics.feeds().latency_threshold().clone(),
+            ),
             cfg.protocol.max_frame_len,
         );
         let obs = match device_id {
@@ -546,8 +550,12 @@ mod tests {
         Observer::new(
             Transport::Legacy,
             None,
-            metrics,
-            Tracker::new(Duration::from_secs(5), Duration::from_secs(10)),
+            metrics.clone(),
+            Tracker::new(
+                Duration::from_secs(5),
+                Duration::from_secs(10),
+                metrics.feeds().latency_threshold().clone(),
+            ),
             4096,
         )
     }
@@ -628,10 +636,18 @@ mod tests {
         device.read_exact(&mut got).await.expect("forwarded");
         assert_eq!(got, cmd);
         let sent = Instant::now();
+        let late = || metrics.total("tcp_comm_commands_late_total", &[("transport", "legacy")]);
+        // Late at the 1.5 s latency threshold (the metrics' default), the pair's timer woken
+        // for it: the SLO sees the stall then, not at the deadline.
+        tokio::time::sleep_until(sent + Duration::from_millis(1490)).await;
+        assert_eq!(late(), 0.0, "not before the latency threshold");
+        tokio::time::sleep_until(sent + Duration::from_millis(1510)).await;
+        assert_eq!(late(), 1.0, "late at the threshold, while still waiting");
         tokio::time::sleep_until(sent + Duration::from_millis(4990)).await;
         assert_eq!(timeouts(), 0.0, "not before its 5 s deadline");
         tokio::time::sleep_until(sent + Duration::from_millis(5010)).await;
         assert_eq!(timeouts(), 1.0, "at its deadline, not at a later tick");
+        assert_eq!(late(), 1.0, "its timeout is not a second latency miss");
         // The device has said nothing since the pair began: it is closed at 90 s from then.
         let reason = pair.await.expect("pair task");
         assert_eq!(reason, CloseReason::IdleTimeout);

@@ -6,6 +6,9 @@
 //!   seq (byte 13) arrives within `command_deadline`; otherwise it times out (a reply after the
 //!   deadline included, whenever expiry last ran), or is abandoned when the connection ends
 //!   first;
+//! - a command still unanswered when `slo.latency_threshold` passes is late ([`Event::Late`])
+//!   at that moment, once, whatever comes of it: a stall is known a threshold after it starts,
+//!   not a deadline later (the rollback judge acts on it). One answered in time is not;
 //! - a 0x73 is "received" when a 0x7b echoing its (channel id, msg_id) comes back; with
 //!   repeated msg_ids (the add-on always sends `00 00 00`) the oldest pending one with that key
 //!   is taken, which is FIFO;
@@ -30,6 +33,7 @@ use crate::conn::{Direction, Transport};
 use crate::protocol::{DeviceId, FrameClass, MsgId, Packet, PacketType};
 use crate::telemetry::labels::{AckOutcome, CommandOutcome, HeartbeatOutcome, Label, ReplyOutcome};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::slo_feed::LatencyThreshold;
 
 /// Upper bound on each pending queue of one connection.
 pub const MAX_PENDING: usize = 1024;
@@ -38,14 +42,18 @@ pub const MAX_PENDING: usize = 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A command finished; `latency` from first forward to the `f9` reply on success, `ack`
-    /// to the device's 0x7b for it (when one came), `msg_id` the command's own.
+    /// to the device's 0x7b for it (when one came), `msg_id` the command's own; `late` when
+    /// an [`Event::Late`] already counted it past the latency threshold.
     Command {
         seq: u8,
         outcome: CommandOutcome,
         latency: Option<Duration>,
         msg_id: Option<MsgId>,
         ack: Option<Duration>,
+        late: bool,
     },
+    /// The command with inner seq `seq` passed the latency threshold unanswered.
+    Late { seq: u8 },
     /// A request of `request` type got its reply, timed out, or a reply came unasked.
     /// For 0x73 this is the 0x7b "received" acknowledgement.
     Reply {
@@ -62,6 +70,8 @@ struct PendingCommand {
     msg_id: Option<MsgId>,
     /// When its 0x7b came, after `sent`.
     ack: Option<Duration>,
+    /// An [`Event::Late`] was sent for it.
+    late: bool,
 }
 
 impl PendingCommand {
@@ -72,6 +82,7 @@ impl PendingCommand {
             latency,
             msg_id: self.msg_id,
             ack: self.ack,
+            late: self.late,
         }
     }
 }
@@ -153,6 +164,7 @@ fn timeout(request: PacketType) -> Event {
 pub struct Tracker {
     command_deadline: Duration,
     reply_timeout: Duration,
+    latency: LatencyThreshold,
     commands: VecDeque<PendingCommand>,
     /// srv→dev 0x73 waiting for the device's 0x7b.
     down_data: Keyed<(DeviceId, MsgId)>,
@@ -168,10 +180,15 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    pub fn new(command_deadline: Duration, reply_timeout: Duration) -> Self {
+    pub fn new(
+        command_deadline: Duration,
+        reply_timeout: Duration,
+        latency: LatencyThreshold,
+    ) -> Self {
         Self {
             command_deadline,
             reply_timeout,
+            latency,
             commands: VecDeque::new(),
             down_data: Keyed::new(PacketType::Data),
             up_data: Keyed::new(PacketType::Data),
@@ -190,12 +207,20 @@ impl Tracker {
         self.commands.len()
     }
 
-    /// When the oldest unanswered command times out: the moment its failure is known, so a
-    /// caller that wakes then counts it on time (commands are kept in the order sent).
-    pub fn next_command_deadline(&self) -> Option<Instant> {
-        self.commands
+    /// When a command's next SLI event is due: the oldest unanswered one's timeout, or the
+    /// first not yet late passing the latency threshold. A caller that wakes then counts it
+    /// on time (commands are kept in the order sent).
+    pub fn next_command_event(&self) -> Option<Instant> {
+        let timeout = self
+            .commands
             .front()
-            .map(|c| c.sent + self.command_deadline)
+            .map(|c| c.sent + self.command_deadline);
+        let late = self
+            .commands
+            .iter()
+            .find(|c| !c.late)
+            .map(|c| c.sent + self.latency.get());
+        timeout.into_iter().chain(late).min()
     }
 
     /// When [`Tracker::expire`] next has something to time out, `None` while nothing waits:
@@ -204,7 +229,7 @@ impl Tracker {
     pub fn next_deadline(&self) -> Option<Instant> {
         let reply = self.reply_timeout;
         [
-            self.next_command_deadline(),
+            self.next_command_event(),
             self.down_data.oldest().map(|t| t + self.command_deadline),
             self.up_data.oldest().map(|t| t + reply),
             self.status.oldest().map(|t| t + reply),
@@ -295,6 +320,7 @@ impl Tracker {
                 sent: now,
                 msg_id: pkt.msg_id(),
                 ack: None,
+                late: false,
             });
         }
     }
@@ -326,8 +352,19 @@ impl Tracker {
         }
     }
 
-    /// Times out what has waited too long. Call about once a second and before closing.
+    /// Times out what has waited too long and marks late the commands past the latency
+    /// threshold. Call at [`Tracker::next_deadline`] (or about once a second) and before
+    /// closing.
     pub fn expire(&mut self, now: Instant, out: &mut Vec<Event>) {
+        let threshold = self.latency.get();
+        for c in self.commands.iter_mut().filter(|c| !c.late) {
+            // Kept in the order sent: the first not yet due ends the scan.
+            if now.saturating_duration_since(c.sent) < threshold {
+                break;
+            }
+            c.late = true;
+            out.push(Event::Late { seq: c.seq });
+        }
         while self
             .commands
             .front()
@@ -423,8 +460,9 @@ pub fn record(
                 latency,
                 msg_id,
                 ack,
+                late,
             } => {
-                metrics.command(t, outcome, latency, device);
+                metrics.command_ended(t, outcome, latency, device, late);
                 metrics.tracer().command(
                     device,
                     t.label(),
@@ -436,6 +474,7 @@ pub fn record(
                     latency,
                 );
             }
+            Event::Late { .. } => metrics.command_late(t),
             Event::Reply {
                 request: PacketType::Data,
                 outcome,
@@ -491,7 +530,11 @@ mod tests {
     }
 
     fn tracker() -> Tracker {
-        Tracker::new(Duration::from_secs(5), Duration::from_secs(10))
+        Tracker::new(
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+            LatencyThreshold::new(Duration::from_millis(1500)),
+        )
     }
 
     #[test]
@@ -528,6 +571,7 @@ mod tests {
                     msg_id: pkt(CMD).msg_id(),
                     // Its own 0x7b, 20 ms in, rides along to the trace.
                     ack: Some(Duration::from_millis(20)),
+                    late: false,
                 },
             ]
         );
@@ -543,13 +587,21 @@ mod tests {
         t.on_packet(Direction::DevToSrv, &f9(2), t0, &mut out);
         assert_eq!(t.pending_commands(), 1);
         t.expire(t0 + Duration::from_secs(5), &mut out);
-        assert!(out.contains(&Event::Command {
-            seq: 1,
-            outcome: CommandOutcome::Timeout,
-            latency: None,
-            msg_id: pkt(CMD).msg_id(),
-            ack: None,
-        }));
+        // Late and timed out in one expiry: late first, and the timeout says it was counted.
+        assert_eq!(
+            out[..2],
+            [
+                Event::Late { seq: 1 },
+                Event::Command {
+                    seq: 1,
+                    outcome: CommandOutcome::Timeout,
+                    latency: None,
+                    msg_id: pkt(CMD).msg_id(),
+                    ack: None,
+                    late: true,
+                }
+            ]
+        );
         assert_eq!(t.pending_commands(), 0);
     }
 
@@ -627,21 +679,79 @@ mod tests {
     }
 
     #[test]
-    fn the_next_command_deadline_is_the_oldest_pending_commands() {
+    fn the_next_command_event_is_the_oldest_pending_commands_threshold_then_its_deadline() {
         let mut t = tracker();
         let t0 = Instant::now();
         let mut out = Vec::new();
-        assert_eq!(t.next_command_deadline(), None);
+        assert_eq!(t.next_command_event(), None);
         t.on_packet(Direction::SrvToDev, &pkt(CMD), t0, &mut out);
-        // tracker(): a 5 s command deadline.
-        assert_eq!(t.next_command_deadline(), Some(t0 + Duration::from_secs(5)));
+        // tracker(): late at 1.5 s, a 5 s command deadline.
+        assert_eq!(
+            t.next_command_event(),
+            Some(t0 + Duration::from_millis(1500))
+        );
+        t.expire(t0 + Duration::from_millis(1500), &mut out);
+        assert_eq!(t.next_command_event(), Some(t0 + Duration::from_secs(5)));
         t.on_packet(
             Direction::DevToSrv,
             &f9(1),
-            t0 + Duration::from_millis(10),
+            t0 + Duration::from_millis(1600),
             &mut out,
         );
-        assert_eq!(t.next_command_deadline(), None);
+        assert_eq!(t.next_command_event(), None);
+    }
+
+    #[test]
+    fn a_command_unanswered_at_the_latency_threshold_is_late_then_and_only_once() {
+        let mut t = tracker();
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        t.on_packet(Direction::SrvToDev, &pkt(CMD), t0, &mut out);
+        // Due at the threshold (1.5 s), before the 5 s deadline.
+        assert_eq!(t.next_deadline(), Some(t0 + Duration::from_millis(1500)));
+        t.expire(t0 + Duration::from_millis(1499), &mut out);
+        assert!(out.is_empty(), "not before the threshold: {out:?}");
+        t.expire(t0 + Duration::from_millis(1500), &mut out);
+        assert_eq!(out, vec![Event::Late { seq: 1 }]);
+        // Now only the timeout is due, and a second expiry says nothing new.
+        assert_eq!(t.next_deadline(), Some(t0 + Duration::from_secs(5)));
+        t.expire(t0 + Duration::from_secs(2), &mut out);
+        assert_eq!(out.len(), 1);
+        // Answered afterwards: a success, marked as already counted late.
+        t.on_packet(
+            Direction::DevToSrv,
+            &f9(1),
+            t0 + Duration::from_secs(3),
+            &mut out,
+        );
+        assert_eq!(
+            out[1],
+            Event::Command {
+                seq: 1,
+                outcome: CommandOutcome::Success,
+                latency: Some(Duration::from_secs(3)),
+                msg_id: pkt(CMD).msg_id(),
+                ack: None,
+                late: true,
+            }
+        );
+    }
+
+    #[test]
+    fn a_lowered_threshold_reaches_a_tracker_already_holding_commands() {
+        let threshold = LatencyThreshold::new(Duration::from_millis(1500));
+        let mut t = Tracker::new(
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+            threshold.clone(),
+        );
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        t.on_packet(Direction::SrvToDev, &pkt(CMD), t0, &mut out);
+        threshold.set(Duration::from_millis(200));
+        assert_eq!(t.next_deadline(), Some(t0 + Duration::from_millis(200)));
+        t.expire(t0 + Duration::from_millis(200), &mut out);
+        assert_eq!(out, vec![Event::Late { seq: 1 }]);
     }
 
     #[test]
@@ -659,6 +769,7 @@ mod tests {
                 latency: None,
                 msg_id: pkt(CMD).msg_id(),
                 ack: None,
+                late: false,
             }]
         );
     }
@@ -742,6 +853,7 @@ mod tests {
                 latency: None,
                 msg_id: pkt(CMD).msg_id(),
                 ack: None,
+                late: false,
             }]
         );
         assert_eq!(t.pending_commands(), 0);
@@ -770,13 +882,17 @@ mod tests {
         t.on_packet(Direction::SrvToDev, &pkt(CMD), Instant::now(), &mut out);
         tokio::time::advance(Duration::from_millis(4999)).await;
         t.expire(Instant::now(), &mut out);
-        assert!(out.is_empty());
+        assert_eq!(
+            out,
+            [Event::Late { seq: 1 }],
+            "late at 1.5 s, not timed out"
+        );
         tokio::time::advance(Duration::from_millis(1)).await;
         t.expire(Instant::now(), &mut out);
         assert_eq!(
             out.len(),
-            2,
-            "command timeout and its missing 0x7b: {out:?}"
+            3,
+            "then the command timeout and its missing 0x7b: {out:?}"
         );
     }
 
@@ -911,8 +1027,9 @@ mod tests {
             "nothing waits: nothing to wake for"
         );
         let t0 = Instant::now();
-        // tracker(): commands 5 s, other replies 10 s. A time request first, a command 1 s on:
-        // the command's deadline (6 s) comes before the request's (10 s).
+        // tracker(): commands 5 s (late at 1.5 s), other replies 10 s. A time request first, a
+        // command 1 s on: the command's threshold (2.5 s), then its deadline (6 s), come before
+        // the request's (10 s).
         t.on_packet(
             Direction::DevToSrv,
             &parse(build::time_request()),
@@ -922,6 +1039,10 @@ mod tests {
         assert_eq!(t.next_deadline(), Some(t0 + Duration::from_secs(10)));
         let t1 = t0 + Duration::from_secs(1);
         t.on_packet(Direction::SrvToDev, &pkt(CMD), t1, &mut out);
+        assert_eq!(t.next_deadline(), Some(t1 + Duration::from_millis(1500)));
+        t.expire(t1 + Duration::from_millis(1500), &mut out);
+        assert_eq!(out, vec![Event::Late { seq: 1 }]);
+        out.clear();
         assert_eq!(t.next_deadline(), Some(t1 + Duration::from_secs(5)));
         // Expiring just before a deadline times nothing out; at it, exactly that one.
         t.expire(t1 + Duration::from_millis(4999), &mut out);

@@ -131,7 +131,8 @@ pub struct WindowView {
     pub commands: u64,
     /// Share of commands answered within the deadline; `None` with no commands.
     pub success: Option<f64>,
-    /// Share of answered commands within the latency threshold.
+    /// Share of commands answered within the latency threshold, of those answered in time or
+    /// late.
     pub latency: Option<f64>,
 }
 

@@ -40,7 +40,8 @@ pub struct Rules {
     pub min_events: u64,
     /// Success SLI (answered commands / commands) below this is a breach (default 0.995).
     pub success_floor: f64,
-    /// Share of answered commands answered within the latency threshold below this is a breach
+    /// Share of commands answered within the latency threshold (one unanswered when it passes is
+    /// late at once) below this is a breach
     /// (default 0.99).
     pub latency_floor: f64,
     /// Decode-error ratio (decode errors / frames) above this is a breach (default 0.001).
@@ -875,6 +876,7 @@ mod tests {
             commands: 2000,
             successes: 2000,
             within_latency: 1900, // 95% < 99%
+            late: 100,
             frames: 100_000,
             decode_errors: 500, // 0.5% > 0.1%
             queue_full: 2000,   // 2% > 1%, but legacy is as bad
@@ -884,6 +886,7 @@ mod tests {
             commands: 10000,
             successes: 10000,
             within_latency: 9990,
+            late: 10,
             frames: 100_000,
             decode_errors: 50,
             queue_full: 2000,
@@ -910,8 +913,8 @@ mod tests {
     }
 
     #[test]
-    fn judge_new_path_with_no_answers_skips_latency() {
-        // Every command timed out: success breaches, latency has no answered command to judge.
+    fn judge_new_path_with_no_latency_events_skips_latency_and_a_stall_fails_both() {
+        // Commands abandoned before the threshold: success breaches, latency has nothing.
         let new = Counts {
             commands: 200,
             ..Counts::default()
@@ -919,6 +922,13 @@ mod tests {
         let v = judge(&new, &Counts::default(), &Rules::default());
         assert_eq!(v.result, CheckResult::Fail);
         assert!(v.findings.iter().all(|f| f.slo == Slo::Success));
+        // Every command timed out: each was late first, so latency breaches as well.
+        let stalled = Counts { late: 200, ..new };
+        let v = judge(&stalled, &Counts::default(), &Rules::default());
+        assert!(v
+            .findings
+            .iter()
+            .any(|f| f.slo == Slo::Latency && f.value == 0.0 && f.counted));
     }
 
     // ---- labels and Display ----

@@ -129,6 +129,7 @@ pub struct Metrics {
     reply_latency: HistogramVec,
     heartbeats: IntCounterVec,
     retransmits: IntCounterVec,
+    commands_late: IntCounterVec,
     idempotent_drops: IntCounterVec,
     queue_full: IntCounterVec,
     queue_bytes: IntGaugeVec,
@@ -465,6 +466,13 @@ impl Metrics {
                 "Commands re-sent to the device because no reply came within ack_timeout",
                 &["transport"],
             )?,
+            commands_late: counter(
+                &r,
+                &mut names,
+                names::COMMANDS_LATE_TOTAL,
+                "Commands that passed slo.latency_threshold unanswered, counted when it passed",
+                &["transport"],
+            )?,
             idempotent_drops: counter(
                 &r,
                 &mut names,
@@ -657,6 +665,7 @@ impl Metrics {
         }
         cross(&self.heartbeats, &[&t, &all::<HeartbeatOutcome>()]);
         cross(&self.retransmits, &[&t]);
+        cross(&self.commands_late, &[&t]);
         cross(&self.retries_skipped, &[&t, &all::<RetrySkip>()]);
         cross(
             &self.idempotent_drops,
@@ -885,6 +894,7 @@ impl Metrics {
         }
     }
 
+    /// A command ended, not counted late before (see [`Metrics::command_ended`]).
     pub fn command(
         &self,
         t: Transport,
@@ -892,9 +902,39 @@ impl Metrics {
         latency: Option<std::time::Duration>,
         device: Option<DeviceId>,
     ) {
+        self.command_ended(t, outcome, latency, device, false);
+    }
+
+    /// A command passed `slo.latency_threshold` unanswered: a latency miss now, whatever
+    /// comes of it.
+    pub fn command_late(&self, t: Transport) {
+        self.feeds.path(t).late();
+        self.commands_late.with_label_values(&[t.label()]).inc();
+    }
+
+    /// A command ended; `counted_late` when [`Metrics::command_late`] already counted it. Every
+    /// command is one latency event at most: in time, or late once (a timeout, or an answer
+    /// past the threshold that beat the tracker's timer, is late here); an abandoned command
+    /// not yet late is neither.
+    pub fn command_ended(
+        &self,
+        t: Transport,
+        outcome: CommandOutcome,
+        latency: Option<std::time::Duration>,
+        device: Option<DeviceId>,
+        counted_late: bool,
+    ) {
         let success = outcome == CommandOutcome::Success;
-        let fast = latency.is_some_and(|l| self.feeds.within_latency(l));
-        self.feeds.path(t).command(success, fast);
+        let feed = self.feeds.path(t);
+        feed.command(success);
+        if !counted_late {
+            let threshold = self.feeds.latency_threshold();
+            match (outcome, latency) {
+                (CommandOutcome::Success, Some(l)) if threshold.within(l) => feed.in_time(),
+                (CommandOutcome::Abandoned, _) => {}
+                _ => self.command_late(t),
+            }
+        }
         if self.per_device {
             let dev = device.map(|d| d.to_hex()).unwrap_or_default();
             if let Some(d) = device {

@@ -36,6 +36,7 @@ pub const REPLIES_TOTAL: &str = "tcp_comm_replies_total";
 pub const REPLY_LATENCY_SECONDS: &str = "tcp_comm_reply_latency_seconds";
 pub const HEARTBEATS_TOTAL: &str = "tcp_comm_heartbeats_total";
 pub const PACKET_RETRANSMIT_TOTAL: &str = "tcp_comm_packet_retransmit_total";
+pub const COMMANDS_LATE_TOTAL: &str = "tcp_comm_commands_late_total";
 pub const IDEMPOTENT_DROPS_TOTAL: &str = "tcp_comm_idempotent_drops_total";
 pub const QUEUE_FULL_TOTAL: &str = "tcp_comm_queue_full_total";
 pub const RESUMPTIONS_TOTAL: &str = "tcp_comm_resumptions_total";

@@ -8,7 +8,7 @@
 //! - Buckets are addressed by wall-clock slot numbers (`unix_ms / resolution`), so a restored
 //!   state lines up with the time that passed while the daemon was down.
 //! - Memory bound: per transport 600 + 360 + 720 = 1680 buckets of `size_of::<Counts>()` =
-//!   72 bytes (nine `u64`), so 3 transports × 1680 × 72 = 362880 bytes (≈ 354 KiB) in all,
+//!   80 bytes (ten `u64`), so 3 transports × 1680 × 80 = 403200 bytes (≈ 394 KiB) in all,
 //!   whatever the traffic or the uptime. A test pins this figure.
 //! - Advancing a ring over any gap costs at most its length (a longer gap clears it once), and
 //!   queries never mutate: a bucket outside the span ending at `now` reads as empty.
@@ -24,6 +24,7 @@ use crate::telemetry::labels::Transport;
 
 /// What one bucket holds for one path: every SLI's good and total events.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredCounts")]
 pub struct Counts {
     /// Commands (server 0x73 of class f8) that ended: success, timeout or abandoned.
     pub commands: u64,
@@ -31,6 +32,10 @@ pub struct Counts {
     pub successes: u64,
     /// Successful commands answered within `slo.latency_threshold`.
     pub within_latency: u64,
+    /// Commands that passed `slo.latency_threshold` unanswered, counted when it passed (or when
+    /// they ended past it, whichever the tracker saw first), whatever came of them after: a
+    /// stall shows as latency misses a threshold after it starts, not a deadline later.
+    pub late: u64,
     /// Frames decoded (both directions): the denominator of the decode-error and queue-full
     /// ratios.
     pub frames: u64,
@@ -44,6 +49,42 @@ pub struct Counts {
     pub device_ms: u64,
 }
 
+/// [`Counts`] as a state file holds them. Files written before `late` existed counted a late
+/// command only once it was answered, as `successes - within_latency`; that is what their
+/// buckets' `late` was, so the latency budget they carry is kept.
+#[derive(Deserialize)]
+struct StoredCounts {
+    commands: u64,
+    successes: u64,
+    within_latency: u64,
+    late: Option<u64>,
+    frames: u64,
+    decode_errors: u64,
+    queue_full: u64,
+    retransmits: u64,
+    churn_closes: u64,
+    device_ms: u64,
+}
+
+impl From<StoredCounts> for Counts {
+    fn from(s: StoredCounts) -> Counts {
+        Counts {
+            commands: s.commands,
+            successes: s.successes,
+            within_latency: s.within_latency,
+            late: s
+                .late
+                .unwrap_or(s.successes.saturating_sub(s.within_latency)),
+            frames: s.frames,
+            decode_errors: s.decode_errors,
+            queue_full: s.queue_full,
+            retransmits: s.retransmits,
+            churn_closes: s.churn_closes,
+            device_ms: s.device_ms,
+        }
+    }
+}
+
 impl Add for Counts {
     type Output = Counts;
     fn add(self, o: Counts) -> Counts {
@@ -51,6 +92,7 @@ impl Add for Counts {
             commands: self.commands + o.commands,
             successes: self.successes + o.successes,
             within_latency: self.within_latency + o.within_latency,
+            late: self.late + o.late,
             frames: self.frames + o.frames,
             decode_errors: self.decode_errors + o.decode_errors,
             queue_full: self.queue_full + o.queue_full,
@@ -70,6 +112,7 @@ impl Sub for Counts {
             commands: self.commands.saturating_sub(o.commands),
             successes: self.successes.saturating_sub(o.successes),
             within_latency: self.within_latency.saturating_sub(o.within_latency),
+            late: self.late.saturating_sub(o.late),
             frames: self.frames.saturating_sub(o.frames),
             decode_errors: self.decode_errors.saturating_sub(o.decode_errors),
             queue_full: self.queue_full.saturating_sub(o.queue_full),
@@ -89,7 +132,8 @@ impl Sub for Counts {
 pub enum Slo {
     /// Share of commands answered (f9) within `command_deadline`.
     Success,
-    /// Share of answered commands answered within `slo.latency_threshold`.
+    /// Share of commands answered within `slo.latency_threshold`, of those answered in time
+    /// or known late; a command still unanswered when the threshold passes is late at once.
     Latency,
     /// Share of frames that decoded (the SLI is 1 − decode-error ratio).
     DecodeErrors,
@@ -108,10 +152,7 @@ impl Slo {
         let f = |n: u64| n as f64;
         match self {
             Slo::Success => (f(c.commands.saturating_sub(c.successes)), f(c.commands)),
-            Slo::Latency => (
-                f(c.successes.saturating_sub(c.within_latency)),
-                f(c.successes),
-            ),
+            Slo::Latency => (f(c.late), f(c.within_latency + c.late)),
             Slo::DecodeErrors => (f(c.decode_errors), f(c.frames)),
             Slo::QueueFull => (f(c.queue_full), f(c.frames)),
             Slo::Retransmits => (f(c.retransmits), f(c.commands)),
@@ -309,7 +350,8 @@ fn duration_ms(d: Duration) -> u64 {
 pub struct Objectives {
     /// Target share of commands answered (default 0.999).
     pub success: f64,
-    /// Target share of answered commands answered within `latency_threshold` (default 0.99).
+    /// Target share of commands answered within `latency_threshold`, of those answered in time
+    /// or known late (default 0.99).
     pub latency: f64,
     /// The latency a command must beat to count as good (default 1.5 s).
     pub latency_threshold: Duration,
@@ -687,6 +729,7 @@ mod tests {
             commands: 1,
             successes: 2,
             within_latency: 3,
+            late: 10,
             frames: 4,
             decode_errors: 5,
             queue_full: 6,
@@ -698,6 +741,7 @@ mod tests {
             commands: 10,
             successes: 20,
             within_latency: 30,
+            late: 100,
             frames: 40,
             decode_errors: 50,
             queue_full: 60,
@@ -709,6 +753,7 @@ mod tests {
             commands: 11,
             successes: 22,
             within_latency: 33,
+            late: 110,
             frames: 44,
             decode_errors: 55,
             queue_full: 66,
@@ -722,11 +767,42 @@ mod tests {
     }
 
     #[test]
+    fn a_late_command_is_a_latency_miss_before_it_is_answered_and_only_once() {
+        // Two in time, one past the threshold and still unanswered: already one miss in three.
+        let waiting = Counts {
+            within_latency: 2,
+            late: 1,
+            ..Counts::default()
+        };
+        assert_eq!(Slo::Latency.bad_total(&waiting), (1.0, 3.0));
+        // Its answer later adds a command and a success, not another latency event.
+        let answered = Counts {
+            commands: 3,
+            successes: 3,
+            ..waiting
+        };
+        assert_eq!(Slo::Latency.bad_total(&answered), (1.0, 3.0));
+        assert_eq!(Slo::Success.bad_total(&answered), (0.0, 3.0));
+    }
+
+    #[test]
+    fn a_bucket_written_before_late_existed_reads_its_late_answers_as_late() {
+        let old = r#"{"commands":10,"successes":8,"within_latency":5,"frames":0,"decode_errors":0,"queue_full":0,"retransmits":0,"churn_closes":0,"device_ms":0}"#;
+        let c: Counts = serde_json::from_str(old).unwrap();
+        assert_eq!(c.late, 3, "the 3 answered past the threshold");
+        assert_eq!(Slo::Latency.bad_total(&c), (3.0, 8.0));
+        let now: Counts =
+            serde_json::from_str(&serde_json::to_string(&Counts { late: 1, ..c }).unwrap())
+                .unwrap();
+        assert_eq!(now.late, 1, "a field written is read back as written");
+    }
+
+    #[test]
     fn memory_bound_in_header_matches_size_of_counts() {
         // 600 + 360 + 720 = 1680 buckets per transport.
         assert_eq!(RINGS.iter().map(|r| r.1).sum::<usize>(), 1680);
-        // 3 × 1680 × 72 = 362880, the figure in the module header.
-        assert_eq!(std::mem::size_of::<Counts>() * 1680 * 3, 362_880);
+        // 3 × 1680 × 80 = 403200, the figure in the module header.
+        assert_eq!(std::mem::size_of::<Counts>() * 1680 * 3, 403_200);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //!   the next read corrects — the windows are seconds wide, an event is nanoseconds.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::labels::Transport;
@@ -21,6 +22,7 @@ pub struct Feed {
     commands: AtomicU64,
     successes: AtomicU64,
     within_latency: AtomicU64,
+    late: AtomicU64,
     frames: AtomicU64,
     decode_errors: AtomicU64,
     queue_full: AtomicU64,
@@ -35,14 +37,21 @@ fn bump(c: &AtomicU64, n: u64) {
 }
 
 impl Feed {
-    pub fn command(&self, success: bool, within_latency: bool) {
+    /// A command ended; its latency event is counted apart ([`Feed::in_time`], [`Feed::late`]),
+    /// because a late command is counted when its threshold passes, before it ends.
+    pub fn command(&self, success: bool) {
         bump(&self.commands, 1);
         if success {
             bump(&self.successes, 1);
-            if within_latency {
-                bump(&self.within_latency, 1);
-            }
         }
+    }
+    /// A command was answered within the latency threshold.
+    pub fn in_time(&self) {
+        bump(&self.within_latency, 1);
+    }
+    /// A command passed the latency threshold unanswered (counted once per command).
+    pub fn late(&self) {
+        bump(&self.late, 1);
     }
     pub fn frame(&self) {
         bump(&self.frames, 1);
@@ -77,6 +86,7 @@ impl Feed {
             commands: r(&self.commands),
             successes: r(&self.successes),
             within_latency: r(&self.within_latency),
+            late: r(&self.late),
             frames: r(&self.frames),
             decode_errors: r(&self.decode_errors),
             queue_full: r(&self.queue_full),
@@ -87,21 +97,45 @@ impl Feed {
     }
 }
 
-/// One [`Feed`] per path, and the latency threshold the within-latency count uses.
-#[derive(Debug)]
-pub struct Feeds {
-    paths: [Feed; 3],
-    /// `slo.latency_threshold` in nanoseconds; set at start and on reload.
-    latency_threshold_ns: AtomicU64,
+/// `slo.latency_threshold`, shared by the feeds and every connection's transaction tracker:
+/// a reload reaches the connections already open, not only the ones opened after it.
+#[derive(Debug, Clone)]
+pub struct LatencyThreshold(Arc<AtomicU64>);
+
+impl LatencyThreshold {
+    pub fn new(d: Duration) -> LatencyThreshold {
+        let t = LatencyThreshold(Arc::new(AtomicU64::new(0)));
+        t.set(d);
+        t
+    }
+
+    pub fn set(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.0.store(ns, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+
+    /// Whether a command answered after `latency` was in time (the threshold itself is).
+    pub fn within(&self, latency: Duration) -> bool {
+        latency <= self.get()
+    }
 }
 
-impl Default for Feeds {
+impl Default for LatencyThreshold {
     fn default() -> Self {
-        Feeds {
-            paths: Default::default(),
-            latency_threshold_ns: AtomicU64::new(1_500_000_000),
-        }
+        LatencyThreshold::new(Duration::from_millis(1500))
     }
+}
+
+/// One [`Feed`] per path, and the latency threshold the latency events use.
+#[derive(Debug, Default)]
+pub struct Feeds {
+    paths: [Feed; 3],
+    /// Set at start and on reload.
+    latency_threshold: LatencyThreshold,
 }
 
 impl Feeds {
@@ -114,13 +148,12 @@ impl Feeds {
     }
 
     pub fn set_latency_threshold(&self, d: Duration) {
-        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.latency_threshold_ns.store(ns, Ordering::Relaxed);
+        self.latency_threshold.set(d);
     }
 
-    pub fn within_latency(&self, latency: Duration) -> bool {
-        let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
-        ns <= self.latency_threshold_ns.load(Ordering::Relaxed)
+    /// The threshold every tracker reads, so a reload moves them all.
+    pub fn latency_threshold(&self) -> &LatencyThreshold {
+        &self.latency_threshold
     }
 }
 
@@ -129,15 +162,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_command_counts_toward_success_and_latency_only_when_answered() {
+    fn a_command_counts_toward_success_and_its_latency_event_apart() {
         let f = Feeds::default();
-        f.set_latency_threshold(Duration::from_millis(100));
         let p = f.path(Transport::New);
-        p.command(true, f.within_latency(Duration::from_millis(100)));
-        p.command(true, f.within_latency(Duration::from_millis(101)));
-        p.command(false, true);
+        p.command(true);
+        p.in_time();
+        p.command(true);
+        p.late();
+        p.command(false);
         let c = p.counts();
-        assert_eq!((c.commands, c.successes, c.within_latency), (3, 2, 1));
+        assert_eq!(
+            (c.commands, c.successes, c.within_latency, c.late),
+            (3, 2, 1, 1)
+        );
         assert_eq!(f.path(Transport::Legacy).counts(), Counts::default());
+    }
+
+    #[test]
+    fn the_threshold_is_shared_so_a_reload_reaches_every_holder_and_is_inclusive() {
+        let f = Feeds::default();
+        let held = f.latency_threshold().clone();
+        assert!(held.within(Duration::from_millis(1500)));
+        f.set_latency_threshold(Duration::from_millis(100));
+        assert_eq!(held.get(), Duration::from_millis(100));
+        assert!(held.within(Duration::from_millis(100)));
+        assert!(!held.within(Duration::from_millis(101)));
     }
 }

@@ -201,7 +201,11 @@ impl Core {
         };
         Core {
             transport,
-            tracker: Tracker::new(cfg.protocol.command_deadline, cfg.protocol.reply_timeout),
+            tracker: Tracker::new(
+                cfg.protocol.command_deadline,
+                cfg.protocol.reply_timeout,
+                ctx.metrics.feeds().latency_threshold().clone(),
+            ),
             dev_tap: Tap::new(cfg.protocol.max_frame_len),
             srv_tap: Tap::new(cfg.protocol.max_frame_len),
             srv_held_since: None,
@@ -614,10 +618,7 @@ impl Core {
                 self.push_to_device(bytes, PacketType::Data);
             }
         }
-        let command_due = self
-            .tracker
-            .next_command_deadline()
-            .is_some_and(|t| now >= t);
+        let command_due = self.tracker.next_command_event().is_some_and(|t| now >= t);
         if now >= self.next_expire || command_due {
             self.next_expire = now + EXPIRE_EVERY;
             self.tracker.expire(now, &mut self.events);
@@ -659,8 +660,9 @@ impl Core {
     /// When [`Core::tick`] next has work.
     pub fn next_wake(&self) -> Instant {
         let mut at = self.next_expire;
-        // A command's timeout is an SLI event: counted when it happens, not up to a tick later.
-        if let Some(t) = self.tracker.next_command_deadline() {
+        // A command's timeout, and its passing the latency threshold, are SLI events: counted
+        // when they happen, not up to a tick later.
+        if let Some(t) = self.tracker.next_command_event() {
             at = at.min(t);
         }
         if self.transport == Transport::New {

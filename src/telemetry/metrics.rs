@@ -894,7 +894,9 @@ impl Metrics {
         }
     }
 
-    /// A command ended, not counted late before (see [`Metrics::command_ended`]).
+    /// A command ended, not counted late before (see [`Metrics::command_ended`]): how tests
+    /// feed outcomes; the data path reports through [`Metrics::command_ended`].
+    #[cfg(test)]
     pub fn command(
         &self,
         t: Transport,

@@ -18,11 +18,11 @@
 //!   by one timer per pair set for the first of them; a pair with nothing due does not wake.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -49,9 +49,9 @@ struct ObserverState {
     events: Vec<Event>,
     /// When the device last sent anything.
     last_device: Instant,
-    /// What the pair's timer is set for, as last told by [`Observer::arm`]: a packet that
-    /// brings a transaction's timeout before it wakes the pair to set it earlier.
-    armed: Option<Instant>,
+    /// The tracker's next deadline when the pair's timer was last set ([`Observer::arm`]):
+    /// a packet that moves it, earlier or later, has the pair set its timer again.
+    armed_tracker: Option<Instant>,
 }
 
 /// Decodes copies of both directions of one connection and records what it sees.
@@ -62,8 +62,14 @@ pub struct Observer {
     state: Mutex<ObserverState>,
     /// Dark launch: the new path's logic (and maybe a mirror) on a copy of this traffic.
     shadow: Option<Shadow>,
-    /// A transaction now times out before the pair's timer is set to wake.
-    rearm: Notify,
+    /// The tracker's next deadline moved since the pair's timer was set. A flag, not a
+    /// `Notify`: it is only ever raised by a pump inside the pair's own task, polled just
+    /// before the pair looks at it (see [`Observer::moved`]), so waking the task is never
+    /// needed, and a wake-up per command is what the legacy path's CPU per command paid.
+    moved: AtomicBool,
+    /// How often the pair's timer has fired: the tests' view of wake-ups for nothing.
+    #[cfg(test)]
+    timer_fired: std::sync::atomic::AtomicU32,
 }
 
 impl Observer {
@@ -84,10 +90,12 @@ impl Observer {
                 srv_tap: Tap::new(max_frame_len),
                 events: Vec::new(),
                 last_device: Instant::now(),
-                armed: None,
+                armed_tracker: None,
             }),
             shadow: None,
-            rearm: Notify::new(),
+            moved: AtomicBool::new(false),
+            #[cfg(test)]
+            timer_fired: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
@@ -145,11 +153,12 @@ impl Observer {
             }
         }
         self.flush(st);
-        if let Some(due) = st.tracker.next_deadline() {
-            if st.armed.is_none_or(|a| due < a) {
-                st.armed = Some(due);
-                self.rearm.notify_one();
-            }
+        // Later as well as earlier: a command answered in a millisecond leaves the timer set
+        // for its latency threshold, and setting it later is a compare-and-swap in tokio's
+        // timer (the wheel re-files the entry when it comes round, without waking anyone),
+        // where letting it fire woke the pair for nothing once per command.
+        if st.tracker.next_deadline() != st.armed_tracker {
+            self.moved.store(true, Ordering::Relaxed);
         }
         drop(guard);
         if let Some(shadow) = &self.shadow {
@@ -171,12 +180,23 @@ impl Observer {
         .flatten()
         .min()
         .unwrap_or(now + NOTHING_DUE);
-        st.armed = Some(due);
+        st.armed_tracker = st.tracker.next_deadline();
+        self.moved.store(false, Ordering::Relaxed);
         due
     }
 
-    async fn rearmed(&self) {
-        self.rearm.notified().await;
+    /// Ready once a packet has moved the tracker's next deadline. It registers no waker,
+    /// which is sound only because [`Observer::observe`] runs in the pair's own task, inside
+    /// a pump polled ahead of this in the same `select!` (biased): when a pump raises the
+    /// flag and returns pending, this branch sees it in the same poll.
+    fn moved(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(|_| {
+            if self.moved.load(Ordering::Relaxed) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
     }
 
     fn flush(&self, st: &mut ObserverState) {
@@ -487,10 +507,12 @@ pub async fn forward(
                     }
                 } => obs.tick(),
                 _ = obs.shadow_rearmed() => {}
-                _ = obs.rearmed() => {}
+                _ = obs.moved() => {}
                 _ = &mut timer => {
                     // Fired: reset on the next turn even if the next due time is the same.
                     armed = None;
+                    #[cfg(test)]
+                    obs.timer_fired.fetch_add(1, Ordering::Relaxed);
                     obs.tick();
                     if half_closed_at.is_some_and(|t| t.elapsed() >= timers.half_close) {
                         break CloseReason::HalfCloseTimeout;
@@ -690,5 +712,57 @@ mod tests {
             ),
             5.0
         );
+    }
+    #[tokio::test(start_paused = true)]
+    async fn a_command_answered_at_once_does_not_wake_the_pair_at_its_threshold_or_deadline() {
+        let metrics = Arc::new(Metrics::new(false).expect("metrics"));
+        let obs = Arc::new(observer_with(metrics.clone()));
+        let (mut device, dev) = streams().await;
+        let (mut addon, up) = streams().await;
+        let shutdown = CancellationToken::new();
+        let stop = ConnStop::new(
+            &shutdown,
+            Duration::from_secs(1),
+            Arc::new(super::super::stop::ClosePacer::new(0.0)),
+        );
+        let timers = Timers {
+            idle: Duration::from_secs(90),
+            half_close: Duration::from_secs(10),
+        };
+        let pair = tokio::spawn({
+            let (stop, obs) = (stop.clone(), obs.clone());
+            async move { forward(dev, up, &[], &obs, &stop, timers).await }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for n in 0..3u8 {
+            let msg = MsgId([0, 0, n]);
+            let cmd = build::power_command(DeviceId([1, 2, 3, 4]), msg, 7, 10, true);
+            addon.write_all(&cmd).await.expect("write");
+            let mut got = vec![0u8; cmd.len()];
+            device.read_exact(&mut got).await.expect("forwarded");
+            // The device acks and replies, as real ones do; the add-on leaves the reply's
+            // 0x73 unacknowledged, as the real one does.
+            let mut ack = build::data_ack(DeviceId([1, 2, 3, 4]), msg).to_vec();
+            ack.extend_from_slice(&build::command_reply(DeviceId([1, 2, 3, 4]), msg, 7, 0xd0));
+            device.write_all(&ack).await.expect("ack");
+            let mut back = vec![0u8; ack.len()];
+            addon.read_exact(&mut back).await.expect("ack forwarded");
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+        // Past every command's 1.5 s threshold and 5 s deadline, short of the 90 s idle limit.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let done = metrics.total(
+            "tcp_comm_packet_sent_total",
+            &[("transport", "legacy"), ("outcome", "success")],
+        );
+        assert_eq!(done, 3.0, "the three commands were seen answered");
+        assert_eq!(
+            obs.timer_fired.load(Ordering::Relaxed),
+            0,
+            "answered commands leave nothing for the timer to wake for"
+        );
+        shutdown.cancel();
+        drop((device, addon));
+        let _ = pair.await;
     }
 }

@@ -231,7 +231,6 @@ impl Tracker {
         [
             self.next_command_event(),
             self.down_data.oldest().map(|t| t + self.command_deadline),
-            self.up_data.oldest().map(|t| t + reply),
             self.status.oldest().map(|t| t + reply),
             self.channel.oldest().map(|t| t + reply),
             self.hello.oldest().map(|t| t + reply),
@@ -327,6 +326,10 @@ impl Tracker {
 
     fn device_data(&mut self, pkt: &Packet, now: Instant, out: &mut Vec<Event>) {
         if let (Some(id), Some(m)) = (pkt.id(), pkt.msg_id()) {
+            // Left unanswered by the add-on as a rule, and dropped without an event when they
+            // expire: so they are dropped here, as the next one comes, and not by a timer,
+            // which would wake every connection once per device reply for nothing.
+            self.drop_expired_up_data(now);
             if self.up_data.queue.len() >= MAX_PENDING {
                 self.up_data.queue.pop_front();
             }
@@ -377,15 +380,7 @@ impl Tracker {
         let deadline = self.command_deadline;
         let reply = self.reply_timeout;
         self.down_data.expire(deadline, now, out);
-        // Expected to go unanswered under the add-on: dropped without an event.
-        while self
-            .up_data
-            .queue
-            .front()
-            .is_some_and(|p| now.saturating_duration_since(p.sent) >= reply)
-        {
-            self.up_data.queue.pop_front();
-        }
+        self.drop_expired_up_data(now);
         let queues: [&mut dyn ExpireDyn; 6] = [
             &mut self.status,
             &mut self.channel,
@@ -396,6 +391,20 @@ impl Tracker {
         ];
         for q in queues {
             q.expire_dyn(reply, now, out);
+        }
+    }
+
+    /// Device 0x73s past the reply timeout: expected to go unanswered under the add-on, so
+    /// dropped without an event.
+    fn drop_expired_up_data(&mut self, now: Instant) {
+        let reply = self.reply_timeout;
+        while self
+            .up_data
+            .queue
+            .front()
+            .is_some_and(|p| now.saturating_duration_since(p.sent) >= reply)
+        {
+            self.up_data.queue.pop_front();
         }
     }
 

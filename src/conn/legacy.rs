@@ -14,8 +14,9 @@
 //! - On shutdown or re-homing the pair stays open until no command is awaiting its reply, then
 //!   closes upstream first ([`forward`]); the daemon's drain deadline bounds the wait. Nothing read
 //!   is lost unseen: what arrives while closing is forwarded and measured, or counted dropped.
-//! - Timeouts (a transaction's, the idle limit, the half-close limit) are acted on when due,
-//!   by one timer per pair set for the first of them; a pair with nothing due does not wake.
+//! - Timeouts (a transaction's, the idle limit, the half-close limit, the close grace, a
+//!   drain's next look, the shadow's) are acted on when due, by one timer per pair set for the
+//!   first of them; a pair with nothing due does not wake, nor does an answered command.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,7 +25,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use tracing::debug;
 
@@ -167,19 +167,17 @@ impl Observer {
     }
 
     /// When the pair must next wake: the first transaction timeout, the idle limit (`idle`,
-    /// while the device may still send) and the half-close limit, whichever comes first;
-    /// remembered, so that a packet bringing an earlier timeout can say so.
-    fn arm(&self, idle: Option<Duration>, half_close_by: Option<Instant>, now: Instant) -> Instant {
+    /// while the device may still send) or any of the pair's `others` (half-close limit, close
+    /// grace, drain's next look, shadow timers), whichever comes first; the tracker's part
+    /// remembered, so that a packet moving it can say so.
+    fn arm(&self, idle: Option<Duration>, others: [Option<Instant>; 4], now: Instant) -> Instant {
         let mut st = self.lock();
-        let due = [
-            st.tracker.next_deadline(),
-            idle.map(|d| st.last_device + d),
-            half_close_by,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(now + NOTHING_DUE);
+        let due = [st.tracker.next_deadline(), idle.map(|d| st.last_device + d)]
+            .into_iter()
+            .chain(others)
+            .flatten()
+            .min()
+            .unwrap_or(now + NOTHING_DUE);
         st.armed_tracker = st.tracker.next_deadline();
         self.moved.store(false, Ordering::Relaxed);
         due
@@ -265,8 +263,30 @@ enum PumpEnd {
     WriteFailed(io::Error),
 }
 
+/// Raised by a pair, in its own task, when it begins to close; its pumps look at it each time
+/// they are polled. The pair's task polls the pumps right after it raises the flag, so it
+/// needs no waker: a `CancellationToken` here took its lock on every poll of every pump.
+#[derive(Debug, Default)]
+struct Closing(AtomicBool);
+
+impl Closing {
+    fn close(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    fn closed(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(|_| {
+            if self.0.load(Ordering::Relaxed) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+    }
+}
+
 /// Forwards one direction, each read observed and then written as one write. Once `closing`
-/// fires (between reads, never mid-write) the FIN is passed on and whatever still arrives is
+/// is raised (seen between reads, never mid-write) the FIN is passed on and whatever still arrives is
 /// read and counted as dropped, so the peer sees a clean close rather than a reset.
 ///
 /// The read buffer exists only while bytes are in hand ([`ReadHalf::read_ready`]), so an
@@ -276,19 +296,16 @@ async fn pump<W>(
     mut to: W,
     dir: Direction,
     obs: &Observer,
-    closing: &CancellationToken,
+    closing: &Closing,
 ) -> PumpEnd
 where
     W: AsyncWrite + Unpin,
 {
     let mut closed = false;
-    // One waiter for the pump's life: a fresh `cancelled()` per read registered and
-    // unregistered a waiter under the token's lock every time, on the hottest loop there is.
-    let mut cancelled = std::pin::pin!(closing.cancelled());
     loop {
         let read = tokio::select! {
             biased;
-            _ = &mut cancelled, if !closed => {
+            _ = closing.closed(), if !closed => {
                 closed = true;
                 let _ = to.shutdown().await;
                 continue;
@@ -376,6 +393,9 @@ impl Path for Legacy {
     }
 }
 
+/// How often a drain or re-home waiting for commands (or for the close pacer) looks again.
+const DRAIN_LOOK: Duration = Duration::from_millis(50);
+
 /// How far ahead the pair's timer is set when nothing is due (no transaction waiting, the
 /// device done sending, no half-close): only so that it is set to something.
 const NOTHING_DUE: Duration = Duration::from_secs(3600);
@@ -421,8 +441,8 @@ pub async fn forward(
 
     let (mut dev_r, mut dev_w) = device.split();
     let (mut up_r, mut up_w) = upstream.split();
-    let closing = CancellationToken::new();
-    let never = CancellationToken::new();
+    let closing = Closing::default();
+    let never = Closing::default();
     let reason = {
         let mut to_up = std::pin::pin!(pump(
             &mut dev_r,
@@ -444,20 +464,27 @@ pub async fn forward(
         let mut finishing = Finishing::new(stop);
         // Set once the close has begun: why, and until when the add-on may take to close.
         let mut closing_as: Option<(CloseReason, Instant)> = None;
-        // One timer for the pair's life, set for the next thing due (see `Observer::arm`),
-        // not a tick a second: a thousand idle devices woke the proxy a thousand times a
-        // second for nothing, which HAProxy, with no such tick, does not.
+        // When a drain or re-home that is waiting for commands looks again.
+        let mut drain_next: Option<Instant> = None;
+        // One timer for the pair's life, set for the next thing due (see `Observer::arm`):
+        // transaction timeouts, the idle and half-close limits, the shadow's timers, the close
+        // grace and the drain's next look. Not a tick a second (a thousand idle devices woke
+        // the proxy a thousand times a second for nothing, which HAProxy does not), and not a
+        // timer each: every `Sleep` is 112 bytes of every idle connection's memory.
         let mut timer = std::pin::pin!(tokio::time::sleep_until(Instant::now() + NOTHING_DUE));
         let mut armed: Option<Instant> = None;
-        let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
         let mut stopping = std::pin::pin!(stop.token().cancelled());
         // The pump futures are polled by reference and never dropped mid-loop, so a write in
         // progress is never cancelled while the pair lives; they are only dropped at teardown.
         loop {
-            let close_by = closing_as.map(|(_, t)| t);
             let due = obs.arm(
                 (!up_done).then_some(timers.idle),
-                half_closed_at.map(|t| t + timers.half_close),
+                [
+                    half_closed_at.map(|t| t + timers.half_close),
+                    closing_as.map(|(_, t)| t),
+                    drain_next,
+                    obs.shadow_wake(),
+                ],
                 Instant::now(),
             );
             if armed != Some(due) {
@@ -500,12 +527,6 @@ pub async fn forward(
                         PumpEnd::WriteFailed(_) => break CloseReason::DeviceError,
                     }
                 }
-                _ = async {
-                    match obs.shadow_wake() {
-                        Some(t) => tokio::time::sleep_until(t).await,
-                        None => std::future::pending().await,
-                    }
-                } => obs.tick(),
                 _ = obs.shadow_rearmed() => {}
                 _ = obs.moved() => {}
                 _ = &mut timer => {
@@ -514,33 +535,35 @@ pub async fn forward(
                     #[cfg(test)]
                     obs.timer_fired.fetch_add(1, Ordering::Relaxed);
                     obs.tick();
-                    if half_closed_at.is_some_and(|t| t.elapsed() >= timers.half_close) {
+                    let now = Instant::now();
+                    if let Some((r, by)) = closing_as {
+                        if now >= by { break r; }
+                    }
+                    if half_closed_at.is_some_and(|t| now >= t + timers.half_close) {
                         break CloseReason::HalfCloseTimeout;
                     }
                     // A device heartbeats after 21 s of silence; one that has said nothing
                     // for far longer is gone (Wi-Fi lost, no FIN), and holds two sockets.
-                    if !up_done && obs.device_silent_for(Instant::now()) >= timers.idle {
+                    if !up_done && obs.device_silent_for(now) >= timers.idle {
                         break CloseReason::IdleTimeout;
                     }
-                }
-                _ = async {
-                    match close_by {
-                        Some(t) => tokio::time::sleep_until(t).await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    if let Some((r, _)) = closing_as { break r; }
-                }
-                _ = drain_tick.tick(), if finishing.requested() && closing_as.is_none() => {
-                    if let Some(r) = finishing.check(obs.pending_commands(), Instant::now()) {
-                        closing.cancel();
-                        closing_as = Some((r, Instant::now() + CLOSE_GRACE));
+                    if drain_next.is_some_and(|t| now >= t) {
+                        drain_next = Some(now + DRAIN_LOOK);
+                        if let Some(r) = finishing.check(obs.pending_commands(), now) {
+                            closing.close();
+                            closing_as = Some((r, now + CLOSE_GRACE));
+                            drain_next = None;
+                        }
                     }
                 }
                 _ = &mut stopping, if !finishing.requested() => {
-                    if let Some(r) = finishing.begin(obs.pending_commands(), Instant::now()) {
-                        closing.cancel();
-                        closing_as = Some((r, Instant::now() + CLOSE_GRACE));
+                    let now = Instant::now();
+                    match finishing.begin(obs.pending_commands(), now) {
+                        Some(r) => {
+                            closing.close();
+                            closing_as = Some((r, now + CLOSE_GRACE));
+                        }
+                        None => drain_next = Some(now + DRAIN_LOOK),
                     }
                 }
             }
@@ -562,6 +585,7 @@ mod tests {
     use super::*;
     use crate::protocol::{build, MsgId};
     use tokio::io::AsyncReadExt;
+    use tokio_util::sync::CancellationToken;
 
     fn observer() -> Observer {
         observer_with(Arc::new(Metrics::new(false).expect("metrics")))
@@ -597,7 +621,7 @@ mod tests {
         let (mut addon, mut from, _keep) = tcp_pair().await;
         let (to, _device) = tokio::io::duplex(1);
         addon.write_all(&cmd).await.expect("write");
-        let never = CancellationToken::new();
+        let never = Closing::default();
         let pump = pump(&mut from, to, Direction::SrvToDev, &obs, &never);
         tokio::pin!(pump);
         // Drive the pump until it is stuck in the device write.
@@ -686,7 +710,7 @@ mod tests {
         let obs = observer_with(metrics.clone());
         let (mut device, mut from, _keep) = tcp_pair().await;
         let (to, mut upstream) = tokio::io::duplex(4096);
-        let closing = CancellationToken::new();
+        let closing = Closing::default();
         let task = pump(&mut from, to, Direction::DevToSrv, &obs, &closing);
         tokio::pin!(task);
         device.write_all(&build::heartbeat()).await.expect("write");
@@ -695,7 +719,7 @@ mod tests {
             _ = &mut task => panic!("pump ended"),
             r = upstream.read_exact(&mut got) => { r.expect("read"); }
         }
-        closing.cancel();
+        closing.close();
         device.write_all(&build::heartbeat()).await.expect("write");
         drop(device);
         assert!(matches!(task.await, PumpEnd::Eof));

@@ -159,9 +159,11 @@ async fn read_upstream(mut r: ReadHalf, sh: &Shared) -> io::Error {
             match permit {
                 ReadPermit::Read(n) => break n,
                 ReadPermit::WaitUntil(t) => {
+                    // Boxed: a `Sleep` inline would be 112 bytes of every session's upstream
+                    // future for good, for a wait only a full device queue brings.
                     tokio::select! {
                         _ = sh.room.notified() => {}
-                        _ = tokio::time::sleep_until(t) => {}
+                        _ = Box::pin(tokio::time::sleep_until(t)) => {}
                     }
                 }
             }
@@ -192,6 +194,9 @@ async fn upstream_io(stream: Stream, replay: Option<Bytes>, sh: &Shared) -> io::
         e = read_upstream(r, sh) => e,
     }
 }
+
+/// How often a drain or re-home waiting for commands (or for the close pacer) looks again.
+const DRAIN_LOOK: Duration = Duration::from_millis(50);
 
 type UpFuture<'a> = Pin<Box<dyn Future<Output = io::Error> + Send + 'a>>;
 type RedialFuture<'a> = Pin<
@@ -258,27 +263,31 @@ pub async fn serve(ctx: &SessionCtx, pair: Pair<DeviceId>) -> CloseReason {
     let mut finishing = Finishing::new(stop);
     // Once the pair is finishing: the reason it will close with, and by when at the latest.
     let mut finish: Option<(CloseReason, Instant)> = None;
-    let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
+    // When a drain or re-home that is waiting for commands looks again.
+    let mut drain_next: Option<Instant> = None;
     let mut device_eof = false;
-    let mut closing = false;
     // This device's redial spread, 0.8-1.2, the same at every outage.
     let spread = 0.8 + f64::from(u32::from_be_bytes(device_id.0) % 401) / 1000.0;
 
     // The loop turns on every device read and write (each re-arms it), so its two
     // long-lived waits are made once: a fresh `Sleep` per turn registered and cancelled a
-    // timer each time, and a fresh `cancelled()` a waiter under the token's lock.
+    // timer each time, and a fresh `cancelled()` a waiter under the token's lock. The one
+    // timer serves the core, the close deadline and the drain's next look: each `Sleep` more
+    // was 112 bytes of every idle session.
     let mut stopping = std::pin::pin!(stop.token().cancelled());
     let mut armed = sh.core().next_wake();
     let mut timer = std::pin::pin!(tokio::time::sleep_until(armed));
     let mut fired = false;
     let reason = loop {
-        let wake = sh.core().next_wake();
+        let wake = [finish.map(|(_, t)| t), drain_next]
+            .into_iter()
+            .flatten()
+            .fold(sh.core().next_wake(), Instant::min);
         if wake != armed || fired {
             timer.as_mut().reset(wake);
             armed = wake;
             fired = false;
         }
-        let finish_by = finish.map(|(_, t)| t);
         tokio::select! {
             end = &mut dev_read, if !device_eof => match end {
                 DevEnd::Eof => {
@@ -364,41 +373,41 @@ pub async fn serve(ctx: &SessionCtx, pair: Pair<DeviceId>) -> CloseReason {
             _ = sh.rearm.notified() => {}
             _ = &mut timer => {
                 fired = true;
-                let r = sh.core().tick(Instant::now());
+                let now = Instant::now();
+                let r = sh.core().tick(now);
                 sh.to_dev.notify_one();
                 if let Err(reason) = r {
                     break reason;
                 }
-            }
-            _ = async {
-                match finish_by {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
+                if let Some((r, by)) = finish {
+                    if now >= by {
+                        break if r == CloseReason::DeviceClosed { CloseReason::HalfCloseTimeout } else { r };
+                    }
                 }
-            } => {
-                if let Some((r, _)) = finish {
-                    break if r == CloseReason::DeviceClosed { CloseReason::HalfCloseTimeout } else { r };
-                }
-            }
-            _ = drain_tick.tick(), if finishing.requested() && !closing => {
-                let pending = sh.core().pending_commands();
-                if let Some(r) = finishing.check(pending, Instant::now()) {
-                    // Already half-closed, or no upstream to close first: close now.
-                    if up.is_none() || finish.is_some() { break r; }
-                    closing = true;
-                    sh.core().begin_close();
-                    sh.to_up.notify_one();
-                    finish = Some((r, Instant::now() + CLOSE_GRACE));
+                if drain_next.is_some_and(|t| now >= t) {
+                    drain_next = Some(now + DRAIN_LOOK);
+                    let pending = sh.core().pending_commands();
+                    if let Some(r) = finishing.check(pending, now) {
+                        // Already half-closed, or no upstream to close first: close now.
+                        if up.is_none() || finish.is_some() { break r; }
+                        drain_next = None;
+                        sh.core().begin_close();
+                        sh.to_up.notify_one();
+                        finish = Some((r, now + CLOSE_GRACE));
+                    }
                 }
             }
             _ = &mut stopping, if !finishing.requested() => {
+                let now = Instant::now();
                 let pending = sh.core().pending_commands();
-                if let Some(r) = finishing.begin(pending, Instant::now()) {
-                    if up.is_none() || finish.is_some() { break r; }
-                    closing = true;
-                    sh.core().begin_close();
-                    sh.to_up.notify_one();
-                    finish = Some((r, Instant::now() + CLOSE_GRACE));
+                match finishing.begin(pending, now) {
+                    Some(r) => {
+                        if up.is_none() || finish.is_some() { break r; }
+                        sh.core().begin_close();
+                        sh.to_up.notify_one();
+                        finish = Some((r, now + CLOSE_GRACE));
+                    }
+                    None => drain_next = Some(now + DRAIN_LOOK),
                 }
             }
         }

@@ -214,6 +214,11 @@ impl Outstanding {
     ) {
         self.budget.deposit(now);
         self.cmds.retain(|c| c.seq != seq);
+        if self.cmds.capacity() == 0 {
+            // Room for one: an idle device remembers its last command for the dedup TTL, and
+            // the usual first allocation (four) was 0.4 KiB of every such session.
+            self.cmds.reserve_exact(1);
+        }
         let rto = self.rtt.rto();
         let next_at =
             (self.policy.settings.max_attempts > 1).then(|| now + self.policy.delay(1, rto, rng));
@@ -402,6 +407,9 @@ impl Outstanding {
         let keep = self.keep;
         self.cmds
             .retain(|c| now.saturating_duration_since(c.first_sent) < keep);
+        if self.cmds.is_empty() {
+            self.cmds = VecDeque::new();
+        }
     }
 
     /// No more copies of the current commands: their upstream is gone, or the device can no
@@ -498,6 +506,24 @@ mod tests {
         };
         tokio::time::sleep_until(at).await;
         o.due(Instant::now(), rng, |_| false).resend
+    }
+
+    #[test]
+    fn one_remembered_command_holds_room_for_one_and_none_once_forgotten() {
+        let mut o = outstanding("");
+        let mut rng = SmallRng::seed_from_u64(7);
+        let t0 = Instant::now();
+        o.on_command(cmd(1), 1, KEY, 0, t0, &mut rng);
+        assert_eq!(o.cmds.capacity(), 1);
+        o.on_command(cmd(2), 2, KEY, 0, t0, &mut rng);
+        assert_eq!(o.len(), 2, "a second command still finds room");
+        o.expire(t0 + o.keep);
+        assert!(o.is_empty());
+        assert_eq!(
+            o.cmds.capacity(),
+            0,
+            "forgotten commands leave no allocation"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -83,17 +83,25 @@ const DIRECTIONS: usize = 2;
 /// hashes every label and takes the family's lock, and the byte and packet counters are
 /// counted on every read and every frame of every connection. Resolving on first use (not
 /// at start) keeps the exposition unchanged: a series still appears when first counted.
-struct Hot<const N: usize>([OnceLock<IntCounter>; N]);
+/// The same for the per-command series (outcome counters, latency histograms), where a
+/// command's end cost two such lookups and each reply two more.
+struct Hot<const N: usize, T = IntCounter>([OnceLock<T>; N]);
 
-impl<const N: usize> Hot<N> {
+impl<const N: usize, T> Hot<N, T> {
     fn new() -> Self {
         Hot(std::array::from_fn(|_| OnceLock::new()))
     }
 
-    fn get(&self, i: usize, make: impl FnOnce() -> IntCounter) -> &IntCounter {
+    fn get(&self, i: usize, make: impl FnOnce() -> T) -> &T {
         self.0[i].get_or_init(make)
     }
 }
+
+const COMMAND_OUTCOMES: usize = 3;
+const REPLY_OUTCOMES: usize = 4;
+// The hot indexes are the variants' discriminants: a variant added must grow these.
+const _: () = assert!(CommandOutcome::Abandoned as usize == COMMAND_OUTCOMES - 1);
+const _: () = assert!(ReplyOutcome::Local as usize == REPLY_OUTCOMES - 1);
 
 pub struct Metrics {
     registry: Registry,
@@ -122,11 +130,15 @@ pub struct Metrics {
     mqtt_messages: IntCounterVec,
     mqtt_commands: IntCounterVec,
     packet_sent: IntCounterVec,
+    packet_sent_hot: Hot<{ TRANSPORTS * COMMAND_OUTCOMES }>,
     packet_latency: HistogramVec,
+    packet_latency_hot: Hot<TRANSPORTS, prometheus::Histogram>,
     ack_received: IntCounterVec,
     ack_latency: HistogramVec,
     replies: IntCounterVec,
+    replies_hot: Hot<{ TRANSPORTS * PacketType::ALL.len() * REPLY_OUTCOMES }>,
     reply_latency: HistogramVec,
+    reply_latency_hot: Hot<{ TRANSPORTS * PacketType::ALL.len() }, prometheus::Histogram>,
     heartbeats: IntCounterVec,
     retransmits: IntCounterVec,
     commands_late: IntCounterVec,
@@ -346,6 +358,10 @@ impl Metrics {
                 &["transport", "direction", "packet_type"],
             )?,
             packets_hot: Hot::new(),
+            packet_sent_hot: Hot::new(),
+            packet_latency_hot: Hot::new(),
+            replies_hot: Hot::new(),
+            reply_latency_hot: Hot::new(),
             decode_errors: counter(
                 &r,
                 &mut names,
@@ -951,12 +967,17 @@ impl Metrics {
                     .observe(l.as_secs_f64());
             }
         } else {
-            self.packet_sent
-                .with_label_values(&[t.label(), outcome.label()])
+            self.packet_sent_hot
+                .get(t as usize * COMMAND_OUTCOMES + outcome as usize, || {
+                    self.packet_sent
+                        .with_label_values(&[t.label(), outcome.label()])
+                })
                 .inc();
             if let Some(l) = latency {
-                self.packet_latency
-                    .with_label_values(&[t.label()])
+                self.packet_latency_hot
+                    .get(t as usize, || {
+                        self.packet_latency.with_label_values(&[t.label()])
+                    })
                     .observe(l.as_secs_f64());
             }
         }
@@ -1016,16 +1037,23 @@ impl Metrics {
     pub fn reply(
         &self,
         t: Transport,
-        request: impl Label,
+        request: PacketType,
         outcome: ReplyOutcome,
         latency: Option<std::time::Duration>,
     ) {
-        self.replies
-            .with_label_values(&[t.label(), request.label(), outcome.label()])
+        let r = t as usize * PacketType::ALL.len() + request as usize;
+        self.replies_hot
+            .get(r * REPLY_OUTCOMES + outcome as usize, || {
+                self.replies
+                    .with_label_values(&[t.label(), request.label(), outcome.label()])
+            })
             .inc();
         if let Some(l) = latency {
-            self.reply_latency
-                .with_label_values(&[t.label(), request.label()])
+            self.reply_latency_hot
+                .get(r, || {
+                    self.reply_latency
+                        .with_label_values(&[t.label(), request.label()])
+                })
                 .observe(l.as_secs_f64());
         }
     }

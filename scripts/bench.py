@@ -122,12 +122,27 @@ class Proxy:
         self.proc, self.port, self.metrics = None, addon_port, None
         if kind == "direct":
             return
-        self.port = free_port()
-        if kind == "haproxy":
-            self._haproxy()
-        else:
-            self._gateway(canary if canary is not None else (100 if kind == "new" else 0))
-        wait_port(self.port, self.proc)
+        # A port found free can be taken before the proxy binds it (a burst of a thousand
+        # devices just before uses many ephemeral ports): then the proxy exits at start-up,
+        # and it is started again on fresh ports, at most three times, its log kept.
+        for attempt in range(3):
+            self.port = free_port()
+            if kind == "haproxy":
+                self._haproxy()
+            else:
+                self._gateway(canary if canary is not None else (100 if kind == "new" else 0))
+            try:
+                wait_port(self.port, self.proc)
+                return
+            except RuntimeError as e:
+                tail = ""
+                if getattr(self, "log", None) is not None:
+                    self.log.flush()
+                    with open(self.log.name) as f:
+                        tail = f.read()[-600:]
+                log(f"  {kind} did not start ({e}); attempt {attempt + 1} of 3. {tail.strip()}")
+                if attempt == 2:
+                    raise
 
     def _haproxy(self):
         key, crt, pem = certificate()

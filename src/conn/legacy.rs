@@ -66,7 +66,7 @@ pub struct Observer {
     /// `Notify`: it is only ever raised by a pump inside the pair's own task, polled just
     /// before the pair looks at it (see [`Observer::moved`]), so waking the task is never
     /// needed, and a wake-up per command is what the legacy path's CPU per command paid.
-    moved: AtomicBool,
+    moved: TaskFlag,
     /// How often the pair's timer has fired: the tests' view of wake-ups for nothing.
     #[cfg(test)]
     timer_fired: std::sync::atomic::AtomicU32,
@@ -93,7 +93,7 @@ impl Observer {
                 armed_tracker: None,
             }),
             shadow: None,
-            moved: AtomicBool::new(false),
+            moved: TaskFlag::default(),
             #[cfg(test)]
             timer_fired: std::sync::atomic::AtomicU32::new(0),
         }
@@ -158,7 +158,7 @@ impl Observer {
         // timer (the wheel re-files the entry when it comes round, without waking anyone),
         // where letting it fire woke the pair for nothing once per command.
         if st.tracker.next_deadline() != st.armed_tracker {
-            self.moved.store(true, Ordering::Relaxed);
+            self.moved.raise();
         }
         drop(guard);
         if let Some(shadow) = &self.shadow {
@@ -179,22 +179,16 @@ impl Observer {
             .min()
             .unwrap_or(now + NOTHING_DUE);
         st.armed_tracker = st.tracker.next_deadline();
-        self.moved.store(false, Ordering::Relaxed);
+        self.moved.lower();
         due
     }
 
-    /// Ready once a packet has moved the tracker's next deadline. It registers no waker,
-    /// which is sound only because [`Observer::observe`] runs in the pair's own task, inside
-    /// a pump polled ahead of this in the same `select!` (biased): when a pump raises the
-    /// flag and returns pending, this branch sees it in the same poll.
+    /// Ready once a packet has moved the tracker's next deadline. Sound without a waker
+    /// because [`Observer::observe`] runs in the pair's own task, inside a pump polled ahead
+    /// of this in the same `select!` (biased): when a pump raises the flag and returns
+    /// pending, this branch sees it in the same poll.
     fn moved(&self) -> impl std::future::Future<Output = ()> + '_ {
-        std::future::poll_fn(|_| {
-            if self.moved.load(Ordering::Relaxed) {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            }
-        })
+        self.moved.raised()
     }
 
     fn flush(&self, st: &mut ObserverState) {
@@ -262,18 +256,23 @@ enum PumpEnd {
     WriteFailed(io::Error),
 }
 
-/// Raised by a pair, in its own task, when it begins to close; its pumps look at it each time
-/// they are polled. The pair's task polls the pumps right after it raises the flag, so it
-/// needs no waker: a `CancellationToken` here took its lock on every poll of every pump.
+/// A signal between futures of one task: raised by one, seen by another polled after it in
+/// the same task. [`TaskFlag::raised`] registers no waker, so it is only sound where whoever
+/// raises the flag is sure to have the waiting future polled next (the pair's loop and its
+/// pumps): there it saves a `Notify` wake-up, or a `CancellationToken`'s lock on every poll.
 #[derive(Debug, Default)]
-struct Closing(AtomicBool);
+struct TaskFlag(AtomicBool);
 
-impl Closing {
-    fn close(&self) {
+impl TaskFlag {
+    fn raise(&self) {
         self.0.store(true, Ordering::Relaxed);
     }
 
-    fn closed(&self) -> impl std::future::Future<Output = ()> + '_ {
+    fn lower(&self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+
+    fn raised(&self) -> impl std::future::Future<Output = ()> + '_ {
         std::future::poll_fn(|_| {
             if self.0.load(Ordering::Relaxed) {
                 std::task::Poll::Ready(())
@@ -295,7 +294,7 @@ async fn pump<W>(
     mut to: W,
     dir: Direction,
     obs: &Observer,
-    closing: &Closing,
+    closing: &TaskFlag,
 ) -> PumpEnd
 where
     W: AsyncWrite + Unpin,
@@ -304,7 +303,7 @@ where
     loop {
         let read = tokio::select! {
             biased;
-            _ = closing.closed(), if !closed => {
+            _ = closing.raised(), if !closed => {
                 closed = true;
                 let _ = to.shutdown().await;
                 continue;
@@ -392,9 +391,6 @@ impl Path for Legacy {
     }
 }
 
-/// How often a drain or re-home waiting for commands (or for the close pacer) looks again.
-const DRAIN_LOOK: Duration = Duration::from_millis(50);
-
 /// How far ahead the pair's timer is set when nothing is due (no transaction waiting, the
 /// device done sending, no half-close): only so that it is set to something.
 const NOTHING_DUE: Duration = Duration::from_secs(3600);
@@ -440,8 +436,9 @@ pub async fn forward(
 
     let (mut dev_r, mut dev_w) = device.split();
     let (mut up_r, mut up_w) = upstream.split();
-    let closing = Closing::default();
-    let never = Closing::default();
+    // Raised when the pair begins to close: the device-to-upstream pump passes the FIN on.
+    let closing = TaskFlag::default();
+    let never = TaskFlag::default();
     let reason = {
         let mut to_up = std::pin::pin!(pump(
             &mut dev_r,
@@ -463,8 +460,6 @@ pub async fn forward(
         let mut finishing = Finishing::new(stop);
         // Set once the close has begun: why, and until when the add-on may take to close.
         let mut closing_as: Option<(CloseReason, Instant)> = None;
-        // When a drain or re-home that is waiting for commands looks again.
-        let mut drain_next: Option<Instant> = None;
         // One timer for the pair's life, set for the next thing due (see `Observer::arm`):
         // transaction timeouts, the idle and half-close limits, the shadow's timers, the close
         // grace and the drain's next look. Not a tick a second (a thousand idle devices woke
@@ -481,7 +476,7 @@ pub async fn forward(
                 [
                     half_closed_at.map(|t| t + timers.half_close),
                     closing_as.map(|(_, t)| t),
-                    drain_next,
+                    finishing.next_look(),
                     obs.shadow_wake(),
                 ],
                 Instant::now(),
@@ -546,23 +541,18 @@ pub async fn forward(
                     if !up_done && obs.device_silent_for(now) >= timers.idle {
                         break CloseReason::IdleTimeout;
                     }
-                    if drain_next.is_some_and(|t| now >= t) {
-                        drain_next = Some(now + DRAIN_LOOK);
+                    if finishing.look_due(now) {
                         if let Some(r) = finishing.check(obs.pending_commands(), now) {
-                            closing.close();
+                            closing.raise();
                             closing_as = Some((r, now + CLOSE_GRACE));
-                            drain_next = None;
                         }
                     }
                 }
                 _ = &mut stopping, if !finishing.requested() => {
                     let now = Instant::now();
-                    match finishing.begin(obs.pending_commands(), now) {
-                        Some(r) => {
-                            closing.close();
-                            closing_as = Some((r, now + CLOSE_GRACE));
-                        }
-                        None => drain_next = Some(now + DRAIN_LOOK),
+                    if let Some(r) = finishing.begin(obs.pending_commands(), now) {
+                        closing.raise();
+                        closing_as = Some((r, now + CLOSE_GRACE));
                     }
                 }
             }
@@ -620,7 +610,7 @@ mod tests {
         let (mut addon, mut from, _keep) = tcp_pair().await;
         let (to, _device) = tokio::io::duplex(1);
         addon.write_all(&cmd).await.expect("write");
-        let never = Closing::default();
+        let never = TaskFlag::default();
         let pump = pump(&mut from, to, Direction::SrvToDev, &obs, &never);
         tokio::pin!(pump);
         // Drive the pump until it is stuck in the device write.
@@ -645,6 +635,27 @@ mod tests {
         (c, Stream::Plain(s))
     }
 
+    /// Runs a pair of `dev` and `up` through `obs`: 90 s idle limit, 10 s half-close limit,
+    /// 1 s re-home grace. Cancel the token to drain it.
+    fn spawn_pair(
+        obs: Arc<Observer>,
+        dev: Stream,
+        up: Stream,
+    ) -> (CancellationToken, tokio::task::JoinHandle<CloseReason>) {
+        let shutdown = CancellationToken::new();
+        let stop = ConnStop::new(
+            &shutdown,
+            Duration::from_secs(1),
+            Arc::new(super::super::stop::ClosePacer::new(0.0)),
+        );
+        let timers = Timers {
+            idle: Duration::from_secs(90),
+            half_close: Duration::from_secs(10),
+        };
+        let pair = tokio::spawn(async move { forward(dev, up, &[], &obs, &stop, timers).await });
+        (shutdown, pair)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_lost_reply_times_out_at_its_deadline_and_a_silent_device_at_the_idle_limit() {
         let metrics = Arc::new(Metrics::new(false).expect("metrics"));
@@ -657,21 +668,8 @@ mod tests {
         };
         let (mut device, dev) = streams().await;
         let (mut addon, up) = streams().await;
-        let shutdown = CancellationToken::new();
-        let stop = ConnStop::new(
-            &shutdown,
-            Duration::from_secs(1),
-            Arc::new(super::super::stop::ClosePacer::new(0.0)),
-        );
-        let timers = Timers {
-            idle: Duration::from_secs(90),
-            half_close: Duration::from_secs(10),
-        };
         let start = Instant::now();
-        let pair = tokio::spawn({
-            let stop = stop.clone();
-            async move { forward(dev, up, &[], &obs, &stop, timers).await }
-        });
+        let (_shutdown, pair) = spawn_pair(Arc::new(obs), dev, up);
         // Half a second in (off any whole-second tick), the add-on sends a command that the
         // device receives and never answers.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -709,7 +707,7 @@ mod tests {
         let obs = observer_with(metrics.clone());
         let (mut device, mut from, _keep) = tcp_pair().await;
         let (to, mut upstream) = tokio::io::duplex(4096);
-        let closing = Closing::default();
+        let closing = TaskFlag::default();
         let task = pump(&mut from, to, Direction::DevToSrv, &obs, &closing);
         tokio::pin!(task);
         device.write_all(&build::heartbeat()).await.expect("write");
@@ -718,7 +716,7 @@ mod tests {
             _ = &mut task => panic!("pump ended"),
             r = upstream.read_exact(&mut got) => { r.expect("read"); }
         }
-        closing.close();
+        closing.raise();
         device.write_all(&build::heartbeat()).await.expect("write");
         drop(device);
         assert!(matches!(task.await, PumpEnd::Eof));
@@ -736,26 +734,14 @@ mod tests {
             5.0
         );
     }
+
     #[tokio::test(start_paused = true)]
     async fn a_command_answered_at_once_does_not_wake_the_pair_at_its_threshold_or_deadline() {
         let metrics = Arc::new(Metrics::new(false).expect("metrics"));
         let obs = Arc::new(observer_with(metrics.clone()));
         let (mut device, dev) = streams().await;
         let (mut addon, up) = streams().await;
-        let shutdown = CancellationToken::new();
-        let stop = ConnStop::new(
-            &shutdown,
-            Duration::from_secs(1),
-            Arc::new(super::super::stop::ClosePacer::new(0.0)),
-        );
-        let timers = Timers {
-            idle: Duration::from_secs(90),
-            half_close: Duration::from_secs(10),
-        };
-        let pair = tokio::spawn({
-            let (stop, obs) = (stop.clone(), obs.clone());
-            async move { forward(dev, up, &[], &obs, &stop, timers).await }
-        });
+        let (shutdown, pair) = spawn_pair(obs.clone(), dev, up);
         tokio::time::sleep(Duration::from_millis(500)).await;
         for n in 0..3u8 {
             let msg = MsgId([0, 0, n]);

@@ -104,7 +104,13 @@ pub struct Finishing<'a> {
     stop: &'a ConnStop,
     requested: bool,
     deadline: Option<Instant>,
+    /// While finishing and not yet free to close: when to look again.
+    next_look: Option<Instant>,
 }
+
+/// How often a finishing connection waiting for its commands (or for a close slot) looks
+/// again.
+const LOOK_EVERY: Duration = Duration::from_millis(50);
 
 impl<'a> Finishing<'a> {
     pub fn new(stop: &'a ConnStop) -> Self {
@@ -112,6 +118,7 @@ impl<'a> Finishing<'a> {
             stop,
             requested: false,
             deadline: None,
+            next_look: None,
         }
     }
 
@@ -138,8 +145,17 @@ impl<'a> Finishing<'a> {
     }
 
     /// Re-checked while finishing. `Some` when the connection may close now (a re-homed one
-    /// has then taken its close slot).
-    pub fn check(&self, pending_commands: usize, now: Instant) -> Option<CloseReason> {
+    /// has then taken its close slot); otherwise the next look is set [`LOOK_EVERY`] on.
+    pub fn check(&mut self, pending_commands: usize, now: Instant) -> Option<CloseReason> {
+        let ready = self.ready(pending_commands, now);
+        self.next_look = match ready {
+            None if self.requested => Some(now + LOOK_EVERY),
+            _ => None,
+        };
+        ready
+    }
+
+    fn ready(&self, pending_commands: usize, now: Instant) -> Option<CloseReason> {
         let overdue = self.deadline.is_some_and(|t| now >= t);
         if !(self.requested && (pending_commands == 0 || overdue)) {
             return None;
@@ -149,6 +165,17 @@ impl<'a> Finishing<'a> {
             return None;
         }
         Some(reason)
+    }
+
+    /// When the connection should next call [`Finishing::check`]: `None` before the stop and
+    /// once it may close. The connection's one timer includes it.
+    pub fn next_look(&self) -> Option<Instant> {
+        self.next_look
+    }
+
+    /// Whether the next look is due at `now`.
+    pub fn look_due(&self, now: Instant) -> bool {
+        self.next_look.is_some_and(|t| now >= t)
     }
 }
 

@@ -14,7 +14,6 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Future;
@@ -195,9 +194,6 @@ async fn upstream_io(stream: Stream, replay: Option<Bytes>, sh: &Shared) -> io::
     }
 }
 
-/// How often a drain or re-home waiting for commands (or for the close pacer) looks again.
-const DRAIN_LOOK: Duration = Duration::from_millis(50);
-
 type UpFuture<'a> = Pin<Box<dyn Future<Output = io::Error> + Send + 'a>>;
 type RedialFuture<'a> = Pin<
     Box<dyn Future<Output = (Result<Stream, crate::conn::upstream::DialError>, u32)> + Send + 'a>,
@@ -263,8 +259,6 @@ pub async fn serve(ctx: &SessionCtx, pair: Pair<DeviceId>) -> CloseReason {
     let mut finishing = Finishing::new(stop);
     // Once the pair is finishing: the reason it will close with, and by when at the latest.
     let mut finish: Option<(CloseReason, Instant)> = None;
-    // When a drain or re-home that is waiting for commands looks again.
-    let mut drain_next: Option<Instant> = None;
     let mut device_eof = false;
     // This device's redial spread, 0.8-1.2, the same at every outage.
     let spread = 0.8 + f64::from(u32::from_be_bytes(device_id.0) % 401) / 1000.0;
@@ -279,7 +273,7 @@ pub async fn serve(ctx: &SessionCtx, pair: Pair<DeviceId>) -> CloseReason {
     let mut timer = std::pin::pin!(tokio::time::sleep_until(armed));
     let mut fired = false;
     let reason = loop {
-        let wake = [finish.map(|(_, t)| t), drain_next]
+        let wake = [finish.map(|(_, t)| t), finishing.next_look()]
             .into_iter()
             .flatten()
             .fold(sh.core().next_wake(), Instant::min);
@@ -384,13 +378,11 @@ pub async fn serve(ctx: &SessionCtx, pair: Pair<DeviceId>) -> CloseReason {
                         break if r == CloseReason::DeviceClosed { CloseReason::HalfCloseTimeout } else { r };
                     }
                 }
-                if drain_next.is_some_and(|t| now >= t) {
-                    drain_next = Some(now + DRAIN_LOOK);
+                if finishing.look_due(now) {
                     let pending = sh.core().pending_commands();
                     if let Some(r) = finishing.check(pending, now) {
                         // Already half-closed, or no upstream to close first: close now.
                         if up.is_none() || finish.is_some() { break r; }
-                        drain_next = None;
                         sh.core().begin_close();
                         sh.to_up.notify_one();
                         finish = Some((r, now + CLOSE_GRACE));
@@ -400,14 +392,11 @@ pub async fn serve(ctx: &SessionCtx, pair: Pair<DeviceId>) -> CloseReason {
             _ = &mut stopping, if !finishing.requested() => {
                 let now = Instant::now();
                 let pending = sh.core().pending_commands();
-                match finishing.begin(pending, now) {
-                    Some(r) => {
-                        if up.is_none() || finish.is_some() { break r; }
-                        sh.core().begin_close();
-                        sh.to_up.notify_one();
-                        finish = Some((r, now + CLOSE_GRACE));
-                    }
-                    None => drain_next = Some(now + DRAIN_LOOK),
+                if let Some(r) = finishing.begin(pending, now) {
+                    if up.is_none() || finish.is_some() { break r; }
+                    sh.core().begin_close();
+                    sh.to_up.notify_one();
+                    finish = Some((r, now + CLOSE_GRACE));
                 }
             }
         }

@@ -145,7 +145,7 @@ impl<'a> Finishing<'a> {
     }
 
     /// Re-checked while finishing. `Some` when the connection may close now (a re-homed one
-    /// has then taken its close slot); otherwise the next look is set [`LOOK_EVERY`] on.
+    /// has then taken its close slot); otherwise the next look is set `LOOK_EVERY` (50 ms) on.
     pub fn check(&mut self, pending_commands: usize, now: Instant) -> Option<CloseReason> {
         let ready = self.ready(pending_commands, now);
         self.next_look = match ready {

@@ -297,7 +297,7 @@ fn trace(
 
 fn demo(opts: cync_gateway::demo::DemoOptions) -> ExitCode {
     let rt = match runtime() {
-        Ok(rt) => rt,
+        Ok((rt, _)) => rt,
         Err(e) => {
             eprintln!("cync-gateway: starting the runtime: {e}");
             return ExitCode::from(EXIT_RUNTIME);
@@ -312,10 +312,31 @@ fn demo(opts: cync_gateway::demo::DemoOptions) -> ExitCode {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+/// The daemon's runtime. With one worker (`TOKIO_WORKER_THREADS=1`, or one CPU available to
+/// the process: a small host, a CPU quota, `taskset`) a current-thread runtime: the same work
+/// on the same one thread, without the multi-thread scheduler's bookkeeping for workers that
+/// do not exist (its shared queues, per-batch statistics, parking a worker through a condvar).
+/// At a few hundred commands a second every command is its own wake-up of an otherwise idle
+/// process, and that bookkeeping was a measurable share of the CPU it spent
+/// (docs/benchmarks.md). With more, tokio's multi-thread runtime, one worker per CPU unless
+/// the variable says otherwise.
+fn runtime() -> Result<(tokio::runtime::Runtime, usize), std::io::Error> {
+    let workers = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let rt = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()?
+    };
+    Ok((rt, workers))
 }
 
 fn run(path: &std::path::Path, strict: bool) -> ExitCode {
@@ -350,7 +371,18 @@ fn run(path: &std::path::Path, strict: bool) -> ExitCode {
         }
     }
     let rt = match runtime() {
-        Ok(rt) => rt,
+        Ok((rt, workers)) => {
+            tracing::info!(
+                workers,
+                flavor = if workers == 1 {
+                    "current_thread"
+                } else {
+                    "multi_thread"
+                },
+                "runtime"
+            );
+            rt
+        }
         Err(e) => {
             eprintln!("cync-gateway: starting the runtime: {e}");
             return ExitCode::from(EXIT_RUNTIME);

@@ -102,10 +102,29 @@ async fn start_daemon(upstream: SocketAddr, drain: &str) -> Daemon {
 }
 
 async fn start_daemon_with(upstream: SocketAddr, drain: &str, extra: &str) -> Daemon {
+    start_daemon_env(upstream, drain, extra, &[]).await
+}
+
+async fn start_daemon_env(
+    upstream: SocketAddr,
+    drain: &str,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> Daemon {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("gw.toml");
     std::fs::write(&path, daemon_config(upstream, drain, extra)).expect("write config");
-    Daemon::start(path, Some(dir)).await
+    Daemon::start_with_env(path, Some(dir), env).await
+}
+
+/// The runtime the daemon said it started: one worker gets tokio's current-thread runtime,
+/// more get the multi-thread one (`main.rs`, `runtime`).
+fn assert_runtime(d: &Daemon, flavor: &str, workers: usize) {
+    assert!(
+        d.logged(&format!("\"workers\":{workers}"))
+            && d.logged(&format!("\"flavor\":\"{flavor}\"")),
+        "no start-up line naming a {flavor} runtime with {workers} worker(s)"
+    );
 }
 
 /// What the add-on does with a connection the gateway closes: reads to its EOF, then closes.
@@ -131,7 +150,9 @@ async fn connect_device(d: &Daemon, up: &TcpListener) -> (TcpStream, TcpStream) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_an_open_connection_exits_cleanly_within_the_drain_timeout() {
     let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let mut d = start_daemon(up.local_addr().expect("addr"), "5s").await;
+    let addr = up.local_addr().expect("addr");
+    let mut d = start_daemon_env(addr, "5s", "", &[("TOKIO_WORKER_THREADS", "2")]).await;
+    assert_runtime(&d, "multi_thread", 2);
     let (mut dev, upc) = connect_device(&d, &up).await;
     close_on_eof(upc);
 
@@ -164,8 +185,12 @@ async fn sigterm_with_an_open_connection_exits_cleanly_within_the_drain_timeout(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_waits_for_a_command_in_flight_and_readiness_drops_first() {
+    // On one worker (a one-CPU host): the whole life, a command, the drain and readiness, on
+    // the current-thread runtime.
     let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let mut d = start_daemon(up.local_addr().expect("addr"), "10s").await;
+    let addr = up.local_addr().expect("addr");
+    let mut d = start_daemon_env(addr, "10s", "", &[("TOKIO_WORKER_THREADS", "1")]).await;
+    assert_runtime(&d, "current_thread", 1);
     let (mut dev, mut upc) = connect_device(&d, &up).await;
     let cmd = vector("legacy_power_on_0x73");
     upc.write_all(&cmd).await.expect("command");

@@ -233,6 +233,16 @@ def metric_sum(text, family):
     return total
 
 
+def handshakes(text):
+    """The gateway's upstream TLS handshakes by kind: {"full": n, "resumed": n}."""
+    out = {"full": 0, "resumed": 0}
+    for line in (text or "").splitlines():
+        if line.startswith("tcp_comm_upstream_tls_handshakes_total{"):
+            how = line.split('handshake="', 1)[1].split('"', 1)[0]
+            out[how] = out.get(how, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
 def load_run(kind, tls, devices, rate, duration, warmup, seed=1, canary=None, during=None):
     """One fixed-rate run through `kind`; returns the load report plus the proxy's CPU."""
     addon = free_port()
@@ -419,6 +429,8 @@ def fleet(kind, tls, n, ramp, seed=1, canary=None, hold="3600s", cpus=None, time
         # Settled: allocations of the handshakes freed, heartbeats not due yet (21 s).
         time.sleep(2.0)
         after = p.rss()
+        if kind in ("legacy", "new") and tls:
+            rep["handshakes"] = handshakes(p.scrape())
         gen.send_signal(signal.SIGINT)
         try:
             gen.wait(20)
@@ -482,10 +494,14 @@ def connect(args):
                 "h100_p50": hundred["hello_ack_ms"]["p50"], "h100_p99": hundred["hello_ack_ms"]["p99"],
                 "burst_ms": burst["ready_after_ms"] if burst["ready"] == 1000 else None,
                 "burst_ready": burst["ready"],
+                "burst_resumed": burst.get("handshakes", {}).get("resumed"),
+                "h100_resumed": hundred.get("handshakes", {}).get("resumed"),
             })
             log(f"  connect round {r + 1} {t}: 1 device p50 {fmt(res[t][-1]['single_p50'], 2)} ms, 100 p50/p99 "
                 f"{fmt(hundred['hello_ack_ms']['p50'], 1)}/{fmt(hundred['hello_ack_ms']['p99'], 1)} ms, 1k burst "
-                f"{burst['ready']}/1000 answered in {fmt(burst['ready_after_ms'], 0)} ms")
+                f"{burst['ready']}/1000 answered in {fmt(burst['ready_after_ms'], 0)} ms"
+                + (f"; upstream handshakes resumed: 100 {hundred['handshakes']['resumed']}, 1k {burst['handshakes']['resumed']}"
+                   if "handshakes" in burst and "handshakes" in hundred else ""))
     return res
 
 
@@ -501,6 +517,11 @@ def print_connect(res, args):
         answered = min(x["burst_ready"] for x in rows)
         burst = g("burst_ms") if answered == 1000 else f"not all within 30 s (fewest answered {answered})"
         print(f"| {t} | {g('single_p50')} | {g('single_p99')} | {g('h100_p50')} | {g('h100_p99')} | {burst} |")
+    print("\nUpstream TLS handshakes the add-on resumed (`tcp_comm_upstream_tls_handshakes_total`), "
+          "per round, 100 at once / 1k burst: "
+          + "; ".join(f"{t} " + ", ".join(f"{x['h100_resumed']}/{x['burst_resumed']}" for x in res[t])
+                      for t in ("legacy", "new") if t in res)
+          + ". HAProxy resumes its server sessions by default (no `no-ssl-reuse`).")
 
 
 # ------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 //! the suites that ClientHello offered; an OpenSSL client restricted to one device suite must
 //! complete the handshake; `device_tls.min_version` decides the lowest version.
 //! Upstream side: every verification policy of the dialer, plaintext, and the three ways a dial
-//! fails (TLS, connect, timeout).
+//! fails (TLS, connect, timeout); the add-on's session offered again, and never in place of a
+//! pinned certificate check.
 
 mod common;
 
@@ -611,4 +612,116 @@ async fn upstream_connect_timeout_covers_a_silent_tls_handshake() {
         .await
         .expect("the silent listener saw the TCP connection")
         .expect("accept loop alive");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream session reuse
+// ---------------------------------------------------------------------------------------------
+
+/// An acceptor with a fresh self-signed certificate (so its own session-ticket keys), and that
+/// certificate.
+fn addon_acceptor() -> (SslAcceptor, openssl::x509::X509) {
+    let s = tls::self_signed("addon").expect("self-signed addon cert");
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server()).expect("acceptor");
+    b.set_certificate(&s.cert).expect("set cert");
+    b.set_private_key(&s.key).expect("set key");
+    (b.build(), s.cert)
+}
+
+/// A TLS echo server whose n-th connection is served by `acceptors[n]` (the last one from then
+/// on, as an add-on restarted with a new certificate would be); it sends on the channel, for
+/// each handshake it completed, whether OpenSSL's server side resumed a session.
+async fn reporting_server(acceptors: Vec<SslAcceptor>) -> (SocketAddr, mpsc::Receiver<bool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind addon");
+    let addr = listener.local_addr().expect("addon address");
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let acceptors: Vec<Arc<SslAcceptor>> = acceptors.into_iter().map(Arc::new).collect();
+        let mut n = 0;
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptors[n.min(acceptors.len() - 1)].clone();
+            n += 1;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(ssl) = Ssl::new(acceptor.context()) else {
+                    return;
+                };
+                let Ok(mut s) = SslStream::new(ssl, tcp) else {
+                    return;
+                };
+                if Pin::new(&mut s).accept().await.is_ok() {
+                    let _ = tx.send(s.ssl().session_reused()).await;
+                    echo(s).await;
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+async fn handshake_report(rx: &mut mpsc::Receiver<bool>) -> bool {
+    timeout(WAIT, rx.recv())
+        .await
+        .expect("the add-on reported its handshake within 5 s")
+        .expect("the add-on is still running")
+}
+
+/// By default the second and later connections resume the session the add-on handed out on
+/// the first (as HAProxy's servers do): the add-on's own OpenSSL says so, and so does the
+/// gateway's side of the connection.
+#[tokio::test]
+async fn upstream_dials_after_the_first_resume_the_addons_session() {
+    let (acceptor, _) = addon_acceptor();
+    let (addr, mut reports) = reporting_server(vec![acceptor]).await;
+    let d = dialer(addr, "");
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let mut s = dial(&d).await.expect("dial");
+        // The echo reads the TLS 1.3 ticket, which arrives after the handshake.
+        assert_echo(&mut s, b"hello").await;
+        seen.push((handshake_report(&mut reports).await, s.session_reused()));
+        // A clean close (close_notify), as the gateway's pairs end: OpenSSL will not offer
+        // the session of a connection dropped without one.
+        s.shutdown().await.expect("close_notify");
+    }
+    assert_eq!(seen, [(false, false), (true, true), (true, true)]);
+}
+
+/// `tls_session_reuse = false`: every connection is a full handshake.
+#[tokio::test]
+async fn upstream_session_reuse_off_makes_every_handshake_full() {
+    let (acceptor, _) = addon_acceptor();
+    let (addr, mut reports) = reporting_server(vec![acceptor]).await;
+    let d = dialer(addr, "tls_session_reuse = false\n");
+    for _ in 0..3 {
+        let mut s = dial(&d).await.expect("dial");
+        assert_echo(&mut s, b"hello").await;
+        assert!(
+            !handshake_report(&mut reports).await,
+            "the add-on resumed a session"
+        );
+        assert!(!s.session_reused());
+        s.shutdown().await.expect("close_notify");
+    }
+}
+
+/// An add-on that comes back with another certificate does not know the old session: the
+/// handshake is full, so a pinned fingerprint is checked again, and the new certificate is
+/// refused rather than let through on the strength of the old session.
+#[tokio::test]
+async fn a_pinned_upstream_that_changes_certificate_is_refused_despite_an_old_session() {
+    let (first, cert) = addon_acceptor();
+    let (second, _) = addon_acceptor();
+    let (addr, mut reports) = reporting_server(vec![first, second]).await;
+    let extra = format!(
+        "verify = \"fingerprint\"\nfingerprint_sha256 = \"{}\"\n",
+        sha256_hex(&cert)
+    );
+    let d = dialer(addr, &extra);
+    let mut s = dial(&d).await.expect("first dial, pinned certificate");
+    assert_echo(&mut s, b"hello").await;
+    assert!(!handshake_report(&mut reports).await);
+    s.shutdown().await.expect("close_notify");
+    let e = expect_dial_err(dial(&d).await, "tls");
+    println!("new certificate after a session: {e}");
 }

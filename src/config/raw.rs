@@ -221,6 +221,7 @@ pub(super) struct RawUpstream {
     pub(super) verify: Option<String>,
     pub(super) ca_file: Option<PathBuf>,
     pub(super) fingerprint_sha256: Option<String>,
+    pub(super) tls_session_reuse: Option<bool>,
     pub(super) connect_timeout: Option<RawDuration>,
     pub(super) tcp_keepalive: Option<RawDuration>,
     pub(super) proxy_protocol: Option<String>,

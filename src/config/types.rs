@@ -395,6 +395,9 @@ pub struct Upstream {
     pub address: String,
     pub tls: bool,
     pub verify: UpstreamVerify,
+    /// Offer the add-on's last TLS session again on the next connection (an abbreviated
+    /// handshake when it still knows it).
+    pub tls_session_reuse: bool,
     pub connect_timeout: Duration,
     /// TCP keepalive idle time on upstream connections; zero disables.
     pub tcp_keepalive: Duration,

@@ -1026,6 +1026,7 @@ impl Validator<'_> {
             address,
             tls: raw.tls.unwrap_or(true),
             verify,
+            tls_session_reuse: raw.tls_session_reuse.unwrap_or(true),
             connect_timeout: self.positive_duration(
                 &format!("{prefix}.connect_timeout"),
                 raw.connect_timeout,

@@ -35,7 +35,7 @@ use super::registry::{Registration, Registry};
 use super::reliable::SessionCtx;
 use super::stop::ConnStop;
 use super::tls::{self, Stream};
-use super::upstream::{set_keepalive, Dialer};
+use super::upstream::{count_handshake, set_keepalive, Dialer};
 use super::{CloseReason, Route, Routes, Transport};
 use crate::config::Config;
 use crate::protocol::{header_data_len_checked, DeviceId, Packet, PacketType};
@@ -433,7 +433,10 @@ impl Handler {
             }
         };
         match dialed {
-            Ok(u) => Some((u, dialer)),
+            Ok(u) => {
+                count_handshake(&self.ctx.metrics, transport, &u);
+                Some((u, dialer))
+            }
             Err(e) => {
                 warn!(error = %e, path = transport.label(), upstream = dialer.address(), "upstream unreachable; closing the device connection");
                 self.ctx

@@ -11,11 +11,14 @@
 //!   certificate is generated in memory at start-up.
 //! - Upstream connections never send SNI or check host names: the add-on has no stable name and
 //!   devices never sent one either.
+//! - An upstream session is only offered again on a connection of the context that made it
+//!   ([`UpstreamTls`]); the crate's one `unsafe` block rests on this.
 
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use openssl::asn1::Asn1Time;
@@ -24,7 +27,8 @@ use openssl::hash::MessageDigest;
 use openssl::pkey::{PKey, Private};
 use openssl::rsa::Rsa;
 use openssl::ssl::{
-    Ssl, SslAcceptor, SslConnector, SslFiletype, SslMethod, SslOptions, SslVerifyMode, SslVersion,
+    Ssl, SslAcceptor, SslConnector, SslFiletype, SslMethod, SslOptions, SslSession,
+    SslSessionCacheMode, SslVerifyMode, SslVersion,
 };
 use openssl::x509::{X509NameBuilder, X509};
 use thiserror::Error;
@@ -136,33 +140,98 @@ fn load_err(what: &'static str, path: &Path, source: openssl::error::ErrorStack)
     }
 }
 
-/// Builds the upstream connector for one verification policy.
-pub fn upstream_connector(verify: &UpstreamVerify) -> Result<SslConnector, TlsError> {
-    let mut b = SslConnector::builder(SslMethod::tls_client())?;
-    release_buffers(&mut b);
-    b.set_options(SslOptions::IGNORE_UNEXPECTED_EOF);
-    match verify {
-        UpstreamVerify::None => b.set_verify(SslVerifyMode::NONE),
-        UpstreamVerify::Ca(path) => {
-            b.set_ca_file(path)
-                .map_err(|source| load_err("CA file", path, source))?;
-            b.set_verify(SslVerifyMode::PEER);
+/// The client side toward one upstream: its connector, and the newest session that upstream
+/// gave it, offered again on the next handshake (as HAProxy does toward its servers by
+/// default). A resumed handshake skips the certificate and the server's signature: for an
+/// add-on on a small host, a fleet reconnecting at once costs it one RSA signature per device
+/// less (docs/benchmarks.md, time to the first answer).
+///
+/// Invariant: `last` only ever holds sessions of `connector`'s own context (the callback that
+/// fills it is set on that context and the two are built together and never separated), which
+/// is what `SSL_set_session` requires. A server that does not know the session (restarted,
+/// re-keyed, another certificate) answers with a full handshake, verified as configured.
+/// OpenSSL itself stops offering a session whose connection was freed without a close_notify
+/// sent (it may have ended in an attack); the next connection's ticket replaces it.
+pub struct UpstreamTls {
+    connector: SslConnector,
+    last: Option<Arc<Mutex<Option<SslSession>>>>,
+}
+
+impl UpstreamTls {
+    /// Builds the connector for one verification policy; `reuse` offers the last session again.
+    pub fn new(verify: &UpstreamVerify, reuse: bool) -> Result<UpstreamTls, TlsError> {
+        let mut b = SslConnector::builder(SslMethod::tls_client())?;
+        release_buffers(&mut b);
+        b.set_options(SslOptions::IGNORE_UNEXPECTED_EOF);
+        match verify {
+            UpstreamVerify::None => b.set_verify(SslVerifyMode::NONE),
+            UpstreamVerify::Ca(path) => {
+                b.set_ca_file(path)
+                    .map_err(|source| load_err("CA file", path, source))?;
+                b.set_verify(SslVerifyMode::PEER);
+            }
+            UpstreamVerify::Fingerprint(fp) => {
+                let fp = *fp;
+                b.set_verify_callback(SslVerifyMode::PEER, move |_preverified, ctx| {
+                    // Only the leaf is pinned; chain errors (self-signed) are irrelevant when
+                    // the exact certificate is known.
+                    if ctx.error_depth() != 0 {
+                        return true;
+                    }
+                    ctx.current_cert()
+                        .and_then(|c| c.digest(MessageDigest::sha256()).ok())
+                        .is_some_and(|d| d.as_ref() == fp)
+                });
+            }
         }
-        UpstreamVerify::Fingerprint(fp) => {
-            let fp = *fp;
-            b.set_verify_callback(SslVerifyMode::PEER, move |_preverified, ctx| {
-                // Only the leaf is pinned; chain errors (self-signed) are irrelevant when the
-                // exact certificate is known.
-                if ctx.error_depth() != 0 {
-                    return true;
-                }
-                ctx.current_cert()
-                    .and_then(|c| c.digest(MessageDigest::sha256()).ok())
-                    .is_some_and(|d| d.as_ref() == fp)
+        let last = reuse.then(|| {
+            let last: Arc<Mutex<Option<SslSession>>> = Arc::default();
+            let fill = last.clone();
+            // Only the newest is kept: under TLS 1.3 every connection brings a fresh ticket,
+            // and one per upstream is all a fleet of identical connections needs.
+            b.set_session_cache_mode(SslSessionCacheMode::CLIENT);
+            b.set_new_session_callback(move |_, session| {
+                *fill.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
             });
-        }
+            last
+        });
+        Ok(UpstreamTls {
+            connector: b.build(),
+            last,
+        })
     }
-    Ok(b.build())
+
+    /// Runs the client side of a TLS handshake, without SNI or host-name check, offering the
+    /// last session when there is one.
+    pub async fn connect(&self, tcp: TcpStream) -> Result<Stream, TlsError> {
+        let mut ssl = self
+            .connector
+            .configure()?
+            .use_server_name_indication(false)
+            .verify_hostname(false)
+            .into_ssl("")?;
+        let offer = self
+            .last
+            .as_ref()
+            .and_then(|l| l.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        if let Some(session) = offer {
+            offer_session(&mut ssl, &session)?;
+        }
+        let mut s = SslStream::new(ssl, tcp)?;
+        Pin::new(&mut s).connect().await?;
+        Ok(Stream::Tls(Box::new(s)))
+    }
+}
+
+/// The one `unsafe` in the crate: `SSL_set_session` is sound only with a session of the same
+/// context, which [`UpstreamTls`]'s invariant guarantees (its sessions come from its own
+/// connector's callback).
+#[allow(unsafe_code)]
+fn offer_session(ssl: &mut Ssl, session: &SslSession) -> Result<(), TlsError> {
+    // SAFETY: `session` was handed to the new-session callback of the context `ssl` was made
+    // from (UpstreamTls keeps both together).
+    unsafe { ssl.set_session(session) }?;
+    Ok(())
 }
 
 /// OpenSSL frees a connection's read and write buffers (about 34 KiB each) whenever they are
@@ -177,18 +246,6 @@ pub async fn accept(acceptor: &SslAcceptor, tcp: TcpStream) -> Result<Stream, Tl
     let ssl = Ssl::new(acceptor.context())?;
     let mut s = SslStream::new(ssl, tcp)?;
     Pin::new(&mut s).accept().await?;
-    Ok(Stream::Tls(Box::new(s)))
-}
-
-/// Runs the client side of a TLS handshake toward an upstream, without SNI or host-name check.
-pub async fn connect(connector: &SslConnector, tcp: TcpStream) -> Result<Stream, TlsError> {
-    let ssl = connector
-        .configure()?
-        .use_server_name_indication(false)
-        .verify_hostname(false)
-        .into_ssl("")?;
-    let mut s = SslStream::new(ssl, tcp)?;
-    Pin::new(&mut s).connect().await?;
     Ok(Stream::Tls(Box::new(s)))
 }
 
@@ -226,6 +283,14 @@ impl Stream {
         match self {
             Stream::Plain(_) => None,
             Stream::Tls(s) => s.ssl().current_cipher().map(|c| c.name()),
+        }
+    }
+
+    /// Whether the TLS handshake resumed an earlier session (false for plaintext).
+    pub fn session_reused(&self) -> bool {
+        match self {
+            Stream::Plain(_) => false,
+            Stream::Tls(s) => s.ssl().session_reused(),
         }
     }
 }

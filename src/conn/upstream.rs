@@ -10,16 +10,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openssl::ssl::SslConnector;
 use thiserror::Error;
 use tokio::net::TcpStream;
 
 use crate::config::{ProxyProtocol, SourceAddress, Upstream};
 use crate::conn::proxy_protocol::proxy_header;
 use crate::conn::source::{self, Lease, Pool};
-use crate::conn::tls::{self, Stream, TlsError};
+use crate::conn::tls::{Stream, TlsError, UpstreamTls};
 use crate::protocol::DeviceId;
-use crate::telemetry::labels::SourceCollision;
+use crate::telemetry::labels::{SourceCollision, TlsHandshake, Transport};
+use crate::telemetry::metrics::Metrics;
 
 /// Why a dial failed; its derived label is the `reason` of `tcp_comm_upstream_connect_errors_total`.
 #[derive(Debug, Error, strum::IntoStaticStr, strum::VariantNames)]
@@ -45,6 +45,18 @@ pub enum DialError {
     Tls { addr: String, source: TlsError },
 }
 
+/// Counts a dialled connection's TLS handshake, full or resumed, on `t`'s path.
+pub fn count_handshake(metrics: &Metrics, t: Transport, s: &Stream) {
+    if s.is_tls() {
+        let how = if s.session_reused() {
+            TlsHandshake::Resumed
+        } else {
+            TlsHandshake::Full
+        };
+        metrics.upstream_tls_handshake(t, how);
+    }
+}
+
 /// Turns on TCP keepalive with `idle` before the first probe (then probes every quarter of it,
 /// at least a second apart, four times): a peer that vanished without a FIN (Wi-Fi gone, a
 /// host powered off) is noticed even on a connection nothing is written to. Zero leaves it off.
@@ -64,7 +76,8 @@ pub fn set_keepalive(tcp: &TcpStream, idle: Duration) -> std::io::Result<()> {
 #[derive(Clone)]
 pub struct Dialer {
     address: String,
-    connector: Option<Arc<SslConnector>>,
+    /// Shared by every clone, so all of one upstream's connections offer the newest session.
+    connector: Option<Arc<UpstreamTls>>,
     connect_timeout: Duration,
     keepalive: Duration,
     proxy: ProxyProtocol,
@@ -87,7 +100,10 @@ enum Source {
 impl Dialer {
     pub fn new(cfg: &Upstream) -> Result<Dialer, TlsError> {
         let connector = if cfg.tls {
-            Some(Arc::new(tls::upstream_connector(&cfg.verify)?))
+            Some(Arc::new(UpstreamTls::new(
+                &cfg.verify,
+                cfg.tls_session_reuse,
+            )?))
         } else {
             None
         };
@@ -214,7 +230,7 @@ impl Dialer {
             connected.store(true, std::sync::atomic::Ordering::Relaxed);
             match &self.connector {
                 None => Ok(Stream::Plain(tcp)),
-                Some(c) => tls::connect(c, tcp).await.map_err(|source| DialError::Tls {
+                Some(c) => c.connect(tcp).await.map_err(|source| DialError::Tls {
                     addr: addr.clone(),
                     source,
                 }),

@@ -108,6 +108,16 @@ label_enum! {
 }
 
 label_enum! {
+    /// The `handshake` of `tcp_comm_upstream_tls_handshakes_total`.
+    TlsHandshake {
+        /// Certificate, key exchange and the server's signature.
+        Full,
+        /// The add-on's earlier session, offered again and accepted (`tls_session_reuse`).
+        Resumed,
+    }
+}
+
+label_enum! {
     /// The `outcome` of `tcp_comm_mqtt_messages_total`.
     MqttMessage {
         Published,
@@ -314,6 +324,7 @@ mod tests {
             ]
         );
         assert_eq!(labels::<SourceCollision>(), ["moved", "shared"]);
+        assert_eq!(labels::<TlsHandshake>(), ["full", "resumed"]);
         assert_eq!(labels::<MqttMessage>(), ["published", "dropped"]);
         assert_eq!(
             labels::<MqttCommand>(),

@@ -23,7 +23,7 @@ use thiserror::Error;
 use super::labels::{
     AckOutcome, CommandOutcome, Direction, DropReason, HeartbeatOutcome, Label, MqttCommand,
     MqttCommandResult, MqttMessage, Queue, QueueAction, Reject, ReloadResult, ReplyOutcome,
-    ResumeFrame, ResumeOutcome, RetrySkip, ShadowLoss, SourceCollision, Transport,
+    ResumeFrame, ResumeOutcome, RetrySkip, ShadowLoss, SourceCollision, TlsHandshake, Transport,
 };
 use super::names;
 use super::slo_feed::Feeds;
@@ -126,6 +126,7 @@ pub struct Metrics {
     routing_decisions: IntCounterVec,
     upstream_connect_errors: IntCounterVec,
     source_pool_collisions: IntCounterVec,
+    upstream_tls_handshakes: IntCounterVec,
     mqtt_connected: IntGauge,
     mqtt_messages: IntCounterVec,
     mqtt_commands: IntCounterVec,
@@ -419,6 +420,13 @@ impl Metrics {
                 "Commands received over MQTT, by control and result",
                 &["command", "result"],
             )?,
+            upstream_tls_handshakes: counter(
+                &r,
+                &mut names,
+                names::UPSTREAM_TLS_HANDSHAKES_TOTAL,
+                "Completed TLS handshakes with an upstream, full or resumed",
+                &["transport", "handshake"],
+            )?,
             source_pool_collisions: counter(
                 &r,
                 &mut names,
@@ -669,6 +677,7 @@ impl Metrics {
             &self.source_pool_collisions,
             &[&t, &all::<SourceCollision>()],
         );
+        cross(&self.upstream_tls_handshakes, &[&t, &all::<TlsHandshake>()]);
         cross(&self.mqtt_messages, &[&all::<MqttMessage>()]);
         cross(
             &self.mqtt_commands,
@@ -853,6 +862,13 @@ impl Metrics {
     }
 
     /// A device's preferred pool address was held by another device.
+    /// A TLS handshake with an upstream completed (a plaintext connection counts nothing).
+    pub fn upstream_tls_handshake(&self, t: Transport, how: TlsHandshake) {
+        self.upstream_tls_handshakes
+            .with_label_values(&[t.label(), how.label()])
+            .inc();
+    }
+
     pub fn source_pool_collision(&self, t: Transport, how: SourceCollision) {
         self.source_pool_collisions
             .with_label_values(&[t.label(), how.label()])

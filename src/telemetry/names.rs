@@ -27,6 +27,7 @@ pub const CLOSE_DROPPED_BYTES_TOTAL: &str = "tcp_comm_close_dropped_bytes_total"
 pub const RETRIES_SKIPPED_TOTAL: &str = "tcp_comm_retries_skipped_total";
 pub const ROUTING_DECISIONS_TOTAL: &str = "tcp_comm_routing_decisions_total";
 pub const UPSTREAM_CONNECT_ERRORS_TOTAL: &str = "tcp_comm_upstream_connect_errors_total";
+pub const UPSTREAM_TLS_HANDSHAKES_TOTAL: &str = "tcp_comm_upstream_tls_handshakes_total";
 pub const SOURCE_POOL_COLLISIONS_TOTAL: &str = "tcp_comm_source_pool_collisions_total";
 pub const PACKET_SENT_TOTAL: &str = "tcp_comm_packet_sent_total";
 pub const PACKET_LATENCY_SECONDS: &str = "tcp_comm_packet_latency_seconds";

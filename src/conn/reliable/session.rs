@@ -28,6 +28,7 @@ use crate::conn::close::{is_reset, CLOSE_GRACE};
 use crate::conn::pair::{Pair, Path};
 use crate::conn::stop::{ConnStop, Finishing};
 use crate::conn::tls::{ReadHalf, Stream};
+use crate::conn::upstream::count_handshake;
 use crate::conn::{CloseReason, Transport};
 use crate::protocol::{header_data_len, DeviceId};
 use crate::telemetry::labels::ResumeOutcome;
@@ -352,6 +353,7 @@ pub async fn serve(ctx: &SessionCtx, pair: Pair<DeviceId>) -> CloseReason {
                 redial = None;
                 match r {
                     (Ok(stream), used) => {
+                        count_handshake(&ctx.metrics, Transport::New, &stream);
                         let replay = sh.core().upstream_redialed(used, Instant::now());
                         up = Some(Box::pin(upstream_io(stream, Some(replay), &sh)));
                     }

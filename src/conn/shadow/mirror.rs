@@ -20,7 +20,7 @@ use tracing::warn;
 use super::compare::{Comparator, Comparison, ReplyFrom};
 use crate::conn::reliable::core::Core;
 use crate::conn::reliable::queue::BoundedQueue;
-use crate::conn::upstream::Dialer;
+use crate::conn::upstream::{count_handshake, Dialer};
 use crate::conn::Transport;
 use crate::protocol::PacketType;
 use crate::protocol::Tap;
@@ -98,7 +98,10 @@ pub(super) async fn run(t: MirrorTask) {
         r = t.dialer.dial() => r,
     };
     let stream = match stream {
-        Ok(s) => s,
+        Ok(s) => {
+            count_handshake(&t.metrics, SHADOW, &s);
+            s
+        }
         Err(e) => {
             t.metrics.upstream_connect_error(SHADOW, &e);
             lost(&t, ShadowLoss::ConnectFailed);

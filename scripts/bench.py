@@ -8,10 +8,12 @@ output too:
   reported, and ratios to HAProxy and to direct are computed within a round, then summarised;
 - the proxy under test is pinned to CPU 1 and the load generator (devices + fake add-on, one
   process) to CPU 0 with taskset; the gateway runs one tokio worker thread
-  (TOKIO_WORKER_THREADS=1) and HAProxy one thread (nbthread 1);
+  (TOKIO_WORKER_THREADS=1: a current-thread runtime) and HAProxy one thread (nbthread 1);
 - HAProxy is configured like the gateway: the same connect timeout (3 s), client idle timeout
   (90 s, the gateway's legacy.idle_timeout), and for TLS the same certificate, the device
-  suites and TLS 1.2 toward devices, TLS without verification toward the add-on.
+  suites and TLS 1.2 toward devices, TLS without verification toward the add-on, both
+  resuming the add-on's session on later connections (HAProxy's default, the gateway's
+  tls_session_reuse).
 
 Sections: latency (fixed load), saturation, connection scale (idle RSS per device, accept
 burst), connect latency (hello -> 0x28), control plane under load. --quick shortens all.
@@ -508,7 +510,7 @@ def connect(args):
 def print_connect(res, args):
     print(f"\n### Time to the first answer, TLS on both legs: hello written -> 0x28 read by the "
           f"device ({args.single_repeats} single devices one after another; 100 at once), and a "
-          f"burst of 1,000 TLS devices (full handshakes) until every one has its 0x28\n")
+          f"burst of 1,000 TLS devices (full handshakes toward the proxy) until every one has its 0x28\n")
     print("| target | 1 device p50 ms | 1 device worst ms | 100 at once p50 ms | 100 at once p99 ms | 1k burst, all answered, ms |")
     print("| --- | --- | --- | --- | --- | --- |")
     for t in TARGETS:

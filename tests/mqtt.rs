@@ -723,8 +723,15 @@ async fn tls_and_credentials_to_the_broker() {
         .expect("config");
         let d = Daemon::start(path, None).await;
         if connects {
-            let m = wait_metric(d.metrics, "tcp_comm_mqtt_connected", 1.0).await;
-            assert!(sample(&m, "tcp_comm_mqtt_messages_total{outcome=\"published\"}") >= 19.0);
+            wait_metric(d.metrics, "tcp_comm_mqtt_connected", 1.0).await;
+            // Connected comes first; the discovery and state messages follow it.
+            let metrics = d.metrics;
+            eventually("19 messages published over TLS", || async move {
+                let (_, body) = http_get(metrics, "/metrics").await;
+                (sample(&body, "tcp_comm_mqtt_messages_total{outcome=\"published\"}") >= 19.0)
+                    .then_some(())
+            })
+            .await;
         } else {
             eventually("the refusal is logged", || async {
                 d.logged("MQTT broker unreachable").then_some(())

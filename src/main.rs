@@ -297,7 +297,7 @@ fn trace(
 
 fn demo(opts: cync_gateway::demo::DemoOptions) -> ExitCode {
     let rt = match runtime() {
-        Ok((rt, _)) => rt,
+        Ok(rt) => rt,
         Err(e) => {
             eprintln!("cync-gateway: starting the runtime: {e}");
             return ExitCode::from(EXIT_RUNTIME);
@@ -316,27 +316,26 @@ fn demo(opts: cync_gateway::demo::DemoOptions) -> ExitCode {
 /// the process: a small host, a CPU quota, `taskset`) a current-thread runtime: the same work
 /// on the same one thread, without the multi-thread scheduler's bookkeeping for workers that
 /// do not exist (its shared queues, per-batch statistics, parking a worker through a condvar).
-/// At a few hundred commands a second every command is its own wake-up of an otherwise idle
-/// process, and that bookkeeping was a measurable share of the CPU it spent
-/// (docs/benchmarks.md). With more, tokio's multi-thread runtime, one worker per CPU unless
-/// the variable says otherwise.
-fn runtime() -> Result<(tokio::runtime::Runtime, usize), std::io::Error> {
+/// `perf stat` could not tell the two apart at 200 commands/s (docs/benchmarks.md), so this
+/// is the simpler machine, not a measured saving. With more, tokio's multi-thread runtime,
+/// one worker per CPU unless the variable says otherwise. An unparsable variable counts as
+/// unset (tokio's own reading of it would panic).
+fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
     let workers = std::env::var("TOKIO_WORKER_THREADS")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let rt = if workers == 1 {
+    if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()?
+            .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
             .enable_all()
-            .build()?
-    };
-    Ok((rt, workers))
+            .build()
+    }
 }
 
 fn run(path: &std::path::Path, strict: bool) -> ExitCode {
@@ -371,16 +370,13 @@ fn run(path: &std::path::Path, strict: bool) -> ExitCode {
         }
     }
     let rt = match runtime() {
-        Ok((rt, workers)) => {
-            tracing::info!(
-                workers,
-                flavor = if workers == 1 {
-                    "current_thread"
-                } else {
-                    "multi_thread"
-                },
-                "runtime"
-            );
+        Ok(rt) => {
+            // Read back from the runtime, not from what was asked of it.
+            let flavor = match rt.handle().runtime_flavor() {
+                tokio::runtime::RuntimeFlavor::CurrentThread => "current_thread",
+                _ => "multi_thread",
+            };
+            tracing::info!(workers = rt.metrics().num_workers(), flavor, "runtime");
             rt
         }
         Err(e) => {

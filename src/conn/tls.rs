@@ -322,6 +322,10 @@ fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Stream> {
     s.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The most [`ReadHalf::read_ready`] reads at once: more than any Cync frame, than the
+/// add-on's 2,048-byte reads and than a TLS record's plaintext.
+pub const READ_SCRATCH: usize = 16 * 1024;
+
 /// The reading half of a [`Stream`].
 pub struct ReadHalf(Shared);
 
@@ -333,28 +337,34 @@ impl ReadHalf {
         lock(&self.0).poll_read_ready(cx)
     }
 
-    /// Waits for bytes without a buffer, then reads at most `limit` of them into one made
-    /// for them: a connection waiting for its peer (most of them, most of the time) holds no
-    /// read buffer. Empty means EOF. Cancel-safe: its only wait is the readiness, before
-    /// anything is read.
+    /// Waits for bytes without a buffer, then reads at most `limit` of them (at most
+    /// [`READ_SCRATCH`]) and returns them in a buffer of their own size: a connection waiting
+    /// for its peer (most of them, most of the time) holds no read buffer. Empty means EOF.
+    /// Cancel-safe: its only wait is the readiness, before anything is read.
+    ///
+    /// The read lands on the stack and only what came is copied out. A buffer of `limit` on
+    /// the heap per read cost a 16 KiB allocation and its release per frame forwarded (glibc
+    /// serves that size from its bins, not its per-thread cache), and, freed between the long-
+    /// lived allocations of other connections, it left the heap fragmented.
     pub async fn read_ready(&mut self, limit: usize) -> io::Result<bytes::BytesMut> {
-        use bytes::BufMut as _;
         loop {
             std::future::poll_fn(|cx| self.poll_read_ready(cx)).await?;
-            let mut buf = bytes::BytesMut::with_capacity(limit);
             // One attempt, never waiting: `None` when the readiness was stale (a TLS record
             // not yet whole, say); the socket's waker is registered and the wait starts over.
             let read = std::future::poll_fn(|cx| {
-                let mut dst = (&mut buf).limit(limit);
-                match tokio_util::io::poll_read_buf(Pin::new(&mut *self), cx, &mut dst) {
+                let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); READ_SCRATCH];
+                let mut dst = ReadBuf::uninit(&mut scratch[..limit.min(READ_SCRATCH)]);
+                match Pin::new(&mut *self).poll_read(cx, &mut dst) {
                     Poll::Pending => Poll::Ready(None),
-                    Poll::Ready(r) => Poll::Ready(Some(r)),
+                    Poll::Ready(r) => {
+                        Poll::Ready(Some(r.map(|()| bytes::BytesMut::from(dst.filled()))))
+                    }
                 }
             })
             .await;
             match read {
                 None => continue,
-                Some(r) => return r.map(|_| buf),
+                Some(r) => return r,
             }
         }
     }

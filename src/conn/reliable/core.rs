@@ -210,13 +210,7 @@ impl Core {
             srv_tap: Tap::new(cfg.protocol.max_frame_len),
             srv_held_since: None,
             dev_mid_frame: None,
-            cmds: Outstanding::new(
-                Policy {
-                    settings: r.clone(),
-                    command_deadline: cfg.protocol.command_deadline,
-                },
-                budget,
-            ),
+            cmds: Outstanding::new(Policy::new(cfg.clone()), budget),
             to_up: BoundedQueue::new(r.device_queue_bytes, gauge(Direction::DevToSrv)),
             to_dev: BoundedQueue::new(r.upstream_queue_bytes, gauge(Direction::SrvToDev)),
             resume: Resume::new(

@@ -36,28 +36,40 @@ use tokio::time::Instant;
 
 use super::budget::RetryBudget;
 use super::rto::RttEstimator;
-use crate::config::{Reliable, RetryUntil};
+use crate::config::{Config, Reliable, RetryUntil};
 use crate::protocol::{DeviceId, MsgId};
 
 /// The (channel id, msg_id) a 0x7b echoes.
 pub type AckKey = (DeviceId, MsgId);
 
-/// Retry timing, from `[reliable]` and `protocol.command_deadline`.
+/// Retry timing, from `[reliable]` and `protocol.command_deadline`, read from the session's
+/// configuration snapshot rather than copied out of it: the copy was 0.2 KiB of every idle
+/// session.
 #[derive(Debug, Clone)]
-pub struct Policy {
-    pub settings: Reliable,
-    pub command_deadline: Duration,
-}
+pub struct Policy(Arc<Config>);
 
 impl Policy {
+    pub fn new(cfg: Arc<Config>) -> Policy {
+        Policy(cfg)
+    }
+
+    pub fn settings(&self) -> &Reliable {
+        &self.0.reliable
+    }
+
+    /// How long the add-on waits for a command's reply.
+    pub fn command_deadline(&self) -> Duration {
+        self.0.protocol.command_deadline
+    }
+
     /// Wait after attempt `k` (1-based) before attempt `k + 1` for a device whose retry timeout
     /// is `rto`: `rto × multiplier^(k-1)` plus a uniform jitter in `[0, jitter]`, so devices
     /// retried together do not retry in step.
     pub fn delay<R: Rng>(&self, k: u32, rto: Duration, rng: &mut R) -> Duration {
         let exp = i32::try_from(k.saturating_sub(1)).unwrap_or(i32::MAX);
-        let factor = self.settings.backoff_multiplier.powi(exp).min(1e6);
-        let base = rto.mul_f64(factor).min(self.command_deadline);
-        let j = self.settings.jitter;
+        let factor = self.settings().backoff_multiplier.powi(exp).min(1e6);
+        let base = rto.mul_f64(factor).min(self.command_deadline());
+        let j = self.settings().jitter;
         if j.is_zero() {
             base
         } else {
@@ -68,7 +80,7 @@ impl Policy {
     /// The longest retry timeout worth learning: a copy sent later than that after the first
     /// send could not be answered before the deadline with time to spare.
     pub fn rto_ceiling(&self) -> Duration {
-        self.command_deadline / 2
+        self.command_deadline() / 2
     }
 }
 
@@ -171,8 +183,8 @@ pub struct Outstanding {
 
 impl Outstanding {
     pub fn new(policy: Policy, budget: Arc<RetryBudget>) -> Self {
-        let keep = policy.settings.dedup_ttl;
-        let rtt = RttEstimator::new(policy.settings.ack_timeout, policy.rto_ceiling());
+        let keep = policy.settings().dedup_ttl;
+        let rtt = RttEstimator::new(policy.settings().ack_timeout, policy.rto_ceiling());
         Self {
             policy,
             budget,
@@ -221,7 +233,7 @@ impl Outstanding {
         }
         let rto = self.rtt.rto();
         let next_at =
-            (self.policy.settings.max_attempts > 1).then(|| now + self.policy.delay(1, rto, rng));
+            (self.policy.settings().max_attempts > 1).then(|| now + self.policy.delay(1, rto, rng));
         self.cmds.push_back(Cmd {
             seq,
             key,
@@ -288,7 +300,7 @@ impl Outstanding {
     /// 0x7b for a copy belongs to the copied command (and is a duplicate upstream), not to the
     /// next one.
     pub fn on_ack(&mut self, key: AckKey, epoch: u32, now: Instant) -> Verdict {
-        let stop = self.policy.settings.retry_until == RetryUntil::Ack;
+        let stop = self.policy.settings().retry_until == RetryUntil::Ack;
         let patience = self.rtt.rto() * 2;
         let current = self
             .cmds
@@ -337,9 +349,9 @@ impl Outstanding {
         rng: &mut R,
         still_queued: impl Fn(&Bytes) -> bool,
     ) -> Due {
-        let max = self.policy.settings.max_attempts;
-        let deadline = self.policy.command_deadline;
-        let floor = self.policy.settings.ack_timeout;
+        let max = self.policy.settings().max_attempts;
+        let deadline = self.policy.command_deadline();
+        let floor = self.policy.settings().ack_timeout;
         let mut out = Due::default();
         for c in self.cmds.iter_mut() {
             let Some(at) = c.next_at else { continue };
@@ -396,7 +408,7 @@ impl Outstanding {
     /// Closes the ack window of commands past the deadline (a later 0x7b for them is a
     /// duplicate) and forgets commands older than the dedup TTL.
     pub fn expire(&mut self, now: Instant) {
-        let deadline = self.policy.command_deadline;
+        let deadline = self.policy.command_deadline();
         for c in self.cmds.iter_mut() {
             if now.saturating_duration_since(c.first_sent) >= deadline {
                 c.acks = c.acks.max(c.sends);
@@ -428,15 +440,20 @@ mod tests {
     use rand::rngs::SmallRng;
     use rand::SeedableRng;
 
-    use crate::config::Config;
+    fn config(extra: &str) -> Config {
+        let text = format!("[upstream.legacy]\naddress = \"127.0.0.1:1\"\n[reliable]\n{extra}\n");
+        Config::parse(&text).expect("valid config")
+    }
 
     fn policy(extra: &str) -> Policy {
-        let text = format!("[upstream.legacy]\naddress = \"127.0.0.1:1\"\n[reliable]\n{extra}\n");
-        let c = Config::parse(&text).expect("valid config");
-        Policy {
-            settings: c.reliable,
-            command_deadline: c.protocol.command_deadline,
-        }
+        Policy::new(Arc::new(config(extra)))
+    }
+
+    /// `extra`'s policy with the add-on waiting `deadline` for a reply.
+    fn policy_until(extra: &str, deadline: Duration) -> Policy {
+        let mut c = config(extra);
+        c.protocol.command_deadline = deadline;
+        Policy::new(Arc::new(c))
     }
 
     /// A budget that never refuses.
@@ -823,8 +840,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn no_copy_goes_out_less_than_an_ack_timeout_before_the_deadline() {
-        let mut p = policy("max_attempts = 3\njitter = 0");
-        p.command_deadline = Duration::from_secs(1);
+        let p = policy_until("max_attempts = 3\njitter = 0", Duration::from_secs(1));
         let mut o = Outstanding::new(p, open_budget());
         let mut rng = SmallRng::seed_from_u64(3);
         warm(&mut o, &mut rng).await;
@@ -1024,8 +1040,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_copy_due_exactly_one_ack_timeout_before_the_deadline_still_goes_out() {
-        let mut p = policy("max_attempts = 2\njitter = 0");
-        p.command_deadline = ms(800);
+        let p = policy_until("max_attempts = 2\njitter = 0", ms(800));
         let mut o = Outstanding::new(p, open_budget());
         let mut rng = SmallRng::seed_from_u64(3);
         warm(&mut o, &mut rng).await;
@@ -1045,8 +1060,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_devices_blind_copy_waits_three_of_its_timeouts() {
-        let mut p = policy("jitter = 0");
-        p.command_deadline = Duration::from_secs(60);
+        let p = policy_until("jitter = 0", Duration::from_secs(60));
         let mut o = Outstanding::new(p, open_budget());
         let mut rng = SmallRng::seed_from_u64(3);
         // Answered after 10 s each, sent once: its timeout grows well past 10 s.
@@ -1067,8 +1081,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn max_attempts_counts_the_first_send() {
-        let mut p = policy("max_attempts = 2\njitter = 0");
-        p.command_deadline = Duration::from_secs(60);
+        let p = policy_until("max_attempts = 2\njitter = 0", Duration::from_secs(60));
         let mut o = Outstanding::new(p, open_budget());
         let mut rng = SmallRng::seed_from_u64(3);
         warm(&mut o, &mut rng).await;

@@ -214,176 +214,193 @@ fn upstream_end_reason(e: &io::Error) -> CloseReason {
 
 /// Runs the session until the device leaves, the pair is closed, or a drain completes.
 /// `first` holds the bytes already read from the device (starting with its 0x23).
-pub async fn serve(ctx: &SessionCtx, pair: Pair<DeviceId>) -> CloseReason {
-    let Pair {
-        device,
-        upstream,
-        first,
-        device_id,
-        cfg,
-        stop,
-        dialer,
-    } = pair;
-    let stop: &ConnStop = &stop;
-    let hello_len = header_data_len(&first).map_or(first.len(), |d| (5 + d).min(first.len()));
-    let half_close = cfg.protocol.half_close_timeout;
-    let now = Instant::now();
-    // The core is built in place in its mutex, and the futures below pinned where they are
-    // made: a value moved after being built kept its first slot too, in every session's
-    // future for the connection's life (1.6 KiB for the core alone).
-    let sh = Shared {
-        core: Mutex::new(Core::new(
-            Transport::New,
-            ctx,
-            cfg,
-            device_id,
-            first.slice(..hello_len),
-            now,
-        )),
-        to_up: Notify::new(),
-        to_dev: Notify::new(),
-        room: Notify::new(),
-        rearm: Notify::new(),
-    };
-    {
-        let mut core = sh.core();
-        if let Err(reason) = core.device_read(&first, now) {
-            core.close(now);
-            return reason;
+///
+/// An `async` block, not an `async fn`, and the pair used where it lies: an `async fn` keeps
+/// its arguments and the locals they are moved into side by side, and a `let Pair { .. }`
+/// would copy every field once more; each copy was 0.3 KiB of every idle session's future.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments and the locals they move to side by side"
+)]
+pub fn serve(
+    ctx: &SessionCtx,
+    pair: Pair<DeviceId>,
+) -> impl Future<Output = CloseReason> + Send + '_ {
+    async move {
+        let stop: &ConnStop = &pair.stop;
+        let first = &pair.first;
+        let hello_len = header_data_len(first).map_or(first.len(), |d| (5 + d).min(first.len()));
+        let half_close = pair.cfg.protocol.half_close_timeout;
+        let now = Instant::now();
+        // The core is built in place in its mutex, and the futures below pinned where they are
+        // made: a value moved after being built kept its first slot too, in every session's
+        // future for the connection's life (1.6 KiB for the core alone).
+        let sh = Shared {
+            core: Mutex::new(Core::new(
+                Transport::New,
+                ctx,
+                pair.cfg.clone(),
+                pair.device_id,
+                first.slice(..hello_len),
+                now,
+            )),
+            to_up: Notify::new(),
+            to_dev: Notify::new(),
+            room: Notify::new(),
+            rearm: Notify::new(),
+        };
+        {
+            let mut core = sh.core();
+            if let Err(reason) = core.device_read(first, now) {
+                core.close(now);
+                return reason;
+            }
         }
-    }
-    let (dev_r, dev_w) = device.split();
-    let mut dev_read = std::pin::pin!(read_device(dev_r, &sh));
-    let mut dev_write = std::pin::pin!(write_device(dev_w, &sh));
-    let mut up: Option<UpFuture<'_>> = Some(Box::pin(upstream_io(upstream, None, &sh)));
-    let mut redial: Option<RedialFuture<'_>> = None;
-    let mut finishing = Finishing::new(stop);
-    // Once the pair is finishing: the reason it will close with, and by when at the latest.
-    let mut finish: Option<(CloseReason, Instant)> = None;
-    let mut device_eof = false;
-    // This device's redial spread, 0.8-1.2, the same at every outage.
-    let spread = 0.8 + f64::from(u32::from_be_bytes(device_id.0) % 401) / 1000.0;
+        let device_id = pair.device_id;
+        let dialer = &pair.dialer;
+        let (dev_r, dev_w) = pair.device.split();
+        let mut dev_read = std::pin::pin!(read_device(dev_r, &sh));
+        let mut dev_write = std::pin::pin!(write_device(dev_w, &sh));
+        let mut up: Option<UpFuture<'_>> = Some(Box::pin(upstream_io(pair.upstream, None, &sh)));
+        let mut redial: Option<RedialFuture<'_>> = None;
+        let mut finishing = Finishing::new(stop);
+        // Once the pair is finishing: the reason it will close with, and by when at the latest.
+        let mut finish: Option<(CloseReason, Instant)> = None;
+        let mut device_eof = false;
+        // This device's redial spread, 0.8-1.2, the same at every outage.
+        let spread = 0.8 + f64::from(u32::from_be_bytes(device_id.0) % 401) / 1000.0;
 
-    // The loop turns on every device read and write (each re-arms it), so its two
-    // long-lived waits are made once: a fresh `Sleep` per turn registered and cancelled a
-    // timer each time, and a fresh `cancelled()` a waiter under the token's lock. The one
-    // timer serves the core, the close deadline and the drain's next look: each `Sleep` more
-    // was 112 bytes of every idle session.
-    let mut stopping = std::pin::pin!(stop.token().cancelled());
-    let mut armed = sh.core().next_wake();
-    let mut timer = std::pin::pin!(tokio::time::sleep_until(armed));
-    let mut fired = false;
-    let reason = loop {
-        let wake = [finish.map(|(_, t)| t), finishing.next_look()]
-            .into_iter()
-            .flatten()
-            .fold(sh.core().next_wake(), Instant::min);
-        if wake != armed || fired {
-            timer.as_mut().reset(wake);
-            armed = wake;
-            fired = false;
-        }
-        tokio::select! {
-            end = &mut dev_read, if !device_eof => match end {
-                DevEnd::Eof => {
-                    device_eof = true;
-                    if up.is_none() {
-                        break finish.map_or(CloseReason::DeviceClosed, |(r, _)| r);
+        // The loop turns on every device read and write (each re-arms it), so its two
+        // long-lived waits are made once: a fresh `Sleep` per turn registered and cancelled a
+        // timer each time, and a fresh `cancelled()` a waiter under the token's lock. The one
+        // timer serves the core, the close deadline and the drain's next look: each `Sleep` more
+        // was 112 bytes of every idle session.
+        let mut stopping = std::pin::pin!(stop.token().cancelled());
+        let mut armed = sh.core().next_wake();
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(armed));
+        let mut fired = false;
+        let reason = loop {
+            let wake = [finish.map(|(_, t)| t), finishing.next_look()]
+                .into_iter()
+                .flatten()
+                .fold(sh.core().next_wake(), Instant::min);
+            if wake != armed || fired {
+                timer.as_mut().reset(wake);
+                armed = wake;
+                fired = false;
+            }
+            tokio::select! {
+                end = &mut dev_read, if !device_eof => match end {
+                    DevEnd::Eof => {
+                        device_eof = true;
+                        if up.is_none() {
+                            break finish.map_or(CloseReason::DeviceClosed, |(r, _)| r);
+                        }
+                        sh.core().device_finished();
+                        sh.to_up.notify_one();
+                        if finish.is_none() {
+                            finish = Some((CloseReason::DeviceClosed, Instant::now() + half_close));
+                        }
                     }
-                    sh.core().device_finished();
-                    sh.to_up.notify_one();
-                    if finish.is_none() {
-                        finish = Some((CloseReason::DeviceClosed, Instant::now() + half_close));
-                    }
-                }
-                DevEnd::Failed(e) if is_reset(&e) => break CloseReason::DeviceReset,
-                DevEnd::Failed(_) => break CloseReason::DeviceError,
-                DevEnd::Close(r) => break r,
-            },
-            end = &mut dev_write => match end {
-                DevWriteEnd::Finished => break finish.map_or(CloseReason::UpstreamClosed, |(r, _)| r),
-                DevWriteEnd::Failed(e) if is_reset(&e) => break CloseReason::DeviceReset,
-                DevWriteEnd::Failed(_) => break CloseReason::DeviceError,
-            },
-            e = async { match up.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if up.is_some() => {
-                up = None;
-                if finish.is_some() {
-                    // Finishing: the upstream answered the FIN (or failed); the device gets
-                    // what is queued, then its FIN.
-                    sh.core().upstream_finished();
-                    sh.to_dev.notify_one();
-                    continue;
-                }
-                let loss = sh.core().upstream_lost(Instant::now());
-                sh.to_dev.notify_one();
-                match loss {
-                    Loss::Resume { attempts, within } => {
-                        info!(error = %e, "upstream lost under a live device; resuming");
-                        redial = Some(Box::pin(resume::redial(&dialer, attempts, within, spread)));
-                    }
-                    ended => {
-                        let (outcome, reason) = match ended {
-                            Loss::NotEstablished => {
-                                debug!(error = %e, "upstream closed before it answered the hello; closing the device connection");
-                                (ResumeOutcome::NotEstablished, upstream_end_reason(&e))
-                            }
-                            Loss::Kicked => {
-                                info!(error = %e, "upstream closed the connection again right after a resumption (on purpose); closing the device connection");
-                                (ResumeOutcome::Kicked, upstream_end_reason(&e))
-                            }
-                            Loss::Refused => {
-                                info!(error = %e, "redialled upstreams closed twice before answering the replayed hello; closing the device connection");
-                                (ResumeOutcome::Refused, upstream_end_reason(&e))
-                            }
-                            Loss::MidFrame => {
-                                info!(error = %e, "upstream lost while the device had part of a frame; closing the device connection");
-                                (ResumeOutcome::MidFrame, upstream_end_reason(&e))
-                            }
-                            _ => (ResumeOutcome::Failed, CloseReason::ResumeFailed),
-                        };
-                        sh.core().resumption(outcome);
-                        // As on legacy: what the upstream sent reaches the device, then the FIN.
+                    DevEnd::Failed(e) if is_reset(&e) => break CloseReason::DeviceReset,
+                    DevEnd::Failed(_) => break CloseReason::DeviceError,
+                    DevEnd::Close(r) => break r,
+                },
+                end = &mut dev_write => match end {
+                    DevWriteEnd::Finished => break finish.map_or(CloseReason::UpstreamClosed, |(r, _)| r),
+                    DevWriteEnd::Failed(e) if is_reset(&e) => break CloseReason::DeviceReset,
+                    DevWriteEnd::Failed(_) => break CloseReason::DeviceError,
+                },
+                e = async { match up.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if up.is_some() => {
+                    up = None;
+                    if finish.is_some() {
+                        // Finishing: the upstream answered the FIN (or failed); the device gets
+                        // what is queued, then its FIN.
                         sh.core().upstream_finished();
                         sh.to_dev.notify_one();
-                        finish = Some((reason, Instant::now() + CLOSE_GRACE));
+                        continue;
+                    }
+                    let loss = sh.core().upstream_lost(Instant::now());
+                    sh.to_dev.notify_one();
+                    match loss {
+                        Loss::Resume { attempts, within } => {
+                            info!(error = %e, "upstream lost under a live device; resuming");
+                            redial = Some(Box::pin(resume::redial(dialer, attempts, within, spread)));
+                        }
+                        ended => {
+                            let (outcome, reason) = match ended {
+                                Loss::NotEstablished => {
+                                    debug!(error = %e, "upstream closed before it answered the hello; closing the device connection");
+                                    (ResumeOutcome::NotEstablished, upstream_end_reason(&e))
+                                }
+                                Loss::Kicked => {
+                                    info!(error = %e, "upstream closed the connection again right after a resumption (on purpose); closing the device connection");
+                                    (ResumeOutcome::Kicked, upstream_end_reason(&e))
+                                }
+                                Loss::Refused => {
+                                    info!(error = %e, "redialled upstreams closed twice before answering the replayed hello; closing the device connection");
+                                    (ResumeOutcome::Refused, upstream_end_reason(&e))
+                                }
+                                Loss::MidFrame => {
+                                    info!(error = %e, "upstream lost while the device had part of a frame; closing the device connection");
+                                    (ResumeOutcome::MidFrame, upstream_end_reason(&e))
+                                }
+                                _ => (ResumeOutcome::Failed, CloseReason::ResumeFailed),
+                            };
+                            sh.core().resumption(outcome);
+                            // As on legacy: what the upstream sent reaches the device, then the FIN.
+                            sh.core().upstream_finished();
+                            sh.to_dev.notify_one();
+                            finish = Some((reason, Instant::now() + CLOSE_GRACE));
+                        }
                     }
                 }
-            }
-            r = async { match redial.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if redial.is_some() => {
-                redial = None;
-                match r {
-                    (Ok(stream), used) => {
-                        count_handshake(&ctx.metrics, Transport::New, &stream);
-                        let replay = sh.core().upstream_redialed(used, Instant::now());
-                        up = Some(Box::pin(upstream_io(stream, Some(replay), &sh)));
-                    }
-                    (Err(e), used) => {
-                        sh.core().redial_failed(used);
-                        warn!(error = %e, "upstream resumption failed; closing the device connection");
-                        ctx.metrics.upstream_connect_error(Transport::New, &e);
-                        sh.core().resumption(ResumeOutcome::Failed);
-                        break CloseReason::ResumeFailed;
-                    }
-                }
-            }
-            _ = sh.rearm.notified() => {}
-            _ = &mut timer => {
-                fired = true;
-                let now = Instant::now();
-                let r = sh.core().tick(now);
-                sh.to_dev.notify_one();
-                if let Err(reason) = r {
-                    break reason;
-                }
-                if let Some((r, by)) = finish {
-                    if now >= by {
-                        break if r == CloseReason::DeviceClosed { CloseReason::HalfCloseTimeout } else { r };
+                r = async { match redial.as_mut() { Some(f) => f.await, None => std::future::pending().await } }, if redial.is_some() => {
+                    redial = None;
+                    match r {
+                        (Ok(stream), used) => {
+                            count_handshake(&ctx.metrics, Transport::New, &stream);
+                            let replay = sh.core().upstream_redialed(used, Instant::now());
+                            up = Some(Box::pin(upstream_io(stream, Some(replay), &sh)));
+                        }
+                        (Err(e), used) => {
+                            sh.core().redial_failed(used);
+                            warn!(error = %e, "upstream resumption failed; closing the device connection");
+                            ctx.metrics.upstream_connect_error(Transport::New, &e);
+                            sh.core().resumption(ResumeOutcome::Failed);
+                            break CloseReason::ResumeFailed;
+                        }
                     }
                 }
-                if finishing.look_due(now) {
+                _ = sh.rearm.notified() => {}
+                _ = &mut timer => {
+                    fired = true;
+                    let now = Instant::now();
+                    let r = sh.core().tick(now);
+                    sh.to_dev.notify_one();
+                    if let Err(reason) = r {
+                        break reason;
+                    }
+                    if let Some((r, by)) = finish {
+                        if now >= by {
+                            break if r == CloseReason::DeviceClosed { CloseReason::HalfCloseTimeout } else { r };
+                        }
+                    }
+                    if finishing.look_due(now) {
+                        let pending = sh.core().pending_commands();
+                        if let Some(r) = finishing.check(pending, now) {
+                            // Already half-closed, or no upstream to close first: close now.
+                            if up.is_none() || finish.is_some() { break r; }
+                            sh.core().begin_close();
+                            sh.to_up.notify_one();
+                            finish = Some((r, now + CLOSE_GRACE));
+                        }
+                    }
+                }
+                _ = &mut stopping, if !finishing.requested() => {
+                    let now = Instant::now();
                     let pending = sh.core().pending_commands();
-                    if let Some(r) = finishing.check(pending, now) {
-                        // Already half-closed, or no upstream to close first: close now.
+                    if let Some(r) = finishing.begin(pending, now) {
                         if up.is_none() || finish.is_some() { break r; }
                         sh.core().begin_close();
                         sh.to_up.notify_one();
@@ -391,26 +408,16 @@ pub async fn serve(ctx: &SessionCtx, pair: Pair<DeviceId>) -> CloseReason {
                     }
                 }
             }
-            _ = &mut stopping, if !finishing.requested() => {
-                let now = Instant::now();
-                let pending = sh.core().pending_commands();
-                if let Some(r) = finishing.begin(pending, now) {
-                    if up.is_none() || finish.is_some() { break r; }
-                    sh.core().begin_close();
-                    sh.to_up.notify_one();
-                    finish = Some((r, now + CLOSE_GRACE));
-                }
-            }
-        }
-    };
-    sh.core().close(Instant::now());
-    reason
+        };
+        sh.core().close(Instant::now());
+        reason
+    }
 }
 
 impl Path for SessionCtx {
     type Id = DeviceId;
 
-    async fn run(&self, pair: Pair<DeviceId>) -> CloseReason {
-        serve(self, pair).await
+    fn run(&self, pair: Pair<DeviceId>) -> impl Future<Output = CloseReason> + Send {
+        serve(self, pair)
     }
 }

@@ -466,14 +466,17 @@ def scale(args):
 def print_scale(res):
     print("\n### Idle memory per device connection (both sockets): RSS delta of the proxy over "
           "idle devices that sent their hello and got their 0x28, same tool (VmRSS) for all\n")
+    print("Median over interleaved rounds (spread min-max); ratios within the round, then the median.\n")
     print("| devices | legs | HAProxy KiB/device | legacy KiB/device | new KiB/device | legacy / HAProxy | new / HAProxy |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for key, by in res.items():
         n, legs = key.split("-")
-        m = {t: med([x["per_kib"] for x in by[t]]) for t in PROXIES}
-        ratios = {t: med([a["per_kib"] / b["per_kib"] for a, b in zip(by[t], by["haproxy"]) if b["per_kib"] > 0]) for t in ("legacy", "new")}
-        print(f"| {n} | {legs} | {fmt(m['haproxy'], 1)} | {fmt(m['legacy'], 1)} | {fmt(m['new'], 1)} | "
-              f"{fmt(ratios['legacy'], 2)} | {fmt(ratios['new'], 2)} |")
+        per = {t: [x["per_kib"] for x in by[t]] for t in PROXIES}
+        ratios = {t: [a["per_kib"] / b["per_kib"] for a, b in zip(by[t], by["haproxy"]) if b["per_kib"] > 0]
+                  for t in ("legacy", "new")}
+        cells = [f"{fmt(med(per[t]), 1)} ({spread(per[t])})" for t in PROXIES]
+        cells += [f"{fmt(med(ratios[t]), 2)} ({spread(ratios[t])})" for t in ("legacy", "new")]
+        print(f"| {n} | {legs} | " + " | ".join(cells) + " |")
 
 
 # ------------------------------------------------------------------------------------------
@@ -647,7 +650,7 @@ def main():
     ap.add_argument("--sat-rates", type=lambda s: [int(x) for x in s.split(",")], default=[4000, 8000, 16000, 24000, 32000, 48000])
     ap.add_argument("--sat-duration", default="5s")
     ap.add_argument("--scale-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 8000])
-    ap.add_argument("--scale-rounds", type=int, default=1)
+    ap.add_argument("--scale-rounds", type=int, default=3)
     ap.add_argument("--scale-legs", type=lambda s: s.split(","), default=["plain", "tls"])
     ap.add_argument("--scale-tls-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1000],
                     help="fleet sizes measured with TLS too (8,000 TLS devices are more than the one-core generator brings up)")

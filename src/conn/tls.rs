@@ -342,10 +342,10 @@ impl ReadHalf {
     /// for its peer (most of them, most of the time) holds no read buffer. Empty means EOF.
     /// Cancel-safe: its only wait is the readiness, before anything is read.
     ///
-    /// The read lands on the stack and only what came is copied out. A buffer of `limit` on
-    /// the heap per read cost a 16 KiB allocation and its release per frame forwarded (glibc
-    /// serves that size from its bins, not its per-thread cache), and, freed between the long-
-    /// lived allocations of other connections, it left the heap fragmented.
+    /// The read lands on the stack and only what came is copied out, rather than a buffer of
+    /// `limit` allocated on the heap and freed again for every frame forwarded (a size glibc
+    /// serves from its bins, not its per-thread cache). Measured: no change in idle RSS, nor
+    /// in user CPU at 200 commands/s.
     pub async fn read_ready(&mut self, limit: usize) -> io::Result<bytes::BytesMut> {
         loop {
             std::future::poll_fn(|cx| self.poll_read_ready(cx)).await?;

@@ -18,6 +18,7 @@
 
 pub mod admission;
 pub mod close;
+pub mod fifo;
 pub mod handler;
 pub mod legacy;
 pub mod listener;

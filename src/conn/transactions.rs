@@ -24,11 +24,11 @@
 //! - Memory is bounded: each queue holds at most [`MAX_PENDING`] entries; the oldest is
 //!   expired (counted as a timeout) to make room.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::conn::fifo::Fifo;
 use crate::conn::{Direction, Transport};
 use crate::protocol::{DeviceId, FrameClass, MsgId, Packet, PacketType};
 use crate::telemetry::labels::{AckOutcome, CommandOutcome, HeartbeatOutcome, Label, ReplyOutcome};
@@ -93,41 +93,41 @@ struct Pending<K> {
     sent: Instant,
 }
 
-/// Requests waiting for an echoed reply, oldest first.
+/// Requests of type `PacketType::ALL[REQ]` waiting for an echoed reply, oldest first. The
+/// type is a parameter, not a field: a field was another word of every connection's memory
+/// for each of the tracker's eight queues.
 #[derive(Debug)]
-struct Keyed<K> {
-    request: PacketType,
-    queue: VecDeque<Pending<K>>,
+struct Keyed<K, const REQ: usize> {
+    queue: Fifo<Pending<K>>,
 }
 
-impl<K: PartialEq> Keyed<K> {
-    fn new(request: PacketType) -> Self {
-        Self {
-            request,
-            queue: VecDeque::new(),
-        }
+impl<K: PartialEq, const REQ: usize> Keyed<K, REQ> {
+    const REQUEST: PacketType = PacketType::ALL[REQ];
+
+    const fn new() -> Self {
+        Self { queue: Fifo::new() }
     }
 
     fn push(&mut self, key: K, now: Instant, out: &mut Vec<Event>) {
         if self.queue.len() >= MAX_PENDING {
             self.queue.pop_front();
-            out.push(timeout(self.request));
+            out.push(timeout(Self::REQUEST));
         }
         self.queue.push_back(Pending { key, sent: now });
     }
 
     fn answer(&mut self, key: &K, now: Instant, out: &mut Vec<Event>) {
-        match self.queue.iter().position(|p| &p.key == key) {
+        match self.queue.position(|p| &p.key == key) {
             Some(i) => {
                 let sent = self.queue.remove(i).map(|p| p.sent).unwrap_or(now);
                 out.push(Event::Reply {
-                    request: self.request,
+                    request: Self::REQUEST,
                     outcome: ReplyOutcome::Matched,
                     latency: Some(now.saturating_duration_since(sent)),
                 });
             }
             None => out.push(Event::Reply {
-                request: self.request,
+                request: Self::REQUEST,
                 outcome: ReplyOutcome::Unmatched,
                 latency: None,
             }),
@@ -146,7 +146,7 @@ impl<K: PartialEq> Keyed<K> {
             .is_some_and(|p| now.saturating_duration_since(p.sent) >= cutoff)
         {
             self.queue.pop_front();
-            out.push(timeout(self.request));
+            out.push(timeout(Self::REQUEST));
         }
     }
 }
@@ -165,18 +165,18 @@ pub struct Tracker {
     command_deadline: Duration,
     reply_timeout: Duration,
     latency: LatencyThreshold,
-    commands: VecDeque<PendingCommand>,
+    commands: Fifo<PendingCommand>,
     /// srv→dev 0x73 waiting for the device's 0x7b.
-    down_data: Keyed<(DeviceId, MsgId)>,
+    down_data: Keyed<(DeviceId, MsgId), { PacketType::Data as usize }>,
     /// dev→srv 0x73 waiting for a server 0x7b (the real cloud acks them; the add-on never does,
     /// so these expire silently rather than count as timeouts).
-    up_data: Keyed<(DeviceId, MsgId)>,
-    status: Keyed<MsgId>,
-    channel: Keyed<(DeviceId, MsgId)>,
-    hello: Keyed<()>,
-    info: Keyed<()>,
-    time: Keyed<()>,
-    heartbeat: Keyed<()>,
+    up_data: Keyed<(DeviceId, MsgId), { PacketType::Data as usize }>,
+    status: Keyed<MsgId, { PacketType::Status as usize }>,
+    channel: Keyed<(DeviceId, MsgId), { PacketType::ChannelOpen as usize }>,
+    hello: Keyed<(), { PacketType::Hello as usize }>,
+    info: Keyed<(), { PacketType::Info as usize }>,
+    time: Keyed<(), { PacketType::TimeRequest as usize }>,
+    heartbeat: Keyed<(), { PacketType::Heartbeat as usize }>,
 }
 
 impl Tracker {
@@ -189,15 +189,15 @@ impl Tracker {
             command_deadline,
             reply_timeout,
             latency,
-            commands: VecDeque::new(),
-            down_data: Keyed::new(PacketType::Data),
-            up_data: Keyed::new(PacketType::Data),
-            status: Keyed::new(PacketType::Status),
-            channel: Keyed::new(PacketType::ChannelOpen),
-            hello: Keyed::new(PacketType::Hello),
-            info: Keyed::new(PacketType::Info),
-            time: Keyed::new(PacketType::TimeRequest),
-            heartbeat: Keyed::new(PacketType::Heartbeat),
+            commands: Fifo::new(),
+            down_data: Keyed::new(),
+            up_data: Keyed::new(),
+            status: Keyed::new(),
+            channel: Keyed::new(),
+            hello: Keyed::new(),
+            info: Keyed::new(),
+            time: Keyed::new(),
+            heartbeat: Keyed::new(),
         }
     }
 
@@ -303,36 +303,6 @@ impl Tracker {
             _ => {}
         }
         self.drop_expired_up_data(now);
-        self.release_idle();
-    }
-
-    /// Frees the queues left empty. A `VecDeque` keeps its capacity when emptied, and an idle
-    /// connection whose device once said hello, asked the time and heartbeated held nine of
-    /// them for good (0.9 KiB a device, an eighth of the legacy path's idle memory); one
-    /// allocation per transaction is the price, far below the syscalls that carry it.
-    fn release_idle(&mut self) {
-        fn release<T>(q: &mut VecDeque<T>) {
-            if q.is_empty() && q.capacity() > 0 {
-                *q = VecDeque::new();
-            }
-        }
-        release(&mut self.commands);
-        for q in [
-            &mut self.down_data.queue,
-            &mut self.up_data.queue,
-            &mut self.channel.queue,
-        ] {
-            release(q);
-        }
-        release(&mut self.status.queue);
-        for q in [
-            &mut self.hello.queue,
-            &mut self.info.queue,
-            &mut self.time.queue,
-            &mut self.heartbeat.queue,
-        ] {
-            release(q);
-        }
     }
 
     fn server_data(&mut self, pkt: &Packet, now: Instant, out: &mut Vec<Event>) {
@@ -372,7 +342,7 @@ impl Tracker {
         let Some(f) = pkt.inner().filter(|f| f.class() == FrameClass::Reply) else {
             return;
         };
-        if let Some(i) = self.commands.iter().position(|c| c.seq == f.seq) {
+        if let Some(i) = self.commands.position(|c| c.seq == f.seq) {
             if let Some(c) = self.commands.remove(i) {
                 // Expiry runs on a tick; a reply that beats the tick but not the deadline
                 // came after the add-on gave up, which makes it a timeout, not a success.
@@ -423,7 +393,6 @@ impl Tracker {
         for q in queues {
             q.expire_dyn(reply, now, out);
         }
-        self.release_idle();
     }
 
     /// Device 0x73s past the reply timeout: expected to go unanswered under the add-on, so
@@ -459,7 +428,7 @@ impl Tracker {
     /// The upstream that issued the pending commands is gone (the new path resumes with a new
     /// one): they are abandoned, as they would be if the device had left.
     pub fn abandon_commands(&mut self, out: &mut Vec<Event>) {
-        for c in self.commands.drain(..) {
+        for c in self.commands.take_all() {
             out.push(c.finished(CommandOutcome::Abandoned, None));
         }
     }
@@ -476,7 +445,7 @@ trait ExpireDyn {
     fn expire_dyn(&mut self, cutoff: Duration, now: Instant, out: &mut Vec<Event>);
 }
 
-impl<K: PartialEq> ExpireDyn for Keyed<K> {
+impl<K: PartialEq, const REQ: usize> ExpireDyn for Keyed<K, REQ> {
     fn expire_dyn(&mut self, cutoff: Duration, now: Instant, out: &mut Vec<Event>) {
         self.expire(cutoff, now, out);
     }
@@ -584,16 +553,19 @@ mod tests {
 
     /// Entries the tracker has room for in its queues.
     fn queued_capacity(t: &Tracker) -> usize {
-        t.commands.capacity()
-            + [&t.down_data, &t.up_data, &t.channel]
-                .iter()
-                .map(|k| k.queue.capacity())
-                .sum::<usize>()
-            + t.status.queue.capacity()
-            + [&t.hello, &t.info, &t.time, &t.heartbeat]
-                .iter()
-                .map(|k| k.queue.capacity())
-                .sum::<usize>()
+        [
+            t.commands.capacity(),
+            t.down_data.queue.capacity(),
+            t.up_data.queue.capacity(),
+            t.channel.queue.capacity(),
+            t.status.queue.capacity(),
+            t.hello.queue.capacity(),
+            t.info.queue.capacity(),
+            t.time.queue.capacity(),
+            t.heartbeat.queue.capacity(),
+        ]
+        .iter()
+        .sum()
     }
 
     #[test]

@@ -13,10 +13,10 @@
 //!   goes back to the front ([`BoundedQueue::return_in_flight`]), so nothing is lost and the
 //!   bound still holds. Shedding never touches it.
 
-use std::collections::VecDeque;
-
 use bytes::Bytes;
 use prometheus::IntGauge;
+
+use crate::conn::fifo::Fifo;
 
 /// One queued write.
 #[derive(Clone, PartialEq, Eq)]
@@ -67,7 +67,7 @@ pub enum Pushed {
 
 #[derive(Debug)]
 pub struct BoundedQueue {
-    items: VecDeque<Item>,
+    items: Fifo<Item>,
     /// Taken for writing, not yet confirmed written.
     in_flight: Option<Item>,
     /// Bytes of `items` and `in_flight`.
@@ -83,7 +83,7 @@ fn as_i64(n: usize) -> i64 {
 impl BoundedQueue {
     pub fn new(max_bytes: usize, gauge: IntGauge) -> Self {
         Self {
-            items: VecDeque::new(),
+            items: Fifo::new(),
             in_flight: None,
             bytes: 0,
             max_bytes,
@@ -158,7 +158,6 @@ impl BoundedQueue {
             return None;
         }
         self.in_flight = self.items.pop_front();
-        self.give_back_if_empty();
         self.in_flight.as_ref()
     }
 
@@ -193,16 +192,7 @@ impl BoundedQueue {
         let item = self.items.pop_front()?;
         self.bytes -= item.bytes.len();
         self.gauge.sub(as_i64(item.bytes.len()));
-        self.give_back_if_empty();
         Some(item)
-    }
-
-    /// An emptied queue gives its capacity back: an idle connection holds none (two queues a
-    /// session, 0.5 KiB a device), and a burst leaves nothing behind.
-    fn give_back_if_empty(&mut self) {
-        if self.items.is_empty() && self.items.capacity() > 0 {
-            self.items = VecDeque::new();
-        }
     }
 
     /// Pops items while their total stays within `limit` bytes (at least one item if any), for

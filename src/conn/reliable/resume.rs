@@ -24,11 +24,11 @@
 //! - Exactly one 0x28 is swallowed per resumption, and only before the resumption completes.
 //! - The attempt budget belongs to one outage.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::conn::fifo::Fifo;
 use crate::conn::tls::Stream;
 use crate::conn::upstream::{DialError, Dialer};
 use crate::protocol::{MsgId, PacketType};
@@ -91,7 +91,7 @@ pub struct Resume {
     outage_started: Option<Instant>,
     /// When the last resumption completed.
     resumed_at: Option<Instant>,
-    owed: VecDeque<(Owed, Instant)>,
+    owed: Fifo<(Owed, Instant)>,
     owed_window: Duration,
 }
 
@@ -114,7 +114,7 @@ impl Resume {
             kicks: 0,
             outage_started: None,
             resumed_at: None,
-            owed: VecDeque::new(),
+            owed: Fifo::new(),
             owed_window,
         }
     }
@@ -231,7 +231,6 @@ impl Resume {
         self.expire(now);
         let pos = self
             .owed
-            .iter()
             .position(|(o, _)| o.reply == reply && (o.echo.is_none() || o.echo == echo));
         match pos {
             Some(i) => {

@@ -26,7 +26,6 @@
 //! - Retries never exceed what the budget grants, so a slow device or link is never sent more
 //!   than `1 + retry_budget_ratio` times the commands it was asked to run.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +36,7 @@ use tokio::time::Instant;
 use super::budget::RetryBudget;
 use super::rto::RttEstimator;
 use crate::config::{Config, Reliable, RetryUntil};
+use crate::conn::fifo::Fifo;
 use crate::protocol::{DeviceId, MsgId};
 
 /// The (channel id, msg_id) a 0x7b echoes.
@@ -174,7 +174,7 @@ pub struct Outstanding {
     rtt: RttEstimator,
     /// How long answered commands are remembered for duplicate suppression on this connection.
     keep: Duration,
-    cmds: VecDeque<Cmd>,
+    cmds: Fifo<Cmd>,
     /// When the newest command the device has answered was first sent: an unanswered command
     /// sent before it has had its turn (a device answers in order, and a stalled stream
     /// delivers in order), so its reply is missing, not late.
@@ -190,7 +190,7 @@ impl Outstanding {
             budget,
             rtt,
             keep,
-            cmds: VecDeque::new(),
+            cmds: Fifo::new(),
             newest_answered: None,
         }
     }
@@ -226,11 +226,6 @@ impl Outstanding {
     ) {
         self.budget.deposit(now);
         self.cmds.retain(|c| c.seq != seq);
-        if self.cmds.capacity() == 0 {
-            // Room for one: an idle device remembers its last command for the dedup TTL, and
-            // the usual first allocation (four) was 0.4 KiB of every such session.
-            self.cmds.reserve_exact(1);
-        }
         let rto = self.rtt.rto();
         let next_at =
             (self.policy.settings().max_attempts > 1).then(|| now + self.policy.delay(1, rto, rng));
@@ -419,9 +414,6 @@ impl Outstanding {
         let keep = self.keep;
         self.cmds
             .retain(|c| now.saturating_duration_since(c.first_sent) < keep);
-        if self.cmds.is_empty() {
-            self.cmds = VecDeque::new();
-        }
     }
 
     /// No more copies of the current commands: their upstream is gone, or the device can no

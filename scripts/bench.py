@@ -90,6 +90,15 @@ def cpu_s(pid):
     return total / 1e9
 
 
+def machine_cpu():
+    """Busy and stolen CPU of the whole machine so far, in seconds (/proc/stat, clock ticks):
+    busy is user, nice, system, irq, softirq and steal over all CPUs."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq + steal) / TICK, steal / TICK
+
+
 def rss_kib(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -267,14 +276,20 @@ def load_run(kind, tls, devices, rate, duration, warmup, seed=1, canary=None, du
         # CPU is counted from the first progress line with commands (connection set-up and
         # warm-up left out), against the commands sent from then on.
         c0 = sent0 = None
+        # What else ran on the machine meanwhile: all CPUs' busy time less the proxy's and the
+        # generator's own, from the first second with commands to the last progress line.
+        w0 = w1 = None
         for line in gen.stdout:
             lines.append(line)
             if line.startswith("{\"elapsed_s\""):
                 line_times.append(time.time() - started)
-            if c0 is None and line.startswith("{\"elapsed_s\""):
+            if sent0 is None and line.startswith("{\"elapsed_s\""):
                 sent = json.loads(line)["commands"]["sent"]
                 if sent > 0:
                     c0, sent0 = p.cpu(), sent
+                    w0 = (time.time(), machine_cpu(), cpu_s(gen.pid), c0)
+            elif w0 is not None and line.startswith("{\"elapsed_s\""):
+                w1 = (time.time(), machine_cpu(), cpu_s(gen.pid), p.cpu())
             if during is not None:
                 during(p, time.time() - started, line)
         gen.wait()
@@ -282,6 +297,12 @@ def load_run(kind, tls, devices, rate, duration, warmup, seed=1, canary=None, du
         text = "".join(lines)
         report = json.loads(text[text.rindex("\n{") + 1:] if "\n{" in text else text)
         report["proxy_cpu_s"] = None if c0 is None or c1 is None else c1 - c0
+        report["outside_cores"] = report["steal_cores"] = None
+        if w0 is not None and w1 is not None and w1[0] > w0[0]:
+            span = w1[0] - w0[0]
+            ours = (w1[2] - w0[2]) + ((w1[3] or 0) - (w0[3] or 0))
+            report["outside_cores"] = ((w1[1][0] - w0[1][0]) - ours) / span
+            report["steal_cores"] = (w1[1][1] - w0[1][1]) / span
         report["cpu_commands"] = None if sent0 is None else report["commands"]["sent"] - sent0
         report["progress"] = [json.loads(l) for l in lines if l.startswith("{\"elapsed_s\"")]
         report["line_times"] = line_times
@@ -290,6 +311,38 @@ def load_run(kind, tls, devices, rate, duration, warmup, seed=1, canary=None, du
     finally:
         if during is None:
             p.stop()
+
+
+# A run during which the rest of the machine used more than this (in cores, averaged over the
+# measured window: all CPUs' busy time less the proxy's and the generator's own, steal
+# included) is run again, at most RERUNS times, and the quietest attempt kept. On a quiet
+# machine the figure is 0 +- 0.04 (clock-tick resolution); the bursts that left earlier runs
+# without a verdict took a core or more for seconds at a time.
+OUTSIDE_LIMIT = 0.10
+RERUNS = 2
+DISTURBED = {"runs": 0, "reruns": 0, "kept_disturbed": 0}
+
+
+def quiet_run(*a, **kw):
+    """`load_run`, again if the machine was busy with something else meanwhile."""
+    best = None
+    for attempt in range(RERUNS + 1):
+        DISTURBED["runs"] += 1
+        rep = load_run(*a, **kw)
+        out = rep.get("outside_cores")
+        if best is None or (out is not None and out < (best.get("outside_cores") or 0.0)):
+            best = rep
+        if out is None or out <= OUTSIDE_LIMIT:
+            break
+        if attempt < RERUNS:
+            DISTURBED["reruns"] += 1
+            log(f"  {a[0]}: the rest of the machine used {out:.2f} cores meanwhile "
+                f"(limit {OUTSIDE_LIMIT}); run again ({attempt + 1} of {RERUNS})")
+    out = best.get("outside_cores")
+    if out is not None and out > OUTSIDE_LIMIT:
+        DISTURBED["kept_disturbed"] += 1
+        log(f"  {a[0]}: still disturbed after {RERUNS} reruns; the quietest ({out:.2f} cores) kept")
+    return best
 
 
 def med(xs):
@@ -316,13 +369,14 @@ def latency(args, tls):
     rows = {t: [] for t in TARGETS}
     for r in range(args.rounds):
         for t in TARGETS:
-            rep = load_run(t, tls, args.devices, args.rate, args.duration, args.warmup, seed=r + 1)
+            rep = quiet_run(t, tls, args.devices, args.rate, args.duration, args.warmup, seed=r + 1)
             c = rep["commands"]
             cpu100k = None if rep["proxy_cpu_s"] is None else rep["proxy_cpu_s"] / max(rep["cpu_commands"], 1) * 1e5
             rows[t].append({"p50": c["p50_ms"], "p99": c["p99_ms"], "success": rep["success_ratio"],
                             "sent": c["sent"], "cpu100k": cpu100k})
             log(f"  latency {'tls' if tls else 'plain'} round {r + 1} {t}: p50 {c['p50_ms']:.3f} p99 {c['p99_ms']:.3f} "
-                f"success {100 * rep['success_ratio']:.2f}% cpu/100k {fmt(cpu100k, 2)}")
+                f"success {100 * rep['success_ratio']:.2f}% cpu/100k {fmt(cpu100k, 2)} "
+                f"outside {fmt(rep['outside_cores'])} steal {fmt(rep['steal_cores'])}")
     out = {}
     for t in TARGETS:
         added50 = [rows[t][i]["p50"] - rows["direct"][i]["p50"] for i in range(args.rounds)]
@@ -370,9 +424,18 @@ def saturation(args, tls):
         for t in TARGETS:
             if failed[t]:
                 continue
-            rep = load_run(t, tls, args.devices, rate, args.sat_duration, args.warmup, seed=7)
+            rep = quiet_run(t, tls, args.devices, rate, args.sat_duration, args.warmup, seed=7)
             c = rep["commands"]
             ok = c["p99_ms"] <= 10.0 and rep["success_ratio"] >= 0.999
+            if not ok:
+                # A failed step is run once more and counts only if it fails again: one 5 s
+                # step decides a target's whole ladder, and a stall of the shared machine in
+                # it ended ladders at a rate the next run passed easily.
+                log(f"  saturation {'tls' if tls else 'plain'} {t} @ {rate}/s: p99 {c['p99_ms']:.2f} ms "
+                    f"success {100 * rep['success_ratio']:.2f}%, failed once; again")
+                rep = quiet_run(t, tls, args.devices, rate, args.sat_duration, args.warmup, seed=7)
+                c = rep["commands"]
+                ok = c["p99_ms"] <= 10.0 and rep["success_ratio"] >= 0.999
             cpu100k = None if rep["proxy_cpu_s"] is None else rep["proxy_cpu_s"] / max(rep["cpu_commands"], 1) * 1e5
             achieved = rep["commands_per_s"]
             steps[t].append({"rate": rate, "achieved": achieved, "p99": c["p99_ms"],
@@ -678,7 +741,10 @@ def main():
     print(f"Method: interleaved rounds ({', '.join(TARGETS)}, repeated), fresh proxy per run; proxy on "
           f"CPU {PROXY_CPU}, load generator on CPU {LOAD_CPU} (taskset); gateway with one tokio worker "
           "thread, HAProxy nbthread 1; same timeouts, certificate and suites. CPU: the proxy's "
-          "threads' run time (/proc/<pid>/task/*/schedstat, ns) from the first second with commands.")
+          "threads' run time (/proc/<pid>/task/*/schedstat, ns) from the first second with commands. "
+          f"A latency or saturation run during which the rest of the machine used more than {OUTSIDE_LIMIT} "
+          f"cores (/proc/stat less the proxy and the generator) is run again, up to {RERUNS} times; "
+          "a failed saturation step is run once more and counts only if it fails again.")
     results = {}
     if "latency" in only:
         for tls in (False, True):
@@ -709,6 +775,10 @@ def main():
         log("rollback")
         results["rollback"] = rollback(args)
         print_rollback(results["rollback"])
+    if DISTURBED["runs"]:
+        print(f"\nDisturbed runs: {DISTURBED['reruns']} of {DISTURBED['runs']} load runs were run again "
+              f"because the rest of the machine was busy; {DISTURBED['kept_disturbed']} stayed disturbed "
+              "after their reruns and were kept (the quietest attempt).")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=1, default=str)

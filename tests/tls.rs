@@ -704,3 +704,85 @@ async fn a_pinned_upstream_that_changes_certificate_is_refused_despite_an_old_se
     let e = expect_dial_err(dial(&d).await, "tls");
     println!("new certificate after a session: {e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Records that arrive together (OpenSSL reads ahead)
+// ---------------------------------------------------------------------------------------------
+
+/// A blocking socket that holds what OpenSSL writes while `hold` is set, so that several TLS
+/// records can be sent in one `write`: what a real device's burst, or a slow proxy reading
+/// late, puts in one segment.
+struct Coalescing {
+    tcp: std::net::TcpStream,
+    hold: bool,
+    held: Vec<u8>,
+}
+
+impl std::io::Read for Coalescing {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        std::io::Read::read(&mut self.tcp, buf)
+    }
+}
+
+impl std::io::Write for Coalescing {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.hold {
+            self.held.extend_from_slice(buf);
+            Ok(buf.len())
+        } else {
+            self.tcp.write(buf)
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+#[tokio::test]
+async fn records_that_arrive_in_one_segment_are_each_read_without_more_bytes() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let client = std::thread::spawn(move || {
+        let tcp = std::net::TcpStream::connect(addr).expect("connect");
+        let ssl = device_client((SslVersion::TLS1_2, SslVersion::TLS1_2), "AES256-SHA256");
+        let io = Coalescing {
+            tcp,
+            hold: false,
+            held: Vec::new(),
+        };
+        let mut s = openssl::ssl::SslStream::new(ssl, io).expect("ssl stream");
+        s.connect().expect("handshake");
+        s.get_mut().hold = true;
+        // Three records, one segment; the third says the burst is over.
+        for record in [&b"first"[..], b"second", b"third"] {
+            s.write_all(record).expect("write record");
+        }
+        let io = s.get_mut();
+        io.hold = false;
+        let burst = std::mem::take(&mut io.held);
+        io.tcp.write_all(&burst).expect("one write for all three");
+        // Nothing more is sent, and the connection stays open until the reader has all.
+        let _ = done_rx.recv_timeout(WAIT * 2);
+    });
+    let (tcp, _) = timeout(WAIT, listener.accept())
+        .await
+        .expect("accept in time")
+        .expect("accept");
+    let stream = tls::accept(&default_device_acceptor(), tcp)
+        .await
+        .expect("device handshake");
+    let (mut r, _w) = stream.split();
+    let mut got = Vec::new();
+    while got.len() < b"firstsecondthird".len() {
+        let chunk = timeout(WAIT, r.read_ready(16 * 1024))
+            .await
+            .expect("each record read without the peer sending more")
+            .expect("read");
+        assert!(!chunk.is_empty(), "EOF before all three records");
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got, b"firstsecondthird");
+    let _ = done_tx.send(());
+    client.join().expect("client thread");
+}

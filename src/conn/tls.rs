@@ -219,7 +219,7 @@ impl UpstreamTls {
         }
         let mut s = SslStream::new(ssl, tcp)?;
         Pin::new(&mut s).connect().await?;
-        Ok(Stream::Tls(Box::new(s)))
+        Ok(Stream::tls(s))
     }
 }
 
@@ -237,8 +237,14 @@ fn offer_session(ssl: &mut Ssl, session: &SslSession) -> Result<(), TlsError> {
 /// OpenSSL frees a connection's read and write buffers (about 34 KiB each) whenever they are
 /// empty, as HAProxy has it do: an idle device connection then holds none, which is most of
 /// what a TLS connection costs (docs/benchmarks.md, idle memory per device).
+///
+/// And it reads ahead: one `recv` takes all the socket holds, where by default OpenSSL reads a
+/// record's 5-byte header, then its body, then tries once more and finds nothing: three
+/// syscalls for every frame forwarded, against one for plaintext. Records read ahead are in
+/// OpenSSL's buffer, not the socket's, which [`Stream::poll_read_ready`] accounts for.
 fn release_buffers(b: &mut openssl::ssl::SslContextBuilder) {
     b.set_mode(openssl::ssl::SslMode::RELEASE_BUFFERS);
+    b.set_read_ahead(true);
 }
 
 /// Runs the server side of a TLS handshake on an accepted socket.
@@ -246,16 +252,37 @@ pub async fn accept(acceptor: &SslAcceptor, tcp: TcpStream) -> Result<Stream, Tl
     let ssl = Ssl::new(acceptor.context())?;
     let mut s = SslStream::new(ssl, tcp)?;
     Pin::new(&mut s).accept().await?;
-    Ok(Stream::Tls(Box::new(s)))
+    Ok(Stream::tls(s))
 }
 
 /// A connection to a peer, plain or TLS.
 pub enum Stream {
     Plain(TcpStream),
-    Tls(Box<SslStream<TcpStream>>),
+    Tls(Box<TlsConn>),
+}
+
+/// A TLS connection and whether OpenSSL may hold bytes the socket no longer shows.
+pub struct TlsConn {
+    s: SslStream<TcpStream>,
+    /// The last read brought data: OpenSSL may hold more records it read ahead, while the
+    /// socket, drained by that one `recv`, is no longer readable. Lowered by a read that
+    /// found nothing (OpenSSL's buffer empty, the socket's waker registered).
+    more: bool,
+}
+
+impl std::ops::Deref for TlsConn {
+    type Target = SslStream<TcpStream>;
+    fn deref(&self) -> &SslStream<TcpStream> {
+        &self.s
+    }
 }
 
 impl Stream {
+    /// A TLS connection whose handshake is done.
+    pub fn tls(s: SslStream<TcpStream>) -> Stream {
+        Stream::Tls(Box::new(TlsConn { s, more: false }))
+    }
+
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(t) => t,
@@ -297,13 +324,14 @@ impl Stream {
 
 impl Stream {
     /// Ready when a read would not wait: bytes (or EOF, or an error) on the socket, or
-    /// decrypted bytes OpenSSL already holds. Needs no buffer, so a connection waiting for
-    /// its peer holds none.
+    /// bytes OpenSSL may already hold (decrypted, or records read ahead: until a read has
+    /// come back empty, the next one is tried rather than the socket waited on). Needs no
+    /// buffer, so a connection waiting for its peer holds none.
     pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             Stream::Plain(t) => t.poll_read_ready(cx),
-            Stream::Tls(s) if s.ssl().pending() > 0 => Poll::Ready(Ok(())),
-            Stream::Tls(s) => s.get_ref().poll_read_ready(cx),
+            Stream::Tls(c) if c.more || c.s.ssl().pending() > 0 => Poll::Ready(Ok(())),
+            Stream::Tls(c) => c.s.get_ref().poll_read_ready(cx),
         }
     }
 
@@ -411,7 +439,12 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(t) => Pin::new(t).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Tls(c) => {
+                let before = buf.filled().len();
+                let r = Pin::new(&mut c.s).poll_read(cx, buf);
+                c.more = matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before;
+                r
+            }
         }
     }
 }
@@ -424,21 +457,21 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(t) => Pin::new(t).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Tls(c) => Pin::new(&mut c.s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(t) => Pin::new(t).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Tls(c) => Pin::new(&mut c.s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(t) => Pin::new(t).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Tls(c) => Pin::new(&mut c.s).poll_shutdown(cx),
         }
     }
 }

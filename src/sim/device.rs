@@ -180,7 +180,7 @@ async fn dial(cfg: &DeviceConfig) -> Result<Stream, DeviceError> {
         .map_err(|e| tls(&e))?;
     let mut s = tokio_openssl::SslStream::new(ssl, tcp).map_err(|e| tls(&e))?;
     Pin::new(&mut s).connect().await.map_err(|e| tls(&e))?;
-    Ok(Stream::Tls(Box::new(s)))
+    Ok(Stream::tls(s))
 }
 
 /// Mutable per-device state that survives reconnects (counters continue, like real devices).

@@ -318,7 +318,7 @@ def load_run(kind, tls, devices, rate, duration, warmup, seed=1, canary=None, du
 # A run during which the rest of the machine used more than this (in cores, averaged over the
 # measured window: all CPUs' busy time less the proxy's and the generator's own, steal
 # included) is run again, at most RERUNS times, and the quietest attempt kept. On a quiet
-# machine the figure is 0 +- 0.04 (clock-tick resolution); the bursts that left earlier runs
+# machine the figure is -0.08 to +0.05 (clock ticks against nanoseconds); the bursts that left earlier runs
 # without a verdict took a core or more for seconds at a time.
 OUTSIDE_LIMIT = 0.10
 RERUNS = 2

@@ -9,6 +9,7 @@ devices' heartbeats and status reports) is in the count, the same for every targ
 
     BIN=target/release python3 scripts/bench_syscalls.py [--tls] [--rounds 2] [haproxy legacy new]
 """
+import argparse
 import os
 import subprocess
 import sys
@@ -46,16 +47,17 @@ def measure(kind, tls):
 
 
 def main():
-    args = sys.argv[1:]
-    tls = "--tls" in args
-    args = [a for a in args if a != "--tls"]
-    rounds = 2
-    if "--rounds" in args:
-        i = args.index("--rounds")
-        rounds = int(args[i + 1])
-        del args[i:i + 2]
-    kinds = args or ["haproxy", "legacy", "new"]
-    print(f"| target | round | legs | p50 ms | syscalls / command | CPU s / 100k commands |")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("targets", nargs="*", help="haproxy, legacy, new (default all three)")
+    ap.add_argument("--tls", action="store_true", help="TLS on both legs (default plaintext)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
+    args = ap.parse_args()
+    kinds = args.targets or ["haproxy", "legacy", "new"]
+    unknown = [k for k in kinds if k not in ("haproxy", "legacy", "new")]
+    if unknown:
+        ap.error(f"unknown target {unknown[0]!r}: choose from haproxy, legacy, new")
+    tls, rounds = args.tls, args.rounds
+    print("| target | round | legs | p50 ms | syscalls / command | CPU s / 100k commands |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in range(rounds):
         for kind in kinds:

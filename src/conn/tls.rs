@@ -100,7 +100,7 @@ fn version(v: TlsVersion) -> SslVersion {
 /// certificate was generated, that certificate (for logs and tests).
 pub fn device_acceptor(cfg: &DeviceTls) -> Result<(SslAcceptor, Option<X509>), TlsError> {
     let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())?;
-    release_buffers(&mut b);
+    buffer_modes(&mut b);
     // Devices and the add-on often just drop TCP; that is a close, not an error.
     b.set_options(SslOptions::IGNORE_UNEXPECTED_EOF);
     // The Mozilla profile disables TLS 1.0/1.1 by option, which would override `min_version`.
@@ -161,7 +161,7 @@ impl UpstreamTls {
     /// Builds the connector for one verification policy; `reuse` offers the last session again.
     pub fn new(verify: &UpstreamVerify, reuse: bool) -> Result<UpstreamTls, TlsError> {
         let mut b = SslConnector::builder(SslMethod::tls_client())?;
-        release_buffers(&mut b);
+        buffer_modes(&mut b);
         b.set_options(SslOptions::IGNORE_UNEXPECTED_EOF);
         match verify {
             UpstreamVerify::None => b.set_verify(SslVerifyMode::NONE),
@@ -242,7 +242,7 @@ fn offer_session(ssl: &mut Ssl, session: &SslSession) -> Result<(), TlsError> {
 /// record's 5-byte header, then its body, then tries once more and finds nothing: three
 /// syscalls for every frame forwarded, against one for plaintext. Records read ahead are in
 /// OpenSSL's buffer, not the socket's, which [`Stream::poll_read_ready`] accounts for.
-fn release_buffers(b: &mut openssl::ssl::SslContextBuilder) {
+fn buffer_modes(b: &mut openssl::ssl::SslContextBuilder) {
     b.set_mode(openssl::ssl::SslMode::RELEASE_BUFFERS);
     b.set_read_ahead(true);
 }
@@ -270,13 +270,6 @@ pub struct TlsConn {
     more: bool,
 }
 
-impl std::ops::Deref for TlsConn {
-    type Target = SslStream<TcpStream>;
-    fn deref(&self) -> &SslStream<TcpStream> {
-        &self.s
-    }
-}
-
 impl Stream {
     /// A TLS connection whose handshake is done.
     pub fn tls(s: SslStream<TcpStream>) -> Stream {
@@ -286,7 +279,7 @@ impl Stream {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(t) => t,
-            Stream::Tls(s) => s.get_ref(),
+            Stream::Tls(c) => c.s.get_ref(),
         }
     }
 
@@ -309,7 +302,7 @@ impl Stream {
     pub fn cipher_name(&self) -> Option<&'static str> {
         match self {
             Stream::Plain(_) => None,
-            Stream::Tls(s) => s.ssl().current_cipher().map(|c| c.name()),
+            Stream::Tls(c) => c.s.ssl().current_cipher().map(|c| c.name()),
         }
     }
 
@@ -317,7 +310,7 @@ impl Stream {
     pub fn session_reused(&self) -> bool {
         match self {
             Stream::Plain(_) => false,
-            Stream::Tls(s) => s.ssl().session_reused(),
+            Stream::Tls(c) => c.s.ssl().session_reused(),
         }
     }
 }

@@ -29,8 +29,9 @@ command -v podman >/dev/null 2>&1 || need+=(podman)
 command -v runc >/dev/null 2>&1 || need+=(runc)
 # The Home Assistant integration test runs a real broker (tests/mqtt.rs).
 { command -v mosquitto || test -x /usr/sbin/mosquitto; } >/dev/null 2>&1 || need+=(mosquitto)
-# The transparent-source test makes a network namespace and its routes (tests/transparent.rs).
-command -v ip >/dev/null 2>&1 || need+=(iproute2)
+# The transparent-source test makes a network namespace and its routes (tests/transparent.rs);
+# tests/process.rs reads the device listener's accept queue with ss.
+{ command -v ip && command -v ss; } >/dev/null 2>&1 || need+=(iproute2)
 { command -v unshare && command -v setpriv; } >/dev/null 2>&1 || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing test dependencies: ${need[*]}"

@@ -120,6 +120,13 @@ pub fn fds_needed(cfg: &Config) -> u64 {
     2 * l.max_connections as u64 + l.max_pending as u64 + l.http_max_connections as u64 + 64
 }
 
+/// The kernel's cap on any listener's accept queue (`net.core.somaxconn`), if it can be read.
+pub fn somaxconn() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
 /// The process's soft open-file limit, if it can be read.
 pub fn fd_limit() -> Option<u64> {
     rlimit::getrlimit(rlimit::Resource::NOFILE)
@@ -240,11 +247,20 @@ pub struct GatewayBuilder {
     config_file: Option<PathBuf>,
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, GatewayError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| GatewayError::Bind { what, addr, source })
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+    backlog: u32,
+) -> Result<TcpListener, GatewayError> {
+    crate::conn::listener::bind(addr, backlog).map_err(|source| GatewayError::Bind {
+        what,
+        addr,
+        source,
+    })
 }
+
+/// The HTTP listener's accept queue: scrapers and probes, a handful at a time.
+const HTTP_BACKLOG: u32 = 128;
 
 impl GatewayBuilder {
     /// Serves on listeners the caller already bound (devices, HTTP) instead of binding the
@@ -270,8 +286,13 @@ impl GatewayBuilder {
         let (devices, http) = match listeners {
             Some(l) => l,
             None => (
-                bind("device listener", config.listen.devices).await?,
-                bind("metrics listener", config.listen.metrics).await?,
+                bind(
+                    "device listener",
+                    config.listen.devices,
+                    config.listen.backlog,
+                )
+                .await?,
+                bind("metrics listener", config.listen.metrics, HTTP_BACKLOG).await?,
             ),
         };
         Gateway::start_inner(config, devices, http, config_file).await

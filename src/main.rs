@@ -369,6 +369,14 @@ fn run(path: &std::path::Path, strict: bool) -> ExitCode {
             tracing::warn!("{msg}");
         }
     }
+    if let Some(cap) = cync_gateway::gateway::somaxconn() {
+        if cap < config.listen.backlog {
+            tracing::warn!(
+                "listen.backlog is {} but the kernel caps accept queues at net.core.somaxconn = {cap}: a fleet reconnecting at once may see handshakes dropped; raise the sysctl",
+                config.listen.backlog
+            );
+        }
+    }
     let rt = match runtime() {
         Ok(rt) => {
             // Read back from the runtime, not from what was asked of it.

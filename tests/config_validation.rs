@@ -28,6 +28,7 @@ fn base() -> Doc {
     let l = d.entry("listen".into()).or_default();
     l.insert("max_pending".into(), "1000000".into());
     l.insert("max_pending_per_source".into(), "1".into());
+    l.insert("backlog".into(), "65535".into());
     d
 }
 
@@ -111,6 +112,8 @@ const BAD: &[(&str, &str, &str, &str)] = &[
         "2000000",
         "listen.max_pending_per_source",
     ),
+    ("listen", "backlog", "0", "listen.backlog"),
+    ("listen", "backlog", "65536", "listen.backlog"),
     ("listen", "tcp_keepalive", "-1", "listen.tcp_keepalive"),
     (
         "listen",

@@ -712,3 +712,52 @@ async fn a_drain_with_an_unanswered_command_ends_at_the_drain_timeout() {
     );
     assert!(d.logged("drain deadline passed"), "the timeout is logged");
 }
+
+/// The device listener's accept queue as the kernel holds it: `ss` reports a listening
+/// socket's backlog in its Send-Q column.
+fn accept_queue(port: u16) -> u32 {
+    let out = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{port}")])
+        .output()
+        .expect("ss (iproute2) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("no listener on {port}: {text}"));
+    line.split_whitespace()
+        .nth(2)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or_else(|| panic!("no Send-Q in {line:?}"))
+}
+
+#[tokio::test]
+async fn the_device_listener_queues_as_many_handshakes_as_listen_backlog_says() {
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .expect("somaxconn")
+        .trim()
+        .parse()
+        .expect("a number");
+    let up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    // Not set: HAProxy's own queue at its default maxconn, 4,096, not the standard library's
+    // 128 that a fleet reconnecting at once overflowed.
+    for (set, expected) in [(Some(1000), 1000), (None, 4096.min(somaxconn))] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("gw.toml");
+        let mut gw = TestGateway::new(up.local_addr().expect("addr"));
+        if let Some(n) = set {
+            gw = gw.set("listen.backlog", n);
+        }
+        std::fs::write(
+            &path,
+            format!("{}[logging]\nformat = \"json\"\n", gw.text()),
+        )
+        .expect("write");
+        let d = Daemon::start(path, Some(dir)).await;
+        assert_eq!(
+            accept_queue(d.devices.port()),
+            expected,
+            "listen.backlog = {set:?}"
+        );
+    }
+}

@@ -19,6 +19,15 @@ use cync_gateway::sim::device::DeviceStats;
 use cync_gateway::sim::load::{self, LoadConfig};
 use cync_gateway::telemetry::labels::Label;
 
+/// The fake add-on's (and the chaos proxy's) accept queue: the gateway's default, so that in a
+/// benchmark a thousand devices connecting at once are not held back by the tool in front of
+/// or behind the proxy under test (the standard library's 128 overflowed there).
+const BACKLOG: u32 = cync_gateway::config::DEFAULT_BACKLOG;
+
+fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    cync_gateway::conn::listener::bind(addr, BACKLOG)
+}
+
 #[derive(Parser)]
 #[command(
     name = "cync-sim",
@@ -234,7 +243,7 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
             timeout,
         } => {
             let addon = Addon::start(
-                TcpListener::bind(addon_listen).await?,
+                bind_listener(addon_listen)?,
                 AddonConfig {
                     tls: addon_tls,
                     ..AddonConfig::default()
@@ -293,6 +302,8 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
                     "devices": devices,
                     "ready": acked(),
                     "connects": connects,
+                    "addon_accepted": addon.accepted(),
+                    "addon_resumed": addon.resumed(),
                     "ready_after_ms": ready_after.as_secs_f64() * 1000.0,
                     "hello_ack_ms": { "p50": q(0.5), "p99": q(0.99), "max": q(1.0) },
                 })
@@ -315,7 +326,7 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
             one_session,
         } => {
             let addon = Addon::start(
-                TcpListener::bind(listen).await?,
+                bind_listener(listen)?,
                 AddonConfig {
                     tls,
                     seed,
@@ -348,7 +359,7 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
             duration,
         } => {
             let plan = Plan::load(&plan)?;
-            let chaos = Chaos::start(TcpListener::bind(listen).await?, target, plan)?;
+            let chaos = Chaos::start(bind_listener(listen)?, target, plan)?;
             eprintln!("cync-sim: chaos proxy {} -> {target}", chaos.addr());
             until(duration).await;
             println!("{}", serde_json::to_string(&chaos.stats.snapshot())?);
@@ -368,7 +379,7 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
             json,
         } => {
             let addon: Arc<Addon> = Addon::start(
-                TcpListener::bind(addon_listen).await?,
+                bind_listener(addon_listen)?,
                 AddonConfig {
                     tls: addon_tls,
                     seed,

@@ -184,6 +184,7 @@ pub(super) struct RawListen {
     pub(super) tls_handshake_timeout: Option<RawDuration>,
     pub(super) max_pending: Option<i64>,
     pub(super) max_pending_per_source: Option<i64>,
+    pub(super) backlog: Option<i64>,
     pub(super) tcp_keepalive: Option<RawDuration>,
     pub(super) http_header_timeout: Option<RawDuration>,
     pub(super) http_max_connections: Option<i64>,

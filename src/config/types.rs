@@ -309,6 +309,13 @@ impl Reliable {
     }
 }
 
+/// The device listener's default accept queue, HAProxy's at its default `maxconn` (both capped
+/// by `net.core.somaxconn`, 4,096 on current kernels). The standard library's 128 overflowed
+/// when a thousand devices reconnected at once: the kernel dropped the handshakes it had no
+/// room for and those devices waited a second or more for their retransmission
+/// (docs/benchmarks.md, the 1k TLS burst).
+pub const DEFAULT_BACKLOG: u32 = 4096;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listen {
     pub devices: SocketAddr,
@@ -323,6 +330,9 @@ pub struct Listen {
     pub max_pending: usize,
     /// Of those, from one source address.
     pub max_pending_per_source: usize,
+    /// The device listener's accept queue: connections the kernel has completed and holds
+    /// until the accept loop takes them (capped by `net.core.somaxconn`).
+    pub backlog: u32,
     /// TCP keepalive idle time on device connections; zero disables.
     pub tcp_keepalive: Duration,
     pub http_header_timeout: Duration,

@@ -194,6 +194,14 @@ impl Validator<'_> {
                 1,
                 1_000_000,
             ),
+            backlog: u32::try_from(self.int_in(
+                "listen.backlog",
+                raw.listen.backlog,
+                DEFAULT_BACKLOG as usize,
+                1,
+                65_535,
+            ))
+            .unwrap_or(DEFAULT_BACKLOG),
             tcp_keepalive: self.duration(
                 "listen.tcp_keepalive",
                 raw.listen.tcp_keepalive,

@@ -2,20 +2,36 @@
 //! refuses it), and hands it to a [`Handler`] on the shutdown task tracker.
 //!
 //! Invariants:
-//! - The listener is handed in already bound (tests bind port 0).
+//! - The listener is handed in already bound (tests bind port 0); [`bind`] binds one with the
+//!   accept queue asked for, not the standard library's 128.
 //! - Accept errors (out of file descriptors, say) never end the loop: they are logged and
 //!   retried with a short backoff.
 //! - On shutdown the accept loop stops at once (the listening socket closes) while accepted
 //!   connections drain on their own.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::telemetry::tasks::Tasks;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tracing::{debug, field, warn, Instrument};
 
 use super::handler::{ConnContext, Handler};
+
+/// Binds a listening socket on `addr` with an accept queue of `backlog` (the kernel caps it at
+/// `net.core.somaxconn`), address reuse on as `TcpListener::bind` has it, so a restart does
+/// not wait for the old socket's TIME_WAIT connections. Needs a runtime.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
 
 pub struct Listener {
     listener: TcpListener,

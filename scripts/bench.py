@@ -101,6 +101,18 @@ def machine_cpu():
     return (user + nice + system + steal) / TICK, steal / TICK
 
 
+def listen_overflows():
+    """Connections the kernel dropped so far because a listener's accept queue was full
+    (`TcpExtListenOverflows`, /proc/net/netstat), machine-wide: during a burst only the
+    proxy's and the fake add-on's listeners take connections."""
+    with open("/proc/net/netstat") as f:
+        rows = [l.split() for l in f]
+    for names, values in zip(rows, rows[1:]):
+        if names[0] == "TcpExt:" and values[0] == "TcpExt:" and "ListenOverflows" in names:
+            return int(values[names.index("ListenOverflows")])
+    return None
+
+
 def rss_kib(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -573,8 +585,13 @@ def connect(args):
             # A burst is generator-bound (the one generator core runs a thousand device
             # handshakes and the add-on's, a full one costing it an RSA signature), and one
             # burst per round moved the round's figure by 10-40 %: the median of several.
-            bursts = [fleet(t, True, 1000, ramp=1000, seed=10 * r + i + 1, hold="0s", timeout="30s")[0]
-                      for i in range(args.burst_repeats)]
+            bursts = []
+            for i in range(args.burst_repeats):
+                before = listen_overflows()
+                b = fleet(t, True, 1000, ramp=1000, seed=10 * r + i + 1, hold="0s", timeout="30s")[0]
+                after = listen_overflows()
+                b["overflows"] = None if before is None or after is None else after - before
+                bursts.append(b)
             all_answered = all(b["ready"] == 1000 for b in bursts)
             # The gateway's own count of resumed upstream handshakes must be the add-on's.
             for b in hundreds + bursts:
@@ -591,13 +608,15 @@ def connect(args):
                 # Counted by the add-on, so HAProxy's reuse shows as well as the gateway's.
                 "burst_resumed": med([b.get("addon_resumed") for b in bursts]),
                 "h100_resumed": sum(h.get("addon_resumed") or 0 for h in hundreds),
+                "burst_overflows": [b["overflows"] for b in bursts],
             })
             row = res[t][-1]
             log(f"  connect round {r + 1} {t}: 1 device p50 {fmt(row['single_p50'], 2)} ms, 100 p50/p99 "
                 f"{fmt(hundred['hello_ack_ms']['p50'], 1)}/{fmt(hundred['hello_ack_ms']['p99'], 1)} ms, 1k burst "
                 f"{row['burst_ready']}/1000 answered in {fmt(row['burst_ms'], 0)} ms (median of "
                 f"{', '.join(fmt(b['ready_after_ms'], 0) for b in bursts)}); add-on resumed: 100 "
-                f"{row['h100_resumed']}, 1k {row['burst_resumed']}")
+                f"{row['h100_resumed']}, 1k {row['burst_resumed']}; accept queue overflows "
+                f"{row['burst_overflows']}")
     return res
 
 
@@ -626,6 +645,10 @@ def print_connect(res, args):
              f"{RESUMED_CHECK['runs']} fleets." if not RESUMED_CHECK["differ"] else
              f"differed from the add-on's count in {len(RESUMED_CHECK['differ'])} of {RESUMED_CHECK['runs']} "
              f"fleets (target, gateway, add-on): {RESUMED_CHECK['differ']}."))
+    print("\nHandshakes dropped because an accept queue was full (`TcpExtListenOverflows`, the "
+          "proxy's and the add-on's listeners together), per round, each burst: "
+          + "; ".join(f"{t} " + ", ".join("/".join(str(o) for o in x["burst_overflows"]) for x in res[t])
+                      for t in TARGETS if t in res) + ".")
 
 
 # ------------------------------------------------------------------------------------------

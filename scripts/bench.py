@@ -580,8 +580,6 @@ def connect(args):
             hundreds = [fleet(t, True, 100, ramp=100, seed=100 * r + i + 1, hold="0s")[0]
                         for i in range(args.hundred_repeats)]
             hundred = {"hello_ack_ms": {k: med([h["hello_ack_ms"][k] for h in hundreds]) for k in ("p50", "p99")}}
-            if all("handshakes" in h for h in hundreds):
-                hundred["handshakes"] = {"resumed": sum(h["handshakes"]["resumed"] for h in hundreds)}
             # A burst is generator-bound (the one generator core runs a thousand device
             # handshakes and the add-on's, a full one costing it an RSA signature), and one
             # burst per round moved the round's figure by 10-40 %: the median of several.

@@ -247,11 +247,7 @@ pub struct GatewayBuilder {
     config_file: Option<PathBuf>,
 }
 
-async fn bind(
-    what: &'static str,
-    addr: SocketAddr,
-    backlog: u32,
-) -> Result<TcpListener, GatewayError> {
+fn bind(what: &'static str, addr: SocketAddr, backlog: u32) -> Result<TcpListener, GatewayError> {
     crate::conn::listener::bind(addr, backlog).map_err(|source| GatewayError::Bind {
         what,
         addr,
@@ -290,9 +286,8 @@ impl GatewayBuilder {
                     "device listener",
                     config.listen.devices,
                     config.listen.backlog,
-                )
-                .await?,
-                bind("metrics listener", config.listen.metrics, HTTP_BACKLOG).await?,
+                )?,
+                bind("metrics listener", config.listen.metrics, HTTP_BACKLOG)?,
             ),
         };
         Gateway::start_inner(config, devices, http, config_file).await

@@ -302,7 +302,6 @@ async fn run(cmd: Cmd) -> Result<(), Box<dyn std::error::Error>> {
                     "devices": devices,
                     "ready": acked(),
                     "connects": connects,
-                    "addon_accepted": addon.accepted(),
                     "addon_resumed": addon.resumed(),
                     "ready_after_ms": ready_after.as_secs_f64() * 1000.0,
                     "hello_ack_ms": { "p50": q(0.5), "p99": q(0.99), "max": q(1.0) },

@@ -8,7 +8,8 @@
 //! - [`dedup`]: per-device memory of retried commands, shared across connections;
 //! - [`queue`]: the bounded queues between the two sides;
 //! - [`resume`]: redialling the upstream under a live device;
-//! - [`preamble`]: what a device told the server after connecting, replayed on resumption.
+//! - [`preamble`]: what a device told the server after connecting, replayed on resumption;
+//! - [`signal`]: the wake-ups between the parts of one session.
 //!
 //! Invariants shared by all of them: nothing here originates a hello, heartbeat or command,
 //! rewrites an id or msg_id, or stops reading from the device; time is always passed in.
@@ -22,6 +23,7 @@ pub mod resume;
 pub mod retry;
 pub mod rto;
 pub mod session;
+pub mod signal;
 
 pub use self::core::SessionCtx;
 pub use dedup::DedupStore;

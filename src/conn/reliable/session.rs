@@ -18,12 +18,12 @@ use std::sync::{Mutex, MutexGuard};
 use bytes::Bytes;
 use futures_util::Future;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::core::{Core, ReadPermit, SessionCtx, READ_BUF};
 use super::resume::{self, Loss};
+use super::signal::{Signal, Signals};
 use crate::conn::close::{is_reset, CLOSE_GRACE};
 use crate::conn::pair::{Pair, Path};
 use crate::conn::stop::{ConnStop, Finishing};
@@ -35,20 +35,21 @@ use crate::telemetry::labels::ResumeOutcome;
 
 struct Shared {
     core: Mutex<Core>,
-    /// Something was queued for the upstream (or the upstream's FIN is due).
-    to_up: Notify,
-    /// Something was queued for the device (or the device's FIN is due).
-    to_dev: Notify,
-    /// The device queue has room again.
-    room: Notify,
-    /// A timer was added (a command to retry): the session loop recomputes its wake-up.
-    rearm: Notify,
+    signals: Signals,
 }
 
 impl Shared {
     fn core(&self) -> MutexGuard<'_, Core> {
         // A poisoned lock only means a panic elsewhere mid-update; keep the pair going.
         self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn raise(&self, s: Signal) {
+        self.signals.raise(s);
+    }
+
+    fn wait(&self, s: Signal) -> impl Future<Output = ()> + '_ {
+        self.signals.wait(s)
     }
 }
 
@@ -67,10 +68,10 @@ async fn read_device(mut r: ReadHalf, sh: &Shared) -> DevEnd {
             Err(e) => return DevEnd::Failed(e),
         };
         let res = sh.core().device_read(&buf, Instant::now());
-        sh.to_up.notify_one();
-        sh.to_dev.notify_one();
+        sh.raise(Signal::ToUpstream);
+        sh.raise(Signal::ToDevice);
         // A reply may have made an older command's copy due at once.
-        sh.rearm.notify_one();
+        sh.raise(Signal::Rearm);
         if let Err(reason) = res {
             return DevEnd::Close(reason);
         }
@@ -98,11 +99,11 @@ async fn write_device<W: AsyncWrite + Unpin>(mut w: W, sh: &Shared) -> DevWriteE
                 let _ = w.shutdown().await;
                 return DevWriteEnd::Finished;
             }
-            sh.to_dev.notified().await;
+            sh.wait(Signal::ToDevice).await;
         };
-        sh.room.notify_one();
+        sh.raise(Signal::Room);
         // The stuck-device deadline may now be the session's next wake-up.
-        sh.rearm.notify_one();
+        sh.raise(Signal::Rearm);
         if let Err(e) = w.write_all(&chunk).await {
             return DevWriteEnd::Failed(e);
         }
@@ -142,7 +143,7 @@ async fn write_upstream<W: AsyncWrite + Unpin>(
                 let _ = w.shutdown().await;
                 return std::future::pending().await;
             }
-            sh.to_up.notified().await;
+            sh.wait(Signal::ToUpstream).await;
         };
         // One device read, one write (protocol §14.5).
         if let Err(e) = w.write_all(&batch).await {
@@ -162,7 +163,7 @@ async fn read_upstream(mut r: ReadHalf, sh: &Shared) -> io::Error {
                     // Boxed: a `Sleep` inline would be 112 bytes of every session's upstream
                     // future for good, for a wait only a full device queue brings.
                     tokio::select! {
-                        _ = sh.room.notified() => {}
+                        _ = sh.wait(Signal::Room) => {}
                         _ = Box::pin(tokio::time::sleep_until(t)) => {}
                     }
                 }
@@ -179,9 +180,9 @@ async fn read_upstream(mut r: ReadHalf, sh: &Shared) -> io::Error {
             Err(e) => return e,
         };
         let rearm = sh.core().upstream_read(&buf, Instant::now());
-        sh.to_dev.notify_one();
+        sh.raise(Signal::ToDevice);
         if rearm {
-            sh.rearm.notify_one();
+            sh.raise(Signal::Rearm);
         }
     }
 }
@@ -244,10 +245,7 @@ pub fn serve(
                 first.slice(..hello_len),
                 now,
             )),
-            to_up: Notify::new(),
-            to_dev: Notify::new(),
-            room: Notify::new(),
-            rearm: Notify::new(),
+            signals: Signals::new(),
         };
         {
             let mut core = sh.core();
@@ -297,7 +295,7 @@ pub fn serve(
                             break finish.map_or(CloseReason::DeviceClosed, |(r, _)| r);
                         }
                         sh.core().device_finished();
-                        sh.to_up.notify_one();
+                        sh.raise(Signal::ToUpstream);
                         if finish.is_none() {
                             finish = Some((CloseReason::DeviceClosed, Instant::now() + half_close));
                         }
@@ -317,11 +315,11 @@ pub fn serve(
                         // Finishing: the upstream answered the FIN (or failed); the device gets
                         // what is queued, then its FIN.
                         sh.core().upstream_finished();
-                        sh.to_dev.notify_one();
+                        sh.raise(Signal::ToDevice);
                         continue;
                     }
                     let loss = sh.core().upstream_lost(Instant::now());
-                    sh.to_dev.notify_one();
+                    sh.raise(Signal::ToDevice);
                     match loss {
                         Loss::Resume { attempts, within } => {
                             info!(error = %e, "upstream lost under a live device; resuming");
@@ -350,7 +348,7 @@ pub fn serve(
                             sh.core().resumption(outcome);
                             // As on legacy: what the upstream sent reaches the device, then the FIN.
                             sh.core().upstream_finished();
-                            sh.to_dev.notify_one();
+                            sh.raise(Signal::ToDevice);
                             finish = Some((reason, Instant::now() + CLOSE_GRACE));
                         }
                     }
@@ -372,12 +370,12 @@ pub fn serve(
                         }
                     }
                 }
-                _ = sh.rearm.notified() => {}
+                _ = sh.wait(Signal::Rearm) => {}
                 _ = &mut timer => {
                     fired = true;
                     let now = Instant::now();
                     let r = sh.core().tick(now);
-                    sh.to_dev.notify_one();
+                    sh.raise(Signal::ToDevice);
                     if let Err(reason) = r {
                         break reason;
                     }
@@ -392,7 +390,7 @@ pub fn serve(
                             // Already half-closed, or no upstream to close first: close now.
                             if up.is_none() || finish.is_some() { break r; }
                             sh.core().begin_close();
-                            sh.to_up.notify_one();
+                            sh.raise(Signal::ToUpstream);
                             finish = Some((r, now + CLOSE_GRACE));
                         }
                     }
@@ -403,7 +401,7 @@ pub fn serve(
                     if let Some(r) = finishing.begin(pending, now) {
                         if up.is_none() || finish.is_some() { break r; }
                         sh.core().begin_close();
-                        sh.to_up.notify_one();
+                        sh.raise(Signal::ToUpstream);
                         finish = Some((r, now + CLOSE_GRACE));
                     }
                 }

@@ -213,13 +213,7 @@ impl Core {
             cmds: Outstanding::new(Policy::new(cfg.clone()), budget),
             to_up: BoundedQueue::new(r.device_queue_bytes, gauge(Direction::DevToSrv)),
             to_dev: BoundedQueue::new(r.upstream_queue_bytes, gauge(Direction::SrvToDev)),
-            resume: Resume::new(
-                r.resume_attempts,
-                r.resume_window,
-                r.resume_hello_timeout,
-                r.resume_stable_after,
-                cfg.protocol.reply_timeout,
-            ),
+            resume: Resume::new(cfg.clone()),
             epoch: 0,
             last_device_bytes: now,
             next_expire: now + EXPIRE_EVERY,
@@ -235,7 +229,7 @@ impl Core {
             metrics: ctx.metrics.clone(),
             dedup: ctx.dedup.clone(),
             device,
-            preamble: Preamble::new(Bytes::copy_from_slice(&hello)),
+            preamble: Preamble::new(&hello),
             cfg,
         }
     }

@@ -24,10 +24,12 @@
 //! - Exactly one 0x28 is swallowed per resumption, and only before the resumption completes.
 //! - The attempt budget belongs to one outage.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::config::Config;
 use crate::conn::fifo::Fifo;
 use crate::conn::tls::Stream;
 use crate::conn::upstream::{DialError, Dialer};
@@ -78,10 +80,9 @@ pub struct Owed {
 #[derive(Debug)]
 pub struct Resume {
     phase: Phase,
-    attempts: u32,
-    window: Duration,
-    hello_timeout: Duration,
-    stable_after: Duration,
+    /// The session's configuration, read where a setting is used: a copy of each was 68 bytes
+    /// more of every idle session.
+    cfg: Arc<Config>,
     /// Attempts used in the current outage.
     used: u32,
     /// Redialled upstreams that closed before answering the replayed hello, this outage.
@@ -92,30 +93,21 @@ pub struct Resume {
     /// When the last resumption completed.
     resumed_at: Option<Instant>,
     owed: Fifo<(Owed, Instant)>,
-    owed_window: Duration,
 }
 
 impl Resume {
-    pub fn new(
-        attempts: u32,
-        window: Duration,
-        hello_timeout: Duration,
-        stable_after: Duration,
-        owed_window: Duration,
-    ) -> Self {
+    /// A session's resumption state, under `cfg`'s `reliable.resume_*` settings; owed answers
+    /// are awaited for `protocol.reply_timeout`.
+    pub fn new(cfg: Arc<Config>) -> Self {
         Self {
             phase: Phase::Establishing,
-            attempts,
-            window,
-            hello_timeout,
-            stable_after,
+            cfg,
             used: 0,
             refusals: 0,
             kicks: 0,
             outage_started: None,
             resumed_at: None,
             owed: Fifo::new(),
-            owed_window,
         }
     }
 
@@ -133,9 +125,9 @@ impl Resume {
         match self.phase {
             Phase::Establishing => return Loss::NotEstablished,
             Phase::Connected => {
-                let recent = self
-                    .resumed_at
-                    .is_some_and(|t| now.saturating_duration_since(t) < self.stable_after);
+                let recent = self.resumed_at.is_some_and(|t| {
+                    now.saturating_duration_since(t) < self.cfg.reliable.resume_stable_after
+                });
                 self.kicks = if recent { self.kicks + 1 } else { 0 };
                 if self.kicks >= 2 {
                     return Loss::Kicked;
@@ -156,9 +148,11 @@ impl Resume {
         }
         let started = *self.outage_started.get_or_insert(now);
         self.phase = Phase::Redialing;
-        let left = self.attempts.saturating_sub(self.used);
+        let left = self.cfg.reliable.resume_attempts.saturating_sub(self.used);
         let within = self
-            .window
+            .cfg
+            .reliable
+            .resume_window
             .saturating_sub(now.saturating_duration_since(started));
         if left > 0 && !within.is_zero() {
             Loss::Resume {
@@ -204,13 +198,13 @@ impl Resume {
 
     /// True when the redialled upstream has not answered the replayed hello in time.
     pub fn hello_overdue(&self, now: Instant) -> bool {
-        matches!(self.phase, Phase::AwaitingHelloAck(at) if now.saturating_duration_since(at) >= self.hello_timeout)
+        matches!(self.phase, Phase::AwaitingHelloAck(at) if now.saturating_duration_since(at) >= self.cfg.reliable.resume_hello_timeout)
     }
 
     /// When [`Resume::hello_overdue`] turns true, if it can.
     pub fn hello_deadline(&self) -> Option<Instant> {
         match self.phase {
-            Phase::AwaitingHelloAck(at) => Some(at + self.hello_timeout),
+            Phase::AwaitingHelloAck(at) => Some(at + self.cfg.reliable.resume_hello_timeout),
             _ => None,
         }
     }
@@ -242,7 +236,7 @@ impl Resume {
     }
 
     pub fn expire(&mut self, now: Instant) {
-        let window = self.owed_window;
+        let window = self.cfg.protocol.reply_timeout;
         self.owed
             .retain(|(_, at)| now.saturating_duration_since(*at) < window);
     }
@@ -319,8 +313,19 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// Resumption under `attempts` attempts in 30 s, 5 s for the replayed hello's answer, 10 s
+    /// to be stable and 10 s for owed answers.
+    fn resume_with(attempts: u32) -> Resume {
+        let text = format!(
+            "[upstream.legacy]\naddress = \"127.0.0.1:1\"\n[protocol]\nreply_timeout = \"10s\"\n\
+             [reliable]\nresume_attempts = {attempts}\nresume_window = \"30s\"\n\
+             resume_hello_timeout = \"5s\"\nresume_stable_after = \"10s\"\n"
+        );
+        Resume::new(Arc::new(Config::parse(&text).expect("valid config")))
+    }
+
     fn resume() -> Resume {
-        Resume::new(20, secs(30), secs(5), secs(10), secs(10))
+        resume_with(20)
     }
 
     #[test]
@@ -438,7 +443,7 @@ mod tests {
         );
         r.spent(17);
         assert_eq!(r.lost(Instant::now()), Loss::Exhausted);
-        let mut off = Resume::new(0, secs(30), secs(5), secs(10), secs(10));
+        let mut off = resume_with(0);
         off.take_hello_ack(Instant::now());
         assert_eq!(off.lost(Instant::now()), Loss::Exhausted);
     }

@@ -172,8 +172,6 @@ pub struct Outstanding {
     policy: Policy,
     budget: Arc<RetryBudget>,
     rtt: RttEstimator,
-    /// How long answered commands are remembered for duplicate suppression on this connection.
-    keep: Duration,
     cmds: Fifo<Cmd>,
     /// When the newest command the device has answered was first sent: an unanswered command
     /// sent before it has had its turn (a device answers in order, and a stalled stream
@@ -183,13 +181,11 @@ pub struct Outstanding {
 
 impl Outstanding {
     pub fn new(policy: Policy, budget: Arc<RetryBudget>) -> Self {
-        let keep = policy.settings().dedup_ttl;
         let rtt = RttEstimator::new(policy.settings().ack_timeout, policy.rto_ceiling());
         Self {
             policy,
             budget,
             rtt,
-            keep,
             cmds: Fifo::new(),
             newest_answered: None,
         }
@@ -411,7 +407,8 @@ impl Outstanding {
                 c.waiting_for_evidence = false;
             }
         }
-        let keep = self.keep;
+        // How long answered commands are remembered for duplicate suppression here.
+        let keep = self.policy.settings().dedup_ttl;
         self.cmds
             .retain(|c| now.saturating_duration_since(c.first_sent) < keep);
     }
@@ -526,7 +523,7 @@ mod tests {
         assert_eq!(o.cmds.capacity(), 1);
         o.on_command(cmd(2), 2, KEY, 0, t0, &mut rng);
         assert_eq!(o.len(), 2, "a second command still finds room");
-        o.expire(t0 + o.keep);
+        o.expire(t0 + o.policy.settings().dedup_ttl);
         assert!(o.is_empty());
         assert_eq!(
             o.cmds.capacity(),

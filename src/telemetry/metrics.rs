@@ -84,7 +84,8 @@ const DIRECTIONS: usize = 2;
 /// counted on every read and every frame of every connection. Resolving on first use (not
 /// at start) keeps the exposition unchanged: a series still appears when first counted.
 /// The same for the per-command series (outcome counters, latency histograms), where a
-/// command's end cost two such lookups and each reply two more.
+/// command's end cost two such lookups, each reply and each device ack two more, each
+/// heartbeat one.
 struct Hot<const N: usize, T = IntCounter>([OnceLock<T>; N]);
 
 impl<const N: usize, T> Hot<N, T> {
@@ -102,6 +103,10 @@ const REPLY_OUTCOMES: usize = 4;
 // The hot indexes are the variants' discriminants: a variant added must grow these.
 const _: () = assert!(CommandOutcome::Abandoned as usize == COMMAND_OUTCOMES - 1);
 const _: () = assert!(ReplyOutcome::Local as usize == REPLY_OUTCOMES - 1);
+const ACK_OUTCOMES: usize = 3;
+const HEARTBEAT_OUTCOMES: usize = 4;
+const _: () = assert!(AckOutcome::Unmatched as usize == ACK_OUTCOMES - 1);
+const _: () = assert!(HeartbeatOutcome::Local as usize == HEARTBEAT_OUTCOMES - 1);
 
 pub struct Metrics {
     registry: Registry,
@@ -135,12 +140,15 @@ pub struct Metrics {
     packet_latency: HistogramVec,
     packet_latency_hot: Hot<TRANSPORTS, prometheus::Histogram>,
     ack_received: IntCounterVec,
+    acks_hot: Hot<{ TRANSPORTS * ACK_OUTCOMES }>,
     ack_latency: HistogramVec,
+    ack_latency_hot: Hot<TRANSPORTS, prometheus::Histogram>,
     replies: IntCounterVec,
     replies_hot: Hot<{ TRANSPORTS * PacketType::ALL.len() * REPLY_OUTCOMES }>,
     reply_latency: HistogramVec,
     reply_latency_hot: Hot<{ TRANSPORTS * PacketType::ALL.len() }, prometheus::Histogram>,
     heartbeats: IntCounterVec,
+    heartbeats_hot: Hot<{ TRANSPORTS * HEARTBEAT_OUTCOMES }>,
     retransmits: IntCounterVec,
     commands_late: IntCounterVec,
     idempotent_drops: IntCounterVec,
@@ -363,6 +371,9 @@ impl Metrics {
             packet_latency_hot: Hot::new(),
             replies_hot: Hot::new(),
             reply_latency_hot: Hot::new(),
+            acks_hot: Hot::new(),
+            ack_latency_hot: Hot::new(),
+            heartbeats_hot: Hot::new(),
             decode_errors: counter(
                 &r,
                 &mut names,
@@ -1039,12 +1050,17 @@ impl Metrics {
 
     /// A device's 0x7b for a server 0x73.
     pub fn ack(&self, t: Transport, outcome: AckOutcome, latency: Option<std::time::Duration>) {
-        self.ack_received
-            .with_label_values(&[t.label(), outcome.label()])
+        self.acks_hot
+            .get(t as usize * ACK_OUTCOMES + outcome as usize, || {
+                self.ack_received
+                    .with_label_values(&[t.label(), outcome.label()])
+            })
             .inc();
         if let Some(l) = latency {
-            self.ack_latency
-                .with_label_values(&[t.label()])
+            self.ack_latency_hot
+                .get(t as usize, || {
+                    self.ack_latency.with_label_values(&[t.label()])
+                })
                 .observe(l.as_secs_f64());
         }
     }
@@ -1075,8 +1091,11 @@ impl Metrics {
     }
 
     pub fn heartbeat(&self, t: Transport, outcome: HeartbeatOutcome) {
-        self.heartbeats
-            .with_label_values(&[t.label(), outcome.label()])
+        self.heartbeats_hot
+            .get(t as usize * HEARTBEAT_OUTCOMES + outcome as usize, || {
+                self.heartbeats
+                    .with_label_values(&[t.label(), outcome.label()])
+            })
             .inc();
     }
 

@@ -21,6 +21,17 @@ fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
     DeviceStats::get(c)
 }
 
+/// Every `outcome` of `tcp_comm_resumptions_total`.
+const OUTCOMES: [&str; 7] = [
+    "success",
+    "failed",
+    "hello_timeout",
+    "not_established",
+    "kicked",
+    "refused",
+    "mid_frame",
+];
+
 fn resumptions(m: &str, outcome: &str) -> f64 {
     sample_or_zero(
         m,
@@ -76,14 +87,27 @@ async fn a_four_second_addon_outage_is_covered_and_the_addon_relearns_every_devi
         (a.connections().1 == 20).then_some(())
     })
     .await;
-    let m = eventually("ten resumptions", || async {
+    // Waits for every resumption to end, however it ended, so that a failure says how.
+    let m = eventually("ten resumptions ended", || async {
         let m = scrape(new.metrics_addr).await;
-        (resumptions(&m, "success") == 10.0).then_some(m)
+        let ended: f64 = OUTCOMES.iter().map(|o| resumptions(&m, o)).sum();
+        (ended >= 10.0).then_some(m)
     })
     .await;
+    let by: Vec<_> = OUTCOMES.iter().map(|o| (*o, resumptions(&m, o))).collect();
+    // Every new-path device was resumed, and nothing else ended a resumption. A session may be
+    // resumed more than once in the outage (seen in about 1 run in 10: 13 for 10 devices, all
+    // successes); each is one more replay, which the counts below take into account.
+    assert!(
+        resumptions(&m, "success") >= 10.0 && by.iter().skip(1).all(|(_, n)| *n == 0.0),
+        "resumption outcomes: {by:?}"
+    );
     println!(
-        "add-on back and every device served {:?} after the outage began",
-        t0.elapsed()
+        "add-on back and every device served {:?} after the outage began; resumptions {by:?}; \
+         the add-on accepted {} connections and kicked {}",
+        t0.elapsed(),
+        a.accepted(),
+        a.kicked()
     );
     for s in &on_new {
         assert_eq!(get(&s.disconnects), 0, "a new-path device was disconnected");
@@ -94,14 +118,17 @@ async fn a_four_second_addon_outage_is_covered_and_the_addon_relearns_every_devi
             "a legacy device rides an outage only by redialling"
         );
     }
-    assert_eq!(resumptions(&m, "failed"), 0.0);
     // The restarted add-on heard, from each device on either path, the firmware pair, the TLV
-    // 0x43 and the 0xc3 a fresh connection sends: replayed for the new path, sent anew by the
-    // reconnected legacy devices.
+    // 0x43 and the 0xc3 a fresh connection sends: replayed for the new path (once per
+    // resumption), sent anew by the reconnected legacy devices.
     eventually("the add-on relearnt all 20 devices", || async {
-        (a.received(PacketType::Status) - firmware_before == 40
-            && a.received(PacketType::Info) - info_before == 20
-            && a.received(PacketType::TimeRequest) - time_before == 20)
+        let m = scrape(new.metrics_addr).await;
+        // Each legacy device reaches the restarted add-on once: its connections before
+        // then found no upstream and sent it nothing.
+        let fresh = resumptions(&m, "success") as u64 + 10;
+        (a.received(PacketType::Status) - firmware_before == 2 * fresh
+            && a.received(PacketType::Info) - info_before == fresh
+            && a.received(PacketType::TimeRequest) - time_before == fresh)
             .then_some(())
     })
     .await;
